@@ -1,0 +1,14 @@
+"""Example handler that sleeps: the worker runs other tasks meanwhile (gevent-patched sleep)."""
+
+import time
+
+from martinet_app import task
+
+
+@task
+def sleep(task_id, data, progress):
+    """Sleep ``data["seconds"]`` (default 1) and return how long it really took."""
+    seconds = float(data.get("seconds", 1))
+    started = time.monotonic()
+    time.sleep(seconds)
+    return {"slept": round(time.monotonic() - started, 3)}

@@ -1,0 +1,248 @@
+"""The broker: workers register on a ROUTER socket and get queued tasks when they have free slots.
+
+Flow control is by credit, as in the ZeroMQ guide's load-balancing broker: a worker
+declares its slots in READY, every dispatched task takes one, every final status event
+(received by the sink, see sink.py) gives it back. No task is ever sent to a worker
+without a free slot, so nothing waits in a busy worker's socket buffer.
+
+Liveness: both sides send HEARTBEAT every interval; any message counts. A worker silent
+for ``liveness`` intervals is lost and its running tasks are re-queued. A HEARTBEAT from an
+unknown worker (e.g. after a server restart) is answered with DISCONNECT, upon which the
+worker sends READY again, listing the tasks it is still running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import gevent
+import gevent.event
+import zmq.green as zmq
+
+from . import protocol
+from .errors import ProtocolError
+from .store import Store, iso
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerInfo:
+    """What the broker knows of one connected worker."""
+
+    id: str
+    host: str
+    pid: int
+    handlers: tuple[str, ...]
+    slots: int
+    heartbeat: float
+    expires_at: float
+    last_seen: float = field(default_factory=time.time)
+    inflight: set[tuple[int, int]] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.inflight)
+
+    def public(self) -> dict:
+        """The worker as ``m.workers()`` reports it."""
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "handlers": list(self.handlers),
+            "slots": self.slots,
+            "busy": len(self.inflight),
+            "last_seen": iso(self.last_seen),
+        }
+
+
+class Broker:
+    """Owns the worker ROUTER socket: registration, heartbeats and dispatch."""
+
+    def __init__(
+        self, socket: Any, store: Store, *, heartbeat: float, liveness: int, max_bytes: int, batch_max: int
+    ) -> None:
+        self.socket = socket
+        self.store = store
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.max_bytes = max_bytes
+        self.batch_max = batch_max
+        self.workers: OrderedDict[str, WorkerInfo] = OrderedDict()
+        self.rejections = protocol.Rejections(log, "worker socket")
+        self._wakeup = gevent.event.Event()
+        # Tasks left running by a previous server wait one liveness period for their worker to report them.
+        self._sweep_at: float | None = time.monotonic() + liveness * heartbeat
+
+    # ------------------------------------------------------------ called by other greenlets
+
+    def wake(self) -> None:
+        """Ask the dispatcher to look for queued tasks and free slots."""
+        self._wakeup.set()
+
+    def release(self, worker_id: str, refs: Iterable[tuple[int, int]]) -> None:
+        """Give back the slots of finished deliveries ``(task_id, attempt)``."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.inflight.difference_update(refs)
+            self.wake()
+
+    def snapshot(self) -> list[dict]:
+        """Connected workers, for the client's ``workers`` request."""
+        return [w.public() for w in self.workers.values()]
+
+    def sweep_orphans(self) -> None:
+        """Re-queue running tasks that no connected worker holds (once, after the start-up grace)."""
+        held = {task_id for w in self.workers.values() for task_id, _ in w.inflight}
+        ids = self.store.requeue(keep=held)
+        if ids:
+            log.warning("re-queued %d task(s) left running by the previous server and claimed by no worker: %s",
+                        len(ids), _ids(ids))
+            self.wake()
+
+    # ------------------------------------------------------------ greenlets
+
+    def receive_once(self) -> None:
+        """Read worker messages: block for one, then drain what is readable before yielding."""
+        frames = self.socket.recv_multipart()
+        for _ in range(self.batch_max):
+            self._handle(frames)
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+
+    def dispatch_once(self) -> None:
+        """Wait to be woken, then hand queued tasks to workers with free slots."""
+        self._wakeup.wait()
+        self._wakeup.clear()
+        try:
+            self.dispatch()
+        except Exception:
+            self.wake()  # try again after the caller's backoff
+            raise
+
+    def heartbeat_once(self) -> None:
+        """Sleep one interval, then send HEARTBEAT to every worker and expire the silent ones."""
+        gevent.sleep(self.heartbeat)
+        now = time.monotonic()
+        if self._sweep_at is not None and now >= self._sweep_at:
+            self.sweep_orphans()
+            self._sweep_at = None
+        for worker in list(self.workers.values()):
+            if worker.expires_at < now:
+                self._lose(worker, f"silent for more than {self.liveness * worker.heartbeat:g} s")
+            elif not self._send(worker.id.encode(), protocol.HEARTBEAT):
+                self._lose(worker, "unreachable")
+
+    # ------------------------------------------------------------ dispatch
+
+    def dispatch(self) -> None:
+        """One pass: fill every worker's free slots from the queue, least recently served first."""
+        for worker in list(self.workers.values()):
+            if worker.free <= 0 or worker.id not in self.workers:
+                continue
+            tasks = self.store.claim(worker.id, worker.free, time.time())
+            if not tasks:
+                return
+            refs = [(t["task_id"], t["attempt"]) for t in tasks]
+            if not self._send(worker.id.encode(), protocol.TASK, {"tasks": tasks}):
+                self.store.unclaim(refs)
+                self._lose(worker, "unreachable")
+                continue
+            worker.inflight.update(refs)
+            self.workers.move_to_end(worker.id)
+            for task in tasks:
+                log.debug("dispatched task %s (%s) attempt %s to %s", task["task_id"], task["name"],
+                          task["attempt"], worker.id)
+
+    # ------------------------------------------------------------ messages
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self.rejections.reject(ProtocolError("worker socket: message without a routing id"))
+            return
+        identity = frames[0]
+        try:
+            command, body = protocol.parse_worker_message(frames[1:], protocol.WORKER_COMMANDS, self.max_bytes)
+            worker_id = identity.decode()
+            if command == protocol.READY:
+                self._ready(worker_id, protocol.check_ready(body))
+                return
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                # Valid command from a peer we do not know: tell it to register again.
+                if command != protocol.DISCONNECT:
+                    self._send(identity, protocol.DISCONNECT, {"reason": "unknown worker, send READY"})
+                return
+            worker.last_seen = time.time()
+            worker.expires_at = time.monotonic() + self.liveness * worker.heartbeat
+            if command == protocol.DISCONNECT:
+                protocol.check_task_refs(body, "running")
+                self._lose(worker, "disconnected")
+        except (ProtocolError, UnicodeDecodeError) as exc:
+            self.rejections.reject(exc)
+
+    def _ready(self, worker_id: str, body: dict) -> None:
+        if body["worker"] != worker_id:
+            raise ProtocolError(f"READY: worker {body['worker']!r} does not match routing id {worker_id!r}")
+        known = self.workers.get(worker_id)
+        running = {(r["task_id"], r["attempt"]) for r in body["running"]}
+        worker = WorkerInfo(
+            id=worker_id,
+            host=body["host"],
+            pid=body["pid"],
+            handlers=tuple(sorted(set(body["handlers"]))),
+            slots=body["slots"],
+            heartbeat=float(body["heartbeat"]),
+            expires_at=time.monotonic() + self.liveness * float(body["heartbeat"]),
+            inflight=running if known is None else known.inflight | running,
+        )
+        if known is None:
+            log.info("worker %s joined (host %s, pid %s, %d slot(s), handlers: %s)", worker_id, worker.host,
+                     worker.pid, worker.slots, ", ".join(worker.handlers) or "none")
+            self._compare_handlers(worker)
+        self.workers[worker_id] = worker
+        self.wake()
+
+    def _compare_handlers(self, joined: WorkerInfo) -> None:
+        for other in self.workers.values():
+            if set(other.handlers) != set(joined.handlers):
+                missing = sorted(set(other.handlers) - set(joined.handlers))
+                extra = sorted(set(joined.handlers) - set(other.handlers))
+                log.warning(
+                    "worker %s serves a different set of tasks from worker %s (missing: %s; extra: %s): "
+                    "tasks it lacks will fail there; give every worker the same handlers",
+                    joined.id, other.id, ", ".join(missing) or "none", ", ".join(extra) or "none",
+                )
+                return
+
+    def _lose(self, worker: WorkerInfo, why: str) -> None:
+        self.workers.pop(worker.id, None)
+        ids = self.store.requeue(worker=worker.id)
+        if why == "disconnected":
+            log.info("worker %s left", worker.id)
+        else:
+            log.warning("worker %s lost: %s", worker.id, why)
+        if ids:
+            log.warning("re-queued %d task(s) of worker %s: %s", len(ids), worker.id, _ids(ids))
+            self.wake()
+
+    def _send(self, identity: bytes, command: bytes, body: dict | None = None) -> bool:
+        try:
+            self.socket.send_multipart([identity, *protocol.worker_message(command, body)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH (ROUTER_MANDATORY: the peer is gone) or EAGAIN (its pipe is full).
+            log.debug("cannot send %s to %r: %s", command.decode(), identity, exc)
+            return False
+
+
+def _ids(ids: list[int], shown: int = 20) -> str:
+    text = ", ".join(map(str, ids[:shown]))
+    return text + (f" and {len(ids) - shown} more" if len(ids) > shown else "")

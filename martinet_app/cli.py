@@ -1,0 +1,406 @@
+"""The ``martinet`` command: client verbs mirroring :class:`Martinet`, plus ``serve`` and ``work``.
+
+Start-up time matters, so nothing heavy is imported at module level: the client (and
+with it zmq) is imported when a client verb runs, the server and worker (gevent, peewee)
+only inside ``serve`` and ``work``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import TYPE_CHECKING, Any, Callable
+
+import click
+
+import martinet_app
+from martinet_app import config
+from martinet_app.errors import InvalidRequest, MartinetError, ServerUnavailable, TaskNotFound
+
+if TYPE_CHECKING:
+    from martinet_app.client import Martinet
+
+#: A MartinetError with no more specific code (including InvalidTransition and WaitTimeout).
+EXIT_ERROR = 1
+#: Bad command line or request: click usage errors, InvalidRequest, BadTimeSpec.
+EXIT_USAGE = 2
+#: No server answered within --timeout (ServerUnavailable).
+EXIT_UNAVAILABLE = 3
+#: No task or recurring schedule has the given id (TaskNotFound).
+EXIT_NOT_FOUND = 4
+#: ``execute --wait`` or ``wait``: the task ended failed or cancelled.
+EXIT_TASK_FAILED = 5
+
+_EXIT_CODES: tuple[tuple[type[MartinetError], int], ...] = (
+    (ServerUnavailable, EXIT_UNAVAILABLE),
+    (TaskNotFound, EXIT_NOT_FOUND),
+    (InvalidRequest, EXIT_USAGE),
+)
+_UNSUCCESSFUL = frozenset({"failed", "cancelled"})
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Group(click.Group):
+    """A group that reports any MartinetError as one stderr line and a named exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MartinetError as exc:
+            click.echo(f"martinet: error: {exc.message}", err=True)
+            ctx.exit(next((code for cls, code in _EXIT_CODES if isinstance(exc, cls)), EXIT_ERROR))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(version=martinet_app.__version__, prog_name="martinet")
+def main() -> None:
+    """Martinet: a persistent, ZeroMQ-based distributed task manager."""
+
+
+# ---------------------------------------------------------------- options shared by several commands
+
+_url_option = click.option(
+    "--url", envvar="MARTINET_URL", show_envvar=True, default=config.HOST, help="Host name or address of the server."
+)
+_client_port_option = click.option(
+    "--client-port", envvar="MARTINET_CLIENT_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+    default=config.CLIENT_PORT, help="The server's client port.",
+)
+_worker_port_option = click.option(
+    "--worker-port", envvar="MARTINET_WORKER_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+    default=config.WORKER_PORT, help="The server's worker port.",
+)
+_status_port_option = click.option(
+    "--status-port", envvar="MARTINET_STATUS_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+    default=config.STATUS_PORT, help="The server's status port.",
+)
+_heartbeat_option = click.option(
+    "--heartbeat", envvar="MARTINET_HEARTBEAT", show_envvar=True, type=click.FloatRange(0, min_open=True),
+    default=config.HEARTBEAT_INTERVAL, help="Seconds between heartbeats.",
+)
+_log_level_option = click.option(
+    "--log-level", envvar="MARTINET_LOG_LEVEL", show_envvar=True, type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+    default="INFO", help="Log messages of this level and above to stderr.",
+)
+_wait_timeout_option = click.option(
+    "--wait-timeout", type=click.FloatRange(0), default=30.0, help="Seconds to wait for the task to finish."
+)
+
+
+def _client_command(func: Callable[..., None]) -> Callable[..., None]:
+    """Add the connection and --json options to a client verb and call it with a Martinet.
+
+    Put it last, right above the ``def``; the verb is called as ``func(client, as_json, **params)``.
+    """
+
+    @_url_option
+    @_client_port_option
+    @click.option(
+        "--timeout", type=click.FloatRange(0, min_open=True), default=config.CLIENT_TIMEOUT,
+        help="Seconds to wait for each reply from the server.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of text.")
+    @functools.wraps(func)
+    def command(url: str, client_port: int, timeout: float, as_json: bool, **params: Any) -> None:
+        from martinet_app.client import Martinet
+
+        with Martinet(url, client_port, timeout=timeout) as client:
+            func(client, as_json, **params)
+
+    return command
+
+
+def _parse_args(ctx: click.Context, param: click.Parameter, value: str | None) -> dict:
+    """Decode --args: a JSON object, ``{}`` when absent."""
+    if value is None:
+        return {}
+    try:
+        args = json.loads(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"--args is not valid JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise InvalidRequest(f"--args must be a JSON object, got {type(args).__name__}")
+    return args
+
+
+def _task_options(func: Callable[..., None]) -> Callable[..., None]:
+    """Add --args, --username and --description, shared by execute, schedule and every."""
+    func = click.option("--description", help="Free text stored with the task.")(func)
+    func = click.option("--username", help="Who the task is run for (list can filter on it).")(func)
+    return click.option(
+        "--args", callback=_parse_args, metavar="JSON", help="The handler's keyword arguments, as a JSON object."
+    )(func)
+
+
+def _meta(**fields: str | None) -> dict:
+    """Task metadata for the client, without the fields left unset."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+# ---------------------------------------------------------------- human output
+
+
+def _echo(as_json: bool, value: Any, render: Callable[[Any], str]) -> None:
+    """Print ``value`` as indented JSON, or as the text ``render`` makes of it."""
+    click.echo(json.dumps(value, indent=2, sort_keys=True) if as_json else render(value))
+
+
+def _cell(value: Any) -> str:
+    """One value as text: None as ``-``, dicts and lists as JSON."""
+    if value is None:
+        return "-"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _record_text(record: dict) -> str:
+    """Aligned ``field: value`` lines; multi-line strings (tracebacks) come last, indented."""
+    blocks = {key: value for key, value in record.items() if isinstance(value, str) and "\n" in value}
+    width = max((len(key) for key in record), default=0) + 1
+    lines = [f"{key + ':':<{width}} {_cell(value)}" for key, value in record.items() if key not in blocks]
+    for key, value in blocks.items():
+        lines.append(f"{key}:")
+        lines.extend(f"    {line}" for line in value.rstrip("\n").splitlines())
+    return "\n".join(lines)
+
+
+def _table(headers: tuple[str, ...], rows: list[list[str]], empty: str) -> str:
+    """Rows under a header, in columns as wide as their widest cell; ``empty`` when there are none."""
+    if not rows:
+        return empty
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows])
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.0f}%"
+
+
+def _tasks_text(tasks: list[dict]) -> str:
+    headers = ("ID", "STATUS", "NAME", "USERNAME", "PROGRESS", "RUN_AT", "FINISHED_AT")
+    rows = [
+        [_cell(t.get("id")), _cell(t.get("status")), _cell(t.get("name")), _cell(t.get("username")),
+         _percent(t.get("progress")), _cell(t.get("run_at")), _cell(t.get("finished_at"))]
+        for t in tasks
+    ]
+    return _table(headers, rows, "no tasks")
+
+
+def _workers_text(workers: list[dict]) -> str:
+    headers = ("ID", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN")
+    rows = [
+        [_cell(w.get("id")), _cell(w.get("host")), _cell(w.get("pid")), _cell(w.get("slots")), _cell(w.get("busy")),
+         ",".join(w.get("handlers") or []) or "-", _cell(w.get("last_seen"))]
+        for w in workers
+    ]
+    return _table(headers, rows, "no workers")
+
+
+def _recurring_text(schedules: list[dict]) -> str:
+    headers = ("ID", "NAME", "USERNAME", "INTERVAL", "NEXT_RUN_AT", "LAST_RUN_AT", "ENABLED")
+    keys = ("id", "name", "username", "interval", "next_run_at", "last_run_at", "enabled")
+    return _table(headers, [[_cell(s.get(key)) for key in keys] for s in schedules], "no recurring schedules")
+
+
+def _finish(as_json: bool, record: dict) -> None:
+    """Print a finished task's record; exit EXIT_TASK_FAILED if it failed or was cancelled."""
+    _echo(as_json, record, _record_text)
+    if record.get("status") in _UNSUCCESSFUL:
+        sys.exit(EXIT_TASK_FAILED)
+
+
+# ---------------------------------------------------------------- client verbs
+
+
+@main.command()
+@click.argument("name")
+@_task_options
+@click.option("--wait", is_flag=True, help="Wait for the task to finish and print its record (alone, with --json).")
+@_wait_timeout_option
+@_client_command
+def execute(
+    client: Martinet, as_json: bool, name: str, args: dict, username: str | None, description: str | None,
+    wait: bool, wait_timeout: float,
+) -> None:
+    """Queue task NAME to run now and print its id."""
+    task_id = client.execute(_meta(name=name, username=username, description=description), args)
+    if not (wait and as_json):
+        _echo(as_json, {"task_id": task_id}, lambda reply: f"task {reply['task_id']} queued")
+    if wait:
+        _finish(as_json, client.wait(task_id, wait_timeout))
+
+
+@main.command()
+@click.argument("when")
+@click.argument("name")
+@_task_options
+@_client_command
+def schedule(
+    client: Martinet, as_json: bool, when: str, name: str, args: dict, username: str | None, description: str | None
+) -> None:
+    """Run task NAME once at WHEN ('in 20 minutes', '17:30', ISO 8601...) and print its id."""
+    task_id = client.schedule(when, _meta(name=name, username=username, description=description), args)
+    _echo(
+        as_json, {"task_id": task_id},
+        lambda reply: f"task {task_id} scheduled for {_cell(client.status(task_id).get('run_at'))}",
+    )
+
+
+@main.command()
+@click.argument("interval")
+@click.argument("name")
+@click.option("--run-at", metavar="WHEN", help="First run (and, for day or week intervals, the time of day).")
+@_task_options
+@_client_command
+def every(
+    client: Martinet, as_json: bool, interval: str, name: str, run_at: str | None, args: dict,
+    username: str | None, description: str | None,
+) -> None:
+    """Run task NAME every INTERVAL ('30 minutes', 'monday'...) and print the schedule's id."""
+    recurring_id = client.every(
+        interval, _meta(name=name, username=username, description=description, run_at=run_at), args
+    )
+
+    def render(reply: dict) -> str:
+        mine = [s for s in client.recurring() if s.get("id") == recurring_id]
+        next_run = _cell(mine[0].get("next_run_at")) if mine else "-"
+        return f"recurring {recurring_id} created, next run {next_run}"
+
+    _echo(as_json, {"recurring_id": recurring_id}, render)
+
+
+@main.command()
+@click.argument("task_id", type=int)
+@_client_command
+def status(client: Martinet, as_json: bool, task_id: int) -> None:
+    """Print the record of task TASK_ID."""
+    _echo(as_json, client.status(task_id), _record_text)
+
+
+@main.command()
+@click.argument("task_id", type=int)
+@_wait_timeout_option
+@_client_command
+def wait(client: Martinet, as_json: bool, task_id: int, wait_timeout: float) -> None:
+    """Wait for task TASK_ID to finish and print its record; exit 5 if it failed or was cancelled."""
+    _finish(as_json, client.wait(task_id, wait_timeout))
+
+
+@main.command("list")
+@click.option("--status", help="Only tasks in this status (scheduled, queued, running, succeeded...).")
+@click.option("--name", help="Only tasks with this handler name.")
+@click.option("--username", help="Only tasks run for this user.")
+@click.option("--limit", type=click.IntRange(1, config.LIST_LIMIT_MAX), default=config.LIST_LIMIT, help="Most rows.")
+@_client_command
+def list_tasks(
+    client: Martinet, as_json: bool, status: str | None, name: str | None, username: str | None, limit: int
+) -> None:
+    """List tasks, newest first."""
+    _echo(as_json, client.list(status=status, name=name, username=username, limit=limit), _tasks_text)
+
+
+@main.command()
+@click.argument("task_id", type=int)
+@_client_command
+def cancel(client: Martinet, as_json: bool, task_id: int) -> None:
+    """Cancel scheduled or queued task TASK_ID."""
+    _echo(as_json, client.cancel(task_id), lambda record: f"task {task_id} {_cell(record.get('status'))}")
+
+
+@main.command()
+@_client_command
+def recurring(client: Martinet, as_json: bool) -> None:
+    """List recurring schedules."""
+    _echo(as_json, client.recurring(), _recurring_text)
+
+
+@main.command()
+@click.argument("recurring_id", type=int)
+@_client_command
+def revoke(client: Martinet, as_json: bool, recurring_id: int) -> None:
+    """Stop recurring schedule RECURRING_ID; the tasks it created stay in history."""
+    _echo(as_json, client.revoke(recurring_id), lambda record: f"recurring {recurring_id} revoked")
+
+
+@main.command()
+@_client_command
+def workers(client: Martinet, as_json: bool) -> None:
+    """List the workers connected now."""
+    _echo(as_json, client.workers(), _workers_text)
+
+
+@main.command()
+@_client_command
+def ping(client: Martinet, as_json: bool) -> None:
+    """Check that the server answers and print its version."""
+    _echo(as_json, client.ping(), lambda reply: f"server at {client.endpoint} is up\n{_record_text(reply)}")
+
+
+# ---------------------------------------------------------------- server and worker
+
+
+def _setup_logging(level: str) -> None:
+    """Log records of ``level`` and above to stderr, with time, level and logger name."""
+    import logging
+
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # peewee logs every SQL statement at DEBUG: far too much for a server's debug log.
+    logging.getLogger("peewee").setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+@main.command()
+@click.option("--bind", envvar="MARTINET_BIND", show_envvar=True, default=config.HOST, help="Address to listen on.")
+@_client_port_option
+@_worker_port_option
+@_status_port_option
+@click.option("--db", "db_url", envvar="MARTINET_DB", show_envvar=True, default=config.DB_URL, help="Database URL.")
+@click.option("--tz", envvar="MARTINET_TZ", show_envvar=True, help="Time zone for schedules (default: local time).")
+@_heartbeat_option
+@_log_level_option
+def serve(
+    bind: str, client_port: int, worker_port: int, status_port: int, db_url: str, tz: str | None, heartbeat: float,
+    log_level: str,
+) -> None:
+    """Run the server: store tasks, schedule them and dispatch them to workers."""
+    _setup_logging(log_level)
+    from martinet_app.server import run_server
+
+    sys.exit(
+        run_server(
+            bind=bind, client_port=client_port, worker_port=worker_port, status_port=status_port, db_url=db_url,
+            tz=tz, heartbeat=heartbeat,
+        )
+    )
+
+
+@main.command()
+@click.option(
+    "--handlers", "handlers_dir", envvar="MARTINET_HANDLERS", show_envvar=True, required=True,
+    type=click.Path(exists=True, file_okay=False), help="Directory of handler modules to load.",
+)
+@_url_option
+@_worker_port_option
+@_status_port_option
+@click.option(
+    "--concurrency", envvar="MARTINET_CONCURRENCY", show_envvar=True, type=click.IntRange(min=1),
+    default=config.CONCURRENCY, help="Tasks run at once.",
+)
+@_heartbeat_option
+@_log_level_option
+def work(
+    handlers_dir: str, url: str, worker_port: int, status_port: int, concurrency: int, heartbeat: float, log_level: str
+) -> None:
+    """Run a worker: load the handlers and run the tasks the server sends."""
+    _setup_logging(log_level)
+    from martinet_app.worker import run_worker
+
+    sys.exit(
+        run_worker(
+            handlers_dir=handlers_dir, url=url, worker_port=worker_port, status_port=status_port,
+            concurrency=concurrency, heartbeat=heartbeat,
+        )
+    )

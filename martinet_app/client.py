@@ -1,0 +1,200 @@
+"""The Python client: submit, inspect and cancel tasks over the client port.
+
+The client never opens the database; every call is one request to the server's
+client endpoint. It uses plain pyzmq, or ``zmq.green`` when the calling process has
+been monkey-patched by gevent, so it never blocks a gevent hub.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from . import config, protocol
+from .errors import InvalidRequest, ProtocolError, ServerUnavailable, WaitTimeout, from_wire
+
+#: Final task statuses: ``wait`` returns once a task is in one of these.
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def _zmq_module() -> Any:
+    """zmq.green under a gevent-patched process, plain zmq otherwise."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("socket"):
+        from zmq import green
+
+        return green
+    return zmq
+
+
+class Martinet:
+    """A connection to one Martinet server. Safe to reuse and to share between threads.
+
+    Args:
+        martinet_url: host name or address of the server (``tcp://`` prefix optional).
+        client_port: the server's client port.
+        timeout: seconds to wait for each reply before raising ServerUnavailable.
+    """
+
+    def __init__(
+        self,
+        martinet_url: str = config.HOST,
+        client_port: int = config.CLIENT_PORT,
+        *,
+        timeout: float = config.CLIENT_TIMEOUT,
+    ) -> None:
+        host = martinet_url.removeprefix("tcp://").rstrip("/")
+        self.endpoint = f"tcp://{host}:{int(client_port)}"
+        self.timeout = timeout
+        self._zmq = _zmq_module()
+        self._context = self._zmq.Context.instance()
+        self._socket: Any = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._prefix = uuid.uuid4().hex[:12]
+        self._counter = itertools.count(1)
+
+    # ------------------------------------------------------------ submitting
+
+    def execute(self, task: dict, args: dict | None = None) -> int:
+        """Queue a task to run now; returns its id once the server has committed it."""
+        return self._request("execute", task=task, args=args)["task_id"]
+
+    def schedule(self, when: str, task: dict, args: dict | None = None) -> int:
+        """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id."""
+        return self._request("schedule", when=when, task=task, args=args)["task_id"]
+
+    def every(self, interval: str, task: dict, args: dict | None = None) -> int:
+        """Run a task every ``interval`` (``'30 minutes'``, ``'monday'``...); returns the schedule's id.
+
+        ``task["run_at"]`` sets the first run (and, for day/week intervals, the time of day).
+        """
+        return self._request("every", interval=interval, task=task, args=args)["recurring_id"]
+
+    # ------------------------------------------------------------ inspecting
+
+    def status(self, task_id: int) -> dict:
+        """The task's current record (see docs/PROTOCOL.md for the fields)."""
+        return self._request("status", task_id=task_id)["task"]
+
+    def wait(self, task_id: int, timeout: float = 30.0) -> dict:
+        """Block until the task is succeeded, failed or cancelled; return its record.
+
+        Raises:
+            WaitTimeout: the task did not finish within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            reply = self._request(
+                "wait", task_id=task_id, timeout=max(remaining, 0.0), _timeout=max(remaining, 0.0) + self.timeout
+            )
+            task = reply["task"]
+            if task["status"] in FINAL_STATUSES:
+                return task
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"task {task_id} did not finish within {timeout:g} s (status {task['status']!r}); "
+                    "wait longer or check that a worker is running"
+                )
+
+    def list(
+        self, status: str | None = None, name: str | None = None, username: str | None = None, limit: int = 50
+    ) -> list[dict]:
+        """Tasks, newest first, optionally filtered by status, name and username."""
+        return self._request("list", status=status, name=name, username=username, limit=limit)["tasks"]
+
+    def workers(self) -> list[dict]:
+        """Workers connected now: id, host, pid, handlers, slots, busy, last_seen."""
+        return self._request("workers")["workers"]
+
+    def recurring(self) -> list[dict]:
+        """Recurring schedules, with their next_run_at."""
+        return self._request("recurring")["recurring"]
+
+    def ping(self) -> dict:
+        """The server's version and protocol version; raises ServerUnavailable if none answers."""
+        reply = self._request("ping")
+        return {key: value for key, value in reply.items() if key not in ("v", "id", "ok")}
+
+    # ------------------------------------------------------------ stopping
+
+    def cancel(self, task_id: int) -> dict:
+        """Cancel a scheduled or queued task; returns its record."""
+        return self._request("cancel", task_id=task_id)["task"]
+
+    def revoke(self, recurring_id: int) -> dict:
+        """Stop a recurring schedule; tasks it already created stay in history."""
+        return self._request("revoke", recurring_id=recurring_id)["recurring"]
+
+    def close(self) -> None:
+        """Close the socket; the next call opens a new one."""
+        with self._lock:
+            self._drop_socket()
+
+    def __enter__(self) -> Martinet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _request(self, op: str, _timeout: float | None = None, **params: Any) -> dict:
+        params = {k: v for k, v in params.items() if v is not None}
+        request_id = f"{self._prefix}-{next(self._counter)}"
+        try:
+            frames = protocol.client_request(request_id, op, params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"{op}: arguments are not JSON-serialisable ({exc})") from None
+        timeout = self.timeout if _timeout is None else _timeout
+        with self._lock:
+            reply = self._exchange(frames, request_id, timeout)
+        if not reply.get("ok"):
+            raise from_wire(reply.get("error") or {})
+        return reply
+
+    def _exchange(self, frames: list[bytes], request_id: str, timeout: float) -> dict:
+        socket = self._ensure_socket()
+        socket.send_multipart(frames)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not socket.poll(remaining * 1000):
+                # A late reply must not be read as the answer to the next request.
+                self._drop_socket()
+                raise ServerUnavailable(
+                    f"no reply from the Martinet server at {self.endpoint} within {timeout:g} s: "
+                    "is `martinet serve` running there, on that port?"
+                )
+            try:
+                reply = protocol.parse_reply(socket.recv_multipart(), config.MAX_MESSAGE_BYTES)
+            except ProtocolError:
+                continue
+            if reply.get("id") == request_id:
+                return reply
+
+    def _ensure_socket(self) -> Any:
+        if self._pid != os.getpid():
+            # Forked child: the parent's context and socket are not ours to use.
+            self._socket = None
+            self._context = self._zmq.Context()
+            self._pid = os.getpid()
+        if self._socket is None:
+            socket = self._context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.endpoint)
+            self._socket = socket
+        return self._socket
+
+    def _drop_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None

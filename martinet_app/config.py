@@ -1,0 +1,35 @@
+"""Defaults for every setting, in one place. Times are seconds (floats).
+
+Each setting is resolved as: command-line flag, then the ``MARTINET_*``
+environment variable named beside it, then the default here.
+"""
+
+from __future__ import annotations
+
+#: Address the server binds and clients/workers connect to (MARTINET_URL / MARTINET_BIND).
+HOST = "127.0.0.1"
+#: ROUTER port for client requests (MARTINET_CLIENT_PORT).
+CLIENT_PORT = 8008
+#: ROUTER port workers connect their DEALER to (MARTINET_WORKER_PORT).
+WORKER_PORT = 8009
+#: PULL port workers push status events to (MARTINET_STATUS_PORT).
+STATUS_PORT = 18009
+#: Database URL (MARTINET_DB).
+DB_URL = "sqlite:///martinet.db"
+#: Tasks a worker runs at once (MARTINET_CONCURRENCY).
+CONCURRENCY = 4
+#: Seconds between heartbeats, in both directions (MARTINET_HEARTBEAT).
+HEARTBEAT_INTERVAL = 1.0
+#: Missed heartbeat intervals after which a peer is declared lost.
+HEARTBEAT_LIVENESS = 5
+#: Seconds a client waits for a reply before raising ServerUnavailable.
+CLIENT_TIMEOUT = 10.0
+#: Longest the scheduler sleeps without re-reading the store (guards clock jumps), seconds.
+SCHEDULER_MAX_SLEEP = 60.0
+#: Largest message accepted on any socket, bytes (MARTINET_MAX_MESSAGE).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Default and maximum row counts for ``list``.
+LIST_LIMIT = 50
+LIST_LIMIT_MAX = 10_000
+#: Most status events or queued tasks handled in one loop turn (one transaction).
+BATCH_MAX = 500

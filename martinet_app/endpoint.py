@@ -1,0 +1,211 @@
+"""The client endpoint: one JSON request in, one JSON reply out, on a ROUTER socket.
+
+Every request that creates something is committed to the store before the reply is
+sent. A ``wait`` request is parked until its task becomes final or its timeout passes,
+without blocking other clients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from typing import Any, Callable
+
+import gevent
+import zmq.green as zmq
+
+from . import __version__, protocol, timespec
+from .broker import Broker
+from .errors import InvalidRequest, MartinetError, ProtocolError
+from .scheduler import Scheduler
+from .store import FINAL, Store, TaskStatus
+
+log = logging.getLogger(__name__)
+
+_STATUSES = frozenset(s.value for s in TaskStatus)
+_FINAL_VALUES = frozenset(s.value for s in FINAL)
+#: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
+WAIT_MAX = 300.0
+
+
+class ClientEndpoint:
+    """Owns the client ROUTER socket and answers requests from the store."""
+
+    def __init__(
+        self,
+        socket: Any,
+        store: Store,
+        broker: Broker,
+        scheduler: Scheduler,
+        *,
+        tz: datetime.tzinfo,
+        max_bytes: int,
+        list_limit_max: int,
+    ) -> None:
+        self.socket = socket
+        self.store = store
+        self.broker = broker
+        self.scheduler = scheduler
+        self.tz = tz
+        self.max_bytes = max_bytes
+        self.list_limit_max = list_limit_max
+        self.rejections = protocol.Rejections(log, "client socket")
+        self._waiters: dict[int, list[tuple[list[bytes], Any, gevent.Greenlet]]] = {}
+        self._ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
+            "ping": self._ping,
+            "execute": self._execute,
+            "schedule": self._schedule,
+            "every": self._every,
+            "status": lambda r, _: {"task": self.store.get_task(_task_id(r, "task_id"))},
+            "wait": self._wait,
+            "list": self._list,
+            "workers": lambda r, _: {"workers": self.broker.snapshot()},
+            "cancel": self._cancel,
+            "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
+            "revoke": lambda r, _: {"recurring": self.store.revoke(_task_id(r, "recurring_id"))},
+        }
+
+    def loop_once(self) -> None:
+        """Answer one request."""
+        self.handle(self.socket.recv_multipart())
+
+    def handle(self, frames: list[bytes]) -> None:
+        """Answer one request; malformed frames that cannot be answered are dropped and counted."""
+        try:
+            envelope, body = protocol.split_envelope(frames)
+            if len(envelope) < 2:
+                raise ProtocolError("client: no routing id before the empty delimiter")
+        except ProtocolError as exc:
+            self.rejections.reject(exc)
+            return
+        request_id = None
+        try:
+            request = protocol.parse_client_request(body, self.max_bytes)
+            request_id = request.get("id")
+            result = self._ops[request["op"]](request, envelope)
+        except ProtocolError as exc:
+            self.rejections.reject(exc)
+            self._send(protocol.reply(envelope, request_id, error=InvalidRequest(exc.message).to_wire()))
+            return
+        except MartinetError as exc:
+            log.debug("request %s failed: %s", request_id, exc.message)
+            self._send(protocol.reply(envelope, request_id, error=exc.to_wire()))
+            return
+        except Exception as exc:  # e.g. the database is unreachable: answer, log, keep serving
+            log.exception("request %s failed unexpectedly", request_id)
+            error = MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log")
+            self._send(protocol.reply(envelope, request_id, error=error.to_wire()))
+            return
+        if result is not None:
+            self._send(protocol.reply(envelope, request_id, result))
+
+    def notify_finished(self, task_ids: list[int]) -> None:
+        """Answer the ``wait`` requests parked on tasks that just became final."""
+        for task_id in task_ids:
+            waiters = self._waiters.pop(task_id, None)
+            if not waiters:
+                continue
+            task = self.store.get_task(task_id)
+            for envelope, request_id, timer in waiters:
+                timer.kill(block=False)
+                self._send(protocol.reply(envelope, request_id, {"task": task}))
+
+    # ------------------------------------------------------------ operations
+
+    def _ping(self, request: dict, envelope: list[bytes]) -> dict:
+        return {"version": __version__, "protocol": protocol.VERSION}
+
+    def _execute(self, request: dict, envelope: list[bytes]) -> dict:
+        meta = protocol.check_task_meta(request.get("task"), recurring=False)
+        args = protocol.check_args(request.get("args"))
+        now = time.time()
+        task_id = self.store.add_task(meta, args, run_at=now, now=now)
+        self.broker.wake()
+        return {"task_id": task_id}
+
+    def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
+        meta = protocol.check_task_meta(request.get("task"), recurring=False)
+        args = protocol.check_args(request.get("args"))
+        now = time.time()
+        when = timespec.parse_when(_text(request, "when"), now=_utc(now), tz=self.tz)
+        task_id = self.store.add_task(meta, args, run_at=when.timestamp(), now=now)
+        self.scheduler.wake()
+        return {"task_id": task_id}
+
+    def _every(self, request: dict, envelope: list[bytes]) -> dict:
+        meta = protocol.check_task_meta(request.get("task"), recurring=True)
+        args = protocol.check_args(request.get("args"))
+        now = time.time()
+        interval = timespec.parse_interval(_text(request, "interval"))
+        first = interval.first_run(now=_utc(now), run_at=meta.get("run_at"), tz=self.tz)
+        recurring_id = self.store.add_recurring(
+            meta, args, interval=interval.text, next_run_at=first.timestamp(), now=now
+        )
+        self.scheduler.wake()
+        return {"recurring_id": recurring_id}
+
+    def _wait(self, request: dict, envelope: list[bytes]) -> dict | None:
+        task_id = _task_id(request, "task_id")
+        timeout = request.get("timeout", 0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
+            raise InvalidRequest(f"wait timeout must be a number of seconds >= 0, got {timeout!r}")
+        task = self.store.get_task(task_id)
+        if task["status"] in _FINAL_VALUES or timeout == 0:
+            return {"task": task}
+        request_id = request.get("id")
+        timer = gevent.spawn_later(min(timeout, WAIT_MAX), self._expire_wait, task_id, request_id)
+        self._waiters.setdefault(task_id, []).append((envelope, request_id, timer))
+        return None
+
+    def _expire_wait(self, task_id: int, request_id: Any) -> None:
+        waiters = self._waiters.get(task_id, [])
+        for waiter in [w for w in waiters if w[1] == request_id]:
+            waiters.remove(waiter)
+            self._send(protocol.reply(waiter[0], request_id, {"task": self.store.get_task(task_id)}))
+        if not waiters:
+            self._waiters.pop(task_id, None)
+
+    def _list(self, request: dict, envelope: list[bytes]) -> dict:
+        status = request.get("status")
+        if status is not None and status not in _STATUSES:
+            raise InvalidRequest(f"unknown status {status!r}: expected one of {', '.join(sorted(_STATUSES))}")
+        for key in ("name", "username"):
+            if request.get(key) is not None and not isinstance(request[key], str):
+                raise InvalidRequest(f"list filter {key!r} must be a string, got {request[key]!r}")
+        limit = request.get("limit", 50)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= self.list_limit_max:
+            raise InvalidRequest(f"list limit must be an integer from 1 to {self.list_limit_max}, got {limit!r}")
+        tasks = self.store.list_tasks(status=status, name=request.get("name"), username=request.get("username"),
+                                      limit=limit)
+        return {"tasks": tasks}
+
+    def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
+        task = self.store.cancel(_task_id(request, "task_id"), time.time())
+        self.notify_finished([task["id"]])
+        return {"task": task}
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("reply dropped, client gone: %s", exc)
+
+
+
+def _task_id(request: dict, key: str) -> int:
+    value = request.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidRequest(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _text(request: dict, key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key!r} is required and must be a string, got {value!r}")
+    return value
+
+
+def _utc(ts: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)

@@ -1,0 +1,80 @@
+"""Errors a Martinet user can meet.
+
+Every error carries ``.message``. On the wire an error travels as
+``{"type": ClassName, "message": ...}``; the client raises the class of the same
+name from this module (:func:`from_wire`), so callers catch the same types
+whether the mistake was found locally or by the server.
+"""
+
+from __future__ import annotations
+
+
+class MartinetError(Exception):
+    """Root of every error Martinet raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict:
+        """The error as the ``error`` object of a reply."""
+        return {"type": type(self).__name__, "message": self.message}
+
+
+class InvalidRequest(MartinetError):
+    """Raised when a request is malformed: missing or unknown fields, wrong types."""
+
+
+class BadTimeSpec(InvalidRequest):
+    """Raised when a time or interval string cannot be parsed."""
+
+
+class TaskNotFound(MartinetError):
+    """Raised when no task or recurring schedule has the given id."""
+
+
+class InvalidTransition(MartinetError):
+    """Raised when a task cannot move to the asked state (e.g. cancelling a finished task)."""
+
+
+class ServerUnavailable(MartinetError, ConnectionError):
+    """Raised when the server did not answer within the client's timeout."""
+
+
+class WaitTimeout(MartinetError, TimeoutError):
+    """Raised when a task did not finish within the time ``wait`` was given."""
+
+
+class ProtocolError(MartinetError):
+    """Raised when a peer sends a message that does not follow docs/PROTOCOL.md."""
+
+
+class HandlerError(MartinetError):
+    """Raised when handlers cannot be loaded or registered (import failure, duplicate name)."""
+
+
+class ConfigError(MartinetError):
+    """Raised when a setting (database URL, port, time zone) is unusable."""
+
+
+_BY_NAME = {
+    cls.__name__: cls
+    for cls in (
+        MartinetError,
+        InvalidRequest,
+        BadTimeSpec,
+        TaskNotFound,
+        InvalidTransition,
+        ServerUnavailable,
+        WaitTimeout,
+        ProtocolError,
+        HandlerError,
+        ConfigError,
+    )
+}
+
+
+def from_wire(error: dict) -> MartinetError:
+    """Rebuild the error a server reply describes; unknown types become MartinetError."""
+    cls = _BY_NAME.get(str(error.get("type")), MartinetError)
+    return cls(str(error.get("message", "unknown error")))

@@ -1,0 +1,297 @@
+"""Frames and JSON bodies of every Martinet socket (docs/PROTOCOL.md is the spec).
+
+Three sockets:
+
+- client endpoint (ROUTER, server binds): ``[b"", json request]`` -> ``[b"", json reply]``
+- worker socket (ROUTER, server binds; workers connect a DEALER):
+  ``[WORKER_HEADER, command, json body]`` in both directions
+- status sink (PULL, server binds; workers connect a PUSH): ``[json batch]``
+
+Everything here is pure: encode to frames, decode frames to checked dicts, and raise
+:class:`ProtocolError` (or :class:`InvalidRequest` for client requests) on anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+from .errors import InvalidRequest, ProtocolError
+
+#: Version carried by every message; a peer speaking another version is rejected.
+VERSION = 1
+#: First frame of every message on the worker socket: protocol id and version.
+WORKER_HEADER = b"MTNW01"
+
+# Worker socket commands.
+READY = b"READY"
+TASK = b"TASK"
+HEARTBEAT = b"HEARTBEAT"
+DISCONNECT = b"DISCONNECT"
+WORKER_COMMANDS = frozenset({READY, HEARTBEAT, DISCONNECT})
+BROKER_COMMANDS = frozenset({TASK, HEARTBEAT, DISCONNECT})
+
+# Status events a worker pushes to the sink.
+STARTED = "started"
+PROGRESS = "progress"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+EVENTS = frozenset({STARTED, PROGRESS, SUCCEEDED, FAILED})
+FINAL_EVENTS = frozenset({SUCCEEDED, FAILED})
+
+# Client operations and the request fields each one accepts (besides v, id, op).
+CLIENT_OPS: dict[str, frozenset[str]] = {
+    "ping": frozenset(),
+    "execute": frozenset({"task", "args"}),
+    "schedule": frozenset({"when", "task", "args"}),
+    "every": frozenset({"interval", "task", "args"}),
+    "status": frozenset({"task_id"}),
+    "wait": frozenset({"task_id", "timeout"}),
+    "list": frozenset({"status", "name", "username", "limit"}),
+    "workers": frozenset(),
+    "cancel": frozenset({"task_id"}),
+    "recurring": frozenset(),
+    "revoke": frozenset({"recurring_id"}),
+}
+
+#: Keys allowed in a task's metadata dict; ``run_at`` only for ``every``.
+TASK_META_KEYS = frozenset({"name", "username", "description"})
+RECURRING_META_KEYS = TASK_META_KEYS | {"run_at"}
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes; NaN and infinities are refused rather than sent."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def loads_object(data: bytes, max_bytes: int, what: str) -> dict:
+    """Decode one JSON object frame, or raise ProtocolError saying what was wrong."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{what}: message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"{what}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
+    if obj.get("v") != VERSION:
+        raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}, expected {VERSION}")
+    return obj
+
+
+# ---------------------------------------------------------------- client socket
+
+
+def client_request(request_id: str, op: str, params: dict) -> list[bytes]:
+    """Frames a client sends: an empty delimiter (REQ-compatible) and the request."""
+    return [b"", dumps({"v": VERSION, "id": request_id, "op": op, **params})]
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split ROUTER frames into the routing envelope (up to the empty delimiter) and the body."""
+    try:
+        cut = frames.index(b"")
+    except ValueError:
+        raise ProtocolError("client: no empty delimiter frame after the routing id") from None
+    return frames[: cut + 1], frames[cut + 1 :]
+
+
+def parse_client_request(body: list[bytes], max_bytes: int) -> dict:
+    """Check one client request; raise ProtocolError (cannot reply) or InvalidRequest (can)."""
+    if len(body) != 1:
+        raise ProtocolError(f"client: expected 1 body frame, got {len(body)}")
+    request = loads_object(body[0], max_bytes, "client")
+    op = request.get("op")
+    if op not in CLIENT_OPS:
+        raise InvalidRequest(f"unknown operation {op!r}: expected one of {', '.join(sorted(CLIENT_OPS))}")
+    unknown = set(request) - CLIENT_OPS[op] - {"v", "id", "op"}
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) for {op!r}: {', '.join(sorted(unknown))}")
+    return request
+
+
+def reply(envelope: list[bytes], request_id: Any, result: dict | None = None, error: dict | None = None) -> list[bytes]:
+    """Frames answering one request: ``ok`` with the result fields, or the error object."""
+    body: dict[str, Any] = {"v": VERSION, "id": request_id, "ok": error is None}
+    if error is None:
+        body.update(result or {})
+    else:
+        body["error"] = error
+    return [*envelope, dumps(body)]
+
+
+def parse_reply(frames: list[bytes], max_bytes: int) -> dict:
+    """Decode a reply as the client receives it (``[b"", json]``)."""
+    if len(frames) != 2 or frames[0] != b"":
+        raise ProtocolError(f"client: malformed reply of {len(frames)} frame(s)")
+    return loads_object(frames[1], max_bytes, "reply")
+
+
+def check_task_meta(meta: Any, *, recurring: bool) -> dict:
+    """Validate a task metadata dict and return a cleaned copy (the caller's dict is untouched)."""
+    if not isinstance(meta, dict):
+        raise InvalidRequest(f"task metadata must be an object with a 'name', got {type(meta).__name__}")
+    allowed = RECURRING_META_KEYS if recurring else TASK_META_KEYS
+    unknown = set(meta) - allowed
+    if unknown:
+        hint = " ('run_at' is only accepted by every)" if "run_at" in unknown else ""
+        raise InvalidRequest(
+            f"unknown task field(s) {', '.join(sorted(map(str, unknown)))}{hint}: "
+            f"accepted fields are {', '.join(sorted(allowed))}"
+        )
+    name = meta.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest(f"task 'name' is required and must be a non-empty string, got {name!r}")
+    clean = {"name": name.strip()}
+    for key in sorted(allowed - {"name"}):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"task {key!r} must be a string, got {type(value).__name__}")
+        clean[key] = value
+    return clean
+
+
+def check_args(args: Any) -> dict:
+    """Task arguments must be a JSON object (a dict); None means ``{}``."""
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise InvalidRequest(f"task args must be a JSON object, got {type(args).__name__}")
+    return args
+
+
+# ---------------------------------------------------------------- worker socket
+
+
+def worker_message(command: bytes, body: dict | None = None) -> list[bytes]:
+    """Frames on the worker socket, in either direction (the ROUTER adds the identity)."""
+    return [WORKER_HEADER, command, dumps({"v": VERSION, **(body or {})})]
+
+
+def parse_worker_message(frames: list[bytes], commands: frozenset[bytes], max_bytes: int) -> tuple[bytes, dict]:
+    """Check ``[header, command, body]`` and return the command and decoded body."""
+    if len(frames) != 3:
+        raise ProtocolError(f"worker socket: expected 3 frames, got {len(frames)}")
+    header, command, body = frames
+    if header != WORKER_HEADER:
+        raise ProtocolError(f"worker socket: bad protocol header {header[:16]!r}, expected {WORKER_HEADER!r}")
+    if command not in commands:
+        raise ProtocolError(f"worker socket: unknown command {command[:32]!r}")
+    return command, loads_object(body, max_bytes, command.decode())
+
+
+def check_ready(body: dict) -> dict:
+    """Validate a READY body: worker id, host, pid, handlers, slots, heartbeat, running."""
+    handlers = body.get("handlers")
+    running = body.get("running", [])
+    ok = (
+        isinstance(body.get("worker"), str)
+        and body["worker"]
+        and isinstance(body.get("host"), str)
+        and _is_int(body.get("pid"))
+        and isinstance(handlers, list)
+        and all(isinstance(h, str) for h in handlers)
+        and _is_int(body.get("slots"))
+        and body["slots"] >= 0
+        and _is_number(body.get("heartbeat"))
+        and body["heartbeat"] > 0
+        and isinstance(running, list)
+        and all(_is_task_ref(r) for r in running)
+    )
+    if not ok:
+        raise ProtocolError("READY: body must have worker, host, pid, handlers, slots, heartbeat and running")
+    return body
+
+
+def check_task_refs(body: dict, key: str) -> list[dict]:
+    """A list of ``{"task_id": int, "attempt": int}`` under ``key`` (DISCONNECT's ``running``)."""
+    refs = body.get(key, [])
+    if not isinstance(refs, list) or not all(_is_task_ref(r) for r in refs):
+        raise ProtocolError(f"{key!r} must be a list of {{task_id, attempt}} objects")
+    return refs
+
+
+# ---------------------------------------------------------------- status sink
+
+
+def status_batch(worker_id: str, events: list[dict]) -> list[bytes]:
+    """One PUSH message carrying one or more status events from a worker."""
+    return [dumps({"v": VERSION, "worker": worker_id, "events": events})]
+
+
+def parse_status_batch(frames: list[bytes], max_bytes: int) -> tuple[str, list[dict]]:
+    """Decode a status batch; events that are malformed are dropped by raising on the whole batch."""
+    if len(frames) != 1:
+        raise ProtocolError(f"status: expected 1 frame, got {len(frames)}")
+    batch = loads_object(frames[0], max_bytes, "status")
+    worker, events = batch.get("worker"), batch.get("events")
+    if not isinstance(worker, str) or not isinstance(events, list):
+        raise ProtocolError("status: body must have a worker string and an events list")
+    for event in events:
+        _check_event(event)
+    return worker, events
+
+
+def _check_event(event: Any) -> None:
+    if not isinstance(event, dict) or not _is_task_ref(event) or event.get("event") not in EVENTS:
+        raise ProtocolError("status: each event needs task_id, attempt and a known event name")
+    if not _is_number(event.get("at")):
+        raise ProtocolError("status: each event needs a numeric 'at' timestamp")
+    kind = event["event"]
+    if kind == PROGRESS:
+        fraction = event.get("progress")
+        if not _is_number(fraction) or not 0.0 <= fraction <= 1.0:
+            raise ProtocolError("status: progress must be a number from 0 to 1")
+        if event.get("message") is not None and not isinstance(event["message"], str):
+            raise ProtocolError("status: progress message must be a string")
+    if kind == FAILED and not isinstance(event.get("error"), str):
+        raise ProtocolError("status: a failed event needs an error string")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _is_task_ref(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_int(value.get("task_id"))
+        and _is_int(value.get("attempt"))
+        and value["attempt"] >= 1
+    )
+
+
+class Rejections:
+    """Counts malformed messages on one socket and logs them without flooding the log.
+
+    The first rejection in each ``every`` seconds is a WARNING carrying the count since
+    the last one; the rest go to DEBUG.
+    """
+
+    def __init__(self, log: logging.Logger, socket_name: str, every: float = 5.0) -> None:
+        self.log = log
+        self.socket_name = socket_name
+        self.every = every
+        self.total = 0
+        self._since_warning = 0
+        self._next_warning = 0.0
+
+    def reject(self, error: Exception) -> None:
+        self.total += 1
+        self._since_warning += 1
+        now = time.monotonic()
+        if now >= self._next_warning:
+            self.log.warning(
+                "%s: rejected %d malformed message(s), latest: %s", self.socket_name, self._since_warning, error
+            )
+            self._since_warning = 0
+            self._next_warning = now + self.every
+        else:
+            self.log.debug("%s: rejected malformed message: %s", self.socket_name, error)

@@ -1,0 +1,67 @@
+"""The scheduler: moves due one-off tasks to queued and fires recurring schedules.
+
+It sleeps until the earliest due time in the store, or until woken because a new
+schedule arrived, never on a fixed tick.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+
+import gevent.event
+
+from . import timespec
+from .broker import Broker
+from .errors import BadTimeSpec
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Wakes at the next due time; one pass promotes tasks and fires schedules."""
+
+    def __init__(self, store: Store, broker: Broker, *, tz: datetime.tzinfo, max_sleep: float) -> None:
+        self.store = store
+        self.broker = broker
+        self.tz = tz
+        self.max_sleep = max_sleep
+        self._wakeup = gevent.event.Event()
+
+    def wake(self) -> None:
+        """Re-read the next due time (a schedule was added)."""
+        self._wakeup.set()
+
+    def loop_once(self) -> None:
+        """Fire what is due, then sleep until the next due time or a wake-up."""
+        self._wakeup.clear()
+        self.fire_due(time.time())
+        due = self.store.next_due()
+        sleep = self.max_sleep if due is None else min(self.max_sleep, due - time.time())
+        if sleep > 0:
+            self._wakeup.wait(sleep)
+
+    def fire_due(self, now: float) -> None:
+        """Promote due tasks and fire due schedules as of ``now``."""
+        promoted = self.store.promote_due(now)
+        fired = self.store.fire_recurring(self._due_runs(now), now)
+        if promoted or fired:
+            log.debug("scheduler: %d task(s) due, %d recurring run(s) fired", promoted, len(fired))
+            self.broker.wake()
+
+    def _due_runs(self, now: float) -> list[tuple[int, float, float]]:
+        now_dt = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        runs = []
+        for rec in self.store.due_recurring(now):
+            planned = rec["next_run_at"]
+            try:
+                interval = timespec.parse_interval(rec["interval"])
+            except BadTimeSpec as exc:
+                log.error("recurring schedule %s has an unusable interval and is skipped: %s", rec["id"], exc.message)
+                continue
+            planned_dt = datetime.datetime.fromtimestamp(planned, datetime.timezone.utc)
+            following = interval.next_after(planned_dt, now=now_dt, tz=self.tz)
+            runs.append((rec["id"], planned, following.timestamp()))
+        return runs

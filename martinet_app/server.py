@@ -1,0 +1,115 @@
+"""``martinet serve``: bind the three sockets and run the greenlets over one store.
+
+Greenlets: client endpoint, broker (receive, dispatch, heartbeat), status sink and
+scheduler. This module only wires them together and handles start and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import gevent
+import gevent.event
+import zmq.green as zmq
+
+from . import __version__, config, timespec
+from .broker import Broker
+from .endpoint import ClientEndpoint
+from .errors import MartinetError
+from .loops import forever
+from .scheduler import Scheduler
+from .sink import StatusSink
+from .store import Store, redact
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of ``martinet serve``.
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_BIND = 3
+
+
+def run_server(
+    *,
+    bind: str = config.HOST,
+    client_port: int = config.CLIENT_PORT,
+    worker_port: int = config.WORKER_PORT,
+    status_port: int = config.STATUS_PORT,
+    db_url: str = config.DB_URL,
+    tz: str | None = None,
+    heartbeat: float = config.HEARTBEAT_INTERVAL,
+) -> int:
+    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    try:
+        tzinfo = timespec.parse_tz(tz)
+        store = Store.open(db_url)
+    except MartinetError as exc:
+        log.error("cannot start: %s", exc.message)
+        return EXIT_CONFIG
+    except Exception as exc:  # driver errors: unreachable PostgreSQL, unwritable SQLite file...
+        log.error("cannot open the database %s: %s", redact(db_url), exc)
+        return EXIT_CONFIG
+    context = zmq.Context()
+    sockets: list[Any] = []
+    try:
+        client = _bind(context, zmq.ROUTER, bind, client_port, sockets)
+        workers = _bind(context, zmq.ROUTER, bind, worker_port, sockets)
+        status = _bind(context, zmq.PULL, bind, status_port, sockets)
+    except zmq.ZMQError as exc:
+        log.error("cannot bind %s: %s (is another server running? choose other ports with --*-port)", bind, exc)
+        _close(sockets, context, store)
+        return EXIT_BIND
+
+    broker = Broker(workers, store, heartbeat=heartbeat, liveness=config.HEARTBEAT_LIVENESS,
+                    max_bytes=config.MAX_MESSAGE_BYTES, batch_max=config.BATCH_MAX)
+    scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=config.SCHEDULER_MAX_SLEEP)
+    endpoint = ClientEndpoint(client, store, broker, scheduler, tz=tzinfo, max_bytes=config.MAX_MESSAGE_BYTES,
+                              list_limit_max=config.LIST_LIMIT_MAX)
+    sink = StatusSink(status, store, broker, endpoint.notify_finished, max_bytes=config.MAX_MESSAGE_BYTES,
+                      batch_max=config.BATCH_MAX)
+
+    log.info("martinet %s serving: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s, tz %s",
+             __version__, bind, client_port, bind, worker_port, bind, status_port, redact(db_url), tzinfo)
+    greenlets = [
+        gevent.spawn(forever, endpoint.loop_once, "client endpoint"),
+        gevent.spawn(forever, broker.receive_once, "broker"),
+        gevent.spawn(forever, broker.dispatch_once, "dispatcher"),
+        gevent.spawn(forever, broker.heartbeat_once, "heartbeat"),
+        gevent.spawn(forever, sink.loop_once, "status sink"),
+        gevent.spawn(forever, scheduler.loop_once, "scheduler"),
+    ]
+    broker.wake()
+
+    stop = gevent.event.Event()
+    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)]
+    stop.wait()
+    for handler in handlers:
+        handler.cancel()
+    log.info("stopping")
+    gevent.killall(greenlets, timeout=5)
+    _close(sockets, context, store)
+    log.info("stopped")
+    return EXIT_OK
+
+
+def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any]) -> Any:
+    socket = context.socket(kind)
+    sockets.append(socket)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
+    if kind == zmq.ROUTER:
+        # Fail loudly on a send to a peer that left, instead of dropping the message.
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A reconnecting worker takes over its routing id from its dead connection.
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    socket.bind(f"tcp://{host}:{port}")
+    return socket
+
+
+def _close(sockets: list[Any], context: Any, store: Store) -> None:
+    for socket in sockets:
+        socket.close(linger=0)
+    context.term()
+    store.close()

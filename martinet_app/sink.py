@@ -1,0 +1,75 @@
+"""The status sink: workers PUSH started/progress/succeeded/failed events; each is written to the store.
+
+Everything readable is drained and written in one transaction, then the broker gets the
+finished deliveries' slots back and the client endpoint answers whoever waits on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import zmq.green as zmq
+
+from . import protocol
+from .broker import Broker
+from .errors import ProtocolError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class StatusSink:
+    """Owns the status PULL socket."""
+
+    def __init__(
+        self,
+        socket: Any,
+        store: Store,
+        broker: Broker,
+        on_finished: Callable[[list[int]], None],
+        *,
+        max_bytes: int,
+        batch_max: int,
+    ) -> None:
+        self.socket = socket
+        self.store = store
+        self.broker = broker
+        self.on_finished = on_finished
+        self.max_bytes = max_bytes
+        self.batch_max = batch_max
+        self.rejections = protocol.Rejections(log, "status socket")
+        # Events received but not yet written: kept across a failed write, so none is lost.
+        self._pending: list[tuple[str, dict]] = []
+
+    def loop_once(self) -> None:
+        """Block for one message, drain the rest that is readable, write them all in one transaction."""
+        if not self._pending:
+            self._receive(self.socket.recv_multipart())
+        while len(self._pending) < self.batch_max:
+            try:
+                self._receive(self.socket.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        if not self._pending:
+            return
+        batch = self._pending
+        finished = self.store.apply_events(batch)
+        self._pending = []
+        released: dict[str, list[tuple[int, int]]] = {}
+        for worker, event in batch:
+            if event["event"] in protocol.FINAL_EVENTS:
+                released.setdefault(worker, []).append((event["task_id"], event["attempt"]))
+                log.debug("task %s attempt %s %s on %s", event["task_id"], event["attempt"], event["event"], worker)
+        for worker, refs in released.items():
+            self.broker.release(worker, refs)
+        if finished:
+            self.on_finished(finished)
+
+    def _receive(self, frames: list[bytes]) -> None:
+        try:
+            worker, events = protocol.parse_status_batch(frames, self.max_bytes)
+        except ProtocolError as exc:
+            self.rejections.reject(exc)
+            return
+        self._pending.extend((worker, event) for event in events)
