@@ -127,7 +127,9 @@ RECURRING_FIELDS = (
     "id", "name", "username", "description", "args", "interval", "run_at", "next_run_at", "last_run_at",
     "enabled", "created_at",
 )  # fmt: skip
-_TIME_FIELDS = frozenset({"created_at", "run_at", "started_at", "finished_at", "next_run_at", "last_run_at"})
+_TASK_TIMES = frozenset({"created_at", "run_at", "started_at", "finished_at"})
+# A schedule's run_at is the user's text ("midnight"), not a time.
+_RECURRING_TIMES = frozenset({"created_at", "next_run_at", "last_run_at"})
 
 
 def iso(ts: float | None) -> str | None:
@@ -443,7 +445,7 @@ def task_dict(row: Task) -> dict:
         value = getattr(row, field)
         if field in ("args", "result"):
             value = None if value is None else json.loads(value)
-        elif field in _TIME_FIELDS:
+        elif field in _TASK_TIMES:
             value = iso(value)
         out[field] = value
     return out
@@ -453,7 +455,7 @@ def _recurring_dict(row: Recurring, raw: bool = False) -> dict:
     out = {field: getattr(row, field) for field in RECURRING_FIELDS}
     out["args"] = json.loads(out["args"])
     if not raw:
-        for field in _TIME_FIELDS & set(out):
+        for field in _RECURRING_TIMES:
             out[field] = iso(out[field])
     return out
 

@@ -1,0 +1,258 @@
+"""Fixtures that start real ``martinet serve`` / ``martinet work`` processes on free ports.
+
+Every server runs on a temporary SQLite file or on the PostgreSQL database ``test`` on
+127.0.0.1:5432 (tables dropped first). PostgreSQL tests skip when no server answers,
+except under CI=true, where they fail: CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from martinet_app import Martinet
+from martinet_app.errors import ServerUnavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_HANDLERS = Path(__file__).resolve().parent / "handlers"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+#: Heartbeat used by test servers and workers: short, so restarts are noticed quickly.
+HEARTBEAT = 0.2
+#: Longest any test waits for a condition before failing.
+TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def martinet_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "martinet_app", *args]
+
+
+class Process:
+    """A martinet subprocess whose output goes to a log file, always stopped at teardown."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Process:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        env = {k: v for k, v in env.items() if not (k.startswith("MARTINET_") and k not in (self.env or {}))}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not exit in time. Returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"{self.args[3]} did not exit within {timeout} s of SIGTERM")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Server(Process):
+    """``martinet serve`` on free ports."""
+
+    def __init__(self, db_url: str, log_path: Path) -> None:
+        self.db_url = db_url
+        self.client_port, self.worker_port, self.status_port = free_port(), free_port(), free_port()
+        super().__init__(
+            martinet_cmd(
+                "serve", "--bind", "127.0.0.1", "--client-port", str(self.client_port),
+                "--worker-port", str(self.worker_port), "--status-port", str(self.status_port),
+                "--db", db_url, "--heartbeat", str(HEARTBEAT), "--log-level", "DEBUG",
+            ),
+            log_path,
+        )  # fmt: skip
+
+    def client(self, timeout: float = 5.0) -> Martinet:
+        return Martinet("127.0.0.1", self.client_port, timeout=timeout)
+
+    def wait_ready(self) -> Server:
+        client = self.client(timeout=0.5)
+
+        def answers() -> bool:
+            assert self.running(), f"server exited:\n{self.log()}"
+            try:
+                client.ping()
+                return True
+            except ServerUnavailable:
+                return False
+
+        wait_until(answers, what="the server to answer ping")
+        client.close()
+        return self
+
+    def restart(self) -> Server:
+        """Start again on the same ports and database."""
+        return self.start().wait_ready()  # type: ignore[return-value]
+
+    def worker_args(self, handlers: Path = TEST_HANDLERS, *extra: str) -> list[str]:
+        return martinet_cmd(
+            "work", "--handlers", str(handlers), "--url", "127.0.0.1", "--worker-port", str(self.worker_port),
+            "--status-port", str(self.status_port), "--heartbeat", str(HEARTBEAT), "--log-level", "DEBUG", *extra,
+        )  # fmt: skip
+
+
+class Cluster:
+    """A server and its workers for one test; everything is stopped at teardown."""
+
+    def __init__(self, tmp_path: Path, db_url: str) -> None:
+        self.tmp_path = tmp_path
+        self.server = Server(db_url, tmp_path / "server.log")
+        self.workers: list[Process] = []
+        self._client: Martinet | None = None
+
+    @property
+    def client(self) -> Martinet:
+        if self._client is None:
+            self._client = self.server.client()
+        return self._client
+
+    def start_worker(self, *extra: str, handlers: Path = TEST_HANDLERS, wait: bool = True) -> Process:
+        worker = Process(
+            self.server.worker_args(handlers, *extra), self.tmp_path / f"worker{len(self.workers)}.log"
+        ).start()
+        self.workers.append(worker)
+        if wait:
+            self.wait_worker(worker)
+        return worker
+
+    def wait_worker(self, worker: Process) -> None:
+        def registered() -> bool:
+            assert worker.running(), f"worker exited:\n{worker.log()}"
+            return any(w["pid"] == worker.pid for w in self.client.workers())
+
+        wait_until(registered, what=f"worker {worker.pid} to register")
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        for proc in [*self.workers, self.server]:
+            if proc.running():
+                try:
+                    proc.terminate()
+                except BaseException:
+                    proc.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {p.log_path.name}\n{p.log()[-6000:]}" for p in [self.server, *self.workers])
+
+
+def _postgres_available() -> str | None:
+    """None if PostgreSQL answers, else why not."""
+    try:
+        import psycopg2
+
+        psycopg2.connect(PG_URL, connect_timeout=3).close()
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
+        return f"PostgreSQL at {PG_URL} not reachable: {exc}".strip()
+
+
+def reset_postgres() -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(PG_URL)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS task, recurring, meta CASCADE")
+    conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database: a temporary SQLite file, or PostgreSQL's ``test`` with Martinet's tables dropped."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'martinet.db'}"
+    missing = _postgres_available()
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing} (CI=true: PostgreSQL tests must run, not skip)")
+        pytest.skip(missing)
+    reset_postgres()
+    return PG_URL
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'martinet.db'}"
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, db_url: str) -> Iterator[Cluster]:
+    """A running server (no worker yet) on each backend."""
+    yield from _cluster(request, tmp_path, db_url)
+
+
+@pytest.fixture
+def sqlite_cluster(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Cluster]:
+    """A running server on SQLite only, for tests about processes rather than storage."""
+    yield from _cluster(request, tmp_path, sqlite_url)
+
+
+def _cluster(request: pytest.FixtureRequest, tmp_path: Path, url: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, url)
+    c.server.start().wait_ready()  # type: ignore[union-attr]
+    try:
+        yield c
+    finally:
+        c.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(c.logs())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

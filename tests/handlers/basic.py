@@ -1,0 +1,50 @@
+"""Handlers the end-to-end tests run."""
+
+import os
+import time
+
+from martinet_app import task
+
+
+@task
+def echo(task_id, data, progress):
+    return {"task_id": task_id, "args": data}
+
+
+@task("steps")
+def report_progress(task_id, data, progress):
+    for step in range(1, data["steps"] + 1):
+        progress(step / data["steps"], f"step {step}")
+    return {"done": data["steps"]}
+
+
+@task
+def explode(task_id, data, progress):
+    raise ValueError(data.get("message", "boom"))
+
+
+@task
+def nap(task_id, data, progress):
+    time.sleep(data.get("seconds", 0.1))
+    return {"slept": data.get("seconds", 0.1)}
+
+
+@task
+def ledger(task_id, data, progress):
+    """Append this task's id to a file, so tests can count every execution."""
+    with open(data["path"], "a") as f:
+        f.write(f"{task_id}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    time.sleep(data.get("seconds", 0))
+    return {"pid": os.getpid()}
+
+
+@task
+def bad_result(task_id, data, progress):
+    return {"not json": object()}
+
+
+@task
+def bad_progress(task_id, data, progress):
+    progress(1.5)

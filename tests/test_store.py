@@ -1,0 +1,342 @@
+"""Contract tests for martinet_app.store, run in-process against SQLite and PostgreSQL (``db_url``).
+
+No mocks, no sleeps: every call that needs a clock gets an explicit ``now``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from martinet_app.errors import ConfigError, InvalidTransition, TaskNotFound
+from martinet_app.store import SCHEMA_VERSION, Store, TaskStatus
+
+NOW = 1_700_000_000.0
+NOW_ISO = "2023-11-14T22:13:20.000+00:00"
+
+
+def iso(ts: float) -> str:
+    """Expected ISO form of ``ts`` (whole seconds after 2023-11-14T22:13:20Z)."""
+    s = int(ts - NOW) + 22 * 3600 + 13 * 60 + 20
+    return f"2023-11-14T{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}.000+00:00"
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store.open(db_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def add(store: Store, name: str = "job", *, run_at: float = NOW, now: float = NOW, **meta: str) -> int:
+    return store.add_task({"name": name, **meta}, {"n": 1}, run_at=run_at, now=now)
+
+
+def status(store: Store, task_id: int) -> str:
+    return store.get_task(task_id)["status"]
+
+
+def ev(task_id: int, attempt: int, kind: str, at: float = NOW + 10, **fields: object) -> dict:
+    return {"task_id": task_id, "attempt": attempt, "event": kind, "at": at, **fields}
+
+
+# --- opening ------------------------------------------------------------------------------------------------------
+
+
+def test_open_is_idempotent_and_stamps_schema_version(db_url: str) -> None:
+    first = Store.open(db_url)
+    task_id = add(first)
+    first.close()
+    second = Store.open(db_url)
+    try:
+        assert second.get_task(task_id)["status"] == "queued"  # the data survived the second open
+        rows = second.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        assert [int(r[0]) for r in rows] == [SCHEMA_VERSION]
+    finally:
+        second.close()
+
+
+def test_newer_schema_version_is_refused(db_url: str) -> None:
+    s = Store.open(db_url)
+    with s.db.atomic():
+        s.db.execute_sql("UPDATE meta SET value = %s WHERE key = 'schema_version'" % (SCHEMA_VERSION + 1))
+    s.close()
+    with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        Store.open(db_url)
+
+
+@pytest.mark.parametrize("url", ["mysql://x", "sqlite://", "postgresql://postgres@127.0.0.1:5432/"])
+def test_unopenable_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        Store.open(url)
+
+
+# --- adding and reading -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset, expected", [(-5.0, "queued"), (0.0, "queued"), (60.0, "scheduled")])
+def test_add_task_status_depends_on_run_at(store: Store, offset: float, expected: str) -> None:
+    assert status(store, add(store, run_at=NOW + offset)) == expected
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.get_task(999_999), lambda s: s.cancel(999_999, NOW), lambda s: s.revoke(999_999),
+], ids=["get_task", "cancel", "revoke"])  # fmt: skip
+def test_missing_id_is_task_not_found(store: Store, call) -> None:
+    with pytest.raises(TaskNotFound, match="999999"):
+        call(store)
+
+
+def test_add_task_round_trips_through_get_task(store: Store) -> None:
+    args = {"x": [1, 2.5, None], "nested": {"s": "é"}, "flag": True}
+    meta = {"name": "report", "username": "ann", "description": "monthly"}
+    task_id = store.add_task(meta, args, run_at=NOW + 3600, now=NOW)
+    assert store.get_task(task_id) == {
+        "id": task_id, "name": "report", "username": "ann", "description": "monthly", "args": args,
+        "status": "scheduled", "progress": 0.0, "progress_message": None, "result": None, "error": None,
+        "traceback": None, "attempts": 0, "worker": None, "created_at": NOW_ISO,
+        "run_at": "2023-11-14T23:13:20.000+00:00", "started_at": None, "finished_at": None, "recurring_id": None,
+    }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
+
+
+# --- scheduling ---------------------------------------------------------------------------------------------------
+
+
+def test_next_due_and_promote_due(store: Store) -> None:
+    assert store.next_due() is None
+    later, soon = add(store, run_at=NOW + 100), add(store, run_at=NOW + 50)
+    add(store, run_at=NOW)  # queued: not considered
+    assert store.next_due() == NOW + 50
+    rec = store.add_recurring({"name": "r"}, {}, interval="every 10 seconds", next_run_at=NOW + 20, now=NOW)
+    assert store.next_due() == NOW + 20
+    store.revoke(rec)
+    assert store.next_due() == NOW + 50  # revoked schedules are ignored
+
+    assert store.promote_due(NOW + 49) == 0
+    assert store.promote_due(NOW + 50) == 1
+    assert (status(store, soon), status(store, later)) == ("queued", "scheduled")
+    assert store.next_due() == NOW + 100
+    assert store.promote_due(NOW + 1000) == 1
+    assert store.next_due() is None
+
+
+def test_fire_recurring_once_per_planned_time(store: Store) -> None:
+    rec = store.add_recurring(
+        {"name": "tick", "username": "bob"}, {"k": "v"}, interval="every minute", next_run_at=NOW + 60, now=NOW
+    )
+    assert store.due_recurring(NOW + 59) == []
+    [due] = store.due_recurring(NOW + 60)
+    assert (due["id"], due["next_run_at"], due["args"]) == (rec, NOW + 60, {"k": "v"})
+
+    [task_id] = store.fire_recurring([(rec, NOW + 60, NOW + 120)], now=NOW + 61)
+    assert store.fire_recurring([(rec, NOW + 60, NOW + 120)], now=NOW + 62) == []  # double fire
+    task = store.get_task(task_id)
+    fields = ("status", "recurring_id", "name", "username", "args", "run_at", "created_at")
+    assert [task[f] for f in fields] == ["queued", rec, "tick", "bob", {"k": "v"}, iso(NOW + 60), iso(NOW + 61)]
+    assert [t["id"] for t in store.list_tasks(status=None, name=None, username=None, limit=10)] == [task_id]
+    [row] = store.list_recurring()
+    assert (row["next_run_at"], row["last_run_at"]) == (iso(NOW + 120), iso(NOW + 60))
+    assert store.next_due() == NOW + 120
+
+    store.revoke(rec)
+    assert store.due_recurring(NOW + 1000) == []
+    assert store.fire_recurring([(rec, NOW + 120, NOW + 180)], now=NOW + 121) == []
+    assert len(store.list_tasks(status=None, name=None, username=None, limit=10)) == 1
+
+
+# --- dispatching --------------------------------------------------------------------------------------------------
+
+
+def test_claim_oldest_first_with_limit(store: Store) -> None:
+    assert store.claim("w1", 5, NOW) == []
+    c = add(store, "c", run_at=NOW - 10)
+    a = add(store, "a", run_at=NOW - 30)
+    b1 = store.add_task({"name": "b"}, {"i": 1}, run_at=NOW - 20, now=NOW)
+    b2 = store.add_task({"name": "b"}, {"i": 2}, run_at=NOW - 20, now=NOW)  # same run_at: id breaks the tie
+    add(store, "later", run_at=NOW + 60)  # scheduled: never claimed
+    assert store.claim("w1", 0, NOW) == []
+
+    first = store.claim("w1", 2, NOW + 1)
+    assert first == [
+        {"task_id": a, "name": "a", "args": {"n": 1}, "attempt": 1},
+        {"task_id": b1, "name": "b", "args": {"i": 1}, "attempt": 1},
+    ]
+    second = store.claim("w2", 10, NOW + 2)
+    assert [t["task_id"] for t in second] == [b2, c]
+    assert store.claim("w3", 10, NOW + 3) == []
+
+    task = store.get_task(a)
+    assert [task[f] for f in ("status", "worker", "attempts", "started_at")] == ["running", "w1", 1, iso(NOW + 1)]
+    assert sorted((r["task_id"], r["worker"], r["attempt"]) for r in store.running()) == sorted(
+        [(a, "w1", 1), (b1, "w1", 1), (b2, "w2", 1), (c, "w2", 1)]
+    )
+
+
+def test_unclaim_reverts_a_claim(store: Store) -> None:
+    task_id = add(store)
+    [claim] = store.claim("w1", 1, NOW)
+    assert store.unclaim([(task_id, 2)]) == 0  # wrong attempt: not this claim
+    assert store.unclaim([(task_id, claim["attempt"])]) == 1
+    task = store.get_task(task_id)
+    assert (task["status"], task["attempts"], task["worker"], task["started_at"]) == ("queued", 0, None, None)
+    assert store.running() == []
+    assert store.claim("w2", 1, NOW)[0]["attempt"] == 1
+
+
+def test_requeue_by_worker_and_keep(store: Store) -> None:
+    ids = [add(store, run_at=NOW - 10 + i) for i in range(4)]
+    store.claim("w1", 2, NOW)
+    store.claim("w2", 2, NOW)
+    assert store.requeue(worker="w1") == ids[:2]
+    assert [status(store, i) for i in ids] == ["queued", "queued", "running", "running"]
+    assert store.get_task(ids[0])["attempts"] == 1  # kept: the next delivery is a new attempt
+    assert store.requeue(worker="nobody") == []
+    assert store.requeue(keep=[ids[2]]) == [ids[3]]
+    assert [(r["task_id"], r["worker"]) for r in store.running()] == [(ids[2], "w2")]
+    again = store.claim("w3", 10, NOW + 1)
+    assert [(t["task_id"], t["attempt"]) for t in again] == [(ids[0], 2), (ids[1], 2), (ids[3], 2)]
+
+
+# --- status events ------------------------------------------------------------------------------------------------
+
+
+def test_started_and_progress_apply_only_to_current_delivery(store: Store) -> None:
+    task_id = add(store)
+    store.claim("w1", 1, NOW)
+    assert store.apply_events([
+        ("w1", ev(task_id, 1, "started", at=NOW + 5)),
+        ("w1", ev(task_id, 1, "progress", progress=0.5, message="half")),
+        ("w2", ev(task_id, 1, "progress", progress=0.9, message="stale worker")),
+        ("w1", ev(task_id, 2, "progress", progress=0.8, message="wrong attempt")),
+        ("w2", ev(task_id, 1, "started", at=NOW + 99)),
+    ]) == []  # fmt: skip
+    task = store.get_task(task_id)
+    assert (task["status"], task["progress"], task["progress_message"]) == ("running", 0.5, "half")
+    assert task["started_at"] == iso(NOW + 5)
+
+
+def test_succeeded_and_failed_are_stored(store: Store) -> None:
+    ok, bad = add(store), add(store)
+    store.claim("w1", 2, NOW)
+    done = store.apply_events([
+        ("w1", ev(ok, 1, "succeeded", at=NOW + 7, result={"rows": [1, 2]})),
+        ("w1", ev(bad, 1, "failed", at=NOW + 8, error="ValueError: boom", traceback="Traceback ...")),
+    ])  # fmt: skip
+    assert done == [ok, bad]
+    fields = ("status", "result", "progress", "finished_at", "error", "traceback")
+    t = store.get_task(ok)
+    assert [t[f] for f in fields] == ["succeeded", {"rows": [1, 2]}, 1.0, iso(NOW + 7), None, None]
+    t = store.get_task(bad)
+    assert [t[f] for f in fields] == ["failed", None, 0.0, iso(NOW + 8), "ValueError: boom", "Traceback ..."]
+    assert store.running() == []
+
+
+def test_first_final_result_wins(store: Store) -> None:
+    task_id = add(store)
+    store.claim("w1", 1, NOW)
+    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="first"))]) == [task_id]
+    assert store.apply_events([
+        ("w1", ev(task_id, 1, "succeeded", result="second")),
+        ("w1", ev(task_id, 1, "failed", error="late")),
+        ("w1", ev(task_id, 1, "progress", progress=0.1)),
+    ]) == []  # fmt: skip
+    t = store.get_task(task_id)
+    assert (t["status"], t["result"], t["error"], t["progress"]) == ("succeeded", "first", None, 1.0)
+    other = add(store)  # within one batch too
+    store.claim("w1", 1, NOW)
+    batch = [("w1", ev(other, 1, "failed", error="first")), ("w1", ev(other, 1, "succeeded", result=1))]
+    assert store.apply_events(batch) == [other]
+    assert (status(store, other), store.get_task(other)["error"]) == ("failed", "first")
+
+
+def test_final_event_from_previous_attempt_after_requeue(store: Store) -> None:
+    task_id = add(store)
+    store.claim("w1", 1, NOW)
+    store.requeue(worker="w1")
+    store.claim("w2", 1, NOW + 1)  # attempt 2 is running on w2
+    assert store.apply_events([("w1", ev(task_id, 1, "progress", progress=0.7))]) == []
+    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="from w1"))]) == [task_id]
+    t = store.get_task(task_id)
+    assert (t["status"], t["result"], t["worker"], t["attempts"]) == ("succeeded", "from w1", "w1", 2)
+    assert store.apply_events([("w2", ev(task_id, 2, "succeeded", result="from w2"))]) == []
+    assert store.get_task(task_id)["result"] == "from w1"
+
+
+def test_final_event_for_requeued_task_not_yet_reclaimed(store: Store) -> None:
+    task_id = add(store)
+    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result=1))]) == []  # never delivered
+    store.claim("w1", 1, NOW)
+    assert store.apply_events([("w1", ev(task_id, 2, "succeeded", result=1))]) == []  # attempt from the future
+    store.requeue()
+    assert status(store, task_id) == "queued"
+    assert store.apply_events([("w1", ev(task_id, 1, "failed", error="lost"))]) == [task_id]
+    assert status(store, task_id) == "failed"
+    assert store.claim("w2", 1, NOW) == []
+
+
+# --- client requests ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run_at", [NOW, NOW + 60], ids=["queued", "scheduled"])
+def test_cancel_pending(store: Store, run_at: float) -> None:
+    task_id = add(store, run_at=run_at)
+    task = store.cancel(task_id, NOW + 5)
+    assert (task["status"], task["finished_at"]) == ("cancelled", iso(NOW + 5))
+    assert status(store, task_id) == "cancelled"
+    assert store.claim("w1", 1, NOW + 100) == [] and store.promote_due(NOW + 100) == 0
+    with pytest.raises(InvalidTransition, match="is cancelled"):
+        store.cancel(task_id, NOW + 6)
+
+
+@pytest.mark.parametrize("final", [False, True], ids=["running", "succeeded"])
+def test_cancel_refused_after_claim(store: Store, final: bool) -> None:
+    task_id = add(store)
+    store.claim("w1", 1, NOW)
+    if final:
+        store.apply_events([("w1", ev(task_id, 1, "succeeded", result=None))])
+    expected = "succeeded" if final else "running"
+    with pytest.raises(InvalidTransition, match=f"task {task_id} is {expected}"):
+        store.cancel(task_id, NOW + 5)
+    assert status(store, task_id) == expected
+
+
+def test_revoke_and_list_recurring(store: Store) -> None:
+    a = store.add_recurring({"name": "a"}, {"x": 1}, interval="every day", next_run_at=NOW + 9, now=NOW)
+    b = store.add_recurring({"name": "b"}, {}, interval="every hour", next_run_at=NOW + 3600, now=NOW)
+    revoked = store.revoke(a)
+    assert (revoked["id"], revoked["enabled"]) == (a, False)
+    with pytest.raises(InvalidTransition, match="already revoked"):
+        store.revoke(a)
+    rows = store.list_recurring()
+    assert [(r["id"], r["name"], r["enabled"]) for r in rows] == [(a, "a", False), (b, "b", True)]
+    assert (rows[0]["interval"], rows[0]["run_at"], rows[0]["args"]) == ("every day", None, {"x": 1})
+    assert (rows[0]["next_run_at"], rows[0]["last_run_at"], rows[0]["created_at"]) == (iso(NOW + 9), None, NOW_ISO)
+
+
+def test_recurring_run_at_string_round_trips(store: Store) -> None:
+    """Regression: Recurring.run_at is the user's time-of-day string, not an epoch, and must not go through iso()."""
+    rec = store.add_recurring({"name": "a", "run_at": "09:00"}, {}, interval="every day", next_run_at=NOW, now=NOW)
+    assert [r["run_at"] for r in store.list_recurring()] == ["09:00"]
+    assert store.revoke(rec)["run_at"] == "09:00"
+
+
+def test_list_tasks_filters_newest_first(store: Store) -> None:
+    t1 = add(store, "build", username="ann")
+    t2 = add(store, "build", username="bob", run_at=NOW + 60)
+    t3 = add(store, "deploy", username="ann")
+    t4 = add(store, "build", username="ann")
+
+    def ids(status: str | None = None, name: str | None = None, username: str | None = None, limit: int = 100):
+        return [t["id"] for t in store.list_tasks(status=status, name=name, username=username, limit=limit)]
+
+    assert ids() == [t4, t3, t2, t1]
+    assert ids(limit=2) == [t4, t3]
+    assert ids(status=TaskStatus.SCHEDULED.value) == [t2]
+    assert ids(status="queued") == [t4, t3, t1]
+    assert ids(name="build") == [t4, t2, t1]
+    assert ids(username="ann") == [t4, t3, t1]
+    assert ids(status="queued", name="build", username="ann", limit=1) == [t4]
+    assert ids(status="failed") == []
