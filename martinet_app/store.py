@@ -140,7 +140,10 @@ def iso(ts: float | None) -> str | None:
 
 
 class Store:
-    """The database behind one server. Open with :meth:`open`; close with :meth:`close`."""
+    """The database behind one server. Open with :meth:`open`; close with :meth:`close`.
+
+    The models are bound to the store opened last: one store per process (the server's).
+    """
 
     def __init__(self, database: pw.Database, url: str) -> None:
         self.db = database
@@ -155,16 +158,20 @@ class Store:
         database = _connect(url)
         _db.initialize(database)
         store = cls(database, url)
-        with store._tx():
-            database.create_tables([Task, Recurring, Meta], safe=True)
-            found = Meta.get_or_none(Meta.key == "schema_version")
-            if found is None:
-                Meta.create(key="schema_version", value=str(SCHEMA_VERSION))
-            elif int(found.value) > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"the database at {redact(url)} has schema version {found.value}, newer than this "
-                    f"Martinet's {SCHEMA_VERSION}: upgrade Martinet"
-                )
+        try:
+            with store._tx():
+                database.create_tables([Task, Recurring, Meta], safe=True)
+                found = Meta.get_or_none(Meta.key == "schema_version")
+                if found is None:
+                    Meta.create(key="schema_version", value=str(SCHEMA_VERSION))
+                elif int(found.value) > SCHEMA_VERSION:
+                    raise ConfigError(
+                        f"the database at {redact(url)} has schema version {found.value}, newer than this "
+                        f"Martinet's {SCHEMA_VERSION}: upgrade Martinet"
+                    )
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:

@@ -13,7 +13,9 @@ import martinet_app
 from conftest import ROOT, Cluster, martinet_cmd, wait_until
 
 
-def run(cluster: Cluster, *args: str, env: dict[str, str] | None = None, port: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cluster: Cluster, *args: str, env: dict[str, str] | None = None, port: bool = True
+) -> subprocess.CompletedProcess:
     """``martinet ARGS --client-port PORT`` with no MARTINET_* settings inherited from the caller."""
     clean = {key: value for key, value in os.environ.items() if not key.startswith("MARTINET_")}
     argv = martinet_cmd(*args, *(("--client-port", str(cluster.server.client_port)) if port else ()))

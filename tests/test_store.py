@@ -5,7 +5,7 @@ No mocks, no sleeps: every call that needs a clock gets an explicit ``now``.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -85,7 +85,7 @@ def test_add_task_status_depends_on_run_at(store: Store, offset: float, expected
 @pytest.mark.parametrize("call", [
     lambda s: s.get_task(999_999), lambda s: s.cancel(999_999, NOW), lambda s: s.revoke(999_999),
 ], ids=["get_task", "cancel", "revoke"])  # fmt: skip
-def test_missing_id_is_task_not_found(store: Store, call) -> None:
+def test_missing_id_is_task_not_found(store: Store, call: Callable[[Store], object]) -> None:
     with pytest.raises(TaskNotFound, match="999999"):
         call(store)
 
