@@ -101,14 +101,14 @@ class Process:
 class Server(Process):
     """``martinet serve`` on free ports."""
 
-    def __init__(self, db_url: str, log_path: Path) -> None:
+    def __init__(self, db_url: str, log_path: Path, *extra: str) -> None:
         self.db_url = db_url
         self.client_port, self.worker_port, self.status_port = free_port(), free_port(), free_port()
         super().__init__(
             martinet_cmd(
                 "serve", "--bind", "127.0.0.1", "--client-port", str(self.client_port),
                 "--worker-port", str(self.worker_port), "--status-port", str(self.status_port),
-                "--db", db_url, "--heartbeat", str(HEARTBEAT), "--log-level", "DEBUG",
+                "--db", db_url, "--heartbeat", str(HEARTBEAT), "--log-level", "DEBUG", *extra,
             ),
             log_path,
         )  # fmt: skip

@@ -1,0 +1,108 @@
+"""The worker process: loading handlers, refusing bad folders, programmatic registration, re-registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Cluster, Process, martinet_cmd, wait_until
+from martinet_app.errors import HandlerError
+from martinet_app.registry import Registry
+
+
+def run_worker(tmp_path: Path, files: dict[str, str]) -> subprocess.CompletedProcess:
+    folder = tmp_path / "handlers"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(textwrap.dedent(text))
+    return subprocess.run(
+        martinet_cmd("work", "--handlers", str(folder), "--worker-port", "1", "--status-port", "1"),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_worker_without_handlers_refuses_to_start(tmp_path):
+    result = run_worker(tmp_path, {"notes.txt": "not python", "_private.py": "from martinet_app import task\n"})
+    assert result.returncode == 2
+    assert "no handlers found in" in result.stderr and "@task" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_handler_file_that_fails_to_import_is_named(tmp_path):
+    result = run_worker(tmp_path, {"good.py": "from martinet_app import task\n@task\ndef ok(t, d, p): pass\n",
+                                   "broken.py": "import no_such_module_here\n"})
+    assert result.returncode == 2
+    assert "broken.py" in result.stderr and "(line 1)" in result.stderr
+    assert "ModuleNotFoundError" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_handlers_for_one_name_is_an_error(tmp_path):
+    body = "from martinet_app import task\n@task('same')\ndef f{n}(t, d, p): pass\n"
+    result = run_worker(tmp_path, {"a.py": body.format(n=1), "b.py": body.format(n=2)})
+    assert result.returncode == 2
+    assert "two handlers for task 'same'" in result.stderr
+    assert "martinet_handlers.a.f1" in result.stderr and "martinet_handlers.b.f2" in result.stderr
+
+
+def test_registry_rejects_bad_registrations():
+    registry = Registry()
+    with pytest.raises(HandlerError, match="non-empty string"):
+        registry.add("", print)
+    with pytest.raises(HandlerError, match="not callable"):
+        registry.add("x", 42)
+    registry.add("x", print)
+    registry.add("x", print)  # the same function twice is harmless (a module imported twice)
+    assert registry.names() == ["x"]
+
+
+def test_handlers_import_helpers_and_skip_underscore_files(sqlite_cluster: Cluster, tmp_path):
+    folder = tmp_path / "handlers"
+    folder.mkdir()
+    (folder / "_shared.py").write_text("FACTOR = 3\n")
+    (folder / "triple.py").write_text(
+        "from martinet_app import task\nfrom _shared import FACTOR\n\n"
+        "@task()\ndef triple(task_id, data, progress):\n    return data['n'] * FACTOR\n"
+    )
+    sqlite_cluster.start_worker(handlers=folder)
+    m = sqlite_cluster.client
+    assert m.workers()[0]["handlers"] == ["triple"]
+    assert m.wait(m.execute({"name": "triple"}, {"n": 5}), timeout=15)["result"] == 15
+
+
+def test_programmatic_worker_with_on(sqlite_cluster: Cluster, tmp_path):
+    script = tmp_path / "my_worker.py"
+    script.write_text(textwrap.dedent(f"""
+        from martinet_app.worker import Worker
+
+        worker = Worker("127.0.0.1", {sqlite_cluster.server.worker_port}, {sqlite_cluster.server.status_port},
+                        concurrency=2, heartbeat=0.2)
+
+        @worker.on("shout")
+        def shout(task_id, data, progress):
+            return data["text"].upper()
+
+        worker.on("whisper", lambda task_id, data, progress: data["text"].lower())
+        worker.run()
+    """))
+    proc = Process([sys.executable, str(script)], tmp_path / "my_worker.log").start()
+    sqlite_cluster.workers.append(proc)
+    sqlite_cluster.wait_worker(proc)
+    m = sqlite_cluster.client
+    assert m.wait(m.execute({"name": "shout"}, {"text": "hi"}), timeout=15)["result"] == "HI"
+    assert m.wait(m.execute({"name": "whisper"}, {"text": "HI"}), timeout=15)["result"] == "hi"
+    assert proc.terminate() == 0
+
+
+def test_different_handler_sets_are_logged(sqlite_cluster: Cluster, tmp_path):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "one.py").write_text("from martinet_app import task\n@task\ndef echo(t, d, p): return d\n")
+    sqlite_cluster.start_worker()
+    sqlite_cluster.start_worker(handlers=folder)
+    log = wait_until(lambda: "serves a different set of tasks" in sqlite_cluster.server.log()
+                     and sqlite_cluster.server.log(), what="the warning")
+    assert "missing: bad_progress, bad_result, explode, ledger, nap, steps; extra: none" in log
