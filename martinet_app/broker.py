@@ -76,8 +76,8 @@ class Broker:
         self.workers: OrderedDict[str, WorkerInfo] = OrderedDict()
         self.rejections = protocol.Rejections(log, "worker socket")
         self._wakeup = gevent.event.Event()
-        # Tasks left running by a previous server wait one liveness period for their worker to report them.
-        self._sweep_at: float | None = time.monotonic() + liveness * heartbeat
+        # Running tasks no connected worker holds, with when they were first seen so (see sweep_orphans).
+        self._orphans: dict[tuple[int, int], float] = {}
 
     # ------------------------------------------------------------ called by other greenlets
 
@@ -97,13 +97,25 @@ class Broker:
         return [w.public() for w in self.workers.values()]
 
     def sweep_orphans(self) -> None:
-        """Re-queue running tasks that no connected worker holds (once, after the start-up grace)."""
-        held = {task_id for w in self.workers.values() for task_id, _ in w.inflight}
-        ids = self.store.requeue(keep=held)
-        if ids:
-            log.warning("re-queued %d task(s) left running by the previous server and claimed by no worker: %s",
-                        len(ids), _ids(ids))
-            self.wake()
+        """Re-queue tasks running in the store that no connected worker has held for a liveness period.
+
+        That covers tasks left by a previous server whose worker never came back, and tasks
+        of a worker that left without reporting them. The grace lets a worker re-register
+        after a server restart, and a claim in progress finish.
+        """
+        now = time.monotonic()
+        held = {ref for worker in self.workers.values() for ref in worker.inflight}
+        running = {(r["task_id"], r["attempt"]) for r in self.store.running()}
+        self._orphans = {ref: self._orphans.get(ref, now) for ref in running - held}
+        grace = self.liveness * self.heartbeat
+        due = [ref for ref, since in self._orphans.items() if now - since >= grace]
+        if due:
+            ids = self.store.requeue(due)
+            for ref in due:
+                del self._orphans[ref]
+            if ids:
+                log.warning("re-queued %d running task(s) that no connected worker holds: %s", len(ids), _ids(ids))
+                self.wake()
 
     # ------------------------------------------------------------ greenlets
 
@@ -128,17 +140,15 @@ class Broker:
             raise
 
     def heartbeat_once(self) -> None:
-        """Sleep one interval, then send HEARTBEAT to every worker and expire the silent ones."""
+        """Sleep one interval, send HEARTBEAT to every worker, expire the silent ones, sweep orphans."""
         gevent.sleep(self.heartbeat)
         now = time.monotonic()
-        if self._sweep_at is not None and now >= self._sweep_at:
-            self.sweep_orphans()
-            self._sweep_at = None
         for worker in list(self.workers.values()):
             if worker.expires_at < now:
                 self._lose(worker, f"silent for more than {self.liveness * worker.heartbeat:g} s")
             elif not self._send(worker.id.encode(), protocol.HEARTBEAT):
                 self._lose(worker, "unreachable")
+        self.sweep_orphans()
 
     # ------------------------------------------------------------ dispatch
 
@@ -183,8 +193,7 @@ class Broker:
             worker.last_seen = time.time()
             worker.expires_at = time.monotonic() + self.liveness * worker.heartbeat
             if command == protocol.DISCONNECT:
-                protocol.check_task_refs(body, "running")
-                self._lose(worker, "disconnected")
+                self._leave(worker, protocol.check_task_refs(body, "running"))
         except (ProtocolError, UnicodeDecodeError) as exc:
             self.rejections.reject(exc)
 
@@ -222,13 +231,18 @@ class Broker:
                 )
                 return
 
+    def _leave(self, worker: WorkerInfo, handed_back: list[dict]) -> None:
+        """DISCONNECT: re-queue the tasks the worker hands back; results of the others may still arrive."""
+        self.workers.pop(worker.id, None)
+        ids = self.store.requeue((r["task_id"], r["attempt"]) for r in handed_back)
+        log.info("worker %s left, handing back %d task(s)%s", worker.id, len(ids), f": {_ids(ids)}" if ids else "")
+        if ids:
+            self.wake()
+
     def _lose(self, worker: WorkerInfo, why: str) -> None:
         self.workers.pop(worker.id, None)
-        ids = self.store.requeue(worker=worker.id)
-        if why == "disconnected":
-            log.info("worker %s left", worker.id)
-        else:
-            log.warning("worker %s lost: %s", worker.id, why)
+        ids = self.store.requeue_worker(worker.id)
+        log.warning("worker %s lost: %s", worker.id, why)
         if ids:
             log.warning("re-queued %d task(s) of worker %s: %s", len(ids), worker.id, _ids(ids))
             self.wake()

@@ -390,9 +390,14 @@ def serve(
     default=config.CONCURRENCY, help="Tasks run at once.",
 )
 @_heartbeat_option
+@click.option(
+    "--grace", envvar="MARTINET_GRACE", show_envvar=True, type=click.FloatRange(min=0), default=config.WORKER_GRACE,
+    help="Seconds running tasks get to finish after SIGTERM/SIGINT before they are handed back.",
+)
 @_log_level_option
 def work(
-    handlers_dir: str, url: str, worker_port: int, status_port: int, concurrency: int, heartbeat: float, log_level: str
+    handlers_dir: str, url: str, worker_port: int, status_port: int, concurrency: int, heartbeat: float,
+    grace: float, log_level: str,
 ) -> None:
     """Run a worker: load the handlers and run the tasks the server sends."""
     _setup_logging(log_level)
@@ -401,6 +406,6 @@ def work(
     sys.exit(
         run_worker(
             handlers_dir=handlers_dir, url=url, worker_port=worker_port, status_port=status_port,
-            concurrency=concurrency, heartbeat=heartbeat,
+            concurrency=concurrency, heartbeat=heartbeat, grace=grace,
         )
     )

@@ -22,6 +22,8 @@ CONCURRENCY = 4
 HEARTBEAT_INTERVAL = 1.0
 #: Missed heartbeat intervals after which a peer is declared lost.
 HEARTBEAT_LIVENESS = 5
+#: Seconds running tasks get to finish after a worker's first SIGTERM/SIGINT (MARTINET_GRACE).
+WORKER_GRACE = 30.0
 #: Seconds a client waits for a reply before raising ServerUnavailable.
 CLIENT_TIMEOUT = 10.0
 #: Longest the scheduler sleeps without re-reading the store (guards clock jumps), seconds.

@@ -319,18 +319,32 @@ class Store:
                 )
         return count
 
-    def requeue(self, *, worker: str | None = None, keep: Iterable[int] = ()) -> list[int]:
-        """running -> queued for tasks of ``worker`` (all running tasks if None), except ids in ``keep``.
+    def requeue(self, refs: Iterable[tuple[int, int]]) -> list[int]:
+        """running -> queued for each ``(task_id, attempt)`` still running at that attempt.
 
-        Used when a worker is lost or after a restart for tasks no worker claimed.
+        For tasks handed back by a leaving worker, or running with no live worker to own them.
         The next delivery counts as a new attempt. Returns the requeued ids.
         """
-        keep = set(keep)
+        ids = []
         with self._tx():
-            query = Task.select(Task.id).where(Task.status == S.RUNNING.value)
-            if worker is not None:
-                query = query.where(Task.worker == worker)
-            ids = [row.id for row in query if row.id not in keep]
+            for task_id, attempt in refs:
+                if (
+                    Task.update(status=S.QUEUED.value, worker=None)
+                    .where((Task.id == task_id) & (Task.status == S.RUNNING.value) & (Task.attempts == attempt))
+                    .execute()
+                ):
+                    ids.append(task_id)
+        return ids
+
+    def requeue_worker(self, worker: str) -> list[int]:
+        """running -> queued for every task of a worker declared lost. Returns the requeued ids."""
+        with self._tx():
+            ids = [
+                row.id
+                for row in Task.select(Task.id)
+                .where((Task.status == S.RUNNING.value) & (Task.worker == worker))
+                .order_by(Task.id)
+            ]
             if ids:
                 Task.update(status=S.QUEUED.value, worker=None).where(
                     Task.id.in_(ids) & (Task.status == S.RUNNING.value)

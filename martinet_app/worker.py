@@ -41,8 +41,6 @@ EXIT_HANDLERS = 2
 
 #: Seconds the status socket may keep flushing unsent events when the worker exits.
 STATUS_LINGER = 5.0
-#: Default seconds running tasks get to finish after the first SIGTERM/SIGINT.
-GRACE = 30.0
 
 
 class Worker:
@@ -65,7 +63,7 @@ class Worker:
         *,
         concurrency: int = config.CONCURRENCY,
         heartbeat: float = config.HEARTBEAT_INTERVAL,
-        grace: float = GRACE,
+        grace: float = config.WORKER_GRACE,
         registry: Registry | None = None,
         worker_id: str | None = None,
     ) -> None:
@@ -80,6 +78,8 @@ class Worker:
             self.registry.update(registry)
         self.id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[int, tuple[int, gevent.Greenlet]] = {}
+        # Tasks received after stop() began: never started, handed back with DISCONNECT.
+        self._declined: list[dict] = []
         self._events: gevent.queue.Queue = gevent.queue.Queue()
         self._stopping = gevent.event.Event()
         self._forced = gevent.event.Event()
@@ -185,7 +185,8 @@ class Worker:
         }
 
     def _refs(self) -> list[dict]:
-        return [{"task_id": task_id, "attempt": attempt} for task_id, (attempt, _) in self._running.items()]
+        running = [{"task_id": task_id, "attempt": attempt} for task_id, (attempt, _) in self._running.items()]
+        return running + self._declined
 
     def _handle(self, frames: list[bytes]) -> bytes | None:
         try:
@@ -225,8 +226,7 @@ class Worker:
             log.warning("ignored a malformed task from the server: %r", task)
             return
         if self._stopping.is_set():
-            # Not started: handed back with DISCONNECT when this worker leaves.
-            self._running[task_id] = (attempt, gevent.spawn(lambda: None))
+            self._declined.append({"task_id": task_id, "attempt": attempt})
             return
         log.debug("running task %s (%s) attempt %s", task_id, name, attempt)
         greenlet = gevent.spawn(self._execute, task_id, attempt, name, args)
@@ -294,7 +294,7 @@ def run_worker(
     status_port: int = config.STATUS_PORT,
     concurrency: int = config.CONCURRENCY,
     heartbeat: float = config.HEARTBEAT_INTERVAL,
-    grace: float = GRACE,
+    grace: float = config.WORKER_GRACE,
 ) -> int:
     """Load the handlers in ``handlers_dir`` and serve until stopped; returns the exit code."""
     try:

@@ -138,7 +138,8 @@ class Server(Process):
     def worker_args(self, handlers: Path = TEST_HANDLERS, *extra: str) -> list[str]:
         return martinet_cmd(
             "work", "--handlers", str(handlers), "--url", "127.0.0.1", "--worker-port", str(self.worker_port),
-            "--status-port", str(self.status_port), "--heartbeat", str(HEARTBEAT), "--log-level", "DEBUG", *extra,
+            "--status-port", str(self.status_port), "--heartbeat", str(HEARTBEAT), "--log-level", "DEBUG",
+            "--grace", "1", *extra,  # a short grace keeps teardown quick; a test may pass its own
         )  # fmt: skip
 
 

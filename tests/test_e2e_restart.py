@@ -114,7 +114,7 @@ def test_task_of_a_dead_worker_is_requeued_after_a_server_restart(sqlite_cluster
     task = m.status(task_id)
     assert task["attempts"] == 2 and task["status"] == "running"
     assert task["worker"] == next(w["id"] for w in m.workers() if w["pid"] == second.pid)
-    assert "claimed by no worker" in sqlite_cluster.server.log()
+    assert "no connected worker holds" in sqlite_cluster.server.log()
 
 
 @pytest.mark.parametrize(

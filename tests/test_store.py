@@ -186,15 +186,16 @@ def test_unclaim_reverts_a_claim(store: Store) -> None:
     assert store.claim("w2", 1, NOW)[0]["attempt"] == 1
 
 
-def test_requeue_by_worker_and_keep(store: Store) -> None:
+def test_requeue_by_worker_and_by_delivery(store: Store) -> None:
     ids = [add(store, run_at=NOW - 10 + i) for i in range(4)]
     store.claim("w1", 2, NOW)
     store.claim("w2", 2, NOW)
-    assert store.requeue(worker="w1") == ids[:2]
+    assert store.requeue_worker("w1") == ids[:2]
     assert [status(store, i) for i in ids] == ["queued", "queued", "running", "running"]
     assert store.get_task(ids[0])["attempts"] == 1  # kept: the next delivery is a new attempt
-    assert store.requeue(worker="nobody") == []
-    assert store.requeue(keep=[ids[2]]) == [ids[3]]
+    assert store.requeue_worker("nobody") == []
+    assert store.requeue([(ids[3], 2), (ids[0], 1)]) == []  # wrong attempt, or not running: untouched
+    assert store.requeue([(ids[3], 1)]) == [ids[3]]
     assert [(r["task_id"], r["worker"]) for r in store.running()] == [(ids[2], "w2")]
     again = store.claim("w3", 10, NOW + 1)
     assert [(t["task_id"], t["attempt"]) for t in again] == [(ids[0], 2), (ids[1], 2), (ids[3], 2)]
@@ -255,7 +256,7 @@ def test_first_final_result_wins(store: Store) -> None:
 def test_final_event_from_previous_attempt_after_requeue(store: Store) -> None:
     task_id = add(store)
     store.claim("w1", 1, NOW)
-    store.requeue(worker="w1")
+    store.requeue_worker("w1")
     store.claim("w2", 1, NOW + 1)  # attempt 2 is running on w2
     assert store.apply_events([("w1", ev(task_id, 1, "progress", progress=0.7))]) == []
     assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="from w1"))]) == [task_id]
@@ -270,7 +271,7 @@ def test_final_event_for_requeued_task_not_yet_reclaimed(store: Store) -> None:
     assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result=1))]) == []  # never delivered
     store.claim("w1", 1, NOW)
     assert store.apply_events([("w1", ev(task_id, 2, "succeeded", result=1))]) == []  # attempt from the future
-    store.requeue()
+    assert store.requeue([(task_id, 1)]) == [task_id]
     assert status(store, task_id) == "queued"
     assert store.apply_events([("w1", ev(task_id, 1, "failed", error="lost"))]) == [task_id]
     assert status(store, task_id) == "failed"

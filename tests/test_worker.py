@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,38 @@ def test_different_handler_sets_are_logged(sqlite_cluster: Cluster, tmp_path):
     log = wait_until(lambda: "serves a different set of tasks" in sqlite_cluster.server.log()
                      and sqlite_cluster.server.log(), what="the warning")
     assert "missing: bad_progress, bad_result, explode, ledger, nap, steps; extra: none" in log
+
+
+def test_sigterm_lets_running_tasks_finish_and_takes_no_more(sqlite_cluster: Cluster, tmp_path):
+    worker = sqlite_cluster.start_worker("--grace", "20")
+    m = sqlite_cluster.client
+    ledger = tmp_path / "ledger.txt"
+    running = m.execute({"name": "ledger"}, {"path": str(ledger), "seconds": 1.5})
+    wait_until(lambda: ledger.exists() and ledger.read_text().strip() == str(running), what="the task to start")
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopping: no new tasks" in worker.log(), what="the worker to begin stopping")
+    later = m.execute({"name": "echo"}, {})
+    assert worker.proc.wait(20) == 0
+    assert m.status(running)["status"] == "succeeded" and m.status(running)["attempts"] == 1
+    assert m.status(later)["status"] == "queued", "a stopping worker takes no new task"
+    assert "Traceback" not in worker.log()
+
+
+@pytest.mark.parametrize("signals, grace", [(1, "0.3"), (2, "30")])
+def test_unfinished_tasks_are_handed_back_at_once(sqlite_cluster: Cluster, tmp_path, signals, grace):
+    worker = sqlite_cluster.start_worker("--grace", grace)
+    m = sqlite_cluster.client
+    ledger = tmp_path / "ledger.txt"
+    task_id = m.execute({"name": "ledger"}, {"path": str(ledger), "seconds": 60})
+    wait_until(lambda: ledger.exists(), what="the task to start")
+    for _ in range(signals):  # the second signal skips the grace period
+        worker.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping" in worker.log(), what="the worker to begin stopping")
+    assert worker.proc.wait(10) == 0
+    wait_until(lambda: m.status(task_id)["status"] == "queued", timeout=2,
+               what="the task to be re-queued without waiting for a heartbeat timeout")
+    assert "handing back 1 task(s)" in sqlite_cluster.server.log()
+    ledger.write_text("")
+    sqlite_cluster.start_worker()
+    wait_until(lambda: ledger.read_text().strip() == str(task_id), what="the task to run again")
+    assert m.status(task_id)["attempts"] == 2
