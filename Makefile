@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test clean
+.PHONY: install run test lint clean
 
 install: $(STAMP)
 
@@ -22,8 +22,12 @@ run: $(STAMP)
 	$(BIN)/martinet work --handlers handlers & worker=$$!; \
 	wait
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check martinet_app tests handlers
+	$(BIN)/ruff format --check martinet_app tests handlers
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache martinet.db martinet.db-wal martinet.db-shm

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import gevent
 import gevent.event
@@ -140,8 +141,12 @@ class Broker:
             raise
 
     def heartbeat_once(self) -> None:
-        """Sleep one interval, send HEARTBEAT to every worker, expire the silent ones, sweep orphans."""
-        gevent.sleep(self.heartbeat)
+        """Sleep one interval, send HEARTBEAT to every worker, expire the silent ones, sweep orphans.
+
+        The interval is the shortest of the server's and the workers' own, so that no worker
+        waits longer for a heartbeat than it expects to.
+        """
+        gevent.sleep(min([self.heartbeat, *(w.heartbeat for w in self.workers.values())]))
         now = time.monotonic()
         for worker in list(self.workers.values()):
             if worker.expires_at < now:
@@ -168,8 +173,13 @@ class Broker:
             worker.inflight.update(refs)
             self.workers.move_to_end(worker.id)
             for task in tasks:
-                log.debug("dispatched task %s (%s) attempt %s to %s", task["task_id"], task["name"],
-                          task["attempt"], worker.id)
+                log.debug(
+                    "dispatched task %s (%s) attempt %s to %s",
+                    task["task_id"],
+                    task["name"],
+                    task["attempt"],
+                    worker.id,
+                )
 
     # ------------------------------------------------------------ messages
 
@@ -213,8 +223,14 @@ class Broker:
             inflight=running if known is None else known.inflight | running,
         )
         if known is None:
-            log.info("worker %s joined (host %s, pid %s, %d slot(s), handlers: %s)", worker_id, worker.host,
-                     worker.pid, worker.slots, ", ".join(worker.handlers) or "none")
+            log.info(
+                "worker %s joined (host %s, pid %s, %d slot(s), handlers: %s)",
+                worker_id,
+                worker.host,
+                worker.pid,
+                worker.slots,
+                ", ".join(worker.handlers) or "none",
+            )
             self._compare_handlers(worker)
         self.workers[worker_id] = worker
         self.wake()
@@ -227,7 +243,10 @@ class Broker:
                 log.warning(
                     "worker %s serves a different set of tasks from worker %s (missing: %s; extra: %s): "
                     "tasks it lacks will fail there; give every worker the same handlers",
-                    joined.id, other.id, ", ".join(missing) or "none", ", ".join(extra) or "none",
+                    joined.id,
+                    other.id,
+                    ", ".join(missing) or "none",
+                    ", ".join(extra) or "none",
                 )
                 return
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -64,24 +65,44 @@ _url_option = click.option(
     "--url", envvar="MARTINET_URL", show_envvar=True, default=config.HOST, help="Host name or address of the server."
 )
 _client_port_option = click.option(
-    "--client-port", envvar="MARTINET_CLIENT_PORT", show_envvar=True, type=click.IntRange(1, 65535),
-    default=config.CLIENT_PORT, help="The server's client port.",
+    "--client-port",
+    envvar="MARTINET_CLIENT_PORT",
+    show_envvar=True,
+    type=click.IntRange(1, 65535),
+    default=config.CLIENT_PORT,
+    help="The server's client port.",
 )
 _worker_port_option = click.option(
-    "--worker-port", envvar="MARTINET_WORKER_PORT", show_envvar=True, type=click.IntRange(1, 65535),
-    default=config.WORKER_PORT, help="The server's worker port.",
+    "--worker-port",
+    envvar="MARTINET_WORKER_PORT",
+    show_envvar=True,
+    type=click.IntRange(1, 65535),
+    default=config.WORKER_PORT,
+    help="The server's worker port.",
 )
 _status_port_option = click.option(
-    "--status-port", envvar="MARTINET_STATUS_PORT", show_envvar=True, type=click.IntRange(1, 65535),
-    default=config.STATUS_PORT, help="The server's status port.",
+    "--status-port",
+    envvar="MARTINET_STATUS_PORT",
+    show_envvar=True,
+    type=click.IntRange(1, 65535),
+    default=config.STATUS_PORT,
+    help="The server's status port.",
 )
 _heartbeat_option = click.option(
-    "--heartbeat", envvar="MARTINET_HEARTBEAT", show_envvar=True, type=click.FloatRange(0, min_open=True),
-    default=config.HEARTBEAT_INTERVAL, help="Seconds between heartbeats.",
+    "--heartbeat",
+    envvar="MARTINET_HEARTBEAT",
+    show_envvar=True,
+    type=click.FloatRange(0, min_open=True),
+    default=config.HEARTBEAT_INTERVAL,
+    help="Seconds between heartbeats.",
 )
 _log_level_option = click.option(
-    "--log-level", envvar="MARTINET_LOG_LEVEL", show_envvar=True, type=click.Choice(_LOG_LEVELS, case_sensitive=False),
-    default="INFO", help="Log messages of this level and above to stderr.",
+    "--log-level",
+    envvar="MARTINET_LOG_LEVEL",
+    show_envvar=True,
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    help="Log messages of this level and above to stderr.",
 )
 _wait_timeout_option = click.option(
     "--wait-timeout", type=click.FloatRange(0), default=30.0, help="Seconds to wait for the task to finish."
@@ -97,7 +118,9 @@ def _client_command(func: Callable[..., None]) -> Callable[..., None]:
     @_url_option
     @_client_port_option
     @click.option(
-        "--timeout", type=click.FloatRange(0, min_open=True), default=config.CLIENT_TIMEOUT,
+        "--timeout",
+        type=click.FloatRange(0, min_open=True),
+        default=config.CLIENT_TIMEOUT,
         help="Seconds to wait for each reply from the server.",
     )
     @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of text.")
@@ -129,7 +152,10 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
     func = click.option("--description", help="Free text stored with the task.")(func)
     func = click.option("--username", help="Who the task is run for (list can filter on it).")(func)
     return click.option(
-        "--args", callback=_parse_args, metavar="JSON", help="The handler's keyword arguments, as a JSON object."
+        "--args",
+        callback=_parse_args,
+        metavar="JSON",
+        help="The handler's data argument, as a JSON object (default {}).",
     )(func)
 
 
@@ -170,8 +196,10 @@ def _table(headers: tuple[str, ...], rows: list[list[str]], empty: str) -> str:
     """Rows under a header, in columns as wide as their widest cell; ``empty`` when there are none."""
     if not rows:
         return empty
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers, *rows])
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=False)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in [headers, *rows]
+    )
 
 
 def _percent(fraction: float | None) -> str:
@@ -181,8 +209,15 @@ def _percent(fraction: float | None) -> str:
 def _tasks_text(tasks: list[dict]) -> str:
     headers = ("ID", "STATUS", "NAME", "USERNAME", "PROGRESS", "RUN_AT", "FINISHED_AT")
     rows = [
-        [_cell(t.get("id")), _cell(t.get("status")), _cell(t.get("name")), _cell(t.get("username")),
-         _percent(t.get("progress")), _cell(t.get("run_at")), _cell(t.get("finished_at"))]
+        [
+            _cell(t.get("id")),
+            _cell(t.get("status")),
+            _cell(t.get("name")),
+            _cell(t.get("username")),
+            _percent(t.get("progress")),
+            _cell(t.get("run_at")),
+            _cell(t.get("finished_at")),
+        ]
         for t in tasks
     ]
     return _table(headers, rows, "no tasks")
@@ -191,8 +226,15 @@ def _tasks_text(tasks: list[dict]) -> str:
 def _workers_text(workers: list[dict]) -> str:
     headers = ("ID", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN")
     rows = [
-        [_cell(w.get("id")), _cell(w.get("host")), _cell(w.get("pid")), _cell(w.get("slots")), _cell(w.get("busy")),
-         ",".join(w.get("handlers") or []) or "-", _cell(w.get("last_seen"))]
+        [
+            _cell(w.get("id")),
+            _cell(w.get("host")),
+            _cell(w.get("pid")),
+            _cell(w.get("slots")),
+            _cell(w.get("busy")),
+            ",".join(w.get("handlers") or []) or "-",
+            _cell(w.get("last_seen")),
+        ]
         for w in workers
     ]
     return _table(headers, rows, "no workers")
@@ -221,8 +263,14 @@ def _finish(as_json: bool, record: dict) -> None:
 @_wait_timeout_option
 @_client_command
 def execute(
-    client: Martinet, as_json: bool, name: str, args: dict, username: str | None, description: str | None,
-    wait: bool, wait_timeout: float,
+    client: Martinet,
+    as_json: bool,
+    name: str,
+    args: dict,
+    username: str | None,
+    description: str | None,
+    wait: bool,
+    wait_timeout: float,
 ) -> None:
     """Queue task NAME to run now and print its id."""
     task_id = client.execute(_meta(name=name, username=username, description=description), args)
@@ -243,7 +291,8 @@ def schedule(
     """Run task NAME once at WHEN ('in 20 minutes', '17:30', ISO 8601...) and print its id."""
     task_id = client.schedule(when, _meta(name=name, username=username, description=description), args)
     _echo(
-        as_json, {"task_id": task_id},
+        as_json,
+        {"task_id": task_id},
         lambda reply: f"task {task_id} scheduled for {_cell(client.status(task_id).get('run_at'))}",
     )
 
@@ -255,8 +304,14 @@ def schedule(
 @_task_options
 @_client_command
 def every(
-    client: Martinet, as_json: bool, interval: str, name: str, run_at: str | None, args: dict,
-    username: str | None, description: str | None,
+    client: Martinet,
+    as_json: bool,
+    interval: str,
+    name: str,
+    run_at: str | None,
+    args: dict,
+    username: str | None,
+    description: str | None,
 ) -> None:
     """Run task NAME every INTERVAL ('30 minutes', 'monday'...) and print the schedule's id."""
     recurring_id = client.every(
@@ -362,7 +417,13 @@ def _setup_logging(level: str) -> None:
 @_heartbeat_option
 @_log_level_option
 def serve(
-    bind: str, client_port: int, worker_port: int, status_port: int, db_url: str, tz: str | None, heartbeat: float,
+    bind: str,
+    client_port: int,
+    worker_port: int,
+    status_port: int,
+    db_url: str,
+    tz: str | None,
+    heartbeat: float,
     log_level: str,
 ) -> None:
     """Run the server: store tasks, schedule them and dispatch them to workers."""
@@ -371,33 +432,57 @@ def serve(
 
     sys.exit(
         run_server(
-            bind=bind, client_port=client_port, worker_port=worker_port, status_port=status_port, db_url=db_url,
-            tz=tz, heartbeat=heartbeat,
+            bind=bind,
+            client_port=client_port,
+            worker_port=worker_port,
+            status_port=status_port,
+            db_url=db_url,
+            tz=tz,
+            heartbeat=heartbeat,
         )
     )
 
 
 @main.command()
 @click.option(
-    "--handlers", "handlers_dir", envvar="MARTINET_HANDLERS", show_envvar=True, required=True,
-    type=click.Path(exists=True, file_okay=False), help="Directory of handler modules to load.",
+    "--handlers",
+    "handlers_dir",
+    envvar="MARTINET_HANDLERS",
+    show_envvar=True,
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory of handler modules to load.",
 )
 @_url_option
 @_worker_port_option
 @_status_port_option
 @click.option(
-    "--concurrency", envvar="MARTINET_CONCURRENCY", show_envvar=True, type=click.IntRange(min=1),
-    default=config.CONCURRENCY, help="Tasks run at once.",
+    "--concurrency",
+    envvar="MARTINET_CONCURRENCY",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=config.CONCURRENCY,
+    help="Tasks run at once.",
 )
 @_heartbeat_option
 @click.option(
-    "--grace", envvar="MARTINET_GRACE", show_envvar=True, type=click.FloatRange(min=0), default=config.WORKER_GRACE,
+    "--grace",
+    envvar="MARTINET_GRACE",
+    show_envvar=True,
+    type=click.FloatRange(min=0),
+    default=config.WORKER_GRACE,
     help="Seconds running tasks get to finish after SIGTERM/SIGINT before they are handed back.",
 )
 @_log_level_option
 def work(
-    handlers_dir: str, url: str, worker_port: int, status_port: int, concurrency: int, heartbeat: float,
-    grace: float, log_level: str,
+    handlers_dir: str,
+    url: str,
+    worker_port: int,
+    status_port: int,
+    concurrency: int,
+    heartbeat: float,
+    grace: float,
+    log_level: str,
 ) -> None:
     """Run a worker: load the handlers and run the tasks the server sends."""
     _setup_logging(log_level)
@@ -405,7 +490,12 @@ def work(
 
     sys.exit(
         run_worker(
-            handlers_dir=handlers_dir, url=url, worker_port=worker_port, status_port=status_port,
-            concurrency=concurrency, heartbeat=heartbeat, grace=grace,
+            handlers_dir=handlers_dir,
+            url=url,
+            worker_port=worker_port,
+            status_port=status_port,
+            concurrency=concurrency,
+            heartbeat=heartbeat,
+            grace=grace,
         )
     )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gevent
 import zmq.green as zmq
@@ -176,8 +177,9 @@ class ClientEndpoint:
         limit = request.get("limit", 50)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= self.list_limit_max:
             raise InvalidRequest(f"list limit must be an integer from 1 to {self.list_limit_max}, got {limit!r}")
-        tasks = self.store.list_tasks(status=status, name=request.get("name"), username=request.get("username"),
-                                      limit=limit)
+        tasks = self.store.list_tasks(
+            status=status, name=request.get("name"), username=request.get("username"), limit=limit
+        )
         return {"tasks": tasks}
 
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
@@ -190,7 +192,6 @@ class ClientEndpoint:
             self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped, client gone: %s", exc)
-
 
 
 def _task_id(request: dict, key: str) -> int:
@@ -208,4 +209,4 @@ def _text(request: dict, key: str) -> str:
 
 
 def _utc(ts: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC)

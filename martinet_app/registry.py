@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import HandlerError
 
@@ -101,7 +102,8 @@ def _import_file(path: Path) -> None:
         line = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else (frames[-1].lineno if frames else None)
         where = f" (line {line})" if line else ""
         raise HandlerError(
-            f"cannot import handlers file {str(path)!r}{where}: {type(exc).__name__}: {exc}; fix the file or move it away"
+            f"cannot import handlers file {str(path)!r}{where}: {type(exc).__name__}: {exc}; "
+            "fix the file or move it away"
         ) from None
 
 

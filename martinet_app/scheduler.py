@@ -52,7 +52,7 @@ class Scheduler:
             self.broker.wake()
 
     def _due_runs(self, now: float) -> list[tuple[int, float, float]]:
-        now_dt = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        now_dt = datetime.datetime.fromtimestamp(now, datetime.UTC)
         runs = []
         for rec in self.store.due_recurring(now):
             planned = rec["next_run_at"]
@@ -61,7 +61,7 @@ class Scheduler:
             except BadTimeSpec as exc:
                 log.error("recurring schedule %s has an unusable interval and is skipped: %s", rec["id"], exc.message)
                 continue
-            planned_dt = datetime.datetime.fromtimestamp(planned, datetime.timezone.utc)
+            planned_dt = datetime.datetime.fromtimestamp(planned, datetime.UTC)
             following = interval.next_after(planned_dt, now=now_dt, tz=self.tz)
             runs.append((rec["id"], planned, following.timestamp()))
         return runs

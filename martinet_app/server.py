@@ -62,16 +62,40 @@ def run_server(
         _close(sockets, context, store)
         return EXIT_BIND
 
-    broker = Broker(workers, store, heartbeat=heartbeat, liveness=config.HEARTBEAT_LIVENESS,
-                    max_bytes=config.MAX_MESSAGE_BYTES, batch_max=config.BATCH_MAX)
+    broker = Broker(
+        workers,
+        store,
+        heartbeat=heartbeat,
+        liveness=config.HEARTBEAT_LIVENESS,
+        max_bytes=config.MAX_MESSAGE_BYTES,
+        batch_max=config.BATCH_MAX,
+    )
     scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=config.SCHEDULER_MAX_SLEEP)
-    endpoint = ClientEndpoint(client, store, broker, scheduler, tz=tzinfo, max_bytes=config.MAX_MESSAGE_BYTES,
-                              list_limit_max=config.LIST_LIMIT_MAX)
-    sink = StatusSink(status, store, broker, endpoint.notify_finished, max_bytes=config.MAX_MESSAGE_BYTES,
-                      batch_max=config.BATCH_MAX)
+    endpoint = ClientEndpoint(
+        client,
+        store,
+        broker,
+        scheduler,
+        tz=tzinfo,
+        max_bytes=config.MAX_MESSAGE_BYTES,
+        list_limit_max=config.LIST_LIMIT_MAX,
+    )
+    sink = StatusSink(
+        status, store, broker, endpoint.notify_finished, max_bytes=config.MAX_MESSAGE_BYTES, batch_max=config.BATCH_MAX
+    )
 
-    log.info("martinet %s serving: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s, tz %s",
-             __version__, bind, client_port, bind, worker_port, bind, status_port, redact(db_url), tzinfo)
+    log.info(
+        "martinet %s serving: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s, tz %s",
+        __version__,
+        bind,
+        client_port,
+        bind,
+        worker_port,
+        bind,
+        status_port,
+        redact(db_url),
+        tzinfo,
+    )
     greenlets = [
         gevent.spawn(forever, endpoint.loop_once, "client endpoint"),
         gevent.spawn(forever, broker.receive_once, "broker"),

@@ -7,7 +7,8 @@ finished deliveries' slots back and the client endpoint answers whoever waits on
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq.green as zmq
 

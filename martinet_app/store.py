@@ -19,9 +19,10 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Iterable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import gevent.lock
@@ -136,7 +137,7 @@ def iso(ts: float | None) -> str | None:
     """Epoch seconds as an ISO 8601 UTC string (``...+00:00``), None stays None."""
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 class Store:
@@ -285,12 +286,7 @@ class Store:
         if limit <= 0:
             return []
         with self._tx():
-            pick = (
-                Task.select(Task.id)
-                .where(Task.status == S.QUEUED.value)
-                .order_by(Task.run_at, Task.id)
-                .limit(limit)
-            )
+            pick = Task.select(Task.id).where(Task.status == S.QUEUED.value).order_by(Task.run_at, Task.id).limit(limit)
             if self.db.for_update:
                 pick = pick.for_update("FOR UPDATE SKIP LOCKED")
             ids = [row.id for row in pick]
@@ -302,7 +298,9 @@ class Store:
                 .returning(Task.id, Task.name, Task.args, Task.attempts)
                 .execute()
             )
-            claimed = [{"task_id": r.id, "name": r.name, "args": json.loads(r.args), "attempt": r.attempts} for r in rows]
+            claimed = [
+                {"task_id": r.id, "name": r.name, "args": json.loads(r.args), "attempt": r.attempts} for r in rows
+            ]
         order = {task_id: position for position, task_id in enumerate(ids)}
         claimed.sort(key=lambda t: order[t["task_id"]])
         return claimed
@@ -449,9 +447,7 @@ class Store:
         with self._tx():
             row = Recurring.get_or_none(Recurring.id == recurring_id)
             if row is None:
-                raise TaskNotFound(
-                    f"no recurring schedule with id {recurring_id!r}; `martinet recurring` lists them"
-                )
+                raise TaskNotFound(f"no recurring schedule with id {recurring_id!r}; `martinet recurring` lists them")
             if not row.enabled:
                 raise InvalidTransition(f"recurring schedule {recurring_id} is already revoked")
             row.enabled = False

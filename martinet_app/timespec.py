@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import BadTimeSpec, ConfigError
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 _UNIT_NAMES = ("seconds", "minutes", "hours", "days", "weeks")
 _UNIT_SECONDS = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400, "weeks": 604800}

@@ -14,24 +14,25 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket as pysocket  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-import uuid  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import logging
+import os
+import signal
+import socket as pysocket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import Any
 
-import gevent  # noqa: E402
-import gevent.event  # noqa: E402
-import gevent.pool  # noqa: E402
-import gevent.queue  # noqa: E402
-import zmq.green as zmq  # noqa: E402
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.queue
+import zmq.green as zmq
 
-from . import config, protocol  # noqa: E402
-from .errors import HandlerError, ProtocolError  # noqa: E402
-from .registry import Handler, Registry, load_handlers  # noqa: E402
+from . import config, protocol
+from .errors import HandlerError, ProtocolError
+from .registry import Handler, Registry, load_handlers
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ class Worker:
             log.info("stopping now: unfinished tasks go back to the server")
             self._forced.set()
         else:
-            log.info("stopping: no new tasks; waiting up to %g s for %d running task(s)", self.grace,
-                     len(self._running))
+            log.info(
+                "stopping: no new tasks; waiting up to %g s for %d running task(s)", self.grace, len(self._running)
+            )
             self._stopping.set()
 
     def run(self) -> None:
@@ -111,8 +113,13 @@ class Worker:
         status.connect(self.status_endpoint)
         signals = [gevent.signal_handler(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)]
         pusher = gevent.spawn(self._push_status, status)
-        log.info("worker %s serving %s with %d slot(s) on %s", self.id, ", ".join(self.registry.names()),
-                 self.concurrency, self.worker_endpoint)
+        log.info(
+            "worker %s serving %s with %d slot(s) on %s",
+            self.id,
+            ", ".join(self.registry.names()),
+            self.concurrency,
+            self.worker_endpoint,
+        )
         try:
             self._serve(context)
         finally:
@@ -307,6 +314,7 @@ def run_worker(
     except HandlerError as exc:
         log.error("cannot start the worker: %s", exc.message)
         return EXIT_HANDLERS
-    Worker(url, worker_port, status_port, concurrency=concurrency, heartbeat=heartbeat, grace=grace,
-           registry=registry).run()
+    Worker(
+        url, worker_port, status_port, concurrency=concurrency, heartbeat=heartbeat, grace=grace, registry=registry
+    ).run()
     return EXIT_OK

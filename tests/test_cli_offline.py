@@ -14,8 +14,19 @@ import martinet_app
 
 ROOT = Path(__file__).resolve().parents[1]
 VERBS = (
-    "execute", "schedule", "every", "status", "wait", "list", "cancel", "recurring", "revoke", "workers", "ping",
-    "serve", "work",
+    "execute",
+    "schedule",
+    "every",
+    "status",
+    "wait",
+    "list",
+    "cancel",
+    "recurring",
+    "revoke",
+    "workers",
+    "ping",
+    "serve",
+    "work",
 )
 
 
@@ -26,7 +37,11 @@ def run(
     clean = {key: value for key, value in os.environ.items() if not key.startswith("MARTINET_")}
     return subprocess.run(
         [sys.executable, *python_flags, "-m", "martinet_app", *args],
-        cwd=ROOT, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -47,14 +47,16 @@ def test_scheduled_recurring_and_queued_tasks_survive_a_server_crash(cluster: Cl
     wait_until(lambda: len(recurring_runs(m, rid)) >= 5, what="five recurring runs")
     m.revoke(rid)
     runs = recurring_runs(m, rid)
-    wait_until(lambda: all(t["status"] in ("succeeded", "failed") for t in m.list(name="ledger", limit=1000)),
-               what="every run to finish")
+    wait_until(
+        lambda: all(t["status"] in ("succeeded", "failed") for t in m.list(name="ledger", limit=1000)),
+        what="every run to finish",
+    )
     planned = sorted(ts(t["run_at"]) for t in runs)
     assert len(planned) == len(set(planned)), "no recurring run fired twice"
     assert planned[0] == first_run
     # Every planned time is on the grid, and the downtime's missed runs were fired once, not one by one.
     assert all(abs((p - first_run) - round(p - first_run)) < 1e-3 for p in planned)
-    gaps = [b - a for a, b in zip(planned, planned[1:])]
+    gaps = [b - a for a, b in zip(planned, planned[1:], strict=False)]
     assert max(gaps) >= 3, f"missed runs should collapse into one: gaps {gaps}"
     counts = executions(ledger)
     all_ids = [t["id"] for t in m.list(name="ledger", limit=1000)]

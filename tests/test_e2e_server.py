@@ -32,8 +32,15 @@ GARBAGE = [
     [protocol.WORKER_HEADER, b"\xff\xfe", b'{"v": 1}'],
     [json.dumps({"v": 1, "worker": "w", "events": [{"task_id": 1, "attempt": 1, "event": "succeeded"}]}).encode()],
     [json.dumps({"v": 1, "worker": "w", "events": "all of them"}).encode()],
-    [json.dumps({"v": 1, "worker": "w", "events": [{"task_id": 1, "attempt": 1, "event": "progress",
-                                                     "at": 1.0, "progress": 7}]}).encode()],
+    [
+        json.dumps(
+            {
+                "v": 1,
+                "worker": "w",
+                "events": [{"task_id": 1, "attempt": 1, "event": "progress", "at": 1.0, "progress": 7}],
+            }
+        ).encode()
+    ],
 ]
 
 
@@ -42,8 +49,11 @@ def test_garbage_on_every_socket_is_rejected_and_the_server_keeps_serving(sqlite
     server, m = sqlite_cluster.server, sqlite_cluster.client
     before = m.execute({"name": "nap"}, {"seconds": 0.5})
     context = zmq.Context.instance()
-    for kind, port in ((zmq.DEALER, server.client_port), (zmq.DEALER, server.worker_port),
-                       (zmq.PUSH, server.status_port)):
+    for kind, port in (
+        (zmq.DEALER, server.client_port),
+        (zmq.DEALER, server.worker_port),
+        (zmq.PUSH, server.status_port),
+    ):
         sock = context.socket(kind)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(f"tcp://127.0.0.1:{port}")
@@ -54,8 +64,11 @@ def test_garbage_on_every_socket_is_rejected_and_the_server_keeps_serving(sqlite
     task = m.wait(before, timeout=15)
     assert task["status"] == "succeeded", "a task in flight during the garbage finished normally"
     assert m.wait(m.execute({"name": "echo"}, {"ok": True}), timeout=15)["result"]["args"] == {"ok": True}
-    log = wait_until(lambda: all(f"{name} socket: rejected" in server.log() for name in ("client", "worker", "status"))
-                     and server.log(), what="rejections logged on all three sockets")
+    log = wait_until(
+        lambda: all(f"{name} socket: rejected" in server.log() for name in ("client", "worker", "status"))
+        and server.log(),
+        what="rejections logged on all three sockets",
+    )
     assert "Traceback" not in log
     assert len(m.workers()) == 1, "garbage READY messages registered no worker"
 
@@ -98,24 +111,46 @@ def test_bad_settings_stop_the_server_with_a_clear_message(tmp_path):
         (["--tz", "Mars/Olympus"], "Mars/Olympus"),
         (["--db", "mysql://localhost/x"], "unsupported database URL"),
     ]:
-        result = subprocess.run(martinet_cmd("serve", "--client-port", str(free_port()), *args), cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            martinet_cmd("serve", "--client-port", str(free_port()), *args),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_port_in_use_is_reported(sqlite_cluster: Cluster):
     taken = sqlite_cluster.server.client_port
-    result = subprocess.run(martinet_cmd("serve", "--client-port", str(taken), "--worker-port", str(free_port()),
-                                         "--status-port", str(free_port()), "--db", "sqlite:///:memory:"),
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        martinet_cmd(
+            "serve",
+            "--client-port",
+            str(taken),
+            "--worker-port",
+            str(free_port()),
+            "--status-port",
+            str(free_port()),
+            "--db",
+            "sqlite:///:memory:",
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 3
     assert "cannot bind" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_settings_come_from_the_environment(tmp_path):
-    ports = {"MARTINET_CLIENT_PORT": free_port(), "MARTINET_WORKER_PORT": free_port(),
-             "MARTINET_STATUS_PORT": free_port()}
+    ports = {
+        "MARTINET_CLIENT_PORT": free_port(),
+        "MARTINET_WORKER_PORT": free_port(),
+        "MARTINET_STATUS_PORT": free_port(),
+    }
     env = {key: str(value) for key, value in ports.items()}
     env["MARTINET_DB"] = f"sqlite:///{tmp_path / 'env.db'}"
     server = Process(martinet_cmd("serve"), tmp_path / "server.log", env=env).start()

@@ -96,7 +96,7 @@ def test_every_fires_on_its_grid(cluster):
 
     runs = wait_until(three_runs, what="three successful runs")
     planned = sorted(ts(t["run_at"]) for t in runs)
-    steps = [b - a for a, b in zip(planned, planned[1:])]
+    steps = [b - a for a, b in zip(planned, planned[1:], strict=False)]
     # Anchored: each planned time is exactly the previous one plus the interval (no drift).
     assert all(abs(step - 1.0) < 1e-3 for step in steps), steps
     schedule = next(r for r in m.recurring() if r["id"] == rid)

@@ -5,7 +5,7 @@ No mocks, no sleeps: every call that needs a clock gets an explicit ``now``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -95,10 +95,24 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
     meta = {"name": "report", "username": "ann", "description": "monthly"}
     task_id = store.add_task(meta, args, run_at=NOW + 3600, now=NOW)
     assert store.get_task(task_id) == {
-        "id": task_id, "name": "report", "username": "ann", "description": "monthly", "args": args,
-        "status": "scheduled", "progress": 0.0, "progress_message": None, "result": None, "error": None,
-        "traceback": None, "attempts": 0, "worker": None, "created_at": NOW_ISO,
-        "run_at": "2023-11-14T23:13:20.000+00:00", "started_at": None, "finished_at": None, "recurring_id": None,
+        "id": task_id,
+        "name": "report",
+        "username": "ann",
+        "description": "monthly",
+        "args": args,
+        "status": "scheduled",
+        "progress": 0.0,
+        "progress_message": None,
+        "result": None,
+        "error": None,
+        "traceback": None,
+        "attempts": 0,
+        "worker": None,
+        "created_at": NOW_ISO,
+        "run_at": "2023-11-14T23:13:20.000+00:00",
+        "started_at": None,
+        "finished_at": None,
+        "recurring_id": None,
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
 
 

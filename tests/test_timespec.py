@@ -11,7 +11,7 @@ import pytest
 from martinet_app.errors import BadTimeSpec, ConfigError, InvalidRequest
 from martinet_app.timespec import Interval, parse_interval, parse_tz, parse_when
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 PARIS = ZoneInfo("Europe/Paris")
 NOW = datetime.datetime(2026, 6, 10, 14, 0, tzinfo=UTC)  # a Wednesday; 16:00 in Paris
 
@@ -22,6 +22,7 @@ def at(*args: int, tz: datetime.tzinfo = UTC) -> datetime.datetime:
 
 
 # --- parse_when ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "text, expected",
@@ -134,10 +135,38 @@ def test_parse_when_dst(now: datetime.datetime, text: str, expected: datetime.da
 @pytest.mark.parametrize(
     "text",
     [
-        "in 20 minuts", "", "   ", "tomorow", "25:00", "24:00", "13pm", "0am", "12:60", "9:00:60", "in -5 minutes",
-        "-5 minutes", "in 5", "in minutes", "in 1 hour and", "in", "now please", "someday", "next monday",
-        "monday at lunch", "tomorrow at 25:00", "tomorrow at", "5 am 6", "2026-13-01", "2026-12-01T25:00",
-        "in 99999999999 weeks", "in 1.5.2 hours", "9.30", None, 123, 1.5, ["in 5 minutes"],
+        "in 20 minuts",
+        "",
+        "   ",
+        "tomorow",
+        "25:00",
+        "24:00",
+        "13pm",
+        "0am",
+        "12:60",
+        "9:00:60",
+        "in -5 minutes",
+        "-5 minutes",
+        "in 5",
+        "in minutes",
+        "in 1 hour and",
+        "in",
+        "now please",
+        "someday",
+        "next monday",
+        "monday at lunch",
+        "tomorrow at 25:00",
+        "tomorrow at",
+        "5 am 6",
+        "2026-13-01",
+        "2026-12-01T25:00",
+        "in 99999999999 weeks",
+        "in 1.5.2 hours",
+        "9.30",
+        None,
+        123,
+        1.5,
+        ["in 5 minutes"],
     ],
 )
 def test_parse_when_rejects(text: object) -> None:
@@ -163,6 +192,7 @@ def test_parse_when_needs_aware_now() -> None:
 
 
 # --- parse_tz -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["UTC", "Europe/Paris", "America/New_York"])
 def test_parse_tz_names(name: str) -> None:
@@ -192,12 +222,15 @@ def test_parse_tz_unknown(name: str) -> None:
 
 # --- parse_interval -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "texts, expected",
     [
         (["30 minutes", "every 30 minutes", "30m", "30 mins", "0.5 hours", "1800 s"], Interval("30 minutes", 1800)),
-        (["1 hour and 30 minutes", "1h30m", "1 hour, 30 minutes", "90 min", "1.5 hours", "every 1h 30m"],
-         Interval("1 hour 30 minutes", 5400)),
+        (
+            ["1 hour and 30 minutes", "1h30m", "1 hour, 30 minutes", "90 min", "1.5 hours", "every 1h 30m"],
+            Interval("1 hour 30 minutes", 5400),
+        ),
         (["second", "1 second", "1s"], Interval("1 second", 1)),
         (["2.5 seconds"], Interval("2.5 seconds", 2.5)),
         (["minute", "every minute"], Interval("1 minute", 60)),
@@ -225,8 +258,24 @@ def test_parse_interval(texts: list[str], expected: Interval) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "0 minutes", "0 days", "-5 minutes", "0.5 seconds", "30 minuts", "every", "", "  ", "fortnight", "in 5 minutes",
-        "every 5", "minutes", "monday at 9am", "36526 days", "99999999 weeks", "1 hour and", None, 30,
+        "0 minutes",
+        "0 days",
+        "-5 minutes",
+        "0.5 seconds",
+        "30 minuts",
+        "every",
+        "",
+        "  ",
+        "fortnight",
+        "in 5 minutes",
+        "every 5",
+        "minutes",
+        "monday at 9am",
+        "36526 days",
+        "99999999 weeks",
+        "1 hour and",
+        None,
+        30,
     ],
 )
 def test_parse_interval_rejects(text: object) -> None:
@@ -237,6 +286,7 @@ def test_parse_interval_rejects(text: object) -> None:
 
 
 # --- Interval.first_run -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "spec, run_at, tz, expected",

@@ -34,8 +34,13 @@ def test_worker_without_handlers_refuses_to_start(tmp_path):
 
 
 def test_handler_file_that_fails_to_import_is_named(tmp_path):
-    result = run_worker(tmp_path, {"good.py": "from martinet_app import task\n@task\ndef ok(t, d, p): pass\n",
-                                   "broken.py": "import no_such_module_here\n"})
+    result = run_worker(
+        tmp_path,
+        {
+            "good.py": "from martinet_app import task\n@task\ndef ok(t, d, p): pass\n",
+            "broken.py": "import no_such_module_here\n",
+        },
+    )
     assert result.returncode == 2
     assert "broken.py" in result.stderr and "(line 1)" in result.stderr
     assert "ModuleNotFoundError" in result.stderr and "Traceback" not in result.stderr
@@ -76,7 +81,8 @@ def test_handlers_import_helpers_and_skip_underscore_files(sqlite_cluster: Clust
 
 def test_programmatic_worker_with_on(sqlite_cluster: Cluster, tmp_path):
     script = tmp_path / "my_worker.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         from martinet_app.worker import Worker
 
         worker = Worker("127.0.0.1", {sqlite_cluster.server.worker_port}, {sqlite_cluster.server.status_port},
@@ -88,7 +94,8 @@ def test_programmatic_worker_with_on(sqlite_cluster: Cluster, tmp_path):
 
         worker.on("whisper", lambda task_id, data, progress: data["text"].lower())
         worker.run()
-    """))
+    """)
+    )
     proc = Process([sys.executable, str(script)], tmp_path / "my_worker.log").start()
     sqlite_cluster.workers.append(proc)
     sqlite_cluster.wait_worker(proc)
@@ -104,8 +111,10 @@ def test_different_handler_sets_are_logged(sqlite_cluster: Cluster, tmp_path):
     (folder / "one.py").write_text("from martinet_app import task\n@task\ndef echo(t, d, p): return d\n")
     sqlite_cluster.start_worker()
     sqlite_cluster.start_worker(handlers=folder)
-    log = wait_until(lambda: "serves a different set of tasks" in sqlite_cluster.server.log()
-                     and sqlite_cluster.server.log(), what="the warning")
+    log = wait_until(
+        lambda: "serves a different set of tasks" in sqlite_cluster.server.log() and sqlite_cluster.server.log(),
+        what="the warning",
+    )
     assert "missing: bad_progress, bad_result, explode, ledger, nap, steps; extra: none" in log
 
 
@@ -135,8 +144,11 @@ def test_unfinished_tasks_are_handed_back_at_once(sqlite_cluster: Cluster, tmp_p
         worker.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "stopping" in worker.log(), what="the worker to begin stopping")
     assert worker.proc.wait(10) == 0
-    wait_until(lambda: m.status(task_id)["status"] == "queued", timeout=2,
-               what="the task to be re-queued without waiting for a heartbeat timeout")
+    wait_until(
+        lambda: m.status(task_id)["status"] == "queued",
+        timeout=2,
+        what="the task to be re-queued without waiting for a heartbeat timeout",
+    )
     assert "handing back 1 task(s)" in sqlite_cluster.server.log()
     ledger.write_text("")
     sqlite_cluster.start_worker()
