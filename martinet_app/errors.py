@@ -37,6 +37,10 @@ class InvalidTransition(MartinetError):
     """Raised when a task cannot move to the asked state (e.g. cancelling a finished task)."""
 
 
+class StoreUnavailable(MartinetError):
+    """Raised when the server's database failed (connection lost, locked, disk full); nothing was committed."""
+
+
 class ServerUnavailable(MartinetError, ConnectionError):
     """Raised when the server did not answer within the client's timeout."""
 
@@ -65,6 +69,7 @@ _BY_NAME = {
         BadTimeSpec,
         TaskNotFound,
         InvalidTransition,
+        StoreUnavailable,
         ServerUnavailable,
         WaitTimeout,
         ProtocolError,

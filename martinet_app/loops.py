@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import gevent
 
+from .errors import MartinetError
+
 log = logging.getLogger(__name__)
 
 #: First and largest pause after a failed loop turn, seconds.
@@ -20,9 +22,11 @@ def forever(loop_once: Callable[[], object], name: str) -> None:
     while True:
         try:
             loop_once()
+            backoff = BACKOFF_FIRST
+            continue
+        except MartinetError as exc:  # expected failures (e.g. the database is away): no traceback
+            log.warning("%s: %s; retrying in %.1f s", name, exc.message, backoff)
         except Exception:
             log.exception("%s: unexpected error, retrying in %.1f s", name, backoff)
-            gevent.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
-        else:
-            backoff = BACKOFF_FIRST
+        gevent.sleep(backoff)
+        backoff = min(backoff * 2, BACKOFF_MAX)

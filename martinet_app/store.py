@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import gevent.lock
 import peewee as pw
 
-from .errors import ConfigError, InvalidTransition, TaskNotFound
+from .errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,38 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
-        with self._lock, self.db.atomic():
+        """One transaction, committed on exit; see :meth:`_read` for connection errors."""
+        with self._read(), self.db.atomic():
             yield
+
+    @contextmanager
+    def _read(self) -> Iterator[None]:
+        """Hold the store's lock; on a connection error, drop the connection so the next call reconnects.
+
+        Raises:
+            StoreUnavailable: the database failed (connection lost, locked, disk full): nothing
+                was committed by this call.
+        """
+        with self._lock:
+            try:
+                yield
+            except (pw.OperationalError, pw.InterfaceError) as exc:
+                self._discard_connection()
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log.error("database error on %s: %s", redact(self.url), reason)
+                raise StoreUnavailable(
+                    f"the database is unavailable ({reason}): the request was not completed; try again"
+                ) from exc
+
+    def _discard_connection(self) -> None:
+        conn = self.db._state.conn
+        try:
+            if conn is not None:
+                conn.close()
+        except Exception:  # noqa: BLE001 - it is broken already; we only want it gone
+            pass
+        # peewee keeps the failed transaction on its stack; start from a clean state.
+        self.db._state.reset()
 
     # ------------------------------------------------------------ accepting
 
@@ -220,7 +250,7 @@ class Store:
 
     def next_due(self) -> float | None:
         """The earliest run_at of a scheduled task or next_run_at of an enabled schedule."""
-        with self._lock:
+        with self._read():
             task = Task.select(pw.fn.MIN(Task.run_at)).where(Task.status == S.SCHEDULED.value).scalar()
             rec = Recurring.select(pw.fn.MIN(Recurring.next_run_at)).where(Recurring.enabled == True).scalar()  # noqa: E712
         due = [t for t in (task, rec) if t is not None]
@@ -237,7 +267,7 @@ class Store:
 
     def due_recurring(self, now: float) -> list[dict]:
         """Enabled schedules whose next_run_at has come."""
-        with self._lock:
+        with self._read():
             query = Recurring.select().where((Recurring.enabled == True) & (Recurring.next_run_at <= now))  # noqa: E712
             return [_recurring_dict(r, raw=True) for r in query]
 
@@ -351,7 +381,7 @@ class Store:
 
     def running(self) -> list[dict]:
         """Every running task's id, worker and attempt."""
-        with self._lock:
+        with self._read():
             query = Task.select(Task.id, Task.worker, Task.attempts).where(Task.status == S.RUNNING.value)
             return [{"task_id": r.id, "worker": r.worker, "attempt": r.attempts} for r in query]
 
@@ -407,7 +437,7 @@ class Store:
 
     def get_task(self, task_id: int) -> dict:
         """The task's record, or TaskNotFound."""
-        with self._lock:
+        with self._read():
             row = Task.get_or_none(Task.id == task_id)
         if row is None:
             raise TaskNotFound(f"no task with id {task_id!r}; `martinet list` shows existing tasks")
@@ -419,7 +449,7 @@ class Store:
         for field, value in ((Task.status, status), (Task.name, name), (Task.username, username)):
             if value is not None:
                 query = query.where(field == value)
-        with self._lock:
+        with self._read():
             return [task_dict(row) for row in query]
 
     def cancel(self, task_id: int, now: float) -> dict:
@@ -439,7 +469,7 @@ class Store:
 
     def list_recurring(self) -> list[dict]:
         """Every recurring schedule, enabled or revoked, oldest first."""
-        with self._lock:
+        with self._read():
             return [_recurring_dict(r) for r in Recurring.select().order_by(Recurring.id)]
 
     def revoke(self, recurring_id: int) -> dict:
