@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint build bench-startup clean
 
 install: $(STAMP)
 
@@ -22,12 +22,22 @@ run: $(STAMP)
 	$(BIN)/martinet work --handlers handlers & worker=$$!; \
 	wait
 
-test: lint
+test: lint build
 	$(BIN)/python -m pytest -q
 
+# dist/martinet: one executable for every command (see build.spec and the README's build section).
+build: dist/martinet
+
+dist/martinet: $(STAMP) build.spec packaging/selfextract.sh $(wildcard martinet_app/*.py)
+	$(BIN)/pyinstaller --noconfirm --log-level ERROR build.spec
+
 lint: $(STAMP)
-	$(BIN)/ruff check martinet_app tests handlers
-	$(BIN)/ruff format --check martinet_app tests handlers
+	$(BIN)/ruff check martinet_app tests handlers bench
+	$(BIN)/ruff format --check martinet_app tests handlers bench
+
+# Start-up time of dist/martinet and of the virtualenv's script (figures in the README's build section).
+bench-startup: build
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache martinet.db martinet.db-wal martinet.db-shm

@@ -464,6 +464,15 @@ def serve(
     default=config.CONCURRENCY,
     help="Tasks run at once.",
 )
+@click.option(
+    "--path",
+    "paths",
+    envvar="MARTINET_PATH",
+    show_envvar=True,
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of extra Python packages for handlers (repeatable; MARTINET_PATH separates them with ':').",
+)
 @_heartbeat_option
 @click.option(
     "--grace",
@@ -480,6 +489,7 @@ def work(
     worker_port: int,
     status_port: int,
     concurrency: int,
+    paths: tuple[str, ...],
     heartbeat: float,
     grace: float,
     log_level: str,
@@ -497,5 +507,6 @@ def work(
             concurrency=concurrency,
             heartbeat=heartbeat,
             grace=grace,
+            paths=paths,
         )
     )

@@ -18,10 +18,11 @@ import logging
 import os
 import signal
 import socket as pysocket
+import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -302,8 +303,14 @@ def run_worker(
     concurrency: int = config.CONCURRENCY,
     heartbeat: float = config.HEARTBEAT_INTERVAL,
     grace: float = config.WORKER_GRACE,
+    paths: Sequence[str] = (),
 ) -> int:
-    """Load the handlers in ``handlers_dir`` and serve until stopped; returns the exit code."""
+    """Load the handlers in ``handlers_dir`` and serve until stopped; returns the exit code.
+
+    ``paths`` are folders put first on ``sys.path``, where handlers find extra packages
+    (e.g. ``pip install --target DIR``): the one-file executable bundles only Martinet's own.
+    """
+    sys.path[:0] = [os.path.abspath(path) for path in paths]
     try:
         registry = load_handlers(handlers_dir)
         if not len(registry):

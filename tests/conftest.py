@@ -56,15 +56,19 @@ def martinet_cmd(*args: str) -> list[str]:
 class Process:
     """A martinet subprocess whose output goes to a log file, always stopped at teardown."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, inherit_env: bool = True) -> None:
         self.args = args
         self.log_path = log_path
-        self.env = env
+        self.env = env or {}
+        self.inherit_env = inherit_env
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Process:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        env = {k: v for k, v in env.items() if not (k.startswith("MARTINET_") and k not in (self.env or {}))}
+        """Start with the test's environment (minus MARTINET_* settings) plus ``env``, or ``env`` alone."""
+        env = dict(self.env)
+        if self.inherit_env:
+            inherited = {k: v for k, v in os.environ.items() if not k.startswith("MARTINET_")}
+            env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
@@ -87,7 +91,7 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                pytest.fail(f"{self.args[3]} did not exit within {timeout} s of SIGTERM")
+                pytest.fail(f"{self.log_path.stem} did not exit within {timeout} s of SIGTERM")
         return self.proc.returncode
 
     def kill(self) -> None:
