@@ -93,6 +93,19 @@ class Broker:
             worker.inflight.difference_update(refs)
             self.wake()
 
+    def cancel(self, worker_id: str, refs: Iterable[tuple[int, int]]) -> None:
+        """Tell a worker to stop deliveries ``(task_id, attempt)`` of cancelled tasks.
+
+        Their slots stay held until the worker reports their final events, as for any delivery.
+        """
+        tasks = [{"task_id": task_id, "attempt": attempt} for task_id, attempt in refs]
+        if worker_id not in self.workers:
+            log.debug("not sending CANCEL for %s: worker %s is not connected", tasks, worker_id)
+        elif self._send(worker_id.encode(), protocol.CANCEL, {"tasks": tasks}):
+            log.debug("sent CANCEL for %s to %s", tasks, worker_id)
+        else:
+            log.warning("could not send CANCEL for %s to worker %s; it will run them to the end", tasks, worker_id)
+
     def snapshot(self) -> list[dict]:
         """Connected workers, for the client's ``workers`` request."""
         return [w.public() for w in self.workers.values()]

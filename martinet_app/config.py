@@ -24,6 +24,16 @@ HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 5
 #: Seconds running tasks get to finish after a worker's first SIGTERM/SIGINT (MARTINET_GRACE).
 WORKER_GRACE = 30.0
+#: Times a task whose handler fails is retried, unless the task says otherwise (MARTINET_DEFAULT_RETRIES).
+DEFAULT_RETRIES = 0
+#: Seconds before the first retry; each further retry waits twice as long (MARTINET_DEFAULT_RETRY_DELAY).
+DEFAULT_RETRY_DELAY = 1.0
+#: Seconds a handler may run before the worker stops it; None: no limit (MARTINET_DEFAULT_TIMEOUT).
+DEFAULT_TIMEOUT: float | None = None
+#: Priority of a task that does not give one; higher runs first.
+DEFAULT_PRIORITY = 0
+#: Longest wait before a retry, seconds: the cap of the exponential backoff (MARTINET_RETRY_DELAY_MAX).
+RETRY_DELAY_MAX = 3600.0
 #: Seconds a client waits for a reply before raising ServerUnavailable.
 CLIENT_TIMEOUT = 10.0
 #: Longest the scheduler sleeps without re-reading the store (guards clock jumps), seconds.

@@ -31,7 +31,11 @@ WAIT_MAX = 300.0
 
 
 class ClientEndpoint:
-    """Owns the client ROUTER socket and answers requests from the store."""
+    """Owns the client ROUTER socket and answers requests from the store.
+
+    ``defaults`` has a value for every task option (protocol.TASK_OPTION_KEYS): what a task gets
+    for the options it does not give, so every stored task has concrete values.
+    """
 
     def __init__(
         self,
@@ -41,6 +45,7 @@ class ClientEndpoint:
         scheduler: Scheduler,
         *,
         tz: datetime.tzinfo,
+        defaults: dict,
         max_bytes: int,
         list_limit_max: int,
     ) -> None:
@@ -49,6 +54,7 @@ class ClientEndpoint:
         self.broker = broker
         self.scheduler = scheduler
         self.tz = tz
+        self.defaults = defaults
         self.max_bytes = max_bytes
         self.list_limit_max = list_limit_max
         self.rejections = protocol.Rejections(log, "client socket")
@@ -63,6 +69,7 @@ class ClientEndpoint:
             "list": self._list,
             "workers": lambda r, _: {"workers": self.broker.snapshot()},
             "cancel": self._cancel,
+            "retry": self._retry,
             "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
             "revoke": lambda r, _: {"recurring": self.store.revoke(_task_id(r, "recurring_id"))},
         }
@@ -120,28 +127,31 @@ class ClientEndpoint:
     def _execute(self, request: dict, envelope: list[bytes]) -> dict:
         meta = protocol.check_task_meta(request.get("task"), recurring=False)
         args = protocol.check_args(request.get("args"))
+        options = self._options(request)
         now = time.time()
-        task_id = self.store.add_task(meta, args, run_at=now, now=now)
+        task_id = self.store.add_task(meta, args, run_at=now, now=now, options=options)
         self.broker.wake()
         return {"task_id": task_id}
 
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
         meta = protocol.check_task_meta(request.get("task"), recurring=False)
         args = protocol.check_args(request.get("args"))
+        options = self._options(request)
         now = time.time()
         when = timespec.parse_when(_text(request, "when"), now=_utc(now), tz=self.tz)
-        task_id = self.store.add_task(meta, args, run_at=when.timestamp(), now=now)
+        task_id = self.store.add_task(meta, args, run_at=when.timestamp(), now=now, options=options)
         self.scheduler.wake()
         return {"task_id": task_id}
 
     def _every(self, request: dict, envelope: list[bytes]) -> dict:
         meta = protocol.check_task_meta(request.get("task"), recurring=True)
         args = protocol.check_args(request.get("args"))
+        options = self._options(request)
         now = time.time()
         interval = timespec.parse_interval(_text(request, "interval"))
         first = interval.first_run(now=_utc(now), run_at=meta.get("run_at"), tz=self.tz)
         recurring_id = self.store.add_recurring(
-            meta, args, interval=interval.text, next_run_at=first.timestamp(), now=now
+            meta, args, interval=interval.text, next_run_at=first.timestamp(), now=now, options=options
         )
         self.scheduler.wake()
         return {"recurring_id": recurring_id}
@@ -182,9 +192,20 @@ class ClientEndpoint:
         )
         return {"tasks": tasks}
 
+    def _options(self, request: dict) -> dict:
+        """The request's task options, the server's defaults filling in those not given."""
+        return {**self.defaults, **protocol.check_options(request.get("options"))}
+
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
         task = self.store.cancel(_task_id(request, "task_id"), time.time())
+        if task["worker"] is not None:  # it was running: its worker must stop that delivery
+            self.broker.cancel(task["worker"], [(task["id"], task["attempts"])])
         self.notify_finished([task["id"]])
+        return {"task": task}
+
+    def _retry(self, request: dict, envelope: list[bytes]) -> dict:
+        task = self.store.retry(_task_id(request, "task_id"), time.time())
+        self.broker.wake()
         return {"task": task}
 
     def _send(self, frames: list[bytes]) -> None:

@@ -46,14 +46,15 @@ FINAL_EVENTS = frozenset({SUCCEEDED, FAILED})
 # Client operations and the request fields each one accepts (besides v, id, op).
 CLIENT_OPS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
-    "execute": frozenset({"task", "args"}),
-    "schedule": frozenset({"when", "task", "args"}),
-    "every": frozenset({"interval", "task", "args"}),
+    "execute": frozenset({"task", "args", "options"}),
+    "schedule": frozenset({"when", "task", "args", "options"}),
+    "every": frozenset({"interval", "task", "args", "options"}),
     "status": frozenset({"task_id"}),
     "wait": frozenset({"task_id", "timeout"}),
     "list": frozenset({"status", "name", "username", "limit"}),
     "workers": frozenset(),
     "cancel": frozenset({"task_id"}),
+    "retry": frozenset({"task_id"}),
     "recurring": frozenset(),
     "revoke": frozenset({"recurring_id"}),
 }
@@ -61,6 +62,10 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
 #: Keys allowed in a task's metadata dict; ``run_at`` only for ``every``.
 TASK_META_KEYS = frozenset({"name", "username", "description"})
 RECURRING_META_KEYS = TASK_META_KEYS | {"run_at"}
+#: Keys allowed in a task's ``options``: its retry, timeout and priority policy.
+TASK_OPTION_KEYS = frozenset({"retries", "retry_delay", "timeout", "priority"})
+# Integer options are stored in 32-bit INTEGER columns (PostgreSQL).
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
 def dumps(obj: Any) -> bytes:
@@ -162,6 +167,61 @@ def check_args(args: Any) -> dict:
     if not isinstance(args, dict):
         raise InvalidRequest(f"task args must be a JSON object, got {type(args).__name__}")
     return args
+
+
+def check_options(options: Any) -> dict:
+    """Validate a task's ``options`` and return a cleaned copy holding only the keys given (None means ``{}``).
+
+    ``timeout`` may be given as null: no time limit, whatever the server's default.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InvalidRequest(
+            f"task options must be an object with any of {', '.join(sorted(TASK_OPTION_KEYS))}, "
+            f"got {type(options).__name__}"
+        )
+    unknown = set(options) - TASK_OPTION_KEYS
+    if unknown:
+        raise InvalidRequest(
+            f"unknown task option(s) {', '.join(sorted(map(str, unknown)))}: "
+            f"accepted options are {', '.join(sorted(TASK_OPTION_KEYS))}"
+        )
+    return {key: _OPTION_CHECKS[key](value) for key, value in options.items()}
+
+
+def _check_retries(value: Any) -> int:
+    if not _is_int(value) or not 0 <= value <= _INT_MAX:
+        raise InvalidRequest(f"option 'retries' must be an integer from 0 to {_INT_MAX}, got {value!r}")
+    return value
+
+
+def _check_retry_delay(value: Any) -> float:
+    if not _is_number(value) or value < 0:
+        raise InvalidRequest(f"option 'retry_delay' must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_timeout(value: Any) -> float | None:
+    if value is not None and (not _is_number(value) or value <= 0):
+        raise InvalidRequest(f"option 'timeout' must be a number of seconds > 0, or null for none, got {value!r}")
+    return None if value is None else float(value)
+
+
+def _check_priority(value: Any) -> int:
+    if not _is_int(value) or not _INT_MIN <= value <= _INT_MAX:
+        raise InvalidRequest(
+            f"option 'priority' must be an integer from {_INT_MIN} to {_INT_MAX} (higher runs first), got {value!r}"
+        )
+    return value
+
+
+_OPTION_CHECKS = {
+    "retries": _check_retries,
+    "retry_delay": _check_retry_delay,
+    "timeout": _check_timeout,
+    "priority": _check_priority,
+}
 
 
 # ---------------------------------------------------------------- worker socket

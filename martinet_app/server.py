@@ -14,10 +14,10 @@ import gevent
 import gevent.event
 import zmq.green as zmq
 
-from . import __version__, config, timespec
+from . import __version__, config, protocol, timespec
 from .broker import Broker
 from .endpoint import ClientEndpoint
-from .errors import MartinetError
+from .errors import ConfigError, MartinetError
 from .loops import forever
 from .scheduler import Scheduler
 from .sink import StatusSink
@@ -40,11 +40,20 @@ def run_server(
     db_url: str = config.DB_URL,
     tz: str | None = None,
     heartbeat: float = config.HEARTBEAT_INTERVAL,
+    default_retries: int = config.DEFAULT_RETRIES,
+    default_retry_delay: float = config.DEFAULT_RETRY_DELAY,
+    default_timeout: float | None = config.DEFAULT_TIMEOUT,
+    retry_delay_max: float = config.RETRY_DELAY_MAX,
 ) -> int:
-    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    """Serve until SIGTERM or SIGINT; returns the process exit code.
+
+    ``default_*`` are the options of tasks that do not give their own; ``retry_delay_max``
+    caps the backoff between retries.
+    """
     try:
         tzinfo = timespec.parse_tz(tz)
-        store = Store.open(db_url)
+        defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
+        store = Store.open(db_url, retry_delay_max=retry_delay_max)
     except MartinetError as exc:
         log.error("cannot start: %s", exc.message)
         return EXIT_CONFIG
@@ -77,11 +86,18 @@ def run_server(
         broker,
         scheduler,
         tz=tzinfo,
+        defaults=defaults,
         max_bytes=config.MAX_MESSAGE_BYTES,
         list_limit_max=config.LIST_LIMIT_MAX,
     )
     sink = StatusSink(
-        status, store, broker, endpoint.notify_finished, max_bytes=config.MAX_MESSAGE_BYTES, batch_max=config.BATCH_MAX
+        status,
+        store,
+        broker,
+        scheduler,
+        endpoint.notify_finished,
+        max_bytes=config.MAX_MESSAGE_BYTES,
+        batch_max=config.BATCH_MAX,
     )
 
     log.info(
@@ -95,6 +111,13 @@ def run_server(
         status_port,
         redact(db_url),
         tzinfo,
+    )
+    log.info(
+        "task defaults: retries %d, retry delay %g s doubling up to %g s, timeout %s",
+        defaults["retries"],
+        defaults["retry_delay"],
+        retry_delay_max,
+        "none" if defaults["timeout"] is None else f"{defaults['timeout']:g} s",
     )
     greenlets = [
         gevent.spawn(forever, endpoint.loop_once, "client endpoint"),
@@ -116,6 +139,18 @@ def run_server(
     _close(sockets, context, store)
     log.info("stopped")
     return EXIT_OK
+
+
+def _task_defaults(retries: int, retry_delay: float, timeout: float | None, retry_delay_max: float) -> dict:
+    """The options a task gets when it gives none, checked like a client's; ConfigError if unusable."""
+    if not isinstance(retry_delay_max, (int, float)) or not retry_delay_max >= 0:
+        raise ConfigError(f"the retry delay cap must be a number of seconds >= 0, got {retry_delay_max!r}")
+    try:
+        return protocol.check_options(
+            {"retries": retries, "retry_delay": retry_delay, "timeout": timeout, "priority": config.DEFAULT_PRIORITY}
+        )
+    except MartinetError as exc:
+        raise ConfigError(f"bad task default: {exc.message}") from None
 
 
 def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any]) -> Any:

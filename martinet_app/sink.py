@@ -1,7 +1,8 @@
 """The status sink: workers PUSH started/progress/succeeded/failed events; each is written to the store.
 
 Everything readable is drained and written in one transaction, then the broker gets the
-finished deliveries' slots back and the client endpoint answers whoever waits on them.
+finished deliveries' slots back, the scheduler learns of tasks scheduled for a retry, and
+the client endpoint answers whoever waits on tasks made final.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import zmq.green as zmq
 from . import protocol
 from .broker import Broker
 from .errors import ProtocolError
+from .scheduler import Scheduler
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class StatusSink:
         socket: Any,
         store: Store,
         broker: Broker,
+        scheduler: Scheduler,
         on_finished: Callable[[list[int]], None],
         *,
         max_bytes: int,
@@ -36,6 +39,7 @@ class StatusSink:
         self.socket = socket
         self.store = store
         self.broker = broker
+        self.scheduler = scheduler
         self.on_finished = on_finished
         self.max_bytes = max_bytes
         self.batch_max = batch_max
@@ -55,7 +59,7 @@ class StatusSink:
         if not self._pending:
             return
         batch = self._pending
-        finished = self.store.apply_events(batch)
+        applied = self.store.apply_events(batch)
         self._pending = []
         released: dict[str, list[tuple[int, int]]] = {}
         for worker, event in batch:
@@ -64,8 +68,10 @@ class StatusSink:
                 log.debug("task %s attempt %s %s on %s", event["task_id"], event["attempt"], event["event"], worker)
         for worker, refs in released.items():
             self.broker.release(worker, refs)
-        if finished:
-            self.on_finished(finished)
+        if applied.retrying:
+            self.scheduler.wake()
+        if applied.finished:
+            self.on_finished(applied.finished)
 
     def _receive(self, frames: list[bytes]) -> None:
         try:

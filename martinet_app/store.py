@@ -6,8 +6,10 @@ returns, so whoever acts on a state change acts on something already on disk.
 Task lifecycle (TRANSITIONS below is the table; docs/ARCHITECTURE.md draws it)::
 
     scheduled --(due)--> queued --(claim)--> running --> succeeded | failed
-        |                  |  ^                 |
-        +--> cancelled <---+  +----(requeue)----+
+    scheduled | queued | running --(cancel)--> cancelled
+    running --(handler failed, retries left)--> scheduled
+    running --(worker lost or handed the task back)--> queued
+    failed | cancelled --(retry)--> queued
 
 The server is a single gevent process. The store keeps one connection and a gevent
 lock around every transaction, so no two greenlets ever interleave inside one (with
@@ -16,6 +18,7 @@ PostgreSQL the driver yields to the hub while it waits on the socket).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -28,12 +31,13 @@ from urllib.parse import urlparse
 import gevent.lock
 import peewee as pw
 
+from . import config
 from .errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
 
 log = logging.getLogger(__name__)
 
-#: Version of the schema below; recorded in the ``meta`` table for later migrations.
-SCHEMA_VERSION = 1
+#: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns.
+SCHEMA_VERSION = 2
 
 
 class TaskStatus(str, Enum):
@@ -51,13 +55,17 @@ S = TaskStatus
 #: Allowed transitions; every UPDATE below checks its source state in its WHERE clause.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     S.SCHEDULED: frozenset({S.QUEUED, S.CANCELLED}),
-    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.SUCCEEDED, S.FAILED}),
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED}),
+    # queued -> succeeded|failed|scheduled: a late final event of a delivery that was re-queued.
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.SUCCEEDED, S.FAILED, S.SCHEDULED}),
+    # running -> scheduled: the handler failed and the task has retries left.
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.SCHEDULED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
-    S.FAILED: frozenset(),
-    S.CANCELLED: frozenset(),
+    # failed|cancelled -> queued: a manual retry.
+    S.FAILED: frozenset({S.QUEUED}),
+    S.CANCELLED: frozenset({S.QUEUED}),
 }
-FINAL = frozenset(s for s, targets in TRANSITIONS.items() if not targets)
+#: Statuses a task stays in unless someone retries it; ``wait`` returns on them.
+FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 
 _db = pw.DatabaseProxy()
 
@@ -88,10 +96,21 @@ class Task(_Model):
     started_at = pw.DoubleField(null=True)
     finished_at = pw.DoubleField(null=True)
     recurring_id = pw.IntegerField(null=True, index=True)
+    priority = pw.IntegerField(default=config.DEFAULT_PRIORITY)
+    retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
+    retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
+    timeout = pw.DoubleField(null=True)
+    errors = pw.TextField(null=True)  # JSON list of {attempt, error, at, worker}, one per handler failure
 
     class Meta:
-        # "next due" (scheduled by run_at) and "next queued" (queued by run_at, id) are index range scans.
+        # "next due" (scheduled by run_at) is a range scan of this index.
         indexes = ((("status", "run_at", "id"), False),)
+
+
+# "next queued" (queued by priority, highest first, then run_at and id) is a range scan of this one.
+Task.add_index(
+    Task.index(Task.status, Task.priority.desc(), Task.run_at, Task.id, name="task_status_priority_run_at_id")
+)
 
 
 class Recurring(_Model):
@@ -107,6 +126,10 @@ class Recurring(_Model):
     last_run_at = pw.DoubleField(null=True)
     enabled = pw.BooleanField(default=True)
     created_at = pw.DoubleField()
+    priority = pw.IntegerField(default=config.DEFAULT_PRIORITY)
+    retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
+    retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
+    timeout = pw.DoubleField(null=True)
 
     class Meta:
         indexes = ((("enabled", "next_run_at"), False),)
@@ -122,11 +145,13 @@ class Meta(_Model):
 TASK_FIELDS = (
     "id", "name", "username", "description", "args", "status", "progress", "progress_message", "result",
     "error", "traceback", "attempts", "worker", "created_at", "run_at", "started_at", "finished_at",
-    "recurring_id",
+    "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors",
 )  # fmt: skip
+#: A task's policy (see protocol.TASK_OPTION_KEYS): columns of both tables, copied from a schedule to its runs.
+OPTION_FIELDS = ("priority", "retries", "retry_delay", "timeout")
 RECURRING_FIELDS = (
     "id", "name", "username", "description", "args", "interval", "run_at", "next_run_at", "last_run_at",
-    "enabled", "created_at",
+    "enabled", "created_at", *OPTION_FIELDS,
 )  # fmt: skip
 _TASK_TIMES = frozenset({"created_at", "run_at", "started_at", "finished_at"})
 # A schedule's run_at is the user's text ("midnight"), not a time.
@@ -146,34 +171,49 @@ class Store:
     The models are bound to the store opened last: one store per process (the server's).
     """
 
-    def __init__(self, database: pw.Database, url: str) -> None:
+    def __init__(self, database: pw.Database, url: str, *, retry_delay_max: float) -> None:
         self.db = database
         self.url = url
+        self.retry_delay_max = retry_delay_max
         self._lock = gevent.lock.RLock()
 
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, url: str) -> Store:
-        """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db`` and create the schema."""
+    def open(cls, url: str, *, retry_delay_max: float = config.RETRY_DELAY_MAX) -> Store:
+        """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db``; create or migrate the schema.
+
+        ``retry_delay_max`` caps the backoff between retries of a failing task, seconds.
+        """
         database = _connect(url)
         _db.initialize(database)
-        store = cls(database, url)
+        store = cls(database, url, retry_delay_max=retry_delay_max)
         try:
             with store._tx():
-                database.create_tables([Task, Recurring, Meta], safe=True)
-                found = Meta.get_or_none(Meta.key == "schema_version")
-                if found is None:
-                    Meta.create(key="schema_version", value=str(SCHEMA_VERSION))
-                elif int(found.value) > SCHEMA_VERSION:
-                    raise ConfigError(
-                        f"the database at {redact(url)} has schema version {found.value}, newer than this "
-                        f"Martinet's {SCHEMA_VERSION}: upgrade Martinet"
-                    )
+                store._create_or_migrate()
         except BaseException:
             store.close()
             raise
         return store
+
+    def _create_or_migrate(self) -> None:
+        """Create missing tables, bring an older schema up to SCHEMA_VERSION, refuse a newer one."""
+        found = Meta.get_or_none(Meta.key == "schema_version") if self.db.table_exists("meta") else None
+        version = None if found is None else int(found.value)
+        if version is not None and version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the database at {redact(self.url)} has schema version {version}, newer than this "
+                f"Martinet's {SCHEMA_VERSION}: upgrade Martinet"
+            )
+        if version is not None:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[target](self.db)
+                log.info("migrated the database at %s to schema version %d", redact(self.url), target)
+        self.db.create_tables([Task, Recurring, Meta], safe=True)
+        if found is None:
+            Meta.create(key="schema_version", value=str(SCHEMA_VERSION))
+        elif version != SCHEMA_VERSION:
+            Meta.update(value=str(SCHEMA_VERSION)).where(Meta.key == "schema_version").execute()
 
     def close(self) -> None:
         with self._lock:
@@ -217,8 +257,20 @@ class Store:
 
     # ------------------------------------------------------------ accepting
 
-    def add_task(self, meta: dict, args: dict, *, run_at: float, now: float, recurring_id: int | None = None) -> int:
-        """Insert a task: ``queued`` when due (run_at <= now), else ``scheduled``. Returns its id."""
+    def add_task(
+        self,
+        meta: dict,
+        args: dict,
+        *,
+        run_at: float,
+        now: float,
+        options: dict | None = None,
+        recurring_id: int | None = None,
+    ) -> int:
+        """Insert a task: ``queued`` when due (run_at <= now), else ``scheduled``. Returns its id.
+
+        ``options``: any of OPTION_FIELDS (checked by protocol.check_options); the others take the column default.
+        """
         status = S.QUEUED if run_at <= now else S.SCHEDULED
         with self._tx():
             return Task.insert(
@@ -230,10 +282,16 @@ class Store:
                 created_at=now,
                 run_at=run_at,
                 recurring_id=recurring_id,
+                **_options(options),
             ).execute()
 
-    def add_recurring(self, meta: dict, args: dict, *, interval: str, next_run_at: float, now: float) -> int:
-        """Insert an enabled recurring schedule whose first run is ``next_run_at``. Returns its id."""
+    def add_recurring(
+        self, meta: dict, args: dict, *, interval: str, next_run_at: float, now: float, options: dict | None = None
+    ) -> int:
+        """Insert an enabled recurring schedule whose first run is ``next_run_at``. Returns its id.
+
+        ``options`` are as for :meth:`add_task`, and every run gets them.
+        """
         with self._tx():
             return Recurring.insert(
                 name=meta["name"],
@@ -244,6 +302,7 @@ class Store:
                 run_at=meta.get("run_at"),
                 next_run_at=next_run_at,
                 created_at=now,
+                **_options(options),
             ).execute()
 
     # ------------------------------------------------------------ scheduling
@@ -302,6 +361,7 @@ class Store:
                         created_at=now,
                         run_at=planned,
                         recurring_id=recurring_id,
+                        **{key: getattr(rec, key) for key in OPTION_FIELDS},
                     ).execute()
                 )
         return ids
@@ -309,14 +369,20 @@ class Store:
     # ------------------------------------------------------------ dispatching
 
     def claim(self, worker: str, limit: int, now: float) -> list[dict]:
-        """queued -> running for up to ``limit`` oldest queued tasks, assigned to ``worker``.
+        """queued -> running for up to ``limit`` queued tasks, assigned to ``worker``.
 
-        Each claim counts as a delivery (``attempts`` + 1). Returns id, name, args, attempt.
+        Highest priority first, then oldest run_at, then lowest id. Each claim counts as a
+        delivery (``attempts`` + 1). Returns task_id, name, args, attempt and timeout.
         """
         if limit <= 0:
             return []
         with self._tx():
-            pick = Task.select(Task.id).where(Task.status == S.QUEUED.value).order_by(Task.run_at, Task.id).limit(limit)
+            pick = (
+                Task.select(Task.id)
+                .where(Task.status == S.QUEUED.value)
+                .order_by(Task.priority.desc(), Task.run_at, Task.id)
+                .limit(limit)
+            )
             if self.db.for_update:
                 pick = pick.for_update("FOR UPDATE SKIP LOCKED")
             ids = [row.id for row in pick]
@@ -325,11 +391,18 @@ class Store:
             rows = (
                 Task.update(status=S.RUNNING.value, worker=worker, attempts=Task.attempts + 1, started_at=now)
                 .where(Task.id.in_(ids) & (Task.status == S.QUEUED.value))
-                .returning(Task.id, Task.name, Task.args, Task.attempts)
+                .returning(Task.id, Task.name, Task.args, Task.attempts, Task.timeout)
                 .execute()
             )
             claimed = [
-                {"task_id": r.id, "name": r.name, "args": json.loads(r.args), "attempt": r.attempts} for r in rows
+                {
+                    "task_id": r.id,
+                    "name": r.name,
+                    "args": json.loads(r.args),
+                    "attempt": r.attempts,
+                    "timeout": r.timeout,
+                }
+                for r in rows
             ]
         order = {task_id: position for position, task_id in enumerate(ids)}
         claimed.sort(key=lambda t: order[t["task_id"]])
@@ -387,51 +460,83 @@ class Store:
 
     # ------------------------------------------------------------ status events
 
-    def apply_events(self, batch: list[tuple[str, dict]]) -> list[int]:
+    def apply_events(self, batch: list[tuple[str, dict]]) -> Applied:
         """Write ``(worker, event)`` status events (see protocol.py) in one transaction.
 
         ``started``/``progress`` apply only to the current delivery (running, same worker and
-        attempt). A final event applies if the task is not final yet, whichever delivery sent
-        it: the first final result wins, later ones are ignored. Returns the ids made final.
+        attempt). A final event applies if the task is queued or running and the event's attempt
+        is not newer than the task's, whichever delivery sent it: the first final result wins,
+        later ones are ignored. A ``failed`` event that applies is added to the task's ``errors``;
+        while there are no more errors than ``retries``, the task is scheduled again after its
+        backoff (:func:`backoff`) instead of failing.
         """
-        finished = []
+        applied = Applied()
         with self._tx():
             for worker, event in batch:
-                task_id, attempt, kind = event["task_id"], event["attempt"], event["event"]
-                current = (
-                    (Task.id == task_id)
-                    & (Task.status == S.RUNNING.value)
-                    & (Task.worker == worker)
-                    & (Task.attempts == attempt)
-                )
+                kind = event["event"]
                 if kind == "started":
-                    changed = Task.update(started_at=event["at"]).where(current).execute()
+                    outcome = self._apply_current(worker, event, started_at=event["at"])
                 elif kind == "progress":
-                    changed = (
-                        Task.update(progress=event["progress"], progress_message=event.get("message"))
-                        .where(current)
-                        .execute()
+                    outcome = self._apply_current(
+                        worker, event, progress=event["progress"], progress_message=event.get("message")
                     )
+                elif kind == "succeeded":
+                    outcome = self._apply_succeeded(worker, event)
                 else:
-                    fields: dict[Any, Any] = {"finished_at": event["at"], "worker": worker}
-                    if kind == "succeeded":
-                        fields.update(status=S.SUCCEEDED.value, result=json.dumps(event.get("result")), progress=1.0)
-                    else:
-                        fields.update(status=S.FAILED.value, error=event["error"], traceback=event.get("traceback"))
-                    changed = (
-                        Task.update(fields)
-                        .where(
-                            (Task.id == task_id)
-                            & Task.status.in_([S.QUEUED.value, S.RUNNING.value])
-                            & (Task.attempts >= attempt)
-                        )
-                        .execute()
+                    outcome = self._apply_failed(worker, event)
+                if outcome is None:
+                    log.debug(
+                        "ignored stale %s event for task %s attempt %s from %s",
+                        kind,
+                        event["task_id"],
+                        event["attempt"],
+                        worker,
                     )
-                    if changed:
-                        finished.append(task_id)
-                if not changed:
-                    log.debug("ignored stale %s event for task %s attempt %s from %s", kind, task_id, attempt, worker)
-        return finished
+                elif outcome == S.SCHEDULED:
+                    applied.retrying.append(event["task_id"])
+                elif outcome in FINAL:
+                    applied.finished.append(event["task_id"])
+        return applied
+
+    def _apply_current(self, worker: str, event: dict, **fields: Any) -> TaskStatus | None:
+        """Update the task if ``event`` is about its current delivery; RUNNING if it was, else None."""
+        current = (
+            (Task.id == event["task_id"])
+            & (Task.status == S.RUNNING.value)
+            & (Task.worker == worker)
+            & (Task.attempts == event["attempt"])
+        )
+        return S.RUNNING if Task.update(fields).where(current).execute() else None
+
+    def _apply_succeeded(self, worker: str, event: dict) -> TaskStatus | None:
+        fields = {
+            "status": S.SUCCEEDED.value,
+            "result": json.dumps(event.get("result")),
+            "progress": 1.0,
+            "finished_at": event["at"],
+            "worker": worker,
+        }
+        return S.SUCCEEDED if Task.update(fields).where(_final_applies(event)).execute() else None
+
+    def _apply_failed(self, worker: str, event: dict) -> TaskStatus | None:
+        """Record the failure; schedule a retry if the task has retries left, else fail it."""
+        row = Task.select(Task.errors, Task.retries, Task.retry_delay).where(_final_applies(event)).get_or_none()
+        if row is None:
+            return None
+        errors = [
+            *json.loads(row.errors or "[]"),
+            {"attempt": event["attempt"], "error": event["error"], "at": event["at"], "worker": worker},
+        ]
+        fields = {"errors": json.dumps(errors), "error": event["error"], "traceback": event.get("traceback")}
+        if len(errors) <= row.retries:
+            delay = backoff(row.retry_delay, len(errors), self.retry_delay_max)
+            outcome = S.SCHEDULED
+            fields.update(run_at=event["at"] + delay, worker=None, progress=0.0, progress_message=None)
+        else:
+            outcome = S.FAILED
+            fields.update(finished_at=event["at"], worker=worker)
+        Task.update(status=outcome.value, **fields).where(_final_applies(event)).execute()
+        return outcome
 
     # ------------------------------------------------------------ client requests
 
@@ -453,17 +558,51 @@ class Store:
             return [task_dict(row) for row in query]
 
     def cancel(self, task_id: int, now: float) -> dict:
-        """scheduled|queued -> cancelled. InvalidTransition for any other state."""
+        """scheduled|queued|running -> cancelled; returns the record. InvalidTransition for a final task.
+
+        A running task keeps its ``worker`` and ``attempts``, so the caller can tell that worker
+        to stop the delivery; the delivery's own final event is then ignored.
+        """
         with self._tx():
             changed = (
                 Task.update(status=S.CANCELLED.value, finished_at=now)
-                .where((Task.id == task_id) & Task.status.in_([S.SCHEDULED.value, S.QUEUED.value]))
+                .where((Task.id == task_id) & Task.status.in_([S.SCHEDULED.value, S.QUEUED.value, S.RUNNING.value]))
                 .execute()
             )
             task = self.get_task(task_id)
         if not changed:
             raise InvalidTransition(
-                f"task {task_id} is {task['status']}: only scheduled or queued tasks can be cancelled"
+                f"task {task_id} is {task['status']}: only scheduled, queued or running tasks can be cancelled"
+            )
+        return task
+
+    def retry(self, task_id: int, now: float) -> dict:
+        """failed|cancelled -> queued, due now; returns the record. InvalidTransition for any other state.
+
+        The task keeps its ``attempts`` and ``errors`` history; its last outcome (result, error,
+        traceback, progress, times of the last run, worker) is cleared.
+        """
+        with self._tx():
+            changed = (
+                Task.update(
+                    status=S.QUEUED.value,
+                    run_at=now,
+                    result=None,
+                    error=None,
+                    traceback=None,
+                    progress=0.0,
+                    progress_message=None,
+                    started_at=None,
+                    finished_at=None,
+                    worker=None,
+                )
+                .where((Task.id == task_id) & Task.status.in_([S.FAILED.value, S.CANCELLED.value]))
+                .execute()
+            )
+            task = self.get_task(task_id)
+        if not changed:
+            raise InvalidTransition(
+                f"task {task_id} is {task['status']}: only failed or cancelled tasks can be retried"
             )
         return task
 
@@ -485,13 +624,43 @@ class Store:
         return _recurring_dict(row)
 
 
+@dataclasses.dataclass
+class Applied:
+    """What :meth:`Store.apply_events` changed: tasks made final, and tasks scheduled for a retry."""
+
+    finished: list[int] = dataclasses.field(default_factory=list)
+    retrying: list[int] = dataclasses.field(default_factory=list)
+
+
+def backoff(retry_delay: float, failures: int, cap: float) -> float:
+    """Seconds before the retry after failure number ``failures``: ``retry_delay``, doubling, at most ``cap``."""
+    # 2.0 ** 1024 overflows; far below that the cap applies anyway.
+    return min(retry_delay * 2.0 ** min(failures - 1, 1023), cap)
+
+
+def _final_applies(event: dict) -> pw.Expression:
+    """A final event applies while its task is queued or running and the event's attempt is not newer."""
+    return (
+        (Task.id == event["task_id"])
+        & Task.status.in_([S.QUEUED.value, S.RUNNING.value])
+        & (Task.attempts >= event["attempt"])
+    )
+
+
+def _options(options: dict | None) -> dict:
+    """Insert fields for a task's policy; only OPTION_FIELDS, so a stray key cannot reach the SQL."""
+    return {key: value for key, value in (options or {}).items() if key in OPTION_FIELDS}
+
+
 def task_dict(row: Task) -> dict:
-    """A task row as the client sees it: JSON decoded, times as ISO 8601 UTC."""
+    """A task row as the client sees it: JSON decoded (``errors`` as a list), times as ISO 8601 UTC."""
     out = {}
     for field in TASK_FIELDS:
         value = getattr(row, field)
         if field in ("args", "result"):
             value = None if value is None else json.loads(value)
+        elif field == "errors":
+            value = json.loads(value or "[]")
         elif field in _TASK_TIMES:
             value = iso(value)
         out[field] = value
@@ -505,6 +674,26 @@ def _recurring_dict(row: Recurring, raw: bool = False) -> dict:
         for field in _RECURRING_TIMES:
             out[field] = iso(out[field])
     return out
+
+
+def _add_policy_columns(database: pw.Database) -> None:
+    """Schema 1 -> 2: the policy columns of both tables (and the task's ``errors``); existing ones are kept."""
+    double = "DOUBLE PRECISION" if isinstance(database, pw.PostgresqlDatabase) else "REAL"
+    policy = (
+        ("priority", f"INTEGER NOT NULL DEFAULT {config.DEFAULT_PRIORITY}"),
+        ("retries", f"INTEGER NOT NULL DEFAULT {config.DEFAULT_RETRIES}"),
+        ("retry_delay", f"{double} NOT NULL DEFAULT {config.DEFAULT_RETRY_DELAY!r}"),
+        ("timeout", double),
+    )
+    for table, columns in (("task", (*policy, ("errors", "TEXT"))), ("recurring", policy)):
+        present = {column.name for column in database.get_columns(table)}
+        for name, definition in columns:
+            if name not in present:
+                database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{name}" {definition}')
+
+
+#: Schema migrations: the function that brings a database from version N - 1 to N.
+_MIGRATIONS = {2: _add_policy_columns}
 
 
 def redact(url: str) -> str:

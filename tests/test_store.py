@@ -5,15 +5,17 @@ No mocks, no sleeps: every call that needs a clock gets an explicit ``now``.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from martinet_app.errors import ConfigError, InvalidTransition, TaskNotFound
-from martinet_app.store import SCHEMA_VERSION, Store, TaskStatus
+from martinet_app.store import FINAL, SCHEMA_VERSION, TRANSITIONS, Applied, Store, TaskStatus, backoff
 
 NOW = 1_700_000_000.0
 NOW_ISO = "2023-11-14T22:13:20.000+00:00"
+PRIORITY_INDEX = "task_status_priority_run_at_id"
 
 
 def iso(ts: float) -> str:
@@ -31,8 +33,10 @@ def store(db_url: str) -> Iterator[Store]:
         s.close()
 
 
-def add(store: Store, name: str = "job", *, run_at: float = NOW, now: float = NOW, **meta: str) -> int:
-    return store.add_task({"name": name, **meta}, {"n": 1}, run_at=run_at, now=now)
+def add(
+    store: Store, name: str = "job", *, run_at: float = NOW, now: float = NOW, options: dict | None = None, **meta: str
+) -> int:
+    return store.add_task({"name": name, **meta}, {"n": 1}, run_at=run_at, now=now, options=options)
 
 
 def status(store: Store, task_id: int) -> str:
@@ -55,6 +59,7 @@ def test_open_is_idempotent_and_stamps_schema_version(db_url: str) -> None:
         assert second.get_task(task_id)["status"] == "queued"  # the data survived the second open
         rows = second.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
         assert [int(r[0]) for r in rows] == [SCHEMA_VERSION]
+        assert PRIORITY_INDEX in {index.name for index in second.db.get_indexes("task")}
     finally:
         second.close()
 
@@ -66,6 +71,74 @@ def test_newer_schema_version_is_refused(db_url: str) -> None:
     s.close()
     with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
         Store.open(db_url)
+
+
+# The tables as schema version 1 created them (peewee's DDL); {id}, {double}, {bool} and {true} differ per backend.
+V1_SCHEMA = """
+CREATE TABLE "task" ("id" {id} NOT NULL PRIMARY KEY, "name" VARCHAR(255) NOT NULL, "username" VARCHAR(255),
+    "description" TEXT, "args" TEXT NOT NULL, "status" VARCHAR(16) NOT NULL, "progress" REAL NOT NULL,
+    "progress_message" TEXT, "result" TEXT, "error" TEXT, "traceback" TEXT, "attempts" INTEGER NOT NULL,
+    "worker" VARCHAR(255), "created_at" {double} NOT NULL, "run_at" {double} NOT NULL, "started_at" {double},
+    "finished_at" {double}, "recurring_id" INTEGER);
+CREATE INDEX "task_recurring_id" ON "task" ("recurring_id");
+CREATE INDEX "task_status_run_at_id" ON "task" ("status", "run_at", "id");
+CREATE TABLE "recurring" ("id" {id} NOT NULL PRIMARY KEY, "name" VARCHAR(255) NOT NULL, "username" VARCHAR(255),
+    "description" TEXT, "args" TEXT NOT NULL, "interval" VARCHAR(255) NOT NULL, "run_at" VARCHAR(255),
+    "next_run_at" {double} NOT NULL, "last_run_at" {double}, "enabled" {bool} NOT NULL, "created_at" {double} NOT NULL);
+CREATE INDEX "recurring_enabled_next_run_at" ON "recurring" ("enabled", "next_run_at");
+CREATE TABLE "meta" ("key" VARCHAR(64) NOT NULL PRIMARY KEY, "value" TEXT NOT NULL);
+INSERT INTO "meta" VALUES ('schema_version', '1');
+INSERT INTO "task" ("name", "username", "args", "status", "progress", "attempts", "created_at", "run_at")
+    VALUES ('old', 'ann', '{{"k": 1}}', 'queued', 0.0, 0, 1700000000.0, 1700000000.0);
+INSERT INTO "task" ("name", "args", "status", "progress", "attempts", "worker", "error", "created_at", "run_at",
+    "finished_at") VALUES ('broke', '{{}}', 'failed', 0.0, 1, 'w1', 'E', 1700000000.0, 1700000000.0, 1700000005.0);
+INSERT INTO "recurring" ("name", "args", "interval", "next_run_at", "enabled", "created_at")
+    VALUES ('tick', '{{}}', 'every minute', 1700000060.0, {true}, 1700000000.0);
+"""
+
+
+def create_v1_database(db_url: str) -> None:
+    """A database exactly as Martinet with schema version 1 left it, holding two tasks and a schedule."""
+    if db_url.startswith("sqlite"):
+        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+        conn.executescript(V1_SCHEMA.format(id="INTEGER", double="REAL", bool="INTEGER", true=1))
+    else:
+        import psycopg2
+
+        conn = psycopg2.connect(db_url)
+        with conn, conn.cursor() as cur:
+            cur.execute(V1_SCHEMA.format(id="SERIAL", double="DOUBLE PRECISION", bool="BOOLEAN", true="TRUE"))
+    conn.close()
+
+
+def test_version_1_database_is_migrated(db_url: str) -> None:
+    create_v1_database(db_url)
+    for _ in range(2):  # the second open finds version 2 and changes nothing
+        s = Store.open(db_url)
+        try:
+            rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [2]
+            assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
+            old, broke = s.list_tasks(status=None, name=None, username=None, limit=10)[::-1]
+            assert [old[f] for f in ("name", "username", "args", "status", "created_at")] == [
+                "old", "ann", {"k": 1}, "queued", NOW_ISO
+            ]  # fmt: skip
+            policy = ("priority", "retries", "retry_delay", "timeout", "errors")
+            assert [old[f] for f in policy] == [broke[f] for f in policy] == [0, 0, 1.0, None, []]
+            assert (broke["status"], broke["error"], broke["worker"]) == ("failed", "E", "w1")
+            [rec] = s.list_recurring()
+            assert [rec[f] for f in ("name", "enabled", "priority", "retries", "retry_delay", "timeout")] == [
+                "tick", True, 0, 0, 1.0, None
+            ]  # fmt: skip
+        finally:
+            s.close()
+    s = Store.open(db_url)
+    try:  # the migrated tables take the new columns and the priority index
+        high = add(s, options={"priority": 9, "retries": 1})
+        assert [t["task_id"] for t in s.claim("w1", 2, NOW)] == [high, old["id"]]
+        assert s.retry(broke["id"], NOW)["status"] == "queued"
+    finally:
+        s.close()
 
 
 @pytest.mark.parametrize("url", ["mysql://x", "sqlite://", "postgresql://postgres@127.0.0.1:5432/"])
@@ -93,7 +166,8 @@ def test_missing_id_is_task_not_found(store: Store, call: Callable[[Store], obje
 def test_add_task_round_trips_through_get_task(store: Store) -> None:
     args = {"x": [1, 2.5, None], "nested": {"s": "é"}, "flag": True}
     meta = {"name": "report", "username": "ann", "description": "monthly"}
-    task_id = store.add_task(meta, args, run_at=NOW + 3600, now=NOW)
+    options = {"priority": -3, "retries": 2, "retry_delay": 0.25, "timeout": 30.5}
+    task_id = store.add_task(meta, args, run_at=NOW + 3600, now=NOW, options=options)
     assert store.get_task(task_id) == {
         "id": task_id,
         "name": "report",
@@ -113,7 +187,17 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
         "started_at": None,
         "finished_at": None,
         "recurring_id": None,
+        "priority": -3,
+        "retries": 2,
+        "retry_delay": 0.25,
+        "timeout": 30.5,
+        "errors": [],
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
+
+
+def test_options_left_out_take_the_column_defaults(store: Store) -> None:
+    task = store.get_task(add(store, options={"retries": 1}))
+    assert [task[f] for f in ("priority", "retries", "retry_delay", "timeout", "errors")] == [0, 1, 1.0, None, []]
 
 
 # --- scheduling ---------------------------------------------------------------------------------------------------
@@ -175,8 +259,8 @@ def test_claim_oldest_first_with_limit(store: Store) -> None:
 
     first = store.claim("w1", 2, NOW + 1)
     assert first == [
-        {"task_id": a, "name": "a", "args": {"n": 1}, "attempt": 1},
-        {"task_id": b1, "name": "b", "args": {"i": 1}, "attempt": 1},
+        {"task_id": a, "name": "a", "args": {"n": 1}, "attempt": 1, "timeout": None},
+        {"task_id": b1, "name": "b", "args": {"i": 1}, "attempt": 1, "timeout": None},
     ]
     second = store.claim("w2", 10, NOW + 2)
     assert [t["task_id"] for t in second] == [b2, c]
@@ -227,7 +311,7 @@ def test_started_and_progress_apply_only_to_current_delivery(store: Store) -> No
         ("w2", ev(task_id, 1, "progress", progress=0.9, message="stale worker")),
         ("w1", ev(task_id, 2, "progress", progress=0.8, message="wrong attempt")),
         ("w2", ev(task_id, 1, "started", at=NOW + 99)),
-    ]) == []  # fmt: skip
+    ]).finished == []  # fmt: skip
     task = store.get_task(task_id)
     assert (task["status"], task["progress"], task["progress_message"]) == ("running", 0.5, "half")
     assert task["started_at"] == iso(NOW + 5)
@@ -240,30 +324,31 @@ def test_succeeded_and_failed_are_stored(store: Store) -> None:
         ("w1", ev(ok, 1, "succeeded", at=NOW + 7, result={"rows": [1, 2]})),
         ("w1", ev(bad, 1, "failed", at=NOW + 8, error="ValueError: boom", traceback="Traceback ...")),
     ])  # fmt: skip
-    assert done == [ok, bad]
-    fields = ("status", "result", "progress", "finished_at", "error", "traceback")
+    assert done == Applied(finished=[ok, bad], retrying=[])
+    fields = ("status", "result", "progress", "finished_at", "error", "traceback", "errors")
     t = store.get_task(ok)
-    assert [t[f] for f in fields] == ["succeeded", {"rows": [1, 2]}, 1.0, iso(NOW + 7), None, None]
+    assert [t[f] for f in fields] == ["succeeded", {"rows": [1, 2]}, 1.0, iso(NOW + 7), None, None, []]
     t = store.get_task(bad)
-    assert [t[f] for f in fields] == ["failed", None, 0.0, iso(NOW + 8), "ValueError: boom", "Traceback ..."]
+    failure = {"attempt": 1, "error": "ValueError: boom", "at": NOW + 8, "worker": "w1"}
+    assert [t[f] for f in fields] == ["failed", None, 0.0, iso(NOW + 8), "ValueError: boom", "Traceback ...", [failure]]
     assert store.running() == []
 
 
 def test_first_final_result_wins(store: Store) -> None:
     task_id = add(store)
     store.claim("w1", 1, NOW)
-    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="first"))]) == [task_id]
+    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="first"))]).finished == [task_id]
     assert store.apply_events([
         ("w1", ev(task_id, 1, "succeeded", result="second")),
         ("w1", ev(task_id, 1, "failed", error="late")),
         ("w1", ev(task_id, 1, "progress", progress=0.1)),
-    ]) == []  # fmt: skip
+    ]).finished == []  # fmt: skip
     t = store.get_task(task_id)
     assert (t["status"], t["result"], t["error"], t["progress"]) == ("succeeded", "first", None, 1.0)
     other = add(store)  # within one batch too
     store.claim("w1", 1, NOW)
     batch = [("w1", ev(other, 1, "failed", error="first")), ("w1", ev(other, 1, "succeeded", result=1))]
-    assert store.apply_events(batch) == [other]
+    assert store.apply_events(batch).finished == [other]
     assert (status(store, other), store.get_task(other)["error"]) == ("failed", "first")
 
 
@@ -272,24 +357,162 @@ def test_final_event_from_previous_attempt_after_requeue(store: Store) -> None:
     store.claim("w1", 1, NOW)
     store.requeue_worker("w1")
     store.claim("w2", 1, NOW + 1)  # attempt 2 is running on w2
-    assert store.apply_events([("w1", ev(task_id, 1, "progress", progress=0.7))]) == []
-    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="from w1"))]) == [task_id]
+    assert store.apply_events([("w1", ev(task_id, 1, "progress", progress=0.7))]).finished == []
+    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="from w1"))]).finished == [task_id]
     t = store.get_task(task_id)
     assert (t["status"], t["result"], t["worker"], t["attempts"]) == ("succeeded", "from w1", "w1", 2)
-    assert store.apply_events([("w2", ev(task_id, 2, "succeeded", result="from w2"))]) == []
+    assert store.apply_events([("w2", ev(task_id, 2, "succeeded", result="from w2"))]).finished == []
     assert store.get_task(task_id)["result"] == "from w1"
 
 
 def test_final_event_for_requeued_task_not_yet_reclaimed(store: Store) -> None:
     task_id = add(store)
-    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result=1))]) == []  # never delivered
+    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result=1))]).finished == []  # never delivered
     store.claim("w1", 1, NOW)
-    assert store.apply_events([("w1", ev(task_id, 2, "succeeded", result=1))]) == []  # attempt from the future
+    assert store.apply_events([("w1", ev(task_id, 2, "succeeded", result=1))]).finished == []  # attempt from the future
     assert store.requeue([(task_id, 1)]) == [task_id]
     assert status(store, task_id) == "queued"
-    assert store.apply_events([("w1", ev(task_id, 1, "failed", error="lost"))]) == [task_id]
+    assert store.apply_events([("w1", ev(task_id, 1, "failed", error="lost"))]).finished == [task_id]
     assert status(store, task_id) == "failed"
     assert store.claim("w2", 1, NOW) == []
+
+
+# --- per-task policy: priority, retries, manual retry -------------------------------------------------------------
+
+
+def test_lifecycle_table() -> None:
+    S = TaskStatus
+    assert FINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
+    assert S.SCHEDULED in TRANSITIONS[S.RUNNING] and S.CANCELLED in TRANSITIONS[S.RUNNING]
+    assert TRANSITIONS[S.FAILED] == TRANSITIONS[S.CANCELLED] == {S.QUEUED}
+    assert TRANSITIONS[S.SUCCEEDED] == set()
+
+
+def test_claim_highest_priority_first_then_oldest(store: Store) -> None:
+    low_old = add(store, run_at=NOW - 30)
+    high_new = add(store, run_at=NOW - 10, options={"priority": 5})
+    high_old = add(store, run_at=NOW - 20, options={"priority": 5})
+    negative = add(store, run_at=NOW - 40, options={"priority": -1})
+    low_new = add(store, run_at=NOW - 5)
+    urgent = add(store, run_at=NOW, options={"priority": 100})
+    first = [t["task_id"] for t in store.claim("w1", 3, NOW)]
+    assert first == [urgent, high_old, high_new]
+    assert [t["task_id"] for t in store.claim("w1", 10, NOW)] == [low_old, low_new, negative]
+
+
+def test_claim_returns_the_task_timeout(store: Store) -> None:
+    task_id = add(store, options={"timeout": 2.5})
+    assert store.claim("w1", 1, NOW) == [
+        {"task_id": task_id, "name": "job", "args": {"n": 1}, "attempt": 1, "timeout": 2.5}
+    ]
+
+
+@pytest.mark.parametrize("delay, failures, cap, expected", [
+    (0.3, 1, 3600, 0.3), (0.3, 2, 3600, 0.6), (0.3, 3, 3600, 1.2), (1.0, 4, 5.0, 5.0),
+    (0.0, 9, 3600, 0.0), (2.0, 10_000, 60.0, 60.0),  # no overflow however many failures
+])  # fmt: skip
+def test_backoff_doubles_up_to_the_cap(delay: float, failures: int, cap: float, expected: float) -> None:
+    assert backoff(delay, failures, cap) == pytest.approx(expected)
+
+
+def test_failures_are_retried_with_backoff_then_fail(store: Store) -> None:
+    task_id = add(store, options={"retries": 2, "retry_delay": 2.0})
+    expected_errors = []
+    for attempt, at, retry_at in ((1, NOW + 10, NOW + 12), (2, NOW + 20, NOW + 24)):
+        store.promote_due(at)
+        [claim] = store.claim(f"w{attempt}", 1, at - 1)
+        assert claim["attempt"] == attempt
+        store.apply_events([(f"w{attempt}", ev(task_id, attempt, "progress", progress=0.5, message="half"))])
+        applied = store.apply_events([(f"w{attempt}", ev(task_id, attempt, "failed", at=at, error=f"E{attempt}"))])
+        assert applied == Applied(finished=[], retrying=[task_id])
+        expected_errors.append({"attempt": attempt, "error": f"E{attempt}", "at": at, "worker": f"w{attempt}"})
+        t = store.get_task(task_id)
+        assert [t[f] for f in ("status", "run_at", "worker", "error", "errors", "progress", "finished_at")] == [
+            "scheduled", iso(retry_at), None, f"E{attempt}", expected_errors, 0.0, None
+        ]  # fmt: skip
+        assert store.next_due() == retry_at
+        assert store.promote_due(retry_at - 0.5) == 0
+    store.promote_due(NOW + 24)
+    store.claim("w3", 1, NOW + 24)
+    applied = store.apply_events([("w3", ev(task_id, 3, "failed", at=NOW + 30, error="E3", traceback="tb3"))])
+    assert applied == Applied(finished=[task_id], retrying=[])
+    expected_errors.append({"attempt": 3, "error": "E3", "at": NOW + 30, "worker": "w3"})
+    t = store.get_task(task_id)
+    assert [t[f] for f in ("status", "attempts", "worker", "error", "traceback", "errors", "finished_at")] == [
+        "failed", 3, "w3", "E3", "tb3", expected_errors, iso(NOW + 30)
+    ]  # fmt: skip
+
+
+def test_retry_delay_is_capped(store: Store) -> None:
+    store.retry_delay_max = 5.0
+    task_id = add(store, options={"retries": 5, "retry_delay": 4.0})
+    store.claim("w1", 1, NOW)
+    store.apply_events([("w1", ev(task_id, 1, "failed", at=NOW + 10, error="E"))])
+    assert store.get_task(task_id)["run_at"] == iso(NOW + 14)
+    store.promote_due(NOW + 14)
+    store.claim("w1", 1, NOW + 14)
+    store.apply_events([("w1", ev(task_id, 2, "failed", at=NOW + 20, error="E"))])
+    assert store.get_task(task_id)["run_at"] == iso(NOW + 25)  # 8 s capped to 5
+
+
+def test_lost_worker_does_not_use_up_a_retry(store: Store) -> None:
+    task_id = add(store, options={"retries": 1, "retry_delay": 0.0})
+    store.claim("w1", 1, NOW)
+    store.requeue_worker("w1")  # no failure: re-queued as before
+    store.claim("w2", 1, NOW)
+    assert store.apply_events([("w2", ev(task_id, 2, "failed", error="E"))]).retrying == [task_id]
+    assert status(store, task_id) == "scheduled"
+    # A late failure of a retrying task is ignored, like any final event of a task neither queued nor running.
+    assert store.apply_events([("w1", ev(task_id, 1, "failed", error="late"))]) == Applied()
+    assert [e["attempt"] for e in store.get_task(task_id)["errors"]] == [2]
+
+
+def test_retry_requeues_failed_and_cancelled_tasks(store: Store) -> None:
+    failed, cancelled = add(store), add(store, run_at=NOW + 60)
+    store.claim("w1", 1, NOW)
+    store.apply_events([("w1", ev(failed, 1, "progress", progress=0.4, message="m"))])
+    store.apply_events([("w1", ev(failed, 1, "failed", at=NOW + 7, error="E", traceback="tb"))])
+    store.cancel(cancelled, NOW + 8)
+    task = store.retry(failed, NOW + 9)
+    fields = ("status", "run_at", "attempts", "error", "traceback", "progress", "progress_message", "result")
+    assert [task[f] for f in fields] == ["queued", iso(NOW + 9), 1, None, None, 0.0, None, None]
+    assert (task["worker"], task["started_at"], task["finished_at"]) == (None, None, None)
+    assert task["errors"] == [{"attempt": 1, "error": "E", "at": NOW + 7, "worker": "w1"}]  # history kept
+    assert store.retry(cancelled, NOW + 9)["status"] == "queued"
+    assert [(t["task_id"], t["attempt"]) for t in store.claim("w2", 5, NOW + 10)] == [(failed, 2), (cancelled, 1)]
+    store.apply_events([("w2", ev(failed, 2, "succeeded", result="second time"))])
+    task = store.get_task(failed)
+    assert (task["status"], task["result"], len(task["errors"])) == ("succeeded", "second time", 1)
+
+
+@pytest.mark.parametrize("state", ["scheduled", "queued", "running", "succeeded"])
+def test_retry_refused_unless_failed_or_cancelled(store: Store, state: str) -> None:
+    task_id = add(store, run_at=NOW + 60 if state == "scheduled" else NOW)
+    if state in ("running", "succeeded"):
+        store.claim("w1", 1, NOW)
+    if state == "succeeded":
+        store.apply_events([("w1", ev(task_id, 1, "succeeded", result=None))])
+    with pytest.raises(
+        InvalidTransition, match=f"task {task_id} is {state}: only failed or cancelled tasks can be retried"
+    ):
+        store.retry(task_id, NOW)
+    assert status(store, task_id) == state
+    with pytest.raises(TaskNotFound):
+        store.retry(999_999, NOW)
+
+
+def test_recurring_runs_get_the_schedule_options(store: Store) -> None:
+    options = {"priority": 7, "retries": 4, "retry_delay": 0.5, "timeout": 12.0}
+    rec = store.add_recurring({"name": "tick"}, {}, interval="every minute", next_run_at=NOW, now=NOW, options=options)
+    [row] = store.list_recurring()
+    assert {f: row[f] for f in options} == options
+    [task_id] = store.fire_recurring([(rec, NOW, NOW + 60)], now=NOW)
+    task = store.get_task(task_id)
+    assert {f: task[f] for f in options} == options
+    plain = store.add_recurring({"name": "plain"}, {}, interval="every minute", next_run_at=NOW, now=NOW)
+    [task_id] = store.fire_recurring([(plain, NOW, NOW + 60)], now=NOW)
+    task = store.get_task(task_id)
+    assert [task[f] for f in options] == [0, 0, 1.0, None]
 
 
 # --- client requests ----------------------------------------------------------------------------------------------
@@ -306,16 +529,31 @@ def test_cancel_pending(store: Store, run_at: float) -> None:
         store.cancel(task_id, NOW + 6)
 
 
-@pytest.mark.parametrize("final", [False, True], ids=["running", "succeeded"])
-def test_cancel_refused_after_claim(store: Store, final: bool) -> None:
+def test_cancel_running_keeps_its_delivery_and_ignores_its_final_event(store: Store) -> None:
+    task_id = add(store, options={"retries": 3})
+    store.claim("w1", 1, NOW)
+    task = store.cancel(task_id, NOW + 5)
+    # The worker and attempt stay, so the caller can tell that worker which delivery to stop.
+    assert [task[f] for f in ("status", "finished_at", "worker", "attempts")] == ["cancelled", iso(NOW + 5), "w1", 1]
+    assert store.running() == []
+    stopped = store.apply_events([("w1", ev(task_id, 1, "failed", error="cancelled"))])
+    assert stopped == Applied(finished=[], retrying=[])  # final already: neither failed nor retried
+    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result=1))]).finished == []
+    task = store.get_task(task_id)
+    assert [task[f] for f in ("status", "error", "errors", "result")] == ["cancelled", None, [], None]
+
+
+@pytest.mark.parametrize("final", ["succeeded", "failed", "cancelled"])
+def test_cancel_refused_for_final_tasks(store: Store, final: str) -> None:
     task_id = add(store)
     store.claim("w1", 1, NOW)
-    if final:
-        store.apply_events([("w1", ev(task_id, 1, "succeeded", result=None))])
-    expected = "succeeded" if final else "running"
-    with pytest.raises(InvalidTransition, match=f"task {task_id} is {expected}"):
+    if final == "cancelled":
+        store.cancel(task_id, NOW + 1)
+    else:
+        store.apply_events([("w1", ev(task_id, 1, final, result=None, error="e"))])
+    with pytest.raises(InvalidTransition, match=f"task {task_id} is {final}: only scheduled, queued or running"):
         store.cancel(task_id, NOW + 5)
-    assert status(store, task_id) == expected
+    assert status(store, task_id) == final
 
 
 def test_revoke_and_list_recurring(store: Store) -> None:
