@@ -148,7 +148,30 @@ def _parse_args(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def _task_options(func: Callable[..., None]) -> Callable[..., None]:
-    """Add --args, --username and --description, shared by execute, schedule and every."""
+    """Add --args, --username, --description and the task's policy, shared by execute, schedule and every.
+
+    The policy reaches the verb as ``retries``, ``retry_delay``, ``task_timeout`` and ``priority``
+    (--timeout is the reply timeout already); :func:`_policy` makes the client's arguments of them.
+    """
+    func = click.option("--priority", type=int, metavar="N", help="Higher priorities run first. Default: 0.")(func)
+    func = click.option(
+        "--task-timeout",
+        type=click.FloatRange(0, min_open=True),
+        metavar="S",
+        help="Seconds the handler may run before its worker stops it and the task fails. Default: the server's.",
+    )(func)
+    func = click.option(
+        "--retry-delay",
+        type=click.FloatRange(0),
+        metavar="S",
+        help="Seconds before the first retry, doubling for each further one. Default: the server's.",
+    )(func)
+    func = click.option(
+        "--retries",
+        type=click.IntRange(0),
+        metavar="N",
+        help="Times a failing handler is run again. Default: the server's.",
+    )(func)
     func = click.option("--description", help="Free text stored with the task.")(func)
     func = click.option("--username", help="Who the task is run for (list can filter on it).")(func)
     return click.option(
@@ -157,6 +180,11 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
         metavar="JSON",
         help="The handler's data argument, as a JSON object (default {}).",
     )(func)
+
+
+def _policy(retries: int | None, retry_delay: float | None, task_timeout: float | None, priority: int | None) -> dict:
+    """The client's option arguments from the command line's (None: the server's default)."""
+    return {"retries": retries, "retry_delay": retry_delay, "timeout": task_timeout, "priority": priority}
 
 
 def _meta(**fields: str | None) -> dict:
@@ -271,9 +299,10 @@ def execute(
     description: str | None,
     wait: bool,
     wait_timeout: float,
+    **policy: Any,
 ) -> None:
     """Queue task NAME to run now and print its id."""
-    task_id = client.execute(_meta(name=name, username=username, description=description), args)
+    task_id = client.execute(_meta(name=name, username=username, description=description), args, **_policy(**policy))
     if not (wait and as_json):
         _echo(as_json, {"task_id": task_id}, lambda reply: f"task {reply['task_id']} queued")
     if wait:
@@ -286,10 +315,19 @@ def execute(
 @_task_options
 @_client_command
 def schedule(
-    client: Martinet, as_json: bool, when: str, name: str, args: dict, username: str | None, description: str | None
+    client: Martinet,
+    as_json: bool,
+    when: str,
+    name: str,
+    args: dict,
+    username: str | None,
+    description: str | None,
+    **policy: Any,
 ) -> None:
     """Run task NAME once at WHEN ('in 20 minutes', '17:30', ISO 8601...) and print its id."""
-    task_id = client.schedule(when, _meta(name=name, username=username, description=description), args)
+    task_id = client.schedule(
+        when, _meta(name=name, username=username, description=description), args, **_policy(**policy)
+    )
     _echo(
         as_json,
         {"task_id": task_id},
@@ -312,10 +350,11 @@ def every(
     args: dict,
     username: str | None,
     description: str | None,
+    **policy: Any,
 ) -> None:
     """Run task NAME every INTERVAL ('30 minutes', 'monday'...) and print the schedule's id."""
     recurring_id = client.every(
-        interval, _meta(name=name, username=username, description=description, run_at=run_at), args
+        interval, _meta(name=name, username=username, description=description, run_at=run_at), args, **_policy(**policy)
     )
 
     def render(reply: dict) -> str:
@@ -360,8 +399,16 @@ def list_tasks(
 @click.argument("task_id", type=int)
 @_client_command
 def cancel(client: Martinet, as_json: bool, task_id: int) -> None:
-    """Cancel scheduled or queued task TASK_ID."""
+    """Cancel scheduled, queued or running task TASK_ID (its worker is told to stop it)."""
     _echo(as_json, client.cancel(task_id), lambda record: f"task {task_id} {_cell(record.get('status'))}")
+
+
+@main.command()
+@click.argument("task_id", type=int)
+@_client_command
+def retry(client: Martinet, as_json: bool, task_id: int) -> None:
+    """Queue failed or cancelled task TASK_ID to run again now."""
+    _echo(as_json, client.retry(task_id), lambda record: f"task {task_id} {_cell(record.get('status'))}")
 
 
 @main.command()
@@ -415,6 +462,38 @@ def _setup_logging(level: str) -> None:
 @click.option("--db", "db_url", envvar="MARTINET_DB", show_envvar=True, default=config.DB_URL, help="Database URL.")
 @click.option("--tz", envvar="MARTINET_TZ", show_envvar=True, help="Time zone for schedules (default: local time).")
 @_heartbeat_option
+@click.option(
+    "--default-retries",
+    envvar="MARTINET_DEFAULT_RETRIES",
+    show_envvar=True,
+    type=click.IntRange(0),
+    default=config.DEFAULT_RETRIES,
+    help="Retries of a task that does not give its own.",
+)
+@click.option(
+    "--default-retry-delay",
+    envvar="MARTINET_DEFAULT_RETRY_DELAY",
+    show_envvar=True,
+    type=click.FloatRange(0),
+    default=config.DEFAULT_RETRY_DELAY,
+    help="Seconds before the first retry of a task that does not give its own; doubling for each further one.",
+)
+@click.option(
+    "--default-timeout",
+    envvar="MARTINET_DEFAULT_TIMEOUT",
+    show_envvar=True,
+    type=click.FloatRange(0, min_open=True),
+    default=config.DEFAULT_TIMEOUT,
+    help="Seconds a handler may run, for a task that does not give its own (default: no limit).",
+)
+@click.option(
+    "--retry-delay-max",
+    envvar="MARTINET_RETRY_DELAY_MAX",
+    show_envvar=True,
+    type=click.FloatRange(0),
+    default=config.RETRY_DELAY_MAX,
+    help="Longest wait before a retry, seconds: the cap of the doubling.",
+)
 @_log_level_option
 def serve(
     bind: str,
@@ -424,6 +503,10 @@ def serve(
     db_url: str,
     tz: str | None,
     heartbeat: float,
+    default_retries: int,
+    default_retry_delay: float,
+    default_timeout: float | None,
+    retry_delay_max: float,
     log_level: str,
 ) -> None:
     """Run the server: store tasks, schedule them and dispatch them to workers."""
@@ -439,6 +522,10 @@ def serve(
             db_url=db_url,
             tz=tz,
             heartbeat=heartbeat,
+            default_retries=default_retries,
+            default_retry_delay=default_retry_delay,
+            default_timeout=default_timeout,
+            retry_delay_max=retry_delay_max,
         )
     )
 
@@ -510,3 +597,13 @@ def work(
             paths=paths,
         )
     )
+
+
+@main.command("_slot", hidden=True)
+@click.argument("fd", type=int)
+@click.argument("spec")
+def slot(fd: int, spec: str) -> None:
+    """A worker's handler process (started by the worker itself, see martinet_app/runner.py)."""
+    from martinet_app import runner
+
+    runner.main(fd, json.loads(spec))

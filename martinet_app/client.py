@@ -24,6 +24,11 @@ from .errors import InvalidRequest, ProtocolError, ServerUnavailable, WaitTimeou
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
+def _options(**given: Any) -> dict | None:
+    """A request's ``options``: those not None, or None (the field left out) if none is given."""
+    return {key: value for key, value in given.items() if value is not None} or None
+
+
 def _zmq_module() -> Any:
     """zmq.green under a gevent-patched process, plain zmq otherwise."""
     monkey = sys.modules.get("gevent.monkey")
@@ -63,20 +68,64 @@ class Martinet:
 
     # ------------------------------------------------------------ submitting
 
-    def execute(self, task: dict, args: dict | None = None) -> int:
-        """Queue a task to run now; returns its id once the server has committed it."""
-        return self._request("execute", task=task, args=args)["task_id"]
+    def execute(
+        self,
+        task: dict,
+        args: dict | None = None,
+        *,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> int:
+        """Queue a task to run now; returns its id once the server has committed it.
 
-    def schedule(self, when: str, task: dict, args: dict | None = None) -> int:
-        """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id."""
-        return self._request("schedule", when=when, task=task, args=args)["task_id"]
+        Options left None take the server's defaults:
 
-    def every(self, interval: str, task: dict, args: dict | None = None) -> int:
+        - ``retries``: how many times a failing handler is run again (0: none);
+        - ``retry_delay``: seconds before the first retry, doubling for each further one;
+        - ``timeout``: seconds the handler may run before its worker stops it and it fails;
+        - ``priority``: higher runs first among queued tasks (default 0).
+        """
+        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
+        return self._request("execute", task=task, args=args, options=options)["task_id"]
+
+    def schedule(
+        self,
+        when: str,
+        task: dict,
+        args: dict | None = None,
+        *,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> int:
+        """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id.
+
+        The options are as for :meth:`execute`.
+        """
+        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
+        return self._request("schedule", when=when, task=task, args=args, options=options)["task_id"]
+
+    def every(
+        self,
+        interval: str,
+        task: dict,
+        args: dict | None = None,
+        *,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> int:
         """Run a task every ``interval`` (``'30 minutes'``, ``'monday'``...); returns the schedule's id.
 
         ``task["run_at"]`` sets the first run (and, for day/week intervals, the time of day).
+        The options are as for :meth:`execute`; every run gets them.
         """
-        return self._request("every", interval=interval, task=task, args=args)["recurring_id"]
+        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
+        return self._request("every", interval=interval, task=task, args=args, options=options)["recurring_id"]
 
     # ------------------------------------------------------------ inspecting
 
@@ -127,8 +176,12 @@ class Martinet:
     # ------------------------------------------------------------ stopping
 
     def cancel(self, task_id: int) -> dict:
-        """Cancel a scheduled or queued task; returns its record."""
+        """Cancel a scheduled, queued or running task (its worker is told to stop it); returns its record."""
         return self._request("cancel", task_id=task_id)["task"]
+
+    def retry(self, task_id: int) -> dict:
+        """Queue a failed or cancelled task to run again now; returns its record (``errors`` keeps its history)."""
+        return self._request("retry", task_id=task_id)["task"]
 
     def revoke(self, recurring_id: int) -> dict:
         """Stop a recurring schedule; tasks it already created stay in history."""

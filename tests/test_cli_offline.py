@@ -21,6 +21,7 @@ VERBS = (
     "wait",
     "list",
     "cancel",
+    "retry",
     "recurring",
     "revoke",
     "workers",
