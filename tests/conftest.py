@@ -1,7 +1,8 @@
 """Fixtures that start real ``martinet serve`` / ``martinet work`` processes on free ports.
 
 Every server runs on a temporary SQLite file or on the PostgreSQL database ``test`` on
-127.0.0.1:5432 (tables dropped first). PostgreSQL tests skip when no server answers,
+127.0.0.1:5432 (tables dropped first; TEST_PG_URL names another, so that two test runs
+at once do not drop each other's tables). PostgreSQL tests skip when no server answers,
 except under CI=true, where they fail: CI never passes by skipping.
 """
 
@@ -24,7 +25,7 @@ from martinet_app.errors import ServerUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_HANDLERS = Path(__file__).resolve().parent / "handlers"
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 #: Heartbeat used by test servers and workers: short, so restarts are noticed quickly.
 HEARTBEAT = 0.2
 #: Longest any test waits for a condition before failing.

@@ -214,7 +214,8 @@ def test_server_survives_losing_its_postgresql_connection(cluster: Cluster):
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'test' AND pid <> pg_backend_pid()"
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
         )
         assert cur.rowcount >= 1
     conn.close()
