@@ -653,14 +653,14 @@ def _options(options: dict | None) -> dict:
 
 
 def task_dict(row: Task) -> dict:
-    """A task row as the client sees it: JSON decoded (``errors`` as a list), times as ISO 8601 UTC."""
+    """A task row as the client sees it: JSON decoded (``errors`` as a list), times (also in errors) as ISO 8601 UTC."""
     out = {}
     for field in TASK_FIELDS:
         value = getattr(row, field)
         if field in ("args", "result"):
             value = None if value is None else json.loads(value)
         elif field == "errors":
-            value = json.loads(value or "[]")
+            value = [{**error, "at": iso(error["at"])} for error in json.loads(value or "[]")]
         elif field in _TASK_TIMES:
             value = iso(value)
         out[field] = value

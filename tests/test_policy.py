@@ -166,7 +166,7 @@ def test_failing_task_is_retried_with_exponential_backoff(cluster: Cluster) -> N
     assert (task["status"], task["attempts"], task["error"]) == ("failed", 3, "ValueError: again")
     assert [(e["attempt"], e["error"]) for e in task["errors"]] == [(n, "ValueError: again") for n in (1, 2, 3)]
     assert all(e["worker"] == task["worker"] for e in task["errors"])
-    at = [e["at"] for e in task["errors"]]
+    at = [ts(e["at"]) for e in task["errors"]]
     first, second = at[1] - at[0], at[2] - at[1]
     assert 0.25 <= first < 0.3 + 1.0, f"first retry {first:.3f} s after the failure, expected about 0.3 s"
     assert 0.55 <= second < 0.6 + 1.0, f"second retry {second:.3f} s after the failure, expected about 0.6 s"
