@@ -1,18 +1,14 @@
 """``martinet work``: run handlers for the tasks the broker sends, report status to the sink.
 
-Importing this module monkey-patches the process with gevent, so that handlers' blocking
-I/O (sockets, sleeps, subprocesses) yields to the other tasks instead of stalling them.
-Handlers must therefore be imported after this module, which ``run_worker`` guarantees.
-
-Greenlets: one owns the DEALER socket (READY, TASK, HEARTBEAT, DISCONNECT), one drains
-status events into batched PUSH messages, and one per running task.
+The worker process itself runs no handler code. Each of its slots is a handler process
+(slots.py, runner.py) that loads the handlers and runs one task at a time, so the worker's
+gevent loop is always free to heartbeat, and a task can be stopped on timeout or cancel by
+killing its process. Greenlets: one owns the DEALER socket (READY, TASK, CANCEL, HEARTBEAT,
+DISCONNECT), one drains status events into batched PUSH messages, and one per running task
+waits on its slot.
 """
 
 from __future__ import annotations
-
-from gevent import monkey
-
-monkey.patch_all()
 
 import logging
 import os
@@ -20,20 +16,19 @@ import signal
 import socket as pysocket
 import sys
 import time
-import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import gevent
 import gevent.event
-import gevent.pool
 import gevent.queue
 import zmq.green as zmq
 
 from . import config, protocol
 from .errors import HandlerError, ProtocolError
-from .registry import Handler, Registry, load_handlers
+from .registry import Handler, Registry
+from .slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +61,8 @@ class Worker:
         concurrency: int = config.CONCURRENCY,
         heartbeat: float = config.HEARTBEAT_INTERVAL,
         grace: float = config.WORKER_GRACE,
-        registry: Registry | None = None,
+        handlers_dir: str | None = None,
+        paths: Sequence[str] = (),
         worker_id: str | None = None,
     ) -> None:
         host = url.removeprefix("tcp://").rstrip("/")
@@ -75,11 +71,14 @@ class Worker:
         self.concurrency = concurrency
         self.heartbeat = heartbeat
         self.grace = grace
+        self.handlers_dir = handlers_dir
+        self.paths = [os.path.abspath(path) for path in paths]
         self.registry = Registry()
-        if registry is not None:
-            self.registry.update(registry)
+        self.handler_names: list[str] = []
         self.id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._running: dict[int, tuple[int, gevent.Greenlet]] = {}
+        self._slots: list[Slot] = []
+        self._idle: gevent.queue.Queue = gevent.queue.Queue()
+        self._running: dict[int, tuple[int, Slot, gevent.Greenlet]] = {}
         # Tasks received after stop() began: never started, handed back with DISCONNECT.
         self._declined: list[dict] = []
         self._events: gevent.queue.Queue = gevent.queue.Queue()
@@ -87,7 +86,11 @@ class Worker:
         self._forced = gevent.event.Event()
 
     def on(self, name: str, fn: Handler | None = None) -> Any:
-        """Register ``fn`` for task ``name``; without ``fn``, a decorator: ``@worker.on("name")``."""
+        """Register ``fn`` for task ``name``; without ``fn``, a decorator: ``@worker.on("name")``.
+
+        Handlers run in separate processes that import ``fn`` by module and name, so it must be
+        a module-level function (in a script, keep ``worker.run()`` under ``if __name__ == "__main__"``).
+        """
         if fn is not None:
             return self.registry.add(name, fn)
         return lambda handler: self.registry.add(name, handler)
@@ -104,9 +107,12 @@ class Worker:
             self._stopping.set()
 
     def run(self) -> None:
-        """Serve until :meth:`stop` (or SIGTERM/SIGINT when run from the main greenlet)."""
-        if not len(self.registry):
-            raise HandlerError("this worker has no handlers: register some with @task or Worker.on() first")
+        """Serve until :meth:`stop` (or SIGTERM/SIGINT when run from the main greenlet).
+
+        Raises:
+            HandlerError: the handlers cannot be loaded, or there are none.
+        """
+        self._start_slots()
         context = zmq.Context()
         status = context.socket(zmq.PUSH)
         status.setsockopt(zmq.SNDHWM, 0)  # never block or drop a status event while the server is away
@@ -117,7 +123,7 @@ class Worker:
         log.info(
             "worker %s serving %s with %d slot(s) on %s",
             self.id,
-            ", ".join(self.registry.names()),
+            ", ".join(self.handler_names),
             self.concurrency,
             self.worker_endpoint,
         )
@@ -126,6 +132,8 @@ class Worker:
         finally:
             for handler in signals:
                 handler.cancel()
+            for slot in self._slots:
+                slot.close()
             self._events.put(None)
             pusher.join(timeout=STATUS_LINGER)
             status.close()
@@ -186,14 +194,14 @@ class Worker:
             "worker": self.id,
             "host": pysocket.gethostname(),
             "pid": os.getpid(),
-            "handlers": self.registry.names(),
+            "handlers": self.handler_names,
             "slots": slots,
             "heartbeat": self.heartbeat,
             "running": self._refs(),
         }
 
     def _refs(self) -> list[dict]:
-        running = [{"task_id": task_id, "attempt": attempt} for task_id, (attempt, _) in self._running.items()]
+        running = [{"task_id": task_id, "attempt": attempt} for task_id, (attempt, _, _) in self._running.items()]
         return running + self._declined
 
     def _handle(self, frames: list[bytes]) -> bytes | None:
@@ -205,6 +213,9 @@ class Worker:
         if command == protocol.TASK:
             for task in body.get("tasks", []):
                 self._start(task)
+        elif command == protocol.CANCEL:
+            for ref in body.get("tasks", []):
+                self._cancel(ref)
         elif command == protocol.DISCONNECT:
             log.info("server asked this worker to register again (%s)", body.get("reason", "no reason given"))
         return command
@@ -212,8 +223,10 @@ class Worker:
     def _leave(self, sock: Any) -> None:
         unfinished = self._refs()
         self._send(sock, protocol.DISCONNECT, {"running": unfinished})
-        for _, greenlet in list(self._running.values()):
+        # Handed back, not failed: stop waiting on them without reporting, then stop their processes.
+        for _, slot, greenlet in list(self._running.values()):
             greenlet.kill(block=False)
+            slot.close()
         if unfinished:
             log.warning("handed %d unfinished task(s) back to the server", len(unfinished))
         # Let the DISCONNECT leave before the socket closes, but do not wait long for an absent server.
@@ -227,9 +240,48 @@ class Worker:
 
     # ------------------------------------------------------------ running tasks
 
+    def _start_slots(self) -> None:
+        """Start one handler process per slot; they all report the same task names."""
+        spec = {
+            "worker": self.id,
+            "handlers_dir": self.handlers_dir,
+            "paths": self.paths,
+            "functions": [self._function_ref(name) for name in self.registry.names()],
+        }
+        slots = [Slot(spec) for _ in range(self.concurrency)]
+
+        def start(slot: Slot) -> list[str] | HandlerError:
+            try:
+                return slot.start()
+            except HandlerError as exc:
+                return exc
+
+        outcomes = [greenlet.value for greenlet in gevent.joinall([gevent.spawn(start, slot) for slot in slots])]
+        failure = next((outcome for outcome in outcomes if isinstance(outcome, HandlerError)), None)
+        if failure is not None:
+            for slot in slots:
+                slot.close()
+            raise failure
+        self.handler_names = outcomes[0]
+        self._slots = slots
+        for slot in slots:
+            self._idle.put(slot)
+
+    def _function_ref(self, name: str) -> dict:
+        fn = self.registry.get(name)
+        qualname = getattr(fn, "__qualname__", "")
+        if "<" in qualname or not getattr(fn, "__module__", None):
+            raise HandlerError(
+                f"the handler for task {name!r} ({qualname or fn!r}) must be a module-level function: "
+                "handlers run in separate processes that import them by name"
+            )
+        module = sys.modules.get(fn.__module__)
+        script = getattr(module, "__file__", None) if fn.__module__ == "__main__" else None
+        return {"name": name, "module": fn.__module__, "qualname": qualname, "file": script}
+
     def _start(self, task: dict) -> None:
         try:
-            task_id, attempt, name, args = task["task_id"], task["attempt"], task["name"], task["args"]
+            task_id, attempt, name = task["task_id"], task["attempt"], task["name"]
         except (KeyError, TypeError):
             log.warning("ignored a malformed task from the server: %r", task)
             return
@@ -237,43 +289,45 @@ class Worker:
             self._declined.append({"task_id": task_id, "attempt": attempt})
             return
         log.debug("running task %s (%s) attempt %s", task_id, name, attempt)
-        greenlet = gevent.spawn(self._execute, task_id, attempt, name, args)
-        self._running[task_id] = (attempt, greenlet)
+        slot = self._idle.get()
+        greenlet = gevent.spawn(self._execute, slot, task)
+        self._running[task_id] = (attempt, slot, greenlet)
 
-    def _execute(self, task_id: int, attempt: int, name: str, args: dict) -> None:
+    def _cancel(self, ref: dict) -> None:
+        running = self._running.get(ref.get("task_id"))
+        if running is not None and running[0] == ref.get("attempt"):
+            log.debug("cancelling task %s attempt %s", ref["task_id"], ref["attempt"])
+            running[1].interrupt("cancelled")
+
+    def _execute(self, slot: Slot, task: dict) -> None:
+        task_id, attempt, name = task["task_id"], task["attempt"], task["name"]
         started = time.monotonic()
         self._emit(task_id, attempt, protocol.STARTED)
         try:
-            handler = self.registry.get(name)
-            if handler is None:
-                raise LookupError(f"no handler for task {name!r} on worker {self.id}")
-            result = handler(task_id, args, self._progress_callback(task_id, attempt))
-            try:
-                protocol.dumps(result)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"task {name!r} returned a result that is not JSON-serialisable: {exc}") from None
-        except gevent.GreenletExit:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - sys.exit() in a handler fails the task, not the worker
-            error = exc.args[0] if isinstance(exc, LookupError) and exc.args else f"{type(exc).__name__}: {exc}"
-            self._emit(task_id, attempt, protocol.FAILED, error=error, traceback=traceback.format_exc())
-            log.debug("task %s (%s) failed after %.3f s: %s", task_id, name, time.monotonic() - started, error)
-        else:
-            self._emit(task_id, attempt, protocol.SUCCEEDED, result=result)
-            log.debug("task %s (%s) succeeded in %.3f s", task_id, name, time.monotonic() - started)
+            outcome = slot.run(
+                {"task_id": task_id, "attempt": attempt, "name": name, "args": task.get("args", {})},
+                lambda fraction, message: self._emit(task_id, attempt, protocol.PROGRESS, progress=fraction,
+                                                     message=message),
+                task.get("timeout"),
+            )  # fmt: skip
+            event = outcome.pop("event")
+            self._emit(task_id, attempt, event, **outcome)
+            log.debug("task %s (%s) %s after %.3f s", task_id, name, event, time.monotonic() - started)
         finally:
             self._running.pop(task_id, None)
+        self._restart(slot)
+        self._idle.put(slot)
 
-    def _progress_callback(self, task_id: int, attempt: int) -> Callable[..., None]:
-        def progress(fraction: float, message: str | None = None) -> None:
-            """Report progress: ``fraction`` from 0 to 1 and an optional message."""
-            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-                raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
-            if message is not None and not isinstance(message, str):
-                raise ValueError(f"progress message must be a string, got {type(message).__name__}")
-            self._emit(task_id, attempt, protocol.PROGRESS, progress=float(fraction), message=message)
-
-        return progress
+    def _restart(self, slot: Slot) -> None:
+        """Replace a slot's dead process, retrying until it starts (the handlers may be being fixed)."""
+        delay = 1.0
+        while slot.dead and not self._forced.is_set():
+            try:
+                slot.start()
+            except HandlerError as exc:
+                log.error("cannot restart a handler process, retrying in %g s: %s", delay, exc.message)
+                gevent.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _emit(self, task_id: int, attempt: int, event: str, **fields: Any) -> None:
         self._events.put({"task_id": task_id, "attempt": attempt, "event": event, "at": time.time(), **fields})
@@ -307,21 +361,22 @@ def run_worker(
 ) -> int:
     """Load the handlers in ``handlers_dir`` and serve until stopped; returns the exit code.
 
-    ``paths`` are folders put first on ``sys.path``, where handlers find extra packages
-    (e.g. ``pip install --target DIR``): the one-file executable bundles only Martinet's own.
+    ``paths`` are folders put first on ``sys.path`` of the handler processes, where handlers find
+    extra packages (e.g. ``pip install --target DIR``): the executable bundles only Martinet's own.
     """
-    sys.path[:0] = [os.path.abspath(path) for path in paths]
+    worker = Worker(
+        url,
+        worker_port,
+        status_port,
+        concurrency=concurrency,
+        heartbeat=heartbeat,
+        grace=grace,
+        handlers_dir=handlers_dir,
+        paths=paths,
+    )
     try:
-        registry = load_handlers(handlers_dir)
-        if not len(registry):
-            raise HandlerError(
-                f"no handlers found in {handlers_dir!r}: add a module there with a function decorated "
-                "with @task (from martinet_app import task)"
-            )
+        worker.run()
     except HandlerError as exc:
         log.error("cannot start the worker: %s", exc.message)
         return EXIT_HANDLERS
-    Worker(
-        url, worker_port, status_port, concurrency=concurrency, heartbeat=heartbeat, grace=grace, registry=registry
-    ).run()
     return EXIT_OK

@@ -25,6 +25,10 @@ from martinet_app.errors import ServerUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_HANDLERS = Path(__file__).resolve().parent / "handlers"
+#: Every task name tests/handlers registers, sorted.
+TEST_HANDLER_NAMES = [
+    "bad_progress", "bad_result", "crash", "echo", "explode", "ledger", "nap", "spin", "steps", "whoami",
+]  # fmt: skip
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 #: Heartbeat used by test servers and workers: short, so restarts are noticed quickly.
 HEARTBEAT = 0.2

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import TEST_HANDLER_NAMES, wait_until
 from martinet_app.errors import BadTimeSpec, InvalidRequest, InvalidTransition, TaskNotFound, WaitTimeout
 
 
@@ -151,7 +151,7 @@ def test_workers_lists_the_connected_worker(sqlite_cluster):
     (info,) = sqlite_cluster.client.workers()
     assert info["pid"] == worker.pid
     assert info["slots"] == 3 and info["busy"] == 0
-    assert info["handlers"] == sorted(["echo", "steps", "explode", "nap", "ledger", "bad_result", "bad_progress"])
+    assert info["handlers"] == TEST_HANDLER_NAMES
     assert worker.terminate() == 0
     wait_until(lambda: sqlite_cluster.client.workers() == [], what="the worker to leave")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Cluster, Process, martinet_cmd, wait_until
+from conftest import ROOT, TEST_HANDLER_NAMES, Cluster, Process, martinet_cmd, wait_until
 from martinet_app.errors import HandlerError
 from martinet_app.registry import Registry
 
@@ -92,8 +92,13 @@ def test_programmatic_worker_with_on(sqlite_cluster: Cluster, tmp_path):
         def shout(task_id, data, progress):
             return data["text"].upper()
 
-        worker.on("whisper", lambda task_id, data, progress: data["text"].lower())
-        worker.run()
+        def whisper(task_id, data, progress):
+            return data["text"].lower()
+
+        worker.on("whisper", whisper)
+
+        if __name__ == "__main__":
+            worker.run()
     """)
     )
     proc = Process([sys.executable, str(script)], tmp_path / "my_worker.log").start()
@@ -103,6 +108,19 @@ def test_programmatic_worker_with_on(sqlite_cluster: Cluster, tmp_path):
     assert m.wait(m.execute({"name": "shout"}, {"text": "hi"}), timeout=15)["result"] == "HI"
     assert m.wait(m.execute({"name": "whisper"}, {"text": "HI"}), timeout=15)["result"] == "hi"
     assert proc.terminate() == 0
+
+
+def test_programmatic_handlers_must_be_importable(tmp_path):
+    script = tmp_path / "lambda_worker.py"
+    script.write_text(
+        "from martinet_app.worker import Worker\n"
+        "worker = Worker('127.0.0.1', 1, 1)\n"
+        "worker.on('nope', lambda task_id, data, progress: None)\n"
+        "worker.run()\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "the handler for task 'nope' ('<lambda>') must be a module-level function" in result.stderr
 
 
 def test_different_handler_sets_are_logged(sqlite_cluster: Cluster, tmp_path):
@@ -115,7 +133,8 @@ def test_different_handler_sets_are_logged(sqlite_cluster: Cluster, tmp_path):
         lambda: "serves a different set of tasks" in sqlite_cluster.server.log() and sqlite_cluster.server.log(),
         what="the warning",
     )
-    assert "missing: bad_progress, bad_result, explode, ledger, nap, steps; extra: none" in log
+    missing = ", ".join(name for name in TEST_HANDLER_NAMES if name != "echo")
+    assert f"missing: {missing}; extra: none" in log
 
 
 def test_sigterm_lets_running_tasks_finish_and_takes_no_more(sqlite_cluster: Cluster, tmp_path):

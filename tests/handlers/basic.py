@@ -32,10 +32,8 @@ def nap(task_id, data, progress):
 @task
 def ledger(task_id, data, progress):
     """Append this task's id to a file, so tests can count every execution."""
-    with open(data["path"], "a") as f:
+    with open(data["path"], "a") as f:  # a killed process's writes survive: no fsync needed
         f.write(f"{task_id}\n")
-        f.flush()
-        os.fsync(f.fileno())
     time.sleep(data.get("seconds", 0))
     return {"pid": os.getpid()}
 

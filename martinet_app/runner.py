@@ -1,0 +1,137 @@
+"""The handler process: loads the handlers and runs one task at a time for one worker slot.
+
+A worker (worker.py) starts one of these per slot (slots.py) as ``martinet _slot``, so that
+a handler that burns CPU, blocks in C code, hangs, calls ``os._exit`` or crashes never stops
+the worker from heartbeating, and can be stopped by killing its process.
+
+It speaks JSON lines over the socket whose file descriptor it is given:
+
+    runner -> worker: {"hello": [task names]} or {"error": "why the handlers could not load"}
+    worker -> runner: {"task_id", "attempt", "name", "args"}
+    runner -> worker: {"event": "progress", "progress", "message"} (any number), then
+                      {"event": "succeeded", "result"} or {"event": "failed", "error", "traceback"}
+
+The process ignores SIGINT and SIGTERM (its worker decides when it stops) and dies with its
+worker (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Any, BinaryIO
+
+from .errors import HandlerError
+from .registry import Registry, load_handlers
+
+_PR_SET_PDEATHSIG = 1
+#: Name a worker script is imported under in the runner, so its ``if __name__ == "__main__"`` part stays out.
+SCRIPT_MODULE = "__martinet_script__"
+
+
+def main(fd: int, spec: dict) -> None:
+    """Run tasks from the worker until it closes the socket. Never returns."""
+    _detach_from_signals()
+    conn = socket.socket(fileno=fd)
+    stream = conn.makefile("rwb")
+    try:
+        registry = _load(spec)
+        if not len(registry):
+            raise HandlerError(
+                f"no handlers found in {spec.get('handlers_dir')!r}: add a module there with a function decorated "
+                "with @task (from martinet_app import task)"
+            )
+    except HandlerError as exc:
+        _send(stream, {"error": exc.message})
+        os._exit(2)
+    _send(stream, {"hello": registry.names()})
+    for line in stream:
+        task = json.loads(line)
+        _send(stream, _run(registry, task, stream, spec["worker"]))
+    os._exit(0)
+
+
+def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str) -> dict:
+    """Run one task; return its final event."""
+    name = task["name"]
+
+    def progress(fraction: float, message: str | None = None) -> None:
+        """Report progress: ``fraction`` from 0 to 1 and an optional message."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
+        if message is not None and not isinstance(message, str):
+            raise ValueError(f"progress message must be a string, got {type(message).__name__}")
+        _send(stream, {"event": "progress", "progress": float(fraction), "message": message})
+
+    handler = registry.get(name)
+    if handler is None:
+        return {"event": "failed", "error": f"no handler for task {name!r} on worker {worker_id}", "traceback": None}
+    try:
+        result = handler(task["task_id"], task["args"], progress)
+    except BaseException as exc:  # noqa: BLE001 - sys.exit() or KeyboardInterrupt in a handler fails the task
+        return {"event": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    try:
+        json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        error = f"task {name!r} returned a result that is not JSON-serialisable: {exc}"
+        return {"event": "failed", "error": error, "traceback": None}
+    return {"event": "succeeded", "result": result}
+
+
+def _failed(exc: BaseException) -> dict:
+    return {"event": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def _load(spec: dict) -> Registry:
+    """The handlers of the folder, plus functions registered with ``Worker.on``, found by module and name."""
+    sys.path[:0] = spec.get("paths", [])
+    registry = Registry()
+    if spec.get("handlers_dir"):
+        registry.update(load_handlers(spec["handlers_dir"]))
+    for ref in spec.get("functions", []):
+        registry.add(ref["name"], _resolve(ref))
+    return registry
+
+
+def _resolve(ref: dict) -> Any:
+    """Import a function registered with ``Worker.on`` by its module (or script file) and qualified name."""
+    try:
+        if ref.get("file"):
+            module = sys.modules.get(SCRIPT_MODULE)
+            if module is None:
+                module_spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, ref["file"])
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[SCRIPT_MODULE] = module
+                module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(ref["module"])
+        target: Any = module
+        for part in ref["qualname"].split("."):
+            target = getattr(target, part)
+        return target
+    except Exception as exc:  # noqa: BLE001 - any failure to find it is the same user-facing error
+        where = ref.get("file") or ref["module"]
+        raise HandlerError(
+            f"cannot import the handler for task {ref['name']!r} ({ref['qualname']} in {where}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _send(stream: BinaryIO, message: dict) -> None:
+    stream.write(json.dumps(message, allow_nan=False).encode() + b"\n")
+    stream.flush()
+
+
+def _detach_from_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the worker died before prctl took effect
+        os._exit(1)

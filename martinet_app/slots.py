@@ -1,0 +1,141 @@
+"""Worker slots: one handler process (runner.py) per slot, driven from the worker's gevent loop.
+
+A slot runs one task at a time in its own process. The worker's loop only waits on the
+process's socket, so heartbeats keep flowing whatever the handler does; a task that runs past
+its timeout, or is cancelled, is stopped by killing the process (SIGKILL), and a process that
+dies for any reason is replaced before the slot takes another task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import socket, subprocess
+
+from .errors import HandlerError
+
+#: Seconds a new handler process gets to import the handlers and say hello.
+START_TIMEOUT = 60.0
+
+
+class _Expired(Exception):
+    """The task ran past its timeout."""
+
+
+def runner_command() -> list[str]:
+    """How to start a handler process: the frozen executable or this Python."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "_slot"]
+    return [sys.executable, "-m", "martinet_app", "_slot"]
+
+
+class Slot:
+    """One handler process and the task it runs.
+
+    Args:
+        spec: what the process loads (see runner.py): handlers_dir, paths, functions, worker.
+    """
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self.conn: Any = None
+        self.stream: Any = None
+        self.dead = True
+        self._interrupted: str | None = None
+
+    def start(self) -> list[str]:
+        """Start the process and wait for its hello; return the task names it serves.
+
+        Raises:
+            HandlerError: the handlers did not load (the message says why).
+        """
+        ours, theirs = socket.socketpair()
+        os.set_blocking(theirs.fileno(), True)
+        env = dict(os.environ)
+        if not getattr(sys, "frozen", False):
+            # The process must import martinet_app and the handlers from where this one does.
+            env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+        self.proc = subprocess.Popen(
+            [*runner_command(), str(theirs.fileno()), json.dumps(self.spec)],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        self.conn = ours
+        self.stream = ours.makefile("rwb")
+        try:
+            hello = self._read(START_TIMEOUT)
+        except _Expired:
+            hello = None
+        if hello is None or "hello" not in hello:
+            self.close()
+            raise HandlerError(hello["error"] if hello else "the handler process did not start: see the log above")
+        self.dead = False
+        return hello["hello"]
+
+    def run(self, task: dict, on_progress: Callable[[float, str | None], None], timeout: float | None) -> dict:
+        """Run ``task`` in the process; return its final event (``succeeded`` or ``failed``).
+
+        A timeout or :meth:`interrupt` kills the process; the slot is then ``dead`` and must be
+        started again before its next task.
+        """
+        self._interrupted = None
+        self.stream.write(json.dumps(task).encode() + b"\n")
+        self.stream.flush()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                message = self._read(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if message is None:
+                    return self._died()
+                if message.get("event") == "progress":
+                    on_progress(message["progress"], message.get("message"))
+                else:
+                    return message
+        except _Expired:
+            self.close()
+            return {"event": "failed", "error": f"timed out after {timeout:g} s", "traceback": None}
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the running task by killing the process; :meth:`run` returns ``failed`` with ``reason``."""
+        self._interrupted = reason
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Kill the process (if alive) and release the socket."""
+        self.dead = True
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        if self.conn is not None:
+            self.stream.close()
+            self.conn.close()
+            self.conn = self.stream = None
+
+    def _died(self) -> dict:
+        assert self.proc is not None
+        code = self.proc.wait()
+        self.close()
+        if self._interrupted:
+            return {"event": "failed", "error": self._interrupted, "traceback": None}
+        if code < 0:
+            how = f"was killed by signal {signal.Signals(-code).name}"
+        else:
+            how = f"exited with status {code}"
+        return {"event": "failed", "error": f"the handler's process {how} while running the task", "traceback": None}
+
+    def _read(self, timeout: float | None) -> dict | None:
+        with gevent.Timeout(timeout, _Expired):
+            line = self.stream.readline()
+        return json.loads(line) if line else None

@@ -1,0 +1,211 @@
+"""Nothing lost, nothing stuck: crashes of the server, of workers and of handlers, and hostile input.
+
+The figures these tests print (duplicates, memory) are quoted in docs/RELIABILITY.md; run with
+``pytest tests/test_reliability.py -s`` to see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import zmq
+
+from conftest import HEARTBEAT, Cluster, wait_until
+from martinet_app import protocol
+
+#: A worker is declared lost after this many seconds of silence in these tests.
+LIVENESS_TIMEOUT = 5 * HEARTBEAT
+
+
+def executions(ledger: Path) -> Counter:
+    return Counter(int(line) for line in ledger.read_text().split()) if ledger.exists() else Counter()
+
+
+def all_succeeded(m, ids: list[int]) -> bool:
+    done = {t["id"] for t in m.list(status="succeeded", limit=10_000)}
+    return done.issuperset(ids)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_2000_tasks_survive_two_server_kills(sqlite_cluster: Cluster, tmp_path: Path):
+    sqlite_cluster.start_worker("--concurrency", "4")
+    m = sqlite_cluster.client
+    ledger = tmp_path / "ledger.txt"
+    ids: list[int] = []
+    for batch in (700, 700, 600):
+        ids += [m.execute({"name": "ledger"}, {"path": str(ledger), "seconds": 0.002}) for _ in range(batch)]
+        if len(ids) < 2000:
+            submitted = len(ids)
+            wait_until(lambda: len(executions(ledger)) > submitted - 600, what="tasks to be running")  # noqa: B023
+            sqlite_cluster.server.kill()  # mid-run: tasks queued, running and finished-but-unreported
+            sqlite_cluster.server.restart()
+    wait_until(lambda: all_succeeded(m, ids), timeout=120, what="all 2,000 tasks to succeed")
+    runs = executions(ledger)
+    assert set(runs) == set(ids), "every task ran"
+    duplicates = sum(count - 1 for count in runs.values())
+    redelivered = sum(1 for t in m.list(limit=10_000) if t["attempts"] > 1)
+    print(f"\n2,000 tasks, 2 server kills: {duplicates} duplicate execution(s), {redelivered} task(s) redelivered")
+    assert len(m.list(limit=10_000)) == 2000, "no task was created twice"
+
+
+def test_tasks_survive_a_worker_kill(sqlite_cluster: Cluster, tmp_path: Path):
+    first = sqlite_cluster.start_worker("--concurrency", "4")
+    sqlite_cluster.start_worker("--concurrency", "4")
+    m = sqlite_cluster.client
+    ledger = tmp_path / "ledger.txt"
+    ids = [m.execute({"name": "ledger"}, {"path": str(ledger), "seconds": 0.01}) for _ in range(600)]
+    wait_until(lambda: len(executions(ledger)) > 150, what="tasks to be running")
+    first.kill()
+    sqlite_cluster.start_worker("--concurrency", "4")
+    wait_until(lambda: all_succeeded(m, ids), timeout=120, what="all 600 tasks to succeed")
+    runs = executions(ledger)
+    assert set(runs) == set(ids)
+    duplicates = sum(count - 1 for count in runs.values())
+    print(f"\n600 tasks, 1 worker killed: {duplicates} duplicate execution(s)")
+    assert "lost: unreachable" in sqlite_cluster.server.log() or "lost: silent" in sqlite_cluster.server.log()
+
+
+def test_a_handler_holding_the_cpu_is_not_redelivered(sqlite_cluster: Cluster):
+    sqlite_cluster.start_worker("--concurrency", "2")
+    m = sqlite_cluster.client
+    seconds = LIVENESS_TIMEOUT * 3
+    spinning = [m.execute({"name": "spin"}, {"seconds": seconds}) for _ in range(2)]
+    tasks = [m.wait(task_id, timeout=30) for task_id in spinning]
+    assert [t["status"] for t in tasks] == ["succeeded", "succeeded"]
+    assert [t["attempts"] for t in tasks] == [1, 1], "a busy worker is not a dead worker"
+    assert "lost" not in sqlite_cluster.server.log()
+
+
+@pytest.mark.parametrize(
+    "how, error, replaced",
+    [
+        ("sys.exit", "SystemExit: 3", False),  # caught: the process lives on
+        ("os._exit", "the handler's process exited with status 7 while running the task", True),
+        ("segfault", "the handler's process was killed by signal SIGSEGV while running the task", True),
+        ("hang", "timed out after 1 s", True),
+    ],
+)
+def test_a_crashing_handler_fails_only_its_own_task(
+    sqlite_cluster: Cluster, tmp_path: Path, how: str, error: str, replaced: bool
+):
+    worker = sqlite_cluster.start_worker("--concurrency", "2")
+    m = sqlite_cluster.client
+    pids = tmp_path / "pids.txt"
+    neighbour = m.execute({"name": "nap"}, {"seconds": 1.5})
+    crashed = m.execute({"name": "crash"}, {"path": str(pids), "how": how}, timeout=1)
+    task = m.wait(crashed, timeout=20)
+    assert (task["status"], task["error"]) == ("failed", error)
+    assert m.wait(neighbour, timeout=20)["status"] == "succeeded", "the other slot's task was unaffected"
+    # A dead or killed handler process was replaced; the worker goes on.
+    crashed_pid = int(pids.read_text().split()[0])
+    after = [m.wait(m.execute({"name": "whoami"}, {}), timeout=20)["result"]["pid"] for _ in range(4)]
+    assert (crashed_pid not in after) == replaced
+    assert worker.running() and len(m.workers()) == 1
+
+
+def test_cancelling_a_running_task_stops_its_handler(sqlite_cluster: Cluster, tmp_path: Path):
+    sqlite_cluster.start_worker("--concurrency", "1")
+    m = sqlite_cluster.client
+    pids = tmp_path / "pids.txt"
+    task_id = m.execute({"name": "crash"}, {"path": str(pids), "how": "hang"})
+    wait_until(lambda: pids.exists() and pids.read_text().strip(), what="the handler to start")
+    handler_pid = int(pids.read_text())
+    assert m.cancel(task_id)["status"] == "cancelled"
+    wait_until(lambda: not Path(f"/proc/{handler_pid}").exists(), timeout=5, what="the handler's process to end")
+    # The single slot is free again at once (not after the handler's 'hang').
+    assert m.wait(m.execute({"name": "echo"}, {}), timeout=10)["status"] == "succeeded"
+    assert m.status(task_id)["status"] == "cancelled"
+
+
+def test_timeout_applies_per_task(sqlite_cluster: Cluster):
+    sqlite_cluster.start_worker("--concurrency", "2")
+    m = sqlite_cluster.client
+    slow = m.execute({"name": "nap"}, {"seconds": 5}, timeout=0.5)
+    fine = m.execute({"name": "nap"}, {"seconds": 0.2}, timeout=5)
+    task = m.wait(slow, timeout=20)
+    assert (task["status"], task["error"]) == ("failed", "timed out after 0.5 s")
+    assert m.wait(fine, timeout=20)["status"] == "succeeded"
+
+
+def fuzz_messages(rng: random.Random, max_bytes: int) -> list[list[bytes]]:
+    """Malformed messages of every kind the sockets must survive."""
+    valid_header = protocol.WORKER_HEADER
+    shapes = [
+        lambda: [rng.randbytes(rng.randint(0, 300))],
+        lambda: [rng.randbytes(rng.randint(1, 50)) for _ in range(rng.randint(2, 6))],
+        lambda: [b"", rng.randbytes(rng.randint(0, 100))],
+        lambda: [b"", b"{" + rng.randbytes(20)],
+        lambda: [b"", json.dumps(rng.choice([[], 7, "x", None, {"v": 1}, {"v": 2, "op": "ping"}])).encode()],
+        lambda: [b"", json.dumps({"v": 1, "id": 1, "op": "execute", "task": {"name": 5}}).encode()],
+        lambda: [valid_header, rng.choice([b"READY", b"HEARTBEAT", b"NOPE"]), rng.randbytes(30)],
+        lambda: [valid_header, b"READY", json.dumps({"v": 1, "worker": "x", "slots": -1}).encode()],
+        lambda: [json.dumps({"v": 1, "worker": "w", "events": [{"task_id": "1"}]}).encode()],
+        lambda: [json.dumps({"v": 9, "worker": "w", "events": []}).encode()],
+    ]
+    return [rng.choice(shapes)() for _ in range(3000)] + [[b"x" * (max_bytes + 1)]]
+
+
+def test_fuzz_every_port_while_real_tasks_run(sqlite_cluster: Cluster):
+    from martinet_app import config
+
+    sqlite_cluster.start_worker("--concurrency", "4")
+    server, m = sqlite_cluster.server, sqlite_cluster.client
+    rng = random.Random(20261129)
+    context = zmq.Context.instance()
+    real: list[int] = []
+    rss = []
+    for _round in range(2):
+        real += [m.execute({"name": "echo"}, {"n": i}) for i in range(100)]
+        for kind, port in ((zmq.DEALER, server.client_port), (zmq.DEALER, server.worker_port),
+                           (zmq.PUSH, server.status_port)):  # fmt: skip
+            sock = context.socket(kind)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            for frames in fuzz_messages(rng, config.MAX_MESSAGE_BYTES):
+                sock.send_multipart(frames)
+            sock.close()
+        real += [m.execute({"name": "echo"}, {"n": i}) for i in range(100)]
+        wait_until(lambda: all_succeeded(m, real), timeout=60, what="the real tasks")  # noqa: B023
+        assert m.ping()["protocol"] == protocol.VERSION
+        rss.append(rss_kb(server.pid))
+    print(f"\nserver RSS after fuzz rounds: {rss} kB")
+    assert rss[1] - rss[0] < 20_000, f"memory grows with garbage: {rss} kB"
+    log = server.log()
+    assert all(f"{name} socket: rejected" in log for name in ("client", "worker", "status"))
+    assert "Traceback" not in log
+    assert len(m.workers()) == 1
+
+
+def test_sigterm_on_the_server_writes_what_is_in_hand(sqlite_cluster: Cluster):
+    sqlite_cluster.start_worker("--concurrency", "4")
+    m = sqlite_cluster.client
+    ids = [m.execute({"name": "nap"}, {"seconds": 0.3}) for _ in range(8)]
+    wait_until(lambda: any(m.status(i)["status"] == "running" for i in ids), what="tasks to run")
+    assert sqlite_cluster.server.terminate() == 0
+    assert "Traceback" not in sqlite_cluster.server.log()
+    sqlite_cluster.server.restart()
+    wait_until(lambda: all_succeeded(m, ids), timeout=30, what="every task to finish after the restart")
+
+
+def test_worker_sigkill_kills_its_handler_processes(sqlite_cluster: Cluster, tmp_path: Path):
+    worker = sqlite_cluster.start_worker("--concurrency", "1")
+    m = sqlite_cluster.client
+    pids = tmp_path / "pids.txt"
+    m.execute({"name": "crash"}, {"path": str(pids), "how": "hang"})
+    wait_until(lambda: pids.exists() and pids.read_text().strip(), what="the handler to start")
+    handler_pid = int(pids.read_text())
+    os.kill(worker.pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{handler_pid}").exists(), timeout=5, what="the orphaned handler to die")
