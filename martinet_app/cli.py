@@ -494,6 +494,14 @@ def _setup_logging(level: str) -> None:
     default=config.RETRY_DELAY_MAX,
     help="Longest wait before a retry, seconds: the cap of the doubling.",
 )
+@click.option(
+    "--max-message-bytes",
+    envvar="MARTINET_MAX_MESSAGE_BYTES",
+    show_envvar=True,
+    type=click.IntRange(1024),
+    default=config.MAX_MESSAGE_BYTES,
+    help="Largest message accepted on any socket; a peer sending a larger one is disconnected.",
+)
 @_log_level_option
 def serve(
     bind: str,
@@ -507,6 +515,7 @@ def serve(
     default_retry_delay: float,
     default_timeout: float | None,
     retry_delay_max: float,
+    max_message_bytes: int,
     log_level: str,
 ) -> None:
     """Run the server: store tasks, schedule them and dispatch them to workers."""
@@ -526,6 +535,7 @@ def serve(
             default_retry_delay=default_retry_delay,
             default_timeout=default_timeout,
             retry_delay_max=retry_delay_max,
+            max_message_bytes=max_message_bytes,
         )
     )
 

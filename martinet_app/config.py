@@ -38,7 +38,7 @@ RETRY_DELAY_MAX = 3600.0
 CLIENT_TIMEOUT = 10.0
 #: Longest the scheduler sleeps without re-reading the store (guards clock jumps), seconds.
 SCHEDULER_MAX_SLEEP = 60.0
-#: Largest message accepted on any socket, bytes (MARTINET_MAX_MESSAGE).
+#: Largest message accepted on any socket, bytes (MARTINET_MAX_MESSAGE_BYTES).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Default and maximum row counts for ``list``.
 LIST_LIMIT = 50

@@ -44,11 +44,13 @@ def run_server(
     default_retry_delay: float = config.DEFAULT_RETRY_DELAY,
     default_timeout: float | None = config.DEFAULT_TIMEOUT,
     retry_delay_max: float = config.RETRY_DELAY_MAX,
+    max_message_bytes: int = config.MAX_MESSAGE_BYTES,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code.
 
     ``default_*`` are the options of tasks that do not give their own; ``retry_delay_max``
-    caps the backoff between retries.
+    caps the backoff between retries. A larger message than ``max_message_bytes`` on any
+    socket is refused (ZeroMQ drops the connection that sent it).
     """
     try:
         tzinfo = timespec.parse_tz(tz)
@@ -63,9 +65,9 @@ def run_server(
     context = zmq.Context()
     sockets: list[Any] = []
     try:
-        client = _bind(context, zmq.ROUTER, bind, client_port, sockets)
-        workers = _bind(context, zmq.ROUTER, bind, worker_port, sockets)
-        status = _bind(context, zmq.PULL, bind, status_port, sockets)
+        client = _bind(context, zmq.ROUTER, bind, client_port, sockets, max_message_bytes)
+        workers = _bind(context, zmq.ROUTER, bind, worker_port, sockets, max_message_bytes)
+        status = _bind(context, zmq.PULL, bind, status_port, sockets, max_message_bytes)
     except zmq.ZMQError as exc:
         log.error("cannot bind %s: %s (is another server running? choose other ports with --*-port)", bind, exc)
         _close(sockets, context, store)
@@ -76,7 +78,7 @@ def run_server(
         store,
         heartbeat=heartbeat,
         liveness=config.HEARTBEAT_LIVENESS,
-        max_bytes=config.MAX_MESSAGE_BYTES,
+        max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
     )
     scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=config.SCHEDULER_MAX_SLEEP)
@@ -87,7 +89,7 @@ def run_server(
         scheduler,
         tz=tzinfo,
         defaults=defaults,
-        max_bytes=config.MAX_MESSAGE_BYTES,
+        max_bytes=max_message_bytes,
         list_limit_max=config.LIST_LIMIT_MAX,
     )
     sink = StatusSink(
@@ -96,7 +98,7 @@ def run_server(
         broker,
         scheduler,
         endpoint.notify_finished,
-        max_bytes=config.MAX_MESSAGE_BYTES,
+        max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
     )
 
@@ -119,14 +121,15 @@ def run_server(
         retry_delay_max,
         "none" if defaults["timeout"] is None else f"{defaults['timeout']:g} s",
     )
+    # Stopped in this order: first what accepts or hands out work, then the sink, last.
     greenlets = [
         gevent.spawn(forever, endpoint.loop_once, "client endpoint"),
-        gevent.spawn(forever, broker.receive_once, "broker"),
-        gevent.spawn(forever, broker.dispatch_once, "dispatcher"),
-        gevent.spawn(forever, broker.heartbeat_once, "heartbeat"),
-        gevent.spawn(forever, sink.loop_once, "status sink"),
         gevent.spawn(forever, scheduler.loop_once, "scheduler"),
+        gevent.spawn(forever, broker.dispatch_once, "dispatcher"),
+        gevent.spawn(forever, broker.receive_once, "broker"),
+        gevent.spawn(forever, broker.heartbeat_once, "heartbeat"),
     ]
+    sink_greenlet = gevent.spawn(forever, sink.loop_once, "status sink")
     broker.wake()
 
     stop = gevent.event.Event()
@@ -134,8 +137,14 @@ def run_server(
     stop.wait()
     for handler in handlers:
         handler.cancel()
-    log.info("stopping")
+    log.info("stopping: no new requests or dispatches; writing the status events in hand")
     gevent.killall(greenlets, timeout=5)
+    sink_greenlet.kill(timeout=5)
+    try:
+        sink.flush()
+    except MartinetError as exc:
+        log.error("could not write the last status events (their tasks are re-queued at the next start): %s",
+                  exc.message)  # fmt: skip
     _close(sockets, context, store)
     log.info("stopped")
     return EXIT_OK
@@ -153,11 +162,11 @@ def _task_defaults(retries: int, retry_delay: float, timeout: float | None, retr
         raise ConfigError(f"bad task default: {exc.message}") from None
 
 
-def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any]) -> Any:
+def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any], max_bytes: int) -> Any:
     socket = context.socket(kind)
     sockets.append(socket)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     if kind == zmq.ROUTER:
         # Fail loudly on a send to a peer that left, instead of dropping the message.
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)

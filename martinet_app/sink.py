@@ -56,6 +56,18 @@ class StatusSink:
                 self._receive(self.socket.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
+        self._write()
+
+    def flush(self) -> None:
+        """Write everything in hand, received or waiting in the socket (when the server stops)."""
+        while True:
+            try:
+                self._receive(self.socket.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        self._write()
+
+    def _write(self) -> None:
         if not self._pending:
             return
         batch = self._pending

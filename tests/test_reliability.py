@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import HEARTBEAT, Cluster, wait_until
+from conftest import HEARTBEAT, Cluster, Server, wait_until
 from martinet_app import protocol
+from martinet_app.errors import ServerUnavailable
 
 #: A worker is declared lost after this many seconds of silence in these tests.
 LIVENESS_TIMEOUT = 5 * HEARTBEAT
@@ -209,3 +210,20 @@ def test_worker_sigkill_kills_its_handler_processes(sqlite_cluster: Cluster, tmp
     handler_pid = int(pids.read_text())
     os.kill(worker.pid, signal.SIGKILL)
     wait_until(lambda: not Path(f"/proc/{handler_pid}").exists(), timeout=5, what="the orphaned handler to die")
+
+
+def test_messages_over_the_configured_limit_are_refused(tmp_path: Path):
+    server = Server(f"sqlite:///{tmp_path / 'limit.db'}", tmp_path / "server.log", "--max-message-bytes", "4096")
+    server.start()
+    try:
+        server.wait_ready()
+        big = server.client(timeout=1.0)
+        with pytest.raises(ServerUnavailable):
+            big.execute({"name": "echo"}, {"blob": "x" * 8192})
+        big.close()
+        small = server.client()
+        assert small.list() == [], "the oversized task was not stored"
+        assert small.status(small.execute({"name": "echo"}, {"blob": "x" * 1024}))["status"] == "queued"
+        small.close()
+    finally:
+        assert server.terminate() == 0
