@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -36,6 +37,8 @@ from .errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFou
 
 log = logging.getLogger(__name__)
 
+#: Seconds SQLite waits for another process's write lock before an operation fails.
+SQLITE_BUSY_TIMEOUT = 0.25
 #: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns.
 SCHEMA_VERSION = 2
 
@@ -717,7 +720,9 @@ def _connect(url: str) -> pw.Database:
                 "journal_mode": "wal",
                 # FULL: a committed task survives power loss, not only a process crash.
                 "synchronous": "full",
-                "busy_timeout": 5000,
+                # SQLite's busy handler sleeps inside C, freezing every greenlet: wait briefly, then fail
+                # (StoreUnavailable) and let the caller retry without blocking the loop.
+                "busy_timeout": int(SQLITE_BUSY_TIMEOUT * 1000),
                 "foreign_keys": 1,
             },
         )
@@ -733,6 +738,8 @@ def _connect(url: str) -> pw.Database:
             host=parsed.hostname,
             port=parsed.port or 5432,
             connect_timeout=5,
+            # Lets a DBA (or a test) tell this server's connections from others in pg_stat_activity.
+            application_name=f"martinet-server-{os.getpid()}",
         )
     raise ConfigError(
         f"unsupported database URL {redact(url)!r}: expected sqlite:///path.db or postgresql://user@host:port/dbname"

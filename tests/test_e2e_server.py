@@ -14,7 +14,7 @@ import zmq
 
 from conftest import ROOT, Cluster, Process, Server, free_port, martinet_cmd, wait_until
 from martinet_app import Martinet, protocol
-from martinet_app.errors import ServerUnavailable, StoreUnavailable
+from martinet_app.errors import ServerUnavailable
 
 GARBAGE = [
     [os.urandom(64)],
@@ -199,35 +199,3 @@ def test_client_in_a_gevent_patched_process(sqlite_cluster: Cluster, tmp_path):
     assert result.returncode == 0, result.stderr
     count, module, ticks = result.stdout.split()
     assert count == "3" and module.startswith("zmq.green") and ticks == "20"
-
-
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_server_survives_losing_its_postgresql_connection(cluster: Cluster):
-    import psycopg2
-
-    from conftest import PG_URL
-
-    cluster.start_worker()
-    m = cluster.client
-    assert m.wait(m.execute({"name": "echo"}, {}), timeout=15)["status"] == "succeeded"
-    conn = psycopg2.connect(PG_URL)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid()"
-        )
-        assert cur.rowcount >= 1
-    conn.close()
-
-    def execute() -> int | None:
-        try:
-            return m.execute({"name": "echo"}, {"after": "reconnect"})
-        except StoreUnavailable as exc:
-            assert "the request was not completed; try again" in exc.message
-            return None
-
-    task_id = wait_until(execute, what="the server to reconnect to PostgreSQL")
-    assert m.wait(task_id, timeout=15)["result"]["args"] == {"after": "reconnect"}
-    assert cluster.server.running()
-    assert "Traceback" not in cluster.server.log()

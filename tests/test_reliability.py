@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import HEARTBEAT, Cluster, Server, wait_until
+from conftest import HEARTBEAT, PG_URL, Cluster, Server, wait_until
 from martinet_app import protocol
-from martinet_app.errors import ServerUnavailable
+from martinet_app.errors import ServerUnavailable, StoreUnavailable
 
 #: A worker is declared lost after this many seconds of silence in these tests.
 LIVENESS_TIMEOUT = 5 * HEARTBEAT
@@ -227,3 +227,66 @@ def test_messages_over_the_configured_limit_are_refused(tmp_path: Path):
         small.close()
     finally:
         assert server.terminate() == 0
+
+
+def submit(m, count: int, **args) -> list[int]:
+    """Submit ``count`` nap tasks, trying each again while the store answers 'unavailable'."""
+    ids = []
+    for _ in range(count):
+        ids.append(wait_until(lambda: _try_execute(m, args), what="a submission to be accepted"))
+    return ids
+
+
+def _try_execute(m, args: dict) -> int | None:
+    try:
+        return m.execute({"name": "nap"}, args)
+    except StoreUnavailable as exc:
+        assert "the request was not completed; try again" in exc.message
+        return None
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_postgresql_connection_loss_under_load(cluster: Cluster):
+    import psycopg2
+
+    cluster.start_worker("--concurrency", "4")
+    m = cluster.client
+    ids = submit(m, 200, seconds=0.01)
+    for _ in range(2):
+        wait_until(lambda: len(m.list(status="succeeded", limit=10_000)) >= 20, what="tasks to flow")
+        conn = psycopg2.connect(PG_URL)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                (f"martinet-server-{cluster.server.pid}",),
+            )
+            assert cur.rowcount >= 1, "the server's connection was terminated"
+        conn.close()
+        ids += submit(m, 100, seconds=0.01)
+    wait_until(lambda: all_succeeded(m, ids), timeout=60, what="every task to succeed")
+    log = cluster.server.log()
+    assert "ERROR martinet_app.store: database error" in log, "the lost connection was logged"
+    assert "Traceback" not in log and cluster.server.running()
+
+
+def test_sqlite_locked_by_another_process(sqlite_cluster: Cluster):
+    import sqlite3
+
+    sqlite_cluster.start_worker("--concurrency", "4")
+    m = sqlite_cluster.client
+    ids = submit(m, 50, seconds=0.01)
+    path = sqlite_cluster.server.db_url.removeprefix("sqlite:///")
+    locker = sqlite3.connect(path, isolation_level=None, timeout=10)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        wait_until(lambda: "database is locked" in sqlite_cluster.server.log(), what="the server to meet the lock")
+        with pytest.raises(StoreUnavailable, match="database is locked"):
+            m.execute({"name": "nap"}, {"seconds": 0})
+        assert m.ping()["protocol"] == protocol.VERSION, "the server still answers"
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    ids += submit(m, 50, seconds=0.01)
+    wait_until(lambda: all_succeeded(m, ids), timeout=60, what="every task to succeed")
+    assert "Traceback" not in sqlite_cluster.server.log()
