@@ -230,7 +230,6 @@ def test_cancel_running_task_is_final_at_once(cluster: Cluster) -> None:
         m.cancel(task_id)
 
 
-@pytest.mark.xfail(strict=False, reason="needs the rewritten worker, which stops a handler on CANCEL")
 def test_worker_takes_new_tasks_after_a_cancel(sqlite_cluster: Cluster) -> None:
     m = sqlite_cluster.client
     task_id = start_napping(sqlite_cluster, 30, "--concurrency", "1")
