@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,7 @@ class Box:
             "def greet(name):\n    return f'hello, {name}'\n"
         )
         self.ports = {"client": free_port(), "worker": free_port(), "status": free_port()}
+        self.processes: list[Process] = []
         # No Python on PATH: only the executable's folder and the tools its sh header uses.
         tools = root / "tools"
         tools.mkdir()
@@ -139,7 +141,15 @@ class Box:
         return json.loads(result.stdout)
 
     def start(self, *args: str, name: str) -> Process:
-        return Process(["martinet", *args], self.root / f"{name}.log", env=self.env, inherit_env=False).start()
+        proc = Process(["martinet", *args], self.root / f"{name}.log", env=self.env, inherit_env=False).start()
+        self.processes.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        """Kill whatever a test left running (a test that passed has stopped its processes itself)."""
+        for proc in self.processes:
+            if proc.running():
+                proc.kill()
 
     def serve(self, db_url: str) -> Process:
         server = self.start(
@@ -160,8 +170,10 @@ class Box:
 
 
 @pytest.fixture
-def box(tmp_path: Path, binary_source: Path) -> Box:
-    return Box(tmp_path, binary_source)
+def box(tmp_path: Path, binary_source: Path) -> Iterator[Box]:
+    box = Box(tmp_path, binary_source)
+    yield box
+    box.stop()
 
 
 def alive(pid: int) -> bool:
