@@ -94,7 +94,7 @@ class Broker:
             self.wake()
 
     def cancel(self, worker_id: str, refs: Iterable[tuple[int, int]]) -> None:
-        """Tell a worker to stop deliveries ``(task_id, attempt)`` of cancelled tasks.
+        """Tell a worker to stop deliveries ``(task_id, attempt)`` of cancelled (or otherwise final) tasks.
 
         Their slots stay held until the worker reports their final events, as for any delivery.
         """
@@ -246,6 +246,11 @@ class Broker:
             )
             self._compare_handlers(worker)
         self.workers[worker_id] = worker
+        # A worker back after a restart may still run tasks that were cancelled (or finished
+        # by another delivery) meanwhile: stop them.
+        finished = self.store.finished(task_id for task_id, _ in running)
+        if finished:
+            self.cancel(worker_id, [ref for ref in running if ref[0] in finished])
         self.wake()
 
     def _compare_handlers(self, joined: WorkerInfo) -> None:

@@ -461,6 +461,15 @@ class Store:
             query = Task.select(Task.id, Task.worker, Task.attempts).where(Task.status == S.RUNNING.value)
             return [{"task_id": r.id, "worker": r.worker, "attempt": r.attempts} for r in query]
 
+    def finished(self, task_ids: Iterable[int]) -> set[int]:
+        """Those of ``task_ids`` that are final (succeeded, failed or cancelled)."""
+        task_ids = list(task_ids)
+        if not task_ids:
+            return set()
+        with self._read():
+            query = Task.select(Task.id).where(Task.id.in_(task_ids) & Task.status.in_([f.value for f in FINAL]))
+            return {row.id for row in query}
+
     # ------------------------------------------------------------ status events
 
     def apply_events(self, batch: list[tuple[str, dict]]) -> Applied:

@@ -239,14 +239,18 @@ def test_kill_9_of_the_visible_pid_ends_martinet(box: Box, tmp_path: Path, role:
     server = box.serve(f"sqlite:///{tmp_path / 'killed.db'}")
     worker = box.work()
     victim = server if role == "server" else worker
-    # The pid a user sees is the program itself: the sh header exec'd it, and there is no child.
+    # The pid a user sees is the program itself: the sh header exec'd it. A worker's only children
+    # are its handler processes, which must die with it.
     assert Path(f"/proc/{victim.pid}/exe").resolve().parent.parent == box.cache
-    assert Path(f"/proc/{victim.pid}/task/{victim.pid}/children").read_text().split() == []
+    children = [int(pid) for pid in Path(f"/proc/{victim.pid}/task/{victim.pid}/children").read_text().split()]
+    assert len(children) == (0 if role == "server" else 4)
+    assert all("_slot" in Path(f"/proc/{pid}/cmdline").read_text() for pid in children)
     task_id = box.json("execute", "snooze", "--args", '{"seconds": 60}')["task_id"]
     wait_until(lambda: box.json("status", str(task_id))["status"] == "running", what="the task to run")
     os.kill(victim.pid, signal.SIGKILL)
     victim.proc.wait()
     assert not alive(victim.pid)
+    wait_until(lambda: not any(alive(pid) for pid in children), timeout=5, what="the handler processes to die")
     if role == "server":
         # The ports are free at once: a new server starts on them and finds the task in the store.
         server = box.serve(f"sqlite:///{tmp_path / 'killed.db'}")

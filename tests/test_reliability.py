@@ -290,3 +290,22 @@ def test_sqlite_locked_by_another_process(sqlite_cluster: Cluster):
     ids += submit(m, 50, seconds=0.01)
     wait_until(lambda: all_succeeded(m, ids), timeout=60, what="every task to succeed")
     assert "Traceback" not in sqlite_cluster.server.log()
+
+
+def test_a_worker_back_from_the_dead_is_told_to_stop_cancelled_tasks(sqlite_cluster: Cluster, tmp_path: Path):
+    worker = sqlite_cluster.start_worker("--concurrency", "1")
+    m = sqlite_cluster.client
+    pids = tmp_path / "pids.txt"
+    task_id = m.execute({"name": "crash"}, {"path": str(pids), "how": "hang"})
+    wait_until(lambda: pids.exists() and pids.read_text().strip(), what="the handler to start")
+    handler_pid = int(pids.read_text())
+    os.kill(worker.pid, signal.SIGSTOP)  # frozen: the server declares it lost and re-queues its task
+    try:
+        wait_until(lambda: m.status(task_id)["status"] == "queued", what="the task to be re-queued")
+        assert m.cancel(task_id)["status"] == "cancelled"
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    # Back, the worker registers again listing the task; the server tells it to stop it.
+    wait_until(lambda: not Path(f"/proc/{handler_pid}").exists(), timeout=10, what="the handler to be stopped")
+    assert m.wait(m.execute({"name": "echo"}, {}), timeout=15)["status"] == "succeeded"
+    assert m.status(task_id)["status"] == "cancelled"
