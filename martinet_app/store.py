@@ -242,7 +242,15 @@ class Store:
                 yield
             except (pw.OperationalError, pw.InterfaceError) as exc:
                 self._discard_connection()
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                # The first failure is the one to report: e.g. SQLite rolls back on its own when the
+                # disk is full, and peewee's ROLLBACK then fails with "no transaction is active".
+                cause: BaseException = exc
+                link = exc.__context__
+                while link is not None:
+                    if isinstance(link, pw.PeeweeException):
+                        cause = link
+                    link = link.__context__
+                reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
                 log.error("database error on %s: %s", redact(self.url), reason)
                 raise StoreUnavailable(
                     f"the database is unavailable ({reason}): the request was not completed; try again"

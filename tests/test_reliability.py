@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -309,3 +311,31 @@ def test_a_worker_back_from_the_dead_is_told_to_stop_cancelled_tasks(sqlite_clus
     wait_until(lambda: not Path(f"/proc/{handler_pid}").exists(), timeout=10, what="the handler to be stopped")
     assert m.wait(m.execute({"name": "echo"}, {}), timeout=15)["status"] == "succeeded"
     assert m.status(task_id)["status"] == "cancelled"
+
+
+def test_a_full_disk_fails_submissions_cleanly(tmp_path: Path):
+    """The server's database on a 1 MB file system of its own (a private mount namespace)."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("unshare -m is not permitted here: the full-disk test cannot run")
+        pytest.skip("unshare -m is not permitted here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    server = Server(f"sqlite:///{disk / 'full.db'}", tmp_path / "server.log")
+    mount = f"mount -t tmpfs -o size=1m tmpfs {disk} && exec {shlex.join(server.args)}"
+    server.args = ["unshare", "-m", "sh", "-c", mount]
+    server.start()
+    try:
+        server.wait_ready()
+        m = server.client()
+        stored = []
+        with pytest.raises(StoreUnavailable, match="database or disk is full"):
+            for _ in range(200):
+                stored.append(m.execute({"name": "echo"}, {"blob": "x" * 20_000}))
+        assert stored, "some tasks fitted before the disk filled"
+        assert m.ping()["protocol"] == protocol.VERSION, "the server keeps serving"
+        assert [t["id"] for t in m.list(limit=1000)] == stored[::-1], "every accepted task is whole, no other"
+        m.close()
+    finally:
+        assert server.terminate() == 0
+    assert "Traceback" not in server.log() and "database or disk is full" in server.log()
