@@ -125,18 +125,14 @@ class ClientEndpoint:
         return {"version": __version__, "protocol": protocol.VERSION}
 
     def _execute(self, request: dict, envelope: list[bytes]) -> dict:
-        meta = protocol.check_task_meta(request.get("task"), recurring=False)
-        args = protocol.check_args(request.get("args"))
-        options = self._options(request)
+        meta, args, options = self._submission(request, recurring=False)
         now = time.time()
         task_id = self.store.add_task(meta, args, run_at=now, now=now, options=options)
         self.broker.wake()
         return {"task_id": task_id}
 
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
-        meta = protocol.check_task_meta(request.get("task"), recurring=False)
-        args = protocol.check_args(request.get("args"))
-        options = self._options(request)
+        meta, args, options = self._submission(request, recurring=False)
         now = time.time()
         when = timespec.parse_when(_text(request, "when"), now=_utc(now), tz=self.tz)
         task_id = self.store.add_task(meta, args, run_at=when.timestamp(), now=now, options=options)
@@ -144,9 +140,7 @@ class ClientEndpoint:
         return {"task_id": task_id}
 
     def _every(self, request: dict, envelope: list[bytes]) -> dict:
-        meta = protocol.check_task_meta(request.get("task"), recurring=True)
-        args = protocol.check_args(request.get("args"))
-        options = self._options(request)
+        meta, args, options = self._submission(request, recurring=True)
         now = time.time()
         interval = timespec.parse_interval(_text(request, "interval"))
         first = interval.first_run(now=_utc(now), run_at=meta.get("run_at"), tz=self.tz)
@@ -192,9 +186,11 @@ class ClientEndpoint:
         )
         return {"tasks": tasks}
 
-    def _options(self, request: dict) -> dict:
-        """The request's task options, the server's defaults filling in those not given."""
-        return {**self.defaults, **protocol.check_options(request.get("options"))}
+    def _submission(self, request: dict, *, recurring: bool) -> tuple[dict, dict, dict]:
+        """The checked metadata, args and options of a submission; the server's defaults fill in options."""
+        meta = protocol.check_task_meta(request.get("task"), recurring=recurring)
+        args = protocol.check_args(request.get("args"))
+        return meta, args, {**self.defaults, **protocol.check_options(request.get("options"))}
 
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
         task = self.store.cancel(_task_id(request, "task_id"), time.time())
