@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
@@ -89,6 +90,24 @@ class Martinet:
         """
         options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
         return self._request("execute", task=task, args=args, options=options)["task_id"]
+
+    def execute_many(
+        self,
+        tasks: Iterable[tuple[dict, dict | None]],
+        *,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+    ) -> list[int]:
+        """Queue many tasks to run now in one request and one commit; returns their ids, in order.
+
+        ``tasks`` holds ``(metadata, args)`` pairs as :meth:`execute` takes them; the options
+        (as for :meth:`execute`) apply to every one. Nothing is stored if any entry is invalid.
+        """
+        entries = [{"task": task, "args": args} for task, args in tasks]
+        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
+        return self._request("execute_many", tasks=entries, options=options)["task_ids"]
 
     def schedule(
         self,

@@ -43,5 +43,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Default and maximum row counts for ``list``.
 LIST_LIMIT = 50
 LIST_LIMIT_MAX = 10_000
+#: Most tasks one ``execute_many`` request may submit.
+SUBMIT_MANY_MAX = 10_000
 #: Most status events or queued tasks handled in one loop turn (one transaction).
 BATCH_MAX = 500

@@ -16,7 +16,7 @@ from typing import Any
 import gevent
 import zmq.green as zmq
 
-from . import __version__, protocol, timespec
+from . import __version__, config, protocol, timespec
 from .broker import Broker
 from .errors import InvalidRequest, MartinetError, ProtocolError
 from .scheduler import Scheduler
@@ -62,6 +62,7 @@ class ClientEndpoint:
         self._ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
             "ping": self._ping,
             "execute": self._execute,
+            "execute_many": self._execute_many,
             "schedule": self._schedule,
             "every": self._every,
             "status": lambda r, _: {"task": self.store.get_task(_task_id(r, "task_id"))},
@@ -131,6 +132,14 @@ class ClientEndpoint:
         self.broker.wake()
         return {"task_id": task_id}
 
+    def _execute_many(self, request: dict, envelope: list[bytes]) -> dict:
+        tasks = protocol.check_many(request.get("tasks"), config.SUBMIT_MANY_MAX)
+        options = self._options(request)
+        now = time.time()
+        task_ids = self.store.add_tasks(tasks, run_at=now, now=now, options=options)
+        self.broker.wake()
+        return {"task_ids": task_ids}
+
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)
         now = time.time()
@@ -190,7 +199,11 @@ class ClientEndpoint:
         """The checked metadata, args and options of a submission; the server's defaults fill in options."""
         meta = protocol.check_task_meta(request.get("task"), recurring=recurring)
         args = protocol.check_args(request.get("args"))
-        return meta, args, {**self.defaults, **protocol.check_options(request.get("options"))}
+        return meta, args, self._options(request)
+
+    def _options(self, request: dict) -> dict:
+        """The request's task options, the server's defaults filling in those not given."""
+        return {**self.defaults, **protocol.check_options(request.get("options"))}
 
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
         task = self.store.cancel(_task_id(request, "task_id"), time.time())

@@ -47,6 +47,7 @@ FINAL_EVENTS = frozenset({SUCCEEDED, FAILED})
 CLIENT_OPS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
     "execute": frozenset({"task", "args", "options"}),
+    "execute_many": frozenset({"tasks", "options"}),
     "schedule": frozenset({"when", "task", "args", "options"}),
     "every": frozenset({"interval", "task", "args", "options"}),
     "status": frozenset({"task_id"}),
@@ -158,6 +159,21 @@ def check_task_meta(meta: Any, *, recurring: bool) -> dict:
             raise InvalidRequest(f"task {key!r} must be a string, got {type(value).__name__}")
         clean[key] = value
     return clean
+
+
+def check_many(entries: Any, limit: int) -> list[tuple[dict, dict]]:
+    """``execute_many``'s ``tasks``: a list of ``{"task": metadata, "args": object}``, checked one by one."""
+    if not isinstance(entries, list) or not 1 <= len(entries) <= limit:
+        raise InvalidRequest(f"'tasks' must be a list of 1 to {limit} {{task, args}} objects, got {entries!r:.80}")
+    checked = []
+    for index, entry in enumerate(entries):
+        try:
+            if not isinstance(entry, dict) or set(entry) - {"task", "args"}:
+                raise InvalidRequest(f"expected an object with 'task' and optional 'args', got {entry!r:.80}")
+            checked.append((check_task_meta(entry.get("task"), recurring=False), check_args(entry.get("args"))))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"tasks[{index}]: {exc.message}") from None
+    return checked
 
 
 def check_args(args: Any) -> dict:

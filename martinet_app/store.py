@@ -23,7 +23,7 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any
@@ -37,6 +37,8 @@ from .errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFou
 
 log = logging.getLogger(__name__)
 
+#: Rows per INSERT statement (SQLite allows 32,766 parameters per statement).
+_INSERT_CHUNK = 500
 #: Seconds SQLite waits for another process's write lock before an operation fails.
 SQLITE_BUSY_TIMEOUT = 0.25
 #: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns.
@@ -268,33 +270,41 @@ class Store:
 
     # ------------------------------------------------------------ accepting
 
-    def add_task(
-        self,
-        meta: dict,
-        args: dict,
-        *,
-        run_at: float,
-        now: float,
-        options: dict | None = None,
-        recurring_id: int | None = None,
-    ) -> int:
-        """Insert a task: ``queued`` when due (run_at <= now), else ``scheduled``. Returns its id.
+    def add_tasks(
+        self, tasks: Sequence[tuple[dict, dict]], *, run_at: float, now: float, options: dict | None = None
+    ) -> list[int]:
+        """Insert tasks in one transaction: ``queued`` when due (run_at <= now), else ``scheduled``.
 
-        ``options``: any of OPTION_FIELDS (checked by protocol.check_options); the others take the column default.
+        Returns their ids in the order given. ``options``: any of OPTION_FIELDS (checked by
+        protocol.check_options), shared by all; the others take the column default.
         """
-        status = S.QUEUED if run_at <= now else S.SCHEDULED
+        shared = {
+            "status": (S.QUEUED if run_at <= now else S.SCHEDULED).value,
+            "created_at": now,
+            "run_at": run_at,
+            **_options(options),
+        }
+        rows = [
+            {
+                "name": meta["name"],
+                "username": meta.get("username"),
+                "description": meta.get("description"),
+                "args": json.dumps(args),
+                **shared,
+            }
+            for meta, args in tasks
+        ]
+        ids: list[int] = []
         with self._tx():
-            return Task.insert(
-                name=meta["name"],
-                username=meta.get("username"),
-                description=meta.get("description"),
-                args=json.dumps(args),
-                status=status.value,
-                created_at=now,
-                run_at=run_at,
-                recurring_id=recurring_id,
-                **_options(options),
-            ).execute()
+            for start in range(0, len(rows), _INSERT_CHUNK):
+                inserted = Task.insert_many(rows[start : start + _INSERT_CHUNK]).returning(Task.id).execute()
+                # One INSERT takes increasing ids in row order, but RETURNING may list them in any order.
+                ids += sorted(row.id for row in inserted)
+        return ids
+
+    def add_task(self, meta: dict, args: dict, *, run_at: float, now: float, options: dict | None = None) -> int:
+        """Insert one task (see :meth:`add_tasks`); returns its id."""
+        return self.add_tasks([(meta, args)], run_at=run_at, now=now, options=options)[0]
 
     def add_recurring(
         self, meta: dict, args: dict, *, interval: str, next_run_at: float, now: float, options: dict | None = None

@@ -49,7 +49,9 @@ class Worker:
         heartbeat: seconds between heartbeats; the server is presumed lost after
             ``config.HEARTBEAT_LIVENESS`` silent intervals, and the worker reconnects.
         grace: seconds running tasks get to finish after the first stop signal.
-        registry: handlers to serve; more can be added with :meth:`on`.
+        handlers_dir: folder of handler modules the handler processes import (see registry.py);
+            handlers can also be added with :meth:`on`.
+        paths: folders put first on the handler processes' ``sys.path``.
     """
 
     def __init__(

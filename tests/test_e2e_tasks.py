@@ -216,3 +216,23 @@ def test_bad_input_gets_a_typed_error(sqlite_cluster, call, error, message):
     assert message in raised.value.message
     assert m.list() == [], "nothing was stored"
     assert m.ping()["protocol"] == 1, "the server keeps serving"
+
+
+def test_execute_many_submits_in_one_request(cluster):
+    m = cluster.client
+    entries = [({"name": "echo", "username": "bulk"}, {"i": i}) for i in range(1200)]
+    ids = m.execute_many(entries, priority=3)
+    assert len(ids) == 1200 and ids == sorted(ids) and len(set(ids)) == 1200
+    assert [m.status(ids[i])["args"] for i in (0, 599, 1199)] == [{"i": 0}, {"i": 599}, {"i": 1199}]
+    assert m.status(ids[0])["priority"] == 3
+    cluster.start_worker("--concurrency", "4")
+    wait_until(lambda: len(m.list(status="succeeded", limit=2000)) == 1200, what="every task to succeed")
+
+
+def test_execute_many_stores_nothing_when_one_entry_is_bad(sqlite_cluster):
+    m = sqlite_cluster.client
+    with pytest.raises(InvalidRequest, match=r"tasks\[1\]: task 'name' is required"):
+        m.execute_many([({"name": "echo"}, {}), ({"username": "ana"}, {}), ({"name": "echo"}, {})])
+    with pytest.raises(InvalidRequest, match="'tasks' must be a list of 1 to 10000"):
+        m.execute_many([])
+    assert m.list() == []
