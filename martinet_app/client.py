@@ -248,8 +248,12 @@ class Martinet:
                 )
             try:
                 reply = protocol.parse_reply(socket.recv_multipart(), config.MAX_MESSAGE_BYTES)
-            except ProtocolError:
-                continue
+            except ProtocolError as exc:
+                self._drop_socket()
+                raise ProtocolError(
+                    f"unreadable reply from {self.endpoint}: {exc.message}; for a large list, ask for fewer "
+                    "tasks (limit) or one at a time (status)"
+                ) from None
             if reply.get("id") == request_id:
                 return reply
 

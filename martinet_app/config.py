@@ -43,6 +43,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Default and maximum row counts for ``list``.
 LIST_LIMIT = 50
 LIST_LIMIT_MAX = 10_000
+#: Largest JSON result a handler may return, bytes; a larger one fails the task (keep it well
+#: under MAX_MESSAGE_BYTES: results travel to the server in status messages).
+MAX_RESULT_BYTES = 4 * 1024 * 1024
 #: Most tasks one ``execute_many`` request may submit.
 SUBMIT_MANY_MAX = 10_000
 #: Most status events or queued tasks handled in one loop turn (one transaction).

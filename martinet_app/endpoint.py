@@ -11,6 +11,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -28,6 +29,15 @@ _STATUSES = frozenset(s.value for s in TaskStatus)
 _FINAL_VALUES = frozenset(s.value for s in FINAL)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A ``wait`` request parked until its task is final, and the timer that answers it otherwise."""
+
+    envelope: list[bytes]
+    request_id: Any
+    timer: gevent.Greenlet | None = None
 
 
 class ClientEndpoint:
@@ -58,7 +68,7 @@ class ClientEndpoint:
         self.max_bytes = max_bytes
         self.list_limit_max = list_limit_max
         self.rejections = protocol.Rejections(log, "client socket")
-        self._waiters: dict[int, list[tuple[list[bytes], Any, gevent.Greenlet]]] = {}
+        self._waiters: dict[int, list[_Waiter]] = {}
         self._ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
             "ping": self._ping,
             "execute": self._execute,
@@ -93,21 +103,18 @@ class ClientEndpoint:
             request = protocol.parse_client_request(body, self.max_bytes)
             request_id = request.get("id")
             result = self._ops[request["op"]](request, envelope)
+            if result is not None:
+                self._send(protocol.reply(envelope, request_id, result))
         except ProtocolError as exc:
             self.rejections.reject(exc)
             self._send(protocol.reply(envelope, request_id, error=InvalidRequest(exc.message).to_wire()))
-            return
         except MartinetError as exc:
             log.debug("request %s failed: %s", request_id, exc.message)
             self._send(protocol.reply(envelope, request_id, error=exc.to_wire()))
-            return
         except Exception as exc:  # e.g. the database is unreachable: answer, log, keep serving
             log.exception("request %s failed unexpectedly", request_id)
             error = MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log")
             self._send(protocol.reply(envelope, request_id, error=error.to_wire()))
-            return
-        if result is not None:
-            self._send(protocol.reply(envelope, request_id, result))
 
     def notify_finished(self, task_ids: list[int]) -> None:
         """Answer the ``wait`` requests parked on tasks that just became final."""
@@ -116,9 +123,9 @@ class ClientEndpoint:
             if not waiters:
                 continue
             task = self.store.get_task(task_id)
-            for envelope, request_id, timer in waiters:
-                timer.kill(block=False)
-                self._send(protocol.reply(envelope, request_id, {"task": task}))
+            for waiter in waiters:
+                waiter.timer.kill(block=False)
+                self._send(protocol.reply(waiter.envelope, waiter.request_id, {"task": task}))
 
     # ------------------------------------------------------------ operations
 
@@ -167,16 +174,17 @@ class ClientEndpoint:
         task = self.store.get_task(task_id)
         if task["status"] in _FINAL_VALUES or timeout == 0:
             return {"task": task}
-        request_id = request.get("id")
-        timer = gevent.spawn_later(min(timeout, WAIT_MAX), self._expire_wait, task_id, request_id)
-        self._waiters.setdefault(task_id, []).append((envelope, request_id, timer))
+        waiter = _Waiter(envelope, request.get("id"))
+        waiter.timer = gevent.spawn_later(min(timeout, WAIT_MAX), self._expire_wait, task_id, waiter)
+        self._waiters.setdefault(task_id, []).append(waiter)
         return None
 
-    def _expire_wait(self, task_id: int, request_id: Any) -> None:
+    def _expire_wait(self, task_id: int, waiter: _Waiter) -> None:
+        """The parked ``wait`` timed out: answer it with the task as it is now."""
         waiters = self._waiters.get(task_id, [])
-        for waiter in [w for w in waiters if w[1] == request_id]:
+        if waiter in waiters:
             waiters.remove(waiter)
-            self._send(protocol.reply(waiter[0], request_id, {"task": self.store.get_task(task_id)}))
+            self._send(protocol.reply(waiter.envelope, waiter.request_id, {"task": self.store.get_task(task_id)}))
         if not waiters:
             self._waiters.pop(task_id, None)
 

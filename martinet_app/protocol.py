@@ -74,12 +74,12 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-def loads_object(data: bytes, max_bytes: int, what: str) -> dict:
-    """Decode one JSON object frame, or raise ProtocolError saying what was wrong."""
-    if len(data) > max_bytes:
+def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
+    """Decode one JSON object frame, or raise ProtocolError saying what was wrong (None: no size limit)."""
+    if max_bytes is not None and len(data) > max_bytes:
         raise ProtocolError(f"{what}: message of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"{what}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -87,6 +87,11 @@ def loads_object(data: bytes, max_bytes: int, what: str) -> dict:
     if obj.get("v") != VERSION:
         raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}, expected {VERSION}")
     return obj
+
+
+def _refuse_constant(name: str) -> None:
+    # Python's json reads NaN and Infinity, which are not JSON and that no database column takes.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 # ---------------------------------------------------------------- client socket
@@ -248,7 +253,7 @@ def worker_message(command: bytes, body: dict | None = None) -> list[bytes]:
     return [WORKER_HEADER, command, dumps({"v": VERSION, **(body or {})})]
 
 
-def parse_worker_message(frames: list[bytes], commands: frozenset[bytes], max_bytes: int) -> tuple[bytes, dict]:
+def parse_worker_message(frames: list[bytes], commands: frozenset[bytes], max_bytes: int | None) -> tuple[bytes, dict]:
     """Check ``[header, command, body]`` and return the command and decoded body."""
     if len(frames) != 3:
         raise ProtocolError(f"worker socket: expected 3 frames, got {len(frames)}")
@@ -356,12 +361,10 @@ class Rejections:
         self.log = log
         self.socket_name = socket_name
         self.every = every
-        self.total = 0
         self._since_warning = 0
         self._next_warning = 0.0
 
     def reject(self, error: Exception) -> None:
-        self.total += 1
         self._since_warning += 1
         now = time.monotonic()
         if now >= self._next_warning:

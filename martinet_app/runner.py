@@ -53,11 +53,11 @@ def main(fd: int, spec: dict) -> None:
     _send(stream, {"hello": registry.names()})
     for line in stream:
         task = json.loads(line)
-        _send(stream, _run(registry, task, stream, spec["worker"]))
+        _send(stream, _run(registry, task, stream, spec["worker"], spec["max_result_bytes"]))
     os._exit(0)
 
 
-def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str) -> dict:
+def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_result_bytes: int) -> dict:
     """Run one task; return its final event."""
     name = task["name"]
 
@@ -77,15 +77,17 @@ def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str) -> di
     except BaseException as exc:  # noqa: BLE001 - sys.exit() or KeyboardInterrupt in a handler fails the task
         return {"event": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     try:
-        json.dumps(result, allow_nan=False)
+        size = len(json.dumps(result, allow_nan=False))
     except (TypeError, ValueError) as exc:
         error = f"task {name!r} returned a result that is not JSON-serialisable: {exc}"
         return {"event": "failed", "error": error, "traceback": None}
+    if size > max_result_bytes:
+        error = (
+            f"task {name!r} returned a result of {size} bytes, more than the {max_result_bytes} allowed: "
+            "store large results elsewhere (a file, a database) and return a reference to them"
+        )
+        return {"event": "failed", "error": error, "traceback": None}
     return {"event": "succeeded", "result": result}
-
-
-def _failed(exc: BaseException) -> dict:
-    return {"event": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
 def _load(spec: dict) -> Registry:

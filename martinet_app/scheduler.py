@@ -59,7 +59,9 @@ class Scheduler:
             try:
                 interval = timespec.parse_interval(rec["interval"])
             except BadTimeSpec as exc:
-                log.error("recurring schedule %s has an unusable interval and is skipped: %s", rec["id"], exc.message)
+                # Left enabled, it would stay due and wake the scheduler in a loop.
+                self.store.revoke(rec["id"])
+                log.error("recurring schedule %s revoked: its interval is unusable: %s", rec["id"], exc.message)
                 continue
             planned_dt = datetime.datetime.fromtimestamp(planned, datetime.UTC)
             following = interval.next_after(planned_dt, now=now_dt, tz=self.tz)

@@ -57,6 +57,7 @@ class Slot:
         Raises:
             HandlerError: the handlers did not load (the message says why).
         """
+        self.close()
         ours, theirs = socket.socketpair()
         os.set_blocking(theirs.fileno(), True)
         env = dict(os.environ)
@@ -106,20 +107,31 @@ class Slot:
             return {"event": "failed", "error": f"timed out after {timeout:g} s", "traceback": None}
 
     def interrupt(self, reason: str) -> None:
-        """Stop the running task by killing the process; :meth:`run` returns ``failed`` with ``reason``."""
+        """Stop the running task by killing the process; :meth:`run` returns ``failed`` with ``reason``.
+
+        The slot is ``dead`` afterwards, even if the task happened to finish first.
+        """
         self._interrupted = reason
-        if self.proc is not None and self.proc.poll() is None:
+        self.dead = True
+        if self.alive():
             self.proc.send_signal(signal.SIGKILL)
+
+    def alive(self) -> bool:
+        """Whether the process is running (it may have been killed between tasks)."""
+        return self.proc is not None and self.proc.poll() is None
 
     def close(self) -> None:
         """Kill the process (if alive) and release the socket."""
         self.dead = True
         if self.proc is not None:
-            if self.proc.poll() is None:
+            if self.alive():
                 self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         if self.conn is not None:
-            self.stream.close()
+            try:
+                self.stream.close()
+            except OSError:  # unflushed data to a process that is gone
+                pass
             self.conn.close()
             self.conn = self.stream = None
 

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -38,6 +39,15 @@ EXIT_HANDLERS = 2
 
 #: Seconds the status socket may keep flushing unsent events when the worker exits.
 STATUS_LINGER = 5.0
+
+
+@dataclass
+class _Delivery:
+    """A task this worker was given: the greenlet running it, and its slot once it has one."""
+
+    greenlet: gevent.Greenlet | None = None
+    slot: Slot | None = None
+    cancelled: bool = False
 
 
 class Worker:
@@ -80,7 +90,7 @@ class Worker:
         self.id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._slots: list[Slot] = []
         self._idle: gevent.queue.Queue = gevent.queue.Queue()
-        self._running: dict[int, tuple[int, Slot, gevent.Greenlet]] = {}
+        self._running: dict[tuple[int, int], _Delivery] = {}
         # Tasks received after stop() began: never started, handed back with DISCONNECT.
         self._declined: list[dict] = []
         self._events: gevent.queue.Queue = gevent.queue.Queue()
@@ -185,7 +195,6 @@ class Worker:
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
-        sock.setsockopt(zmq.MAXMSGSIZE, config.MAX_MESSAGE_BYTES)
         sock.connect(self.worker_endpoint)
         slots = 0 if self._stopping.is_set() else self.concurrency
         self._send(sock, protocol.READY, self._ready_body(slots=slots))
@@ -203,12 +212,13 @@ class Worker:
         }
 
     def _refs(self) -> list[dict]:
-        running = [{"task_id": task_id, "attempt": attempt} for task_id, (attempt, _, _) in self._running.items()]
+        running = [{"task_id": task_id, "attempt": attempt} for task_id, attempt in self._running]
         return running + self._declined
 
     def _handle(self, frames: list[bytes]) -> bytes | None:
         try:
-            command, body = protocol.parse_worker_message(frames, protocol.BROKER_COMMANDS, config.MAX_MESSAGE_BYTES)
+            # No size limit: this socket only talks to our server, whose limit bounds what clients submit.
+            command, body = protocol.parse_worker_message(frames, protocol.BROKER_COMMANDS, None)
         except ProtocolError as exc:
             log.warning("ignored a malformed message from the server: %s", exc.message)
             return None
@@ -226,9 +236,10 @@ class Worker:
         unfinished = self._refs()
         self._send(sock, protocol.DISCONNECT, {"running": unfinished})
         # Handed back, not failed: stop waiting on them without reporting, then stop their processes.
-        for _, slot, greenlet in list(self._running.values()):
-            greenlet.kill(block=False)
-            slot.close()
+        for delivery in list(self._running.values()):
+            delivery.greenlet.kill(block=False)
+            if delivery.slot is not None:
+                delivery.slot.close()
         if unfinished:
             log.warning("handed %d unfinished task(s) back to the server", len(unfinished))
         # Let the DISCONNECT leave before the socket closes, but do not wait long for an absent server.
@@ -249,6 +260,7 @@ class Worker:
             "handlers_dir": self.handlers_dir,
             "paths": self.paths,
             "functions": [self._function_ref(name) for name in self.registry.names()],
+            "max_result_bytes": config.MAX_RESULT_BYTES,
         }
         slots = [Slot(spec) for _ in range(self.concurrency)]
 
@@ -291,39 +303,55 @@ class Worker:
             self._declined.append({"task_id": task_id, "attempt": attempt})
             return
         log.debug("running task %s (%s) attempt %s", task_id, name, attempt)
-        slot = self._idle.get()
-        greenlet = gevent.spawn(self._execute, slot, task)
-        self._running[task_id] = (attempt, slot, greenlet)
+        delivery = _Delivery()
+        self._running[(task_id, attempt)] = delivery
+        # The greenlet waits for a free slot itself (one may be restarting): this loop never blocks.
+        delivery.greenlet = gevent.spawn(self._execute, task, delivery)
 
     def _cancel(self, ref: dict) -> None:
-        running = self._running.get(ref.get("task_id"))
-        if running is not None and running[0] == ref.get("attempt"):
+        delivery = self._running.get((ref.get("task_id"), ref.get("attempt")))
+        if delivery is not None:
             log.debug("cancelling task %s attempt %s", ref["task_id"], ref["attempt"])
-            running[1].interrupt("cancelled")
+            delivery.cancelled = True
+            if delivery.slot is not None:
+                delivery.slot.interrupt("cancelled")
 
-    def _execute(self, slot: Slot, task: dict) -> None:
+    def _execute(self, task: dict, delivery: _Delivery) -> None:
         task_id, attempt, name = task["task_id"], task["attempt"], task["name"]
+        slot = delivery.slot = self._idle.get()
+        self._restart(slot)  # its process may have died while idle (e.g. killed by the OOM killer)
         started = time.monotonic()
-        self._emit(task_id, attempt, protocol.STARTED)
         try:
-            outcome = slot.run(
-                {"task_id": task_id, "attempt": attempt, "name": name, "args": task.get("args", {})},
-                lambda fraction, message: self._emit(task_id, attempt, protocol.PROGRESS, progress=fraction,
-                                                     message=message),
-                task.get("timeout"),
-            )  # fmt: skip
+            if delivery.cancelled:
+                outcome = {"event": "failed", "error": "cancelled", "traceback": None}
+            else:
+                self._emit(task_id, attempt, protocol.STARTED)
+                outcome = self._run(slot, task)
             event = outcome.pop("event")
             self._emit(task_id, attempt, event, **outcome)
             log.debug("task %s (%s) %s after %.3f s", task_id, name, event, time.monotonic() - started)
         finally:
-            self._running.pop(task_id, None)
+            self._running.pop((task_id, attempt), None)
         self._restart(slot)
         self._idle.put(slot)
+
+    def _run(self, slot: Slot, task: dict) -> dict:
+        task_id, attempt = task["task_id"], task["attempt"]
+        try:
+            return slot.run(
+                {"task_id": task_id, "attempt": attempt, "name": task["name"], "args": task.get("args", {})},
+                lambda fraction, message: self._emit(task_id, attempt, protocol.PROGRESS, progress=fraction,
+                                                     message=message),
+                task.get("timeout"),
+            )  # fmt: skip
+        except OSError as exc:  # its process was gone before the task reached it
+            slot.close()
+            return {"event": "failed", "error": f"the handler's process was lost: {exc}", "traceback": None}
 
     def _restart(self, slot: Slot) -> None:
         """Replace a slot's dead process, retrying until it starts (the handlers may be being fixed)."""
         delay = 1.0
-        while slot.dead and not self._forced.is_set():
+        while (slot.dead or not slot.alive()) and not self._forced.is_set():
             try:
                 slot.start()
             except HandlerError as exc:
@@ -335,19 +363,29 @@ class Worker:
         self._events.put({"task_id": task_id, "attempt": attempt, "event": event, "at": time.time(), **fields})
 
     def _push_status(self, sock: Any) -> None:
-        """Send queued events, as many per message as are waiting; ``None`` ends it."""
+        """Send queued events, as many per message as are waiting and fit; ``None`` ends it."""
         while True:
             event = self._events.get()
             batch = [] if event is None else [event]
-            while len(batch) < config.BATCH_MAX and not self._events.empty():
+            size = _size(event)
+            while len(batch) < config.BATCH_MAX and size < config.MAX_RESULT_BYTES and not self._events.empty():
                 event = self._events.get_nowait()
                 if event is None:
                     break
                 batch.append(event)
+                size += _size(event)
             if batch:
                 sock.send_multipart(protocol.status_batch(self.id, batch))
             if event is None:
                 return
+
+
+def _size(event: dict | None) -> int:
+    """About how many bytes an event takes in a status message (its result and traceback dominate)."""
+    if event is None:
+        return 0
+    result = len(protocol.dumps(event["result"])) if "result" in event else 0
+    return 200 + result + len(event.get("traceback") or "")
 
 
 def run_worker(

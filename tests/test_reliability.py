@@ -339,3 +339,31 @@ def test_a_full_disk_fails_submissions_cleanly(tmp_path: Path):
     finally:
         assert server.terminate() == 0
     assert "Traceback" not in server.log() and "database or disk is full" in server.log()
+
+
+def test_a_handler_process_killed_while_idle_is_replaced(sqlite_cluster: Cluster):
+    worker = sqlite_cluster.start_worker("--concurrency", "2")
+    m = sqlite_cluster.client
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+    assert len(children) == 2
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    tasks = [m.wait(m.execute({"name": "whoami"}, {}), timeout=20) for _ in range(4)]
+    assert [t["status"] for t in tasks] == ["succeeded"] * 4
+    assert not {t["result"]["pid"] for t in tasks} & {int(pid) for pid in children}
+
+
+def test_large_args_run_and_a_too_large_result_fails_clearly(sqlite_cluster: Cluster):
+    from martinet_app import config
+
+    m = sqlite_cluster.client
+    # Queued before the worker comes, two 9 MB tasks reach it in one TASK message of 18 MB, over the
+    # 16 MiB the server accepts from a peer: the worker takes what its server sends.
+    heavy = [m.execute({"name": "big"}, {"bytes": 10, "blob": "y" * 9_000_000}) for _ in range(2)]
+    sqlite_cluster.start_worker("--concurrency", "2")
+    assert [m.wait(t, timeout=30)["result"]["args_size"] for t in heavy] == [9_000_000, 9_000_000]
+    too_big = m.wait(m.execute({"name": "big"}, {"bytes": config.MAX_RESULT_BYTES + 1}), timeout=30)
+    assert too_big["status"] == "failed"
+    assert f"more than the {config.MAX_RESULT_BYTES} allowed" in too_big["error"]
+    fine = m.wait(m.execute({"name": "big"}, {"bytes": config.MAX_RESULT_BYTES - 100}), timeout=30)
+    assert fine["status"] == "succeeded" and len(fine["result"]["blob"]) == config.MAX_RESULT_BYTES - 100

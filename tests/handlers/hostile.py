@@ -39,3 +39,9 @@ def crash(task_id, data, progress):
 @task
 def whoami(task_id, data, progress):
     return {"pid": os.getpid()}
+
+
+@task
+def big(task_id, data, progress):
+    """Return a string of data["bytes"] characters, and the size of the args it was given."""
+    return {"blob": "x" * data["bytes"], "args_size": len(data.get("blob", ""))}
