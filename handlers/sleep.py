@@ -1,4 +1,4 @@
-"""Example handler that sleeps: the worker runs other tasks meanwhile (gevent-patched sleep)."""
+"""Example handler that sleeps: the worker's other slots run other tasks meanwhile."""
 
 import time
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 import martinet_app
-from martinet_app import config
+from martinet_app import config, protocol
 from martinet_app.errors import InvalidRequest, MartinetError, ServerUnavailable, TaskNotFound
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ _EXIT_CODES: tuple[tuple[type[MartinetError], int], ...] = (
     (TaskNotFound, EXIT_NOT_FOUND),
     (InvalidRequest, EXIT_USAGE),
 )
-_UNSUCCESSFUL = frozenset({"failed", "cancelled"})
+_UNSUCCESSFUL = protocol.FINAL_STATUSES - {"succeeded"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

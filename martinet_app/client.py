@@ -21,9 +21,6 @@ import zmq
 from . import config, protocol
 from .errors import InvalidRequest, ProtocolError, ServerUnavailable, WaitTimeout, from_wire
 
-#: Final task statuses: ``wait`` returns once a task is in one of these.
-FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-
 
 def _options(**given: Any) -> dict | None:
     """A request's ``options``: those not None, or None (the field left out) if none is given."""
@@ -165,7 +162,7 @@ class Martinet:
                 "wait", task_id=task_id, timeout=max(remaining, 0.0), _timeout=max(remaining, 0.0) + self.timeout
             )
             task = reply["task"]
-            if task["status"] in FINAL_STATUSES:
+            if task["status"] in protocol.FINAL_STATUSES:
                 return task
             if time.monotonic() >= deadline:
                 raise WaitTimeout(
@@ -174,7 +171,11 @@ class Martinet:
                 )
 
     def list(
-        self, status: str | None = None, name: str | None = None, username: str | None = None, limit: int = 50
+        self,
+        status: str | None = None,
+        name: str | None = None,
+        username: str | None = None,
+        limit: int = config.LIST_LIMIT,
     ) -> list[dict]:
         """Tasks, newest first, optionally filtered by status, name and username."""
         return self._request("list", status=status, name=name, username=username, limit=limit)["tasks"]

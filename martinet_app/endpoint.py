@@ -195,7 +195,7 @@ class ClientEndpoint:
         for key in ("name", "username"):
             if request.get(key) is not None and not isinstance(request[key], str):
                 raise InvalidRequest(f"list filter {key!r} must be a string, got {request[key]!r}")
-        limit = request.get("limit", 50)
+        limit = request.get("limit", config.LIST_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= self.list_limit_max:
             raise InvalidRequest(f"list limit must be an integer from 1 to {self.list_limit_max}, got {limit!r}")
         tasks = self.store.list_tasks(

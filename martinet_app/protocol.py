@@ -42,6 +42,8 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 EVENTS = frozenset({STARTED, PROGRESS, SUCCEEDED, FAILED})
 FINAL_EVENTS = frozenset({SUCCEEDED, FAILED})
+#: Task statuses a task ends in (``retry`` may queue a failed or cancelled task again).
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 # Client operations and the request fields each one accepts (besides v, id, op).
 CLIENT_OPS: dict[str, frozenset[str]] = {

@@ -43,9 +43,12 @@ def main(fd: int, spec: dict) -> None:
     try:
         registry = _load(spec)
         if not len(registry):
+            where = spec.get("handlers_dir")
             raise HandlerError(
-                f"no handlers found in {spec.get('handlers_dir')!r}: add a module there with a function decorated "
-                "with @task (from martinet_app import task)"
+                f"no handlers found in {where!r}: add a module there with a function decorated with @task "
+                "(from martinet_app import task)"
+                if where
+                else "no handlers: give a handlers folder, or register functions with Worker.on() before run()"
             )
     except HandlerError as exc:
         _send(stream, {"error": exc.message})

@@ -76,10 +76,19 @@ class Slot:
         try:
             hello = self._read(START_TIMEOUT)
         except _Expired:
-            hello = None
+            self.close()
+            raise HandlerError(
+                f"the handler process did not answer within {START_TIMEOUT:g} s: does a handler module "
+                "block or loop when it is imported?"
+            ) from None
         if hello is None or "hello" not in hello:
             self.close()
-            raise HandlerError(hello["error"] if hello else "the handler process did not start: see the log above")
+            if hello is not None:
+                raise HandlerError(hello["error"])
+            raise HandlerError(
+                f"the handler process exited with status {self.proc.returncode} before loading the handlers: "
+                "see its output above"
+            )
         self.dead = False
         return hello["hello"]
 

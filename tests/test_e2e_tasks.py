@@ -171,7 +171,7 @@ def test_concurrency_runs_sleeping_tasks_together(sqlite_cluster):
     tasks = [m.wait(i, timeout=15) for i in ids]
     starts = [ts(t["started_at"]) for t in tasks]
     ends = [ts(t["finished_at"]) for t in tasks]
-    # All four overlap: each started before any finished (gevent-patched sleep does not block the worker).
+    # All four overlap: each started before any finished (one handler process per slot).
     assert max(starts) < min(ends)
 
 
