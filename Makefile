@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint build bench-startup clean
+.PHONY: install run test lint build bench bench-startup clean
 
 install: $(STAMP)
 
@@ -35,9 +35,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check martinet_app tests handlers bench
 	$(BIN)/ruff format --check martinet_app tests handlers bench
 
+# Martinet against Huey on no-op workloads (docs/BENCHMARKS.md). Huey lives in bench/.venv only.
+BENCH_STAMP := bench/.venv/.installed
+
+$(BENCH_STAMP): bench/requirements.txt
+	test -x bench/.venv/bin/python || $(PYTHON) -m venv bench/.venv
+	bench/.venv/bin/python -m pip install -q -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/compare.py
+
 # Start-up time of dist/martinet and of the virtualenv's script (figures in the README's build section).
 bench-startup: build
 	$(BIN)/python bench/startup.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache martinet.db martinet.db-wal martinet.db-shm
+	rm -rf $(VENV) bench/.venv build dist .pytest_cache martinet.db martinet.db-wal martinet.db-shm
