@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,8 @@ class Broker:
         self.workers: OrderedDict[str, WorkerInfo] = OrderedDict()
         self.rejections = protocol.Rejections(log, "worker socket")
         self._wakeup = gevent.event.Event()
+        #: Called with the ids of tasks the broker made final (given up after too many lost deliveries).
+        self.on_finished: Callable[[list[int]], None] = lambda task_ids: None
         # Running tasks no connected worker holds, with when they were first seen so (see sweep_orphans).
         self._orphans: dict[tuple[int, int], float] = {}
 
@@ -124,6 +126,7 @@ class Broker:
         grace = self.liveness * max([self.heartbeat, *(w.heartbeat for w in self.workers.values())])
         due = [ref for ref, since in self._orphans.items() if now - since >= grace]
         if due:
+            self._give_up(refs=due)
             ids = self.store.requeue(due)
             for ref in due:
                 del self._orphans[ref]
@@ -278,11 +281,19 @@ class Broker:
 
     def _lose(self, worker: WorkerInfo, why: str) -> None:
         self.workers.pop(worker.id, None)
+        self._give_up(worker=worker.id)
         ids = self.store.requeue_worker(worker.id)
         log.warning("worker %s lost: %s", worker.id, why)
         if ids:
             log.warning("re-queued %d task(s) of worker %s: %s", len(ids), worker.id, _ids(ids))
             self.wake()
+
+    def _give_up(self, **lost: Any) -> None:
+        failed = self.store.give_up_lost(now=time.time(), **lost)
+        if failed:
+            log.warning("failed %d task(s) delivered %d times, each time to a worker that was lost: %s",
+                        len(failed), self.store.max_deliveries, _ids(failed))  # fmt: skip
+            self.on_finished(failed)
 
     def _send(self, identity: bytes, command: bytes, body: dict | None = None) -> bool:
         try:

@@ -495,6 +495,14 @@ def _setup_logging(level: str) -> None:
     help="Longest wait before a retry, seconds: the cap of the doubling.",
 )
 @click.option(
+    "--max-deliveries",
+    envvar="MARTINET_MAX_DELIVERIES",
+    show_envvar=True,
+    type=click.IntRange(1),
+    default=config.MAX_DELIVERIES,
+    help="Deliveries lost with their worker after which a task fails instead of being delivered again.",
+)
+@click.option(
     "--max-message-bytes",
     envvar="MARTINET_MAX_MESSAGE_BYTES",
     show_envvar=True,
@@ -515,6 +523,7 @@ def serve(
     default_retry_delay: float,
     default_timeout: float | None,
     retry_delay_max: float,
+    max_deliveries: int,
     max_message_bytes: int,
     log_level: str,
 ) -> None:
@@ -536,6 +545,7 @@ def serve(
             default_timeout=default_timeout,
             retry_delay_max=retry_delay_max,
             max_message_bytes=max_message_bytes,
+            max_deliveries=max_deliveries,
         )
     )
 

@@ -38,6 +38,9 @@ RETRY_DELAY_MAX = 3600.0
 CLIENT_TIMEOUT = 10.0
 #: Longest the scheduler sleeps without re-reading the store (guards clock jumps), seconds.
 SCHEDULER_MAX_SLEEP = 60.0
+#: Deliveries lost with their worker (it died or went silent) after which a task fails
+#: instead of being delivered again: a task that kills its worker must not do so forever (MARTINET_MAX_DELIVERIES).
+MAX_DELIVERIES = 10
 #: Largest message accepted on any socket, bytes (MARTINET_MAX_MESSAGE_BYTES).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Default and maximum row counts for ``list``.

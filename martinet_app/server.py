@@ -45,17 +45,19 @@ def run_server(
     default_timeout: float | None = config.DEFAULT_TIMEOUT,
     retry_delay_max: float = config.RETRY_DELAY_MAX,
     max_message_bytes: int = config.MAX_MESSAGE_BYTES,
+    max_deliveries: int = config.MAX_DELIVERIES,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code.
 
     ``default_*`` are the options of tasks that do not give their own; ``retry_delay_max``
     caps the backoff between retries. A larger message than ``max_message_bytes`` on any
-    socket is refused (ZeroMQ drops the connection that sent it).
+    socket is refused (ZeroMQ drops the connection that sent it). A task whose worker is lost
+    ``max_deliveries`` times fails instead of being delivered again.
     """
     try:
         tzinfo = timespec.parse_tz(tz)
         defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
-        store = Store.open(db_url, retry_delay_max=retry_delay_max)
+        store = Store.open(db_url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries)
     except MartinetError as exc:
         log.error("cannot start: %s", exc.message)
         return EXIT_CONFIG
@@ -101,6 +103,7 @@ def run_server(
         max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
     )
+    broker.on_finished = endpoint.notify_finished
 
     log.info(
         "martinet %s serving: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s, tz %s",

@@ -176,23 +176,27 @@ class Store:
     The models are bound to the store opened last: one store per process (the server's).
     """
 
-    def __init__(self, database: pw.Database, url: str, *, retry_delay_max: float) -> None:
+    def __init__(self, database: pw.Database, url: str, *, retry_delay_max: float, max_deliveries: int) -> None:
         self.db = database
         self.url = url
         self.retry_delay_max = retry_delay_max
+        self.max_deliveries = max_deliveries
         self._lock = gevent.lock.RLock()
 
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, url: str, *, retry_delay_max: float = config.RETRY_DELAY_MAX) -> Store:
+    def open(
+        cls, url: str, *, retry_delay_max: float = config.RETRY_DELAY_MAX, max_deliveries: int = config.MAX_DELIVERIES
+    ) -> Store:
         """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db``; create or migrate the schema.
 
-        ``retry_delay_max`` caps the backoff between retries of a failing task, seconds.
+        ``retry_delay_max`` caps the backoff between retries of a failing task, seconds;
+        ``max_deliveries`` is how many lost deliveries a task may have (:meth:`give_up_lost`).
         """
         database = _connect(url)
         _db.initialize(database)
-        store = cls(database, url, retry_delay_max=retry_delay_max)
+        store = cls(database, url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries)
         try:
             with store._tx():
                 store._create_or_migrate()
@@ -457,6 +461,35 @@ class Store:
                 ):
                     ids.append(task_id)
         return ids
+
+    def give_up_lost(self, *, now: float, worker: str | None = None, refs: Iterable[tuple[int, int]] = ()) -> list[int]:
+        """running -> failed for lost deliveries (of ``worker``, or the ``refs``) of tasks delivered
+        ``max_deliveries`` times already: each one took its worker down, so the next would too.
+
+        Call it before re-queueing lost deliveries; returns the ids it failed.
+        """
+        wanted = set(refs)
+        failed = []
+        with self._tx():
+            query = Task.select(Task.id, Task.attempts, Task.worker, Task.errors).where(
+                (Task.status == S.RUNNING.value) & (Task.attempts >= self.max_deliveries)
+            )
+            if worker is not None:
+                query = query.where(Task.worker == worker)
+            for row in query:
+                if worker is None and (row.id, row.attempts) not in wanted:
+                    continue
+                error = (
+                    f"delivered {row.attempts} times and its worker was lost each time (it died or went silent): "
+                    "not delivered again; `martinet retry` runs it once more"
+                )
+                errors = [*json.loads(row.errors or "[]"), {"attempt": row.attempts, "error": error, "at": now,
+                                                             "worker": row.worker}]  # fmt: skip
+                Task.update(
+                    status=S.FAILED.value, error=error, traceback=None, errors=json.dumps(errors), finished_at=now
+                ).where((Task.id == row.id) & (Task.status == S.RUNNING.value)).execute()
+                failed.append(row.id)
+        return failed
 
     def requeue_worker(self, worker: str) -> list[int]:
         """running -> queued for every task of a worker declared lost. Returns the requeued ids."""

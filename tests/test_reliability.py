@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import HEARTBEAT, PG_URL, Cluster, Server, wait_until
+from conftest import HEARTBEAT, PG_URL, TEST_HANDLERS, Cluster, Process, Server, wait_until
 from martinet_app import protocol
 from martinet_app.errors import ServerUnavailable, StoreUnavailable
 
@@ -367,3 +367,29 @@ def test_large_args_run_and_a_too_large_result_fails_clearly(sqlite_cluster: Clu
     assert f"more than the {config.MAX_RESULT_BYTES} allowed" in too_big["error"]
     fine = m.wait(m.execute({"name": "big"}, {"bytes": config.MAX_RESULT_BYTES - 100}), timeout=30)
     assert fine["status"] == "succeeded" and len(fine["result"]["blob"]) == config.MAX_RESULT_BYTES - 100
+
+
+def test_a_task_whose_worker_is_lost_every_time_fails_after_max_deliveries(tmp_path: Path):
+    server = Server(f"sqlite:///{tmp_path / 'poison.db'}", tmp_path / "server.log", "--max-deliveries", "2")
+    server.start()
+    workers: list[Process] = []
+    try:
+        server.wait_ready()
+        m = server.client()
+        pids = tmp_path / "pids.txt"
+        task_id = m.execute({"name": "crash"}, {"path": str(pids), "how": "hang"})
+        for delivery in (1, 2):
+            worker = Process(server.worker_args(TEST_HANDLERS, "--concurrency", "1"), tmp_path / f"w{delivery}.log")
+            workers.append(worker.start())
+            wait_until(lambda: m.status(task_id)["attempts"] == delivery  # noqa: B023
+                       and m.status(task_id)["status"] == "running", what=f"delivery {delivery}")  # fmt: skip
+            worker.kill()  # the task "takes its worker down"
+        task = m.wait(task_id, timeout=15)
+        assert (task["status"], task["attempts"]) == ("failed", 2)
+        assert "delivered 2 times and its worker was lost each time" in task["error"]
+        m.close()
+    finally:
+        for worker in workers:
+            if worker.running():
+                worker.kill()
+        assert server.terminate() == 0

@@ -593,3 +593,19 @@ def test_list_tasks_filters_newest_first(store: Store) -> None:
     assert ids(username="ann") == [t4, t3, t1]
     assert ids(status="queued", name="build", username="ann", limit=1) == [t4]
     assert ids(status="failed") == []
+
+
+def test_give_up_lost_fails_tasks_out_of_deliveries(store: Store) -> None:
+    store.max_deliveries = 2
+    first, second = add(store, run_at=NOW - 2), add(store, run_at=NOW - 1)
+    store.claim("w1", 2, NOW)
+    assert store.give_up_lost(now=NOW, worker="w1") == [], "one delivery each: not out of deliveries yet"
+    store.requeue_worker("w1")
+    store.claim("w2", 2, NOW + 1)  # the second delivery of both
+    assert store.give_up_lost(now=NOW + 2, refs=[(second, 2)]) == [second]
+    assert store.give_up_lost(now=NOW + 3, worker="w2") == [first]
+    task = store.get_task(first)
+    assert (task["status"], task["attempts"]) == ("failed", 2)
+    assert task["error"].startswith("delivered 2 times and its worker was lost each time")
+    assert task["errors"][-1]["worker"] == "w2"
+    assert store.requeue_worker("w2") == [], "nothing left running to re-queue"
