@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -178,6 +179,17 @@ def martinet(workload: str) -> dict:
             side.close()
 
 
+def _submit_and_finish(side: MartinetSide, submit: Callable[[], list[int]]) -> dict:
+    """Time ``submit`` (N tasks, worker running) and the run until all N succeeded."""
+    started = time.perf_counter()
+    ids = submit()
+    submitted = time.perf_counter() - started
+    side.wait_all(ids)
+    elapsed = time.perf_counter() - started
+    side.check(N + 1)
+    return {"tasks_per_s": N / elapsed, "submit_per_s": N / submitted, "seconds": elapsed}
+
+
 def run_martinet(side: MartinetSide, workload: str) -> dict:
     m = side.m
     if workload == "drain":
@@ -190,21 +202,9 @@ def run_martinet(side: MartinetSide, workload: str) -> dict:
         return {"tasks_per_s": N / elapsed, "seconds": elapsed}
     side.worker_ready()
     if workload == "stream":
-        started = time.perf_counter()
-        ids = [m.execute({"name": "noop"}) for _ in range(N)]
-        submitted = time.perf_counter() - started
-        side.wait_all(ids)
-        elapsed = time.perf_counter() - started
-        side.check(N + 1)
-        return {"tasks_per_s": N / elapsed, "submit_per_s": N / submitted, "seconds": elapsed}
+        return _submit_and_finish(side, lambda: [m.execute({"name": "noop"}) for _ in range(N)])
     if workload == "bulk":
-        started = time.perf_counter()
-        ids = side.submit_many(N, BULK_CHUNK)
-        submitted = time.perf_counter() - started
-        side.wait_all(ids)
-        elapsed = time.perf_counter() - started
-        side.check(N + 1)
-        return {"tasks_per_s": N / elapsed, "submit_per_s": N / submitted, "seconds": elapsed}
+        return _submit_and_finish(side, lambda: side.submit_many(N, BULK_CHUNK))
     if workload == "latency":
         times = []
         for _ in range(LATENCY_N):

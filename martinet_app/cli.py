@@ -61,45 +61,40 @@ def main() -> None:
 
 # ---------------------------------------------------------------- options shared by several commands
 
-_url_option = click.option(
-    "--url", envvar="MARTINET_URL", show_envvar=True, default=config.HOST, help="Host name or address of the server."
-)
-_client_port_option = click.option(
+
+def _setting(flag: str, *decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option that can also be set by its environment variable: ``--client-port``, MARTINET_CLIENT_PORT."""
+    envvar = "MARTINET_" + flag.lstrip("-").replace("-", "_").upper()
+    return click.option(flag, *decls, envvar=envvar, show_envvar=True, **kwargs)
+
+
+_url_option = _setting("--url", default=config.HOST, help="Host name or address of the server.")
+_client_port_option = _setting(
     "--client-port",
-    envvar="MARTINET_CLIENT_PORT",
-    show_envvar=True,
     type=click.IntRange(1, 65535),
     default=config.CLIENT_PORT,
     help="The server's client port.",
 )
-_worker_port_option = click.option(
+_worker_port_option = _setting(
     "--worker-port",
-    envvar="MARTINET_WORKER_PORT",
-    show_envvar=True,
     type=click.IntRange(1, 65535),
     default=config.WORKER_PORT,
     help="The server's worker port.",
 )
-_status_port_option = click.option(
+_status_port_option = _setting(
     "--status-port",
-    envvar="MARTINET_STATUS_PORT",
-    show_envvar=True,
     type=click.IntRange(1, 65535),
     default=config.STATUS_PORT,
     help="The server's status port.",
 )
-_heartbeat_option = click.option(
+_heartbeat_option = _setting(
     "--heartbeat",
-    envvar="MARTINET_HEARTBEAT",
-    show_envvar=True,
     type=click.FloatRange(0, min_open=True),
     default=config.HEARTBEAT_INTERVAL,
     help="Seconds between heartbeats.",
 )
-_log_level_option = click.option(
+_log_level_option = _setting(
     "--log-level",
-    envvar="MARTINET_LOG_LEVEL",
-    show_envvar=True,
     type=click.Choice(_LOG_LEVELS, case_sensitive=False),
     default="INFO",
     help="Log messages of this level and above to stderr.",
@@ -455,57 +450,45 @@ def _setup_logging(level: str) -> None:
 
 
 @main.command()
-@click.option("--bind", envvar="MARTINET_BIND", show_envvar=True, default=config.HOST, help="Address to listen on.")
+@_setting("--bind", default=config.HOST, help="Address to listen on.")
 @_client_port_option
 @_worker_port_option
 @_status_port_option
-@click.option("--db", "db_url", envvar="MARTINET_DB", show_envvar=True, default=config.DB_URL, help="Database URL.")
-@click.option("--tz", envvar="MARTINET_TZ", show_envvar=True, help="Time zone for schedules (default: local time).")
+@_setting("--db", "db_url", default=config.DB_URL, help="Database URL.")
+@_setting("--tz", help="Time zone for schedules (default: local time).")
 @_heartbeat_option
-@click.option(
+@_setting(
     "--default-retries",
-    envvar="MARTINET_DEFAULT_RETRIES",
-    show_envvar=True,
     type=click.IntRange(0),
     default=config.DEFAULT_RETRIES,
     help="Retries of a task that does not give its own.",
 )
-@click.option(
+@_setting(
     "--default-retry-delay",
-    envvar="MARTINET_DEFAULT_RETRY_DELAY",
-    show_envvar=True,
     type=click.FloatRange(0),
     default=config.DEFAULT_RETRY_DELAY,
     help="Seconds before the first retry of a task that does not give its own; doubling for each further one.",
 )
-@click.option(
+@_setting(
     "--default-timeout",
-    envvar="MARTINET_DEFAULT_TIMEOUT",
-    show_envvar=True,
     type=click.FloatRange(0, min_open=True),
     default=config.DEFAULT_TIMEOUT,
     help="Seconds a handler may run, for a task that does not give its own (default: no limit).",
 )
-@click.option(
+@_setting(
     "--retry-delay-max",
-    envvar="MARTINET_RETRY_DELAY_MAX",
-    show_envvar=True,
     type=click.FloatRange(0),
     default=config.RETRY_DELAY_MAX,
     help="Longest wait before a retry, seconds: the cap of the doubling.",
 )
-@click.option(
+@_setting(
     "--max-deliveries",
-    envvar="MARTINET_MAX_DELIVERIES",
-    show_envvar=True,
     type=click.IntRange(1),
     default=config.MAX_DELIVERIES,
     help="Deliveries lost with their worker after which a task fails instead of being delivered again.",
 )
-@click.option(
+@_setting(
     "--max-message-bytes",
-    envvar="MARTINET_MAX_MESSAGE_BYTES",
-    show_envvar=True,
     type=click.IntRange(1024),
     default=config.MAX_MESSAGE_BYTES,
     help="Largest message accepted on any socket; a peer sending a larger one is disconnected.",
@@ -551,11 +534,9 @@ def serve(
 
 
 @main.command()
-@click.option(
+@_setting(
     "--handlers",
     "handlers_dir",
-    envvar="MARTINET_HANDLERS",
-    show_envvar=True,
     required=True,
     type=click.Path(exists=True, file_okay=False),
     help="Directory of handler modules to load.",
@@ -563,28 +544,22 @@ def serve(
 @_url_option
 @_worker_port_option
 @_status_port_option
-@click.option(
+@_setting(
     "--concurrency",
-    envvar="MARTINET_CONCURRENCY",
-    show_envvar=True,
     type=click.IntRange(min=1),
     default=config.CONCURRENCY,
     help="Tasks run at once.",
 )
-@click.option(
+@_setting(
     "--path",
     "paths",
-    envvar="MARTINET_PATH",
-    show_envvar=True,
     multiple=True,
     type=click.Path(exists=True, file_okay=False),
     help="Folder of extra Python packages for handlers (repeatable; MARTINET_PATH separates them with ':').",
 )
 @_heartbeat_option
-@click.option(
+@_setting(
     "--grace",
-    envvar="MARTINET_GRACE",
-    show_envvar=True,
     type=click.FloatRange(min=0),
     default=config.WORKER_GRACE,
     help="Seconds running tasks get to finish after SIGTERM/SIGINT before they are handed back.",

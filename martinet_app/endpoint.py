@@ -21,12 +21,11 @@ from . import __version__, config, protocol, timespec
 from .broker import Broker
 from .errors import InvalidRequest, MartinetError, ProtocolError
 from .scheduler import Scheduler
-from .store import FINAL, Store, TaskStatus
+from .store import Store, TaskStatus
 
 log = logging.getLogger(__name__)
 
 _STATUSES = frozenset(s.value for s in TaskStatus)
-_FINAL_VALUES = frozenset(s.value for s in FINAL)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
 
@@ -172,7 +171,7 @@ class ClientEndpoint:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
             raise InvalidRequest(f"wait timeout must be a number of seconds >= 0, got {timeout!r}")
         task = self.store.get_task(task_id)
-        if task["status"] in _FINAL_VALUES or timeout == 0:
+        if task["status"] in protocol.FINAL_STATUSES or timeout == 0:
             return {"task": task}
         waiter = _Waiter(envelope, request.get("id"))
         waiter.timer = gevent.spawn_later(min(timeout, WAIT_MAX), self._expire_wait, task_id, waiter)

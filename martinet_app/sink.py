@@ -51,21 +51,21 @@ class StatusSink:
         """Block for one message, drain the rest that is readable, write them all in one transaction."""
         if not self._pending:
             self._receive(self.socket.recv_multipart())
-        while len(self._pending) < self.batch_max:
-            try:
-                self._receive(self.socket.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
+        self._drain(self.batch_max)
         self._write()
 
     def flush(self) -> None:
         """Write everything in hand, received or waiting in the socket (when the server stops)."""
-        while True:
+        self._drain(None)
+        self._write()
+
+    def _drain(self, limit: int | None) -> None:
+        """Receive what is readable without waiting, until ``limit`` events are pending (None: all)."""
+        while limit is None or len(self._pending) < limit:
             try:
                 self._receive(self.socket.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                break
-        self._write()
+                return
 
     def _write(self) -> None:
         if not self._pending:

@@ -49,6 +49,8 @@ class Slot:
         self.conn: Any = None
         self.stream: Any = None
         self.dead = True
+        #: Bytes of the last message read from the process: what its result weighs, without encoding it again.
+        self.last_size = 0
         self._interrupted: str | None = None
 
     def start(self) -> list[str]:
@@ -99,6 +101,7 @@ class Slot:
         started again before its next task.
         """
         self._interrupted = None
+        self.last_size = 0
         self.stream.write(json.dumps(task).encode() + b"\n")
         self.stream.flush()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -159,4 +162,5 @@ class Slot:
     def _read(self, timeout: float | None) -> dict | None:
         with gevent.Timeout(timeout, _Expired):
             line = self.stream.readline()
+        self.last_size = len(line)
         return json.loads(line) if line else None

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import gevent.lock
 import peewee as pw
 
-from . import config
+from . import config, protocol
 from .errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     S.CANCELLED: frozenset({S.QUEUED}),
 }
 #: Statuses a task stays in unless someone retries it; ``wait`` returns on them.
-FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
+FINAL = frozenset(TaskStatus(status) for status in protocol.FINAL_STATUSES)
 
 _db = pw.DatabaseProxy()
 

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_HANDLERS = 2
 
+#: Bytes an event takes in a status message besides its result or traceback (an estimate, for batching).
+_EVENT_BYTES = 200
 #: Seconds the status socket may keep flushing unsent events when the worker exits.
 STATUS_LINGER = 5.0
 
@@ -146,7 +148,7 @@ class Worker:
                 handler.cancel()
             for slot in self._slots:
                 slot.close()
-            self._events.put(None)
+            self._events.put((None, 0))
             pusher.join(timeout=STATUS_LINGER)
             status.close()
             context.term()
@@ -328,7 +330,7 @@ class Worker:
                 self._emit(task_id, attempt, protocol.STARTED)
                 outcome = self._run(slot, task)
             event = outcome.pop("event")
-            self._emit(task_id, attempt, event, **outcome)
+            self._emit(task_id, attempt, event, size=slot.last_size, **outcome)
             log.debug("task %s (%s) %s after %.3f s", task_id, name, event, time.monotonic() - started)
         finally:
             self._running.pop((task_id, attempt), None)
@@ -359,33 +361,26 @@ class Worker:
                 gevent.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    def _emit(self, task_id: int, attempt: int, event: str, **fields: Any) -> None:
-        self._events.put({"task_id": task_id, "attempt": attempt, "event": event, "at": time.time(), **fields})
+    def _emit(self, task_id: int, attempt: int, event: str, size: int = 0, **fields: Any) -> None:
+        """Queue a status event; ``size`` is about what its fields weigh encoded (a result's bytes)."""
+        event_dict = {"task_id": task_id, "attempt": attempt, "event": event, "at": time.time(), **fields}
+        self._events.put((event_dict, _EVENT_BYTES + size))
 
     def _push_status(self, sock: Any) -> None:
         """Send queued events, as many per message as are waiting and fit; ``None`` ends it."""
         while True:
-            event = self._events.get()
+            event, size = self._events.get()
             batch = [] if event is None else [event]
-            size = _size(event)
             while len(batch) < config.BATCH_MAX and size < config.MAX_RESULT_BYTES and not self._events.empty():
-                event = self._events.get_nowait()
+                event, event_size = self._events.get_nowait()
                 if event is None:
                     break
                 batch.append(event)
-                size += _size(event)
+                size += event_size
             if batch:
                 sock.send_multipart(protocol.status_batch(self.id, batch))
             if event is None:
                 return
-
-
-def _size(event: dict | None) -> int:
-    """About how many bytes an event takes in a status message (its result and traceback dominate)."""
-    if event is None:
-        return 0
-    result = len(protocol.dumps(event["result"])) if "result" in event else 0
-    return 200 + result + len(event.get("traceback") or "")
 
 
 def run_worker(
