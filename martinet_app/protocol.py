@@ -333,6 +333,8 @@ def _check_event(event: Any) -> None:
             raise ProtocolError("status: progress message must be a string")
     if kind == FAILED and not isinstance(event.get("error"), str):
         raise ProtocolError("status: a failed event needs an error string")
+    if kind in FINAL_EVENTS and event.get("started_at") is not None and not _is_number(event["started_at"]):
+        raise ProtocolError("status: started_at must be a numeric timestamp")
 
 
 def _is_int(value: Any) -> bool:

@@ -182,6 +182,8 @@ class Store:
         self.retry_delay_max = retry_delay_max
         self.max_deliveries = max_deliveries
         self._lock = gevent.lock.RLock()
+        self._depth = 0  # 1 inside transaction(): nested calls join it
+        self._sql = _Statements(database.param, skip_locked=bool(database.for_update))
 
     # ------------------------------------------------------------ opening
 
@@ -198,7 +200,7 @@ class Store:
         _db.initialize(database)
         store = cls(database, url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries)
         try:
-            with store._tx():
+            with store.transaction():
                 store._create_or_migrate()
         except BaseException:
             store.close()
@@ -230,20 +232,37 @@ class Store:
                 self.db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[None]:
-        """One transaction, committed on exit; see :meth:`_read` for connection errors."""
-        with self._read(), self.db.atomic():
-            yield
+    def transaction(self) -> Iterator[None]:
+        """One transaction for everything done inside, committed on exit (group commit).
+
+        Store calls made inside join it instead of committing on their own, so a loop turn's
+        state changes cost one commit. Raises StoreUnavailable as :meth:`_read` does.
+        """
+        with self._read():
+            if self._depth:
+                yield
+                return
+            with self.db.atomic():
+                self._depth = 1
+                try:
+                    yield
+                finally:
+                    self._depth = 0
 
     @contextmanager
     def _read(self) -> Iterator[None]:
         """Hold the store's lock; on a connection error, drop the connection so the next call reconnects.
+
+        Inside a :meth:`transaction` only the outermost call does this.
 
         Raises:
             StoreUnavailable: the database failed (connection lost, locked, disk full): nothing
                 was committed by this call.
         """
         with self._lock:
+            if self._depth:
+                yield
+                return
             try:
                 yield
             except (pw.OperationalError, pw.InterfaceError) as exc:
@@ -282,28 +301,20 @@ class Store:
         Returns their ids in the order given. ``options``: any of OPTION_FIELDS (checked by
         protocol.check_options), shared by all; the others take the column default.
         """
-        shared = {
-            "status": (S.QUEUED if run_at <= now else S.SCHEDULED).value,
-            "created_at": now,
-            "run_at": run_at,
-            **_options(options),
-        }
+        status = (S.QUEUED if run_at <= now else S.SCHEDULED).value
+        shared = (status, now, run_at, 0.0, 0, *_options(options).values())
         rows = [
-            {
-                "name": meta["name"],
-                "username": meta.get("username"),
-                "description": meta.get("description"),
-                "args": json.dumps(args),
-                **shared,
-            }
+            (meta["name"], meta.get("username"), meta.get("description"), json.dumps(args), *shared)
             for meta, args in tasks
         ]
         ids: list[int] = []
-        with self._tx():
+        with self.transaction():
             for start in range(0, len(rows), _INSERT_CHUNK):
-                inserted = Task.insert_many(rows[start : start + _INSERT_CHUNK]).returning(Task.id).execute()
+                chunk = rows[start : start + _INSERT_CHUNK]
+                params = [value for row in chunk for value in row]
+                inserted = self.db.execute_sql(self._sql.insert_tasks(len(chunk)), params).fetchall()
                 # One INSERT takes increasing ids in row order, but RETURNING may list them in any order.
-                ids += sorted(row.id for row in inserted)
+                ids += sorted(row[0] for row in inserted)
         return ids
 
     def add_task(self, meta: dict, args: dict, *, run_at: float, now: float, options: dict | None = None) -> int:
@@ -317,7 +328,7 @@ class Store:
 
         ``options`` are as for :meth:`add_task`, and every run gets them.
         """
-        with self._tx():
+        with self.transaction():
             return Recurring.insert(
                 name=meta["name"],
                 username=meta.get("username"),
@@ -342,7 +353,7 @@ class Store:
 
     def promote_due(self, now: float) -> int:
         """scheduled -> queued for every task whose run_at has come. Returns how many moved."""
-        with self._tx():
+        with self.transaction():
             return (
                 Task.update(status=S.QUEUED.value)
                 .where((Task.status == S.SCHEDULED.value) & (Task.run_at <= now))
@@ -362,7 +373,7 @@ class Store:
         A schedule revoked or already advanced meanwhile is skipped. Returns the new task ids.
         """
         ids = []
-        with self._tx():
+        with self.transaction():
             for recurring_id, planned, next_run_at in runs:
                 advanced = (
                     Recurring.update(next_run_at=next_run_at, last_run_at=planned)
@@ -401,42 +412,19 @@ class Store:
         """
         if limit <= 0:
             return []
-        with self._tx():
-            pick = (
-                Task.select(Task.id)
-                .where(Task.status == S.QUEUED.value)
-                .order_by(Task.priority.desc(), Task.run_at, Task.id)
-                .limit(limit)
-            )
-            if self.db.for_update:
-                pick = pick.for_update("FOR UPDATE SKIP LOCKED")
-            ids = [row.id for row in pick]
-            if not ids:
-                return []
-            rows = (
-                Task.update(status=S.RUNNING.value, worker=worker, attempts=Task.attempts + 1, started_at=now)
-                .where(Task.id.in_(ids) & (Task.status == S.QUEUED.value))
-                .returning(Task.id, Task.name, Task.args, Task.attempts, Task.timeout)
-                .execute()
-            )
-            claimed = [
-                {
-                    "task_id": r.id,
-                    "name": r.name,
-                    "args": json.loads(r.args),
-                    "attempt": r.attempts,
-                    "timeout": r.timeout,
-                }
-                for r in rows
-            ]
-        order = {task_id: position for position, task_id in enumerate(ids)}
-        claimed.sort(key=lambda t: order[t["task_id"]])
-        return claimed
+        with self.transaction():
+            rows = self.db.execute_sql(self._sql.claim, (worker, now, limit)).fetchall()
+        # RETURNING lists rows in no particular order: restore the queue's.
+        rows.sort(key=lambda r: (-r[5], r[6], r[0]))
+        return [
+            {"task_id": task_id, "name": name, "args": json.loads(args), "attempt": attempt, "timeout": timeout}
+            for task_id, name, args, attempt, timeout, _, _ in rows
+        ]
 
     def unclaim(self, refs: Iterable[tuple[int, int]]) -> int:
         """running -> queued for claims that were never delivered (``attempts`` - 1)."""
         count = 0
-        with self._tx():
+        with self.transaction():
             for task_id, attempt in refs:
                 count += (
                     Task.update(status=S.QUEUED.value, worker=None, attempts=Task.attempts - 1, started_at=None)
@@ -452,7 +440,7 @@ class Store:
         The next delivery counts as a new attempt. Returns the requeued ids.
         """
         ids = []
-        with self._tx():
+        with self.transaction():
             for task_id, attempt in refs:
                 if (
                     Task.update(status=S.QUEUED.value, worker=None)
@@ -470,7 +458,7 @@ class Store:
         """
         wanted = set(refs)
         failed = []
-        with self._tx():
+        with self.transaction():
             query = Task.select(Task.id, Task.attempts, Task.worker, Task.errors).where(
                 (Task.status == S.RUNNING.value) & (Task.attempts >= self.max_deliveries)
             )
@@ -493,7 +481,7 @@ class Store:
 
     def requeue_worker(self, worker: str) -> list[int]:
         """running -> queued for every task of a worker declared lost. Returns the requeued ids."""
-        with self._tx():
+        with self.transaction():
             ids = [
                 row.id
                 for row in Task.select(Task.id)
@@ -534,23 +522,18 @@ class Store:
         backoff (:func:`backoff`) instead of failing.
         """
         applied = Applied()
-        with self._tx():
+        if not batch:
+            return applied
+        with self.transaction():
+            targets = self._event_targets({event["task_id"] for _, event in batch})
+            writes: dict[str, list[tuple]] = {kind: [] for kind in self._sql.events}
             for worker, event in batch:
-                kind = event["event"]
-                if kind == "started":
-                    outcome = self._apply_current(worker, event, started_at=event["at"])
-                elif kind == "progress":
-                    outcome = self._apply_current(
-                        worker, event, progress=event["progress"], progress_message=event.get("message")
-                    )
-                elif kind == "succeeded":
-                    outcome = self._apply_succeeded(worker, event)
-                else:
-                    outcome = self._apply_failed(worker, event)
+                target = targets.get(event["task_id"])
+                outcome = None if target is None else self._apply_event(target, worker, event, writes)
                 if outcome is None:
                     log.debug(
                         "ignored stale %s event for task %s attempt %s from %s",
-                        kind,
+                        event["event"],
                         event["task_id"],
                         event["attempt"],
                         worker,
@@ -559,47 +542,59 @@ class Store:
                     applied.retrying.append(event["task_id"])
                 elif outcome in FINAL:
                     applied.finished.append(event["task_id"])
+            cursor = self.db.cursor()
+            # In this order: a started or progress event that applies always comes before its task's final one.
+            for kind, sql in self._sql.events.items():
+                if writes[kind]:
+                    cursor.executemany(sql, writes[kind])
         return applied
 
-    def _apply_current(self, worker: str, event: dict, **fields: Any) -> TaskStatus | None:
-        """Update the task if ``event`` is about its current delivery; RUNNING if it was, else None."""
-        current = (
-            (Task.id == event["task_id"])
-            & (Task.status == S.RUNNING.value)
-            & (Task.worker == worker)
-            & (Task.attempts == event["attempt"])
-        )
-        return S.RUNNING if Task.update(fields).where(current).execute() else None
+    def _event_targets(self, task_ids: set[int]) -> dict[int, _Target]:
+        """The current state of the events' tasks (locked on PostgreSQL until the transaction ends)."""
+        found: dict[int, _Target] = {}
+        ids = sorted(task_ids)
+        for start in range(0, len(ids), _INSERT_CHUNK):
+            chunk = ids[start : start + _INSERT_CHUNK]
+            for task_id, status, worker, attempts, retries, retry_delay, errors in self.db.execute_sql(
+                self._sql.event_targets(len(chunk)), chunk
+            ):
+                found[task_id] = _Target(
+                    task_id, S(status), worker, attempts, retries, retry_delay, json.loads(errors or "[]")
+                )
+        return found
 
-    def _apply_succeeded(self, worker: str, event: dict) -> TaskStatus | None:
-        fields = {
-            "status": S.SUCCEEDED.value,
-            "result": json.dumps(event.get("result")),
-            "progress": 1.0,
-            "finished_at": event["at"],
-            "worker": worker,
-        }
-        return S.SUCCEEDED if Task.update(fields).where(_final_applies(event)).execute() else None
+    def _apply_event(self, task: _Target, worker: str, event: dict, writes: dict[str, list[tuple]]) -> S | None:
+        """Decide what ``event`` does to ``task`` (updated in place) and queue the write; None if stale.
 
-    def _apply_failed(self, worker: str, event: dict) -> TaskStatus | None:
-        """Record the failure; schedule a retry if the task has retries left, else fail it."""
-        row = Task.select(Task.errors, Task.retries, Task.retry_delay).where(_final_applies(event)).get_or_none()
-        if row is None:
+        The rules are :meth:`apply_events`'; events are decided in batch order against the
+        state the earlier ones left.
+        """
+        kind, attempt, at = event["event"], event["attempt"], event["at"]
+        if kind in (protocol.STARTED, protocol.PROGRESS):
+            if task.status != S.RUNNING or task.worker != worker or task.attempts != attempt:
+                return None
+            if kind == protocol.STARTED:
+                writes["started"].append((at, task.id))
+            else:
+                writes["progress"].append((event["progress"], event.get("message"), task.id))
+            return S.RUNNING
+        if task.status not in (S.QUEUED, S.RUNNING) or task.attempts < attempt:
             return None
-        errors = [
-            *json.loads(row.errors or "[]"),
-            {"attempt": event["attempt"], "error": event["error"], "at": event["at"], "worker": worker},
-        ]
-        fields = {"errors": json.dumps(errors), "error": event["error"], "traceback": event.get("traceback")}
-        if len(errors) <= row.retries:
-            delay = backoff(row.retry_delay, len(errors), self.retry_delay_max)
-            outcome = S.SCHEDULED
-            fields.update(run_at=event["at"] + delay, worker=None, progress=0.0, progress_message=None)
+        started_at = event.get("started_at")
+        if kind == protocol.SUCCEEDED:
+            task.status = S.SUCCEEDED
+            writes["succeeded"].append((json.dumps(event.get("result")), at, worker, started_at, task.id))
+            return task.status
+        task.errors = [*task.errors, {"attempt": attempt, "error": event["error"], "at": at, "worker": worker}]
+        failure = (json.dumps(task.errors), event["error"], event.get("traceback"))
+        if len(task.errors) <= task.retries:
+            task.status = S.SCHEDULED
+            writes["retry"].append((*failure, at + backoff(task.retry_delay, len(task.errors), self.retry_delay_max),
+                                    task.id))  # fmt: skip
         else:
-            outcome = S.FAILED
-            fields.update(finished_at=event["at"], worker=worker)
-        Task.update(status=outcome.value, **fields).where(_final_applies(event)).execute()
-        return outcome
+            task.status = S.FAILED
+            writes["failed"].append((*failure, at, worker, started_at, task.id))
+        return task.status
 
     # ------------------------------------------------------------ client requests
 
@@ -626,7 +621,7 @@ class Store:
         A running task keeps its ``worker`` and ``attempts``, so the caller can tell that worker
         to stop the delivery; the delivery's own final event is then ignored.
         """
-        with self._tx():
+        with self.transaction():
             changed = (
                 Task.update(status=S.CANCELLED.value, finished_at=now)
                 .where((Task.id == task_id) & Task.status.in_([S.SCHEDULED.value, S.QUEUED.value, S.RUNNING.value]))
@@ -645,7 +640,7 @@ class Store:
         The task keeps its ``attempts`` and ``errors`` history; its last outcome (result, error,
         traceback, progress, times of the last run, worker) is cleared.
         """
-        with self._tx():
+        with self.transaction():
             changed = (
                 Task.update(
                     status=S.QUEUED.value,
@@ -676,7 +671,7 @@ class Store:
 
     def revoke(self, recurring_id: int) -> dict:
         """Disable a schedule; its past runs stay. InvalidTransition if already revoked."""
-        with self._tx():
+        with self.transaction():
             row = Recurring.get_or_none(Recurring.id == recurring_id)
             if row is None:
                 raise TaskNotFound(f"no recurring schedule with id {recurring_id!r}; `martinet recurring` lists them")
@@ -695,6 +690,71 @@ class Applied:
     retrying: list[int] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class _Target:
+    """A task as :meth:`Store.apply_events` needs it, updated as the batch's events are decided."""
+
+    id: int
+    status: TaskStatus
+    worker: str | None
+    attempts: int
+    retries: int
+    retry_delay: float
+    errors: list[dict]
+
+
+class _Statements:
+    """The SQL of the hot paths, written once per store: building it with peewee per call costs more than running it.
+
+    ``param`` is the driver's placeholder (``?`` for SQLite, ``%s`` for psycopg2).
+    """
+
+    def __init__(self, param: str, *, skip_locked: bool) -> None:
+        self.param = param
+        lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
+        p = param
+        self.claim = (
+            f"UPDATE task SET status = 'running', worker = {p}, attempts = attempts + 1, started_at = {p} "
+            f"WHERE id IN (SELECT id FROM task WHERE status = 'queued' ORDER BY priority DESC, run_at, id "
+            f"LIMIT {p}{lock}) RETURNING id, name, args, attempts, timeout, priority, run_at"
+        )
+        self._event_targets = (
+            "SELECT id, status, worker, attempts, retries, retry_delay, errors FROM task WHERE id IN ({})"
+            + (" FOR UPDATE" if skip_locked else "")
+        )
+        self._insert_tasks = f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} RETURNING id"
+        self._insert_row = "(" + ", ".join([p] * len(_INSERT_COLUMNS)) + ")"
+        self.events = {
+            "started": f"UPDATE task SET started_at = {p} WHERE id = {p}",
+            "progress": f"UPDATE task SET progress = {p}, progress_message = {p} WHERE id = {p}",
+            "succeeded": (
+                f"UPDATE task SET status = 'succeeded', result = {p}, progress = 1.0, finished_at = {p}, "
+                f"worker = {p}, started_at = COALESCE({p}, started_at) WHERE id = {p}"
+            ),
+            "retry": (
+                f"UPDATE task SET status = 'scheduled', errors = {p}, error = {p}, traceback = {p}, run_at = {p}, "
+                f"worker = NULL, progress = 0.0, progress_message = NULL WHERE id = {p}"
+            ),
+            "failed": (
+                f"UPDATE task SET status = 'failed', errors = {p}, error = {p}, traceback = {p}, finished_at = {p}, "
+                f"worker = {p}, started_at = COALESCE({p}, started_at) WHERE id = {p}"
+            ),
+        }
+
+    def event_targets(self, count: int) -> str:
+        return self._event_targets.format(", ".join([self.param] * count))
+
+    def insert_tasks(self, count: int) -> str:
+        return self._insert_tasks.format(", ".join([self._insert_row] * count))
+
+
+#: Columns :meth:`Store.add_tasks` fills: the task's own, then the shared status and times, then its policy.
+_INSERT_COLUMNS = (
+    "name", "username", "description", "args", "status", "created_at", "run_at", "progress", "attempts",
+    "priority", "retries", "retry_delay", "timeout",
+)  # fmt: skip
+
+
 def backoff(retry_delay: float, failures: int, cap: float) -> float:
     """Seconds before the retry after failure number ``failures``: ``retry_delay``, doubling, at most ``cap``."""
     # 2.0 ** 1024 overflows; far below that the cap applies anyway.
@@ -711,8 +771,12 @@ def _final_applies(event: dict) -> pw.Expression:
 
 
 def _options(options: dict | None) -> dict:
-    """Insert fields for a task's policy; only OPTION_FIELDS, so a stray key cannot reach the SQL."""
-    return {key: value for key, value in (options or {}).items() if key in OPTION_FIELDS}
+    """A task's policy in OPTION_FIELDS order: the given values (only those keys, so nothing stray reaches
+    the SQL), the column defaults for the rest."""
+    given = options or {}
+    defaults = {"priority": config.DEFAULT_PRIORITY, "retries": config.DEFAULT_RETRIES,
+                "retry_delay": config.DEFAULT_RETRY_DELAY, "timeout": None}  # fmt: skip
+    return {key: given.get(key, defaults[key]) for key in OPTION_FIELDS}
 
 
 def task_dict(row: Task) -> dict:
