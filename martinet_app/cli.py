@@ -593,12 +593,3 @@ def work(
         )
     )
 
-
-@main.command("_slot", hidden=True)
-@click.argument("fd", type=int)
-@click.argument("spec")
-def slot(fd: int, spec: str) -> None:
-    """A worker's handler process (started by the worker itself, see martinet_app/runner.py)."""
-    from martinet_app import runner
-
-    runner.main(fd, json.loads(spec))

@@ -41,13 +41,16 @@ EXIT_HANDLERS = 2
 _EVENT_BYTES = 200
 #: Seconds the status socket may keep flushing unsent events when the worker exits.
 STATUS_LINGER = 5.0
+#: Seconds a ``started`` event is held back: if its task finishes meanwhile, the final event carries
+#: ``started_at`` instead, so a short task costs the server one write, not two.
+STARTED_HOLD = 0.05
 
 
 @dataclass
 class _Delivery:
-    """A task this worker was given: the greenlet running it, and its slot once it has one."""
+    """A task this worker was given, and the slot running it once it has one."""
 
-    greenlet: gevent.Greenlet | None = None
+    task: dict
     slot: Slot | None = None
     cancelled: bool = False
 
@@ -91,11 +94,17 @@ class Worker:
         self.handler_names: list[str] = []
         self.id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._slots: list[Slot] = []
-        self._idle: gevent.queue.Queue = gevent.queue.Queue()
+        self._slot_loops: list[gevent.Greenlet] = []
+        # Deliveries not yet started, in arrival order; the slots' greenlets take them.
+        self._pending: gevent.queue.Queue = gevent.queue.Queue()
         self._running: dict[tuple[int, int], _Delivery] = {}
         # Tasks received after stop() began: never started, handed back with DISCONNECT.
         self._declined: list[dict] = []
-        self._events: gevent.queue.Queue = gevent.queue.Queue()
+        # Status events not yet sent, with their estimated size; started events held back (STARTED_HOLD).
+        self._outbox: list[tuple[dict, int]] = []
+        self._held: dict[tuple[int, int], dict] = {}
+        self._outbox_ready = gevent.event.Event()
+        self._closing = False
         self._stopping = gevent.event.Event()
         self._forced = gevent.event.Event()
 
@@ -134,6 +143,7 @@ class Worker:
         status.connect(self.status_endpoint)
         signals = [gevent.signal_handler(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)]
         pusher = gevent.spawn(self._push_status, status)
+        self._slot_loops = [gevent.spawn(self._slot_loop, slot) for slot in self._slots]
         log.info(
             "worker %s serving %s with %d slot(s) on %s",
             self.id,
@@ -146,9 +156,11 @@ class Worker:
         finally:
             for handler in signals:
                 handler.cancel()
+            gevent.killall(self._slot_loops)
             for slot in self._slots:
                 slot.close()
-            self._events.put((None, 0))
+            self._closing = True
+            self._outbox_ready.set()
             pusher.join(timeout=STATUS_LINGER)
             status.close()
             context.term()
@@ -238,8 +250,8 @@ class Worker:
         unfinished = self._refs()
         self._send(sock, protocol.DISCONNECT, {"running": unfinished})
         # Handed back, not failed: stop waiting on them without reporting, then stop their processes.
-        for delivery in list(self._running.values()):
-            delivery.greenlet.kill(block=False)
+        gevent.killall(self._slot_loops)
+        for delivery in self._running.values():
             if delivery.slot is not None:
                 delivery.slot.close()
         if unfinished:
@@ -280,8 +292,6 @@ class Worker:
             raise failure
         self.handler_names = outcomes[0]
         self._slots = slots
-        for slot in slots:
-            self._idle.put(slot)
 
     def _function_ref(self, name: str) -> dict:
         fn = self.registry.get(name)
@@ -304,11 +314,10 @@ class Worker:
         if self._stopping.is_set():
             self._declined.append({"task_id": task_id, "attempt": attempt})
             return
-        log.debug("running task %s (%s) attempt %s", task_id, name, attempt)
-        delivery = _Delivery()
+        log.debug("received task %s (%s) attempt %s", task_id, name, attempt)
+        delivery = _Delivery(task)
         self._running[(task_id, attempt)] = delivery
-        # The greenlet waits for a free slot itself (one may be restarting): this loop never blocks.
-        delivery.greenlet = gevent.spawn(self._execute, task, delivery)
+        self._pending.put(delivery)
 
     def _cancel(self, ref: dict) -> None:
         delivery = self._running.get((ref.get("task_id"), ref.get("attempt")))
@@ -318,10 +327,23 @@ class Worker:
             if delivery.slot is not None:
                 delivery.slot.interrupt("cancelled")
 
-    def _execute(self, task: dict, delivery: _Delivery) -> None:
+    def _slot_loop(self, slot: Slot) -> None:
+        """Run pending deliveries on one slot, one at a time, until the worker stops."""
+        while True:
+            delivery = self._pending.get()
+            self._restart(slot)  # its process may have died while idle (e.g. killed by the OOM killer)
+            self._execute(slot, delivery)
+            self._restart(slot)
+
+    def _execute(self, slot: Slot, delivery: _Delivery) -> None:
+        task = delivery.task
         task_id, attempt, name = task["task_id"], task["attempt"], task["name"]
-        slot = delivery.slot = self._idle.get()
-        self._restart(slot)  # its process may have died while idle (e.g. killed by the OOM killer)
+        ref = (task_id, attempt)
+        if self._stopping.is_set() and not delivery.cancelled:
+            del self._running[ref]  # never started: handed back with DISCONNECT
+            self._declined.append({"task_id": task_id, "attempt": attempt})
+            return
+        delivery.slot = slot
         started = time.monotonic()
         try:
             if delivery.cancelled:
@@ -333,9 +355,7 @@ class Worker:
             self._emit(task_id, attempt, event, size=slot.last_size, **outcome)
             log.debug("task %s (%s) %s after %.3f s", task_id, name, event, time.monotonic() - started)
         finally:
-            self._running.pop((task_id, attempt), None)
-        self._restart(slot)
-        self._idle.put(slot)
+            self._running.pop(ref, None)
 
     def _run(self, slot: Slot, task: dict) -> dict:
         task_id, attempt = task["task_id"], task["attempt"]
@@ -362,25 +382,44 @@ class Worker:
                 delay = min(delay * 2, 30.0)
 
     def _emit(self, task_id: int, attempt: int, event: str, size: int = 0, **fields: Any) -> None:
-        """Queue a status event; ``size`` is about what its fields weigh encoded (a result's bytes)."""
+        """Queue a status event; ``size`` is about what its fields weigh encoded (a result's bytes).
+
+        A ``started`` event is held back for STARTED_HOLD; a final event of the same delivery
+        that comes meanwhile replaces it, carrying its time as ``started_at``.
+        """
+        ref = (task_id, attempt)
         event_dict = {"task_id": task_id, "attempt": attempt, "event": event, "at": time.time(), **fields}
-        self._events.put((event_dict, _EVENT_BYTES + size))
+        if event == protocol.STARTED:
+            self._held[ref] = event_dict
+            return
+        started = self._held.pop(ref, None)
+        if started is not None:
+            if event in protocol.FINAL_EVENTS:
+                event_dict["started_at"] = started["at"]
+            else:
+                self._outbox.append((started, _EVENT_BYTES))
+        self._outbox.append((event_dict, _EVENT_BYTES + size))
+        self._outbox_ready.set()
 
     def _push_status(self, sock: Any) -> None:
-        """Send queued events, as many per message as are waiting and fit; ``None`` ends it."""
-        while True:
-            event, size = self._events.get()
-            batch = [] if event is None else [event]
-            while len(batch) < config.BATCH_MAX and size < config.MAX_RESULT_BYTES and not self._events.empty():
-                event, event_size = self._events.get_nowait()
-                if event is None:
-                    break
+        """Send queued events, as many per message as fit; release held ``started`` events as they come due."""
+        while not self._closing or self._outbox:
+            self._outbox_ready.wait(STARTED_HOLD if self._held else None)
+            self._outbox_ready.clear()
+            due = time.time() - STARTED_HOLD
+            for ref in [ref for ref, started in self._held.items() if started["at"] <= due]:
+                self._outbox.append((self._held.pop(ref), _EVENT_BYTES))
+            events, self._outbox = self._outbox, []
+            batch: list[dict] = []
+            size = 0
+            for event, event_size in events:
+                if batch and (len(batch) >= config.BATCH_MAX or size + event_size > config.MAX_RESULT_BYTES):
+                    sock.send_multipart(protocol.status_batch(self.id, batch))
+                    batch, size = [], 0
                 batch.append(event)
                 size += event_size
             if batch:
                 sock.send_multipart(protocol.status_batch(self.id, batch))
-            if event is None:
-                return
 
 
 def run_worker(
