@@ -13,6 +13,7 @@ worker sends READY again, listing the tasks it is still running.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -40,6 +41,7 @@ class WorkerInfo:
     pid: int
     handlers: tuple[str, ...]
     slots: int
+    prefetch: int
     heartbeat: float
     expires_at: float
     last_seen: float = field(default_factory=time.time)
@@ -47,7 +49,8 @@ class WorkerInfo:
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.inflight)
+        """Deliveries it may be sent now: its slots, plus as many waiting in its memory as it asked for."""
+        return (self.slots + self.prefetch if self.slots else 0) - len(self.inflight)
 
     def public(self) -> dict:
         """The worker as ``m.workers()`` reports it."""
@@ -57,6 +60,7 @@ class WorkerInfo:
             "pid": self.pid,
             "handlers": list(self.handlers),
             "slots": self.slots,
+            "prefetch": self.prefetch,
             "busy": len(self.inflight),
             "last_seen": iso(self.last_seen),
         }
@@ -89,11 +93,10 @@ class Broker:
         self._wakeup.set()
 
     def release(self, worker_id: str, refs: Iterable[tuple[int, int]]) -> None:
-        """Give back the slots of finished deliveries ``(task_id, attempt)``."""
+        """Give back the slots of finished deliveries ``(task_id, attempt)``; the caller dispatches."""
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.inflight.difference_update(refs)
-            self.wake()
 
     def cancel(self, worker_id: str, refs: Iterable[tuple[int, int]]) -> None:
         """Tell a worker to stop deliveries ``(task_id, attempt)`` of cancelled (or otherwise final) tasks.
@@ -174,28 +177,38 @@ class Broker:
     # ------------------------------------------------------------ dispatch
 
     def dispatch(self) -> None:
-        """One pass: fill every worker's free slots from the queue, least recently served first."""
-        for worker in list(self.workers.values()):
-            if worker.free <= 0 or worker.id not in self.workers:
-                continue
-            tasks = self.store.claim(worker.id, worker.free, time.time())
-            if not tasks:
-                return
-            refs = [(t["task_id"], t["attempt"]) for t in tasks]
-            if not self._send(worker.id.encode(), protocol.TASK, {"tasks": tasks}):
-                self.store.unclaim(refs)
-                self._lose(worker, "unreachable")
-                continue
-            worker.inflight.update(refs)
+        """Fill every worker's free slots from the queue, least recently served first.
+
+        The claims join the caller's transaction if there is one (a sink batch, a submit): the
+        tasks are sent once it has committed, so a worker never runs a claim that was not stored.
+        """
+        with self.store.transaction():
+            now = time.time()
+            for worker in list(self.workers.values()):
+                if worker.free <= 0:
+                    continue
+                tasks = self.store.claim(worker.id, worker.free, now)
+                if not tasks:
+                    return
+                refs = [(t["task_id"], t["attempt"]) for t in tasks]
+                # Held from now on, so no other claim counts these slots as free.
+                worker.inflight.update(refs)
+                self.store.on_rollback(functools.partial(worker.inflight.difference_update, refs))
+                self.store.after_commit(functools.partial(self._deliver, worker, tasks, refs))
+
+    def _deliver(self, worker: WorkerInfo, tasks: list[dict], refs: list[tuple[int, int]]) -> None:
+        """Send claimed tasks to their worker; if it cannot be reached, undo the claims and lose it."""
+        if not self._send(worker.id.encode(), protocol.TASK, {"tasks": tasks}):
+            worker.inflight.difference_update(refs)
+            self.store.unclaim(refs)
+            self._lose(worker, "unreachable")
+            return
+        if worker.id in self.workers:
             self.workers.move_to_end(worker.id)
+        if log.isEnabledFor(logging.DEBUG):
             for task in tasks:
-                log.debug(
-                    "dispatched task %s (%s) attempt %s to %s",
-                    task["task_id"],
-                    task["name"],
-                    task["attempt"],
-                    worker.id,
-                )
+                log.debug("dispatched task %s (%s) attempt %s to %s", task["task_id"], task["name"], task["attempt"],
+                          worker.id)  # fmt: skip
 
     # ------------------------------------------------------------ messages
 
@@ -234,6 +247,7 @@ class Broker:
             pid=body["pid"],
             handlers=tuple(sorted(set(body["handlers"]))),
             slots=body["slots"],
+            prefetch=body["prefetch"],
             heartbeat=float(body["heartbeat"]),
             expires_at=time.monotonic() + self.liveness * float(body["heartbeat"]),
             inflight=running if known is None else known.inflight | running,

@@ -551,6 +551,13 @@ def serve(
     help="Tasks run at once.",
 )
 @_setting(
+    "--prefetch",
+    type=click.IntRange(min=0),
+    default=config.PREFETCH,
+    help="Tasks held waiting for a free slot beyond those running: faster for short tasks, "
+    "but they wait behind this worker's running ones.",
+)
+@_setting(
     "--path",
     "paths",
     multiple=True,
@@ -571,6 +578,7 @@ def work(
     worker_port: int,
     status_port: int,
     concurrency: int,
+    prefetch: int,
     paths: tuple[str, ...],
     heartbeat: float,
     grace: float,
@@ -587,9 +595,9 @@ def work(
             worker_port=worker_port,
             status_port=status_port,
             concurrency=concurrency,
+            prefetch=prefetch,
             heartbeat=heartbeat,
             grace=grace,
             paths=paths,
         )
     )
-

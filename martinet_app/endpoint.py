@@ -1,13 +1,15 @@
 """The client endpoint: one JSON request in, one JSON reply out, on a ROUTER socket.
 
 Every request that creates something is committed to the store before the reply is
-sent. A ``wait`` request is parked until its task becomes final or its timeout passes,
-without blocking other clients.
+sent: the requests readable at once share one transaction (group commit), and new tasks
+are claimed for free worker slots in that same transaction. A ``wait`` request is parked
+until its task becomes final or its timeout passes, without blocking other clients.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +30,26 @@ log = logging.getLogger(__name__)
 _STATUSES = frozenset(s.value for s in TaskStatus)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
+
+
+@dataclass
+class _Request:
+    """One received request: its routing envelope and id, and its body, or why it cannot be run."""
+
+    envelope: list[bytes]
+    id: Any
+    body: dict | None = None
+    error: dict | None = None
+
+
+@dataclass
+class _Reply:
+    """A reply held until the turn's transaction has committed."""
+
+    envelope: list[bytes]
+    request_id: Any
+    result: dict | None = None
+    error: dict | None = None
 
 
 @dataclass(eq=False)
@@ -57,6 +79,7 @@ class ClientEndpoint:
         defaults: dict,
         max_bytes: int,
         list_limit_max: int,
+        batch_max: int,
     ) -> None:
         self.socket = socket
         self.store = store
@@ -66,6 +89,7 @@ class ClientEndpoint:
         self.defaults = defaults
         self.max_bytes = max_bytes
         self.list_limit_max = list_limit_max
+        self.batch_max = batch_max
         self.rejections = protocol.Rejections(log, "client socket")
         self._waiters: dict[int, list[_Waiter]] = {}
         self._ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
@@ -85,35 +109,62 @@ class ClientEndpoint:
         }
 
     def loop_once(self) -> None:
-        """Answer one request."""
-        self.handle(self.socket.recv_multipart())
+        """Answer the readable requests (up to ``batch_max``) with one transaction for all they store.
 
-    def handle(self, frames: list[bytes]) -> None:
-        """Answer one request; malformed frames that cannot be answered are dropped and counted."""
+        Replies go out after the commit; if the transaction fails, nothing of the turn was stored
+        and every request of it gets the error.
+        """
+        frames = [self.socket.recv_multipart()]
+        while len(frames) < self.batch_max:
+            try:
+                frames.append(self.socket.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        requests = [request for request in map(self._parse, frames) if request is not None]
+        replies: list[_Reply] = []
+        try:
+            with self.store.transaction():
+                for request in requests:
+                    reply = self._answer(request)
+                    if reply is not None:
+                        replies.append(reply)
+        except MartinetError as exc:
+            replies = [_Reply(request.envelope, request.id, error=exc.to_wire()) for request in requests]
+        for reply in replies:
+            self._send(protocol.reply(reply.envelope, reply.request_id, reply.result, reply.error))
+
+    def _parse(self, frames: list[bytes]) -> _Request | None:
+        """Check one request's frames; None for malformed frames that cannot be answered (dropped and counted)."""
         try:
             envelope, body = protocol.split_envelope(frames)
             if len(envelope) < 2:
                 raise ProtocolError("client: no routing id before the empty delimiter")
         except ProtocolError as exc:
             self.rejections.reject(exc)
-            return
-        request_id = None
+            return None
         try:
             request = protocol.parse_client_request(body, self.max_bytes)
-            request_id = request.get("id")
-            result = self._ops[request["op"]](request, envelope)
-            if result is not None:
-                self._send(protocol.reply(envelope, request_id, result))
         except ProtocolError as exc:
             self.rejections.reject(exc)
-            self._send(protocol.reply(envelope, request_id, error=InvalidRequest(exc.message).to_wire()))
+            return _Request(envelope, None, error=InvalidRequest(exc.message).to_wire())
         except MartinetError as exc:
-            log.debug("request %s failed: %s", request_id, exc.message)
-            self._send(protocol.reply(envelope, request_id, error=exc.to_wire()))
-        except Exception as exc:  # e.g. the database is unreachable: answer, log, keep serving
-            log.exception("request %s failed unexpectedly", request_id)
+            return _Request(envelope, None, error=exc.to_wire())
+        return _Request(envelope, request.get("id"), body=request)
+
+    def _answer(self, request: _Request) -> _Reply | None:
+        """Run one checked request; None for a ``wait`` that is parked."""
+        if request.body is None:
+            return _Reply(request.envelope, request.id, error=request.error)
+        try:
+            result = self._ops[request.body["op"]](request.body, request.envelope)
+        except MartinetError as exc:
+            log.debug("request %s failed: %s", request.id, exc.message)
+            return _Reply(request.envelope, request.id, error=exc.to_wire())
+        except Exception as exc:  # a bug, or a database error in one statement: answer, log, keep serving
+            log.exception("request %s failed unexpectedly", request.id)
             error = MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log")
-            self._send(protocol.reply(envelope, request_id, error=error.to_wire()))
+            return _Reply(request.envelope, request.id, error=error.to_wire())
+        return None if result is None else _Reply(request.envelope, request.id, result)
 
     def notify_finished(self, task_ids: list[int]) -> None:
         """Answer the ``wait`` requests parked on tasks that just became final."""
@@ -135,7 +186,7 @@ class ClientEndpoint:
         meta, args, options = self._submission(request, recurring=False)
         now = time.time()
         task_id = self.store.add_task(meta, args, run_at=now, now=now, options=options)
-        self.broker.wake()
+        self.broker.dispatch()
         return {"task_id": task_id}
 
     def _execute_many(self, request: dict, envelope: list[bytes]) -> dict:
@@ -143,7 +194,7 @@ class ClientEndpoint:
         options = self._options(request)
         now = time.time()
         task_ids = self.store.add_tasks(tasks, run_at=now, now=now, options=options)
-        self.broker.wake()
+        self.broker.dispatch()
         return {"task_ids": task_ids}
 
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
@@ -173,10 +224,13 @@ class ClientEndpoint:
         task = self.store.get_task(task_id)
         if task["status"] in protocol.FINAL_STATUSES or timeout == 0:
             return {"task": task}
-        waiter = _Waiter(envelope, request.get("id"))
+        self.store.after_commit(functools.partial(self._park, task_id, _Waiter(envelope, request.get("id")), timeout))
+        return None
+
+    def _park(self, task_id: int, waiter: _Waiter, timeout: float) -> None:
+        """Hold a ``wait`` until its task is final or ``timeout`` passes (once its turn has committed)."""
         waiter.timer = gevent.spawn_later(min(timeout, WAIT_MAX), self._expire_wait, task_id, waiter)
         self._waiters.setdefault(task_id, []).append(waiter)
-        return None
 
     def _expire_wait(self, task_id: int, waiter: _Waiter) -> None:
         """The parked ``wait`` timed out: answer it with the task as it is now."""
@@ -215,13 +269,15 @@ class ClientEndpoint:
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
         task = self.store.cancel(_task_id(request, "task_id"), time.time())
         if task["worker"] is not None:  # it was running: its worker must stop that delivery
-            self.broker.cancel(task["worker"], [(task["id"], task["attempts"])])
-        self.notify_finished([task["id"]])
+            self.store.after_commit(
+                functools.partial(self.broker.cancel, task["worker"], [(task["id"], task["attempts"])])
+            )
+        self.store.after_commit(functools.partial(self.notify_finished, [task["id"]]))
         return {"task": task}
 
     def _retry(self, request: dict, envelope: list[bytes]) -> dict:
         task = self.store.retry(_task_id(request, "task_id"), time.time())
-        self.broker.wake()
+        self.broker.dispatch()
         return {"task": task}
 
     def _send(self, frames: list[bytes]) -> None:

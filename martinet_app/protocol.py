@@ -268,8 +268,9 @@ def parse_worker_message(frames: list[bytes], commands: frozenset[bytes], max_by
 
 
 def check_ready(body: dict) -> dict:
-    """Validate a READY body: worker id, host, pid, handlers, slots, heartbeat, running."""
+    """Validate a READY body: worker id, host, pid, handlers, slots, prefetch, heartbeat, running."""
     handlers = body.get("handlers")
+    body.setdefault("prefetch", 0)
     running = body.get("running", [])
     ok = (
         isinstance(body.get("worker"), str)
@@ -280,13 +281,17 @@ def check_ready(body: dict) -> dict:
         and all(isinstance(h, str) for h in handlers)
         and _is_int(body.get("slots"))
         and body["slots"] >= 0
+        and _is_int(body["prefetch"])
+        and body["prefetch"] >= 0
         and _is_number(body.get("heartbeat"))
         and body["heartbeat"] > 0
         and isinstance(running, list)
         and all(_is_task_ref(r) for r in running)
     )
     if not ok:
-        raise ProtocolError("READY: body must have worker, host, pid, handlers, slots, heartbeat and running")
+        raise ProtocolError(
+            "READY: body must have worker, host, pid, handlers, slots, heartbeat and running (prefetch optional)"
+        )
     return body
 
 

@@ -44,12 +44,15 @@ class Scheduler:
             self._wakeup.wait(sleep)
 
     def fire_due(self, now: float) -> None:
-        """Promote due tasks and fire due schedules as of ``now``."""
-        promoted = self.store.promote_due(now)
-        fired = self.store.fire_recurring(self._due_runs(now), now)
+        """Promote due tasks, fire due schedules as of ``now`` and hand them to free slots, in one transaction."""
+        runs = self._due_runs(now)
+        with self.store.transaction():
+            promoted = self.store.promote_due(now)
+            fired = self.store.fire_recurring(runs, now)
+            if promoted or fired:
+                self.broker.dispatch()
         if promoted or fired:
             log.debug("scheduler: %d task(s) due, %d recurring run(s) fired", promoted, len(fired))
-            self.broker.wake()
 
     def _due_runs(self, now: float) -> list[tuple[int, float, float]]:
         now_dt = datetime.datetime.fromtimestamp(now, datetime.UTC)

@@ -93,6 +93,7 @@ def run_server(
         defaults=defaults,
         max_bytes=max_message_bytes,
         list_limit_max=config.LIST_LIMIT_MAX,
+        batch_max=config.BATCH_MAX,
     )
     sink = StatusSink(
         status,

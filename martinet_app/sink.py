@@ -1,8 +1,9 @@
 """The status sink: workers PUSH started/progress/succeeded/failed events; each is written to the store.
 
-Everything readable is drained and written in one transaction, then the broker gets the
-finished deliveries' slots back, the scheduler learns of tasks scheduled for a retry, and
-the client endpoint answers whoever waits on tasks made final.
+Everything readable is drained and written in one transaction, which also hands the slots
+the finished deliveries freed to queued tasks (group commit: one commit per loop turn). Then
+the scheduler learns of tasks scheduled for a retry, and the client endpoint answers whoever
+waits on tasks made final.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class StatusSink:
         self._write()
 
     def flush(self) -> None:
-        """Write everything in hand, received or waiting in the socket (when the server stops)."""
+        """Write everything in hand, received or waiting in the socket (when the server stops: no dispatch)."""
         self._drain(None)
-        self._write()
+        self._write(dispatch=False)
 
     def _drain(self, limit: int | None) -> None:
         """Receive what is readable without waiting, until ``limit`` events are pending (None: all)."""
@@ -67,19 +68,24 @@ class StatusSink:
             except zmq.Again:
                 return
 
-    def _write(self) -> None:
+    def _write(self, dispatch: bool = True) -> None:
+        """Write the pending events and refill the slots they free, in one transaction."""
         if not self._pending:
             return
         batch = self._pending
-        applied = self.store.apply_events(batch)
-        self._pending = []
         released: dict[str, list[tuple[int, int]]] = {}
         for worker, event in batch:
             if event["event"] in protocol.FINAL_EVENTS:
                 released.setdefault(worker, []).append((event["task_id"], event["attempt"]))
                 log.debug("task %s attempt %s %s on %s", event["task_id"], event["attempt"], event["event"], worker)
+        # The worker has finished these deliveries whatever the store says: their slots are free.
         for worker, refs in released.items():
             self.broker.release(worker, refs)
+        with self.store.transaction():
+            applied = self.store.apply_events(batch)
+            if dispatch:
+                self.broker.dispatch()
+        self._pending = []
         if applied.retrying:
             self.scheduler.wake()
         if applied.finished:

@@ -23,7 +23,7 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import Any
@@ -183,6 +183,9 @@ class Store:
         self.max_deliveries = max_deliveries
         self._lock = gevent.lock.RLock()
         self._depth = 0  # 1 inside transaction(): nested calls join it
+        self._doomed: Exception | None = None  # a statement of the current transaction failed
+        self._after_commit: list[Callable[[], None]] = []
+        self._on_rollback: list[Callable[[], None]] = []
         self._sql = _Statements(database.param, skip_locked=bool(database.for_update))
 
     # ------------------------------------------------------------ opening
@@ -236,24 +239,48 @@ class Store:
         """One transaction for everything done inside, committed on exit (group commit).
 
         Store calls made inside join it instead of committing on their own, so a loop turn's
-        state changes cost one commit. Raises StoreUnavailable as :meth:`_read` does.
+        state changes cost one commit. Raises StoreUnavailable as :meth:`_read` does. See
+        :meth:`after_commit` and :meth:`on_rollback`.
         """
         with self._read():
             if self._depth:
                 yield
                 return
-            with self.db.atomic():
-                self._depth = 1
-                try:
-                    yield
-                finally:
-                    self._depth = 0
+            self._after_commit, self._on_rollback = [], []
+            try:
+                with self.db.atomic():
+                    self._depth, self._doomed = 1, None
+                    try:
+                        yield
+                        if self._doomed is not None:
+                            # A statement failed and its caller carried on: commit none of the turn.
+                            raise self._doomed
+                    finally:
+                        self._depth = 0
+            except BaseException:
+                for undo in self._on_rollback:
+                    undo()
+                raise
+        for then in self._after_commit:
+            try:
+                then()
+            except Exception:  # the commit stands; the caller still has its own work to finish
+                log.exception("an action after a commit failed")
+
+    def after_commit(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once the current transaction has committed (outside the store's lock)."""
+        self._after_commit.append(then)
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` if the current transaction does not commit (in-memory state that assumed it would)."""
+        self._on_rollback.append(undo)
 
     @contextmanager
     def _read(self) -> Iterator[None]:
         """Hold the store's lock; on a connection error, drop the connection so the next call reconnects.
 
-        Inside a :meth:`transaction` only the outermost call does this.
+        Inside a :meth:`transaction`, a failed statement raises StoreUnavailable to its caller
+        too, and dooms the transaction: the outermost call rolls it back and raises again.
 
         Raises:
             StoreUnavailable: the database failed (connection lost, locked, disk full): nothing
@@ -261,7 +288,11 @@ class Store:
         """
         with self._lock:
             if self._depth:
-                yield
+                try:
+                    yield
+                except (pw.OperationalError, pw.InterfaceError) as exc:
+                    self._doomed = exc
+                    raise StoreUnavailable(f"the database is unavailable ({_first_line(exc)}): try again") from exc
                 return
             try:
                 yield
@@ -275,7 +306,7 @@ class Store:
                     if isinstance(link, pw.PeeweeException):
                         cause = link
                     link = link.__context__
-                reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+                reason = _first_line(cause)
                 log.error("database error on %s: %s", redact(self.url), reason)
                 raise StoreUnavailable(
                     f"the database is unavailable ({reason}): the request was not completed; try again"
@@ -546,7 +577,8 @@ class Store:
             # In this order: a started or progress event that applies always comes before its task's final one.
             for kind, sql in self._sql.events.items():
                 if writes[kind]:
-                    cursor.executemany(sql, writes[kind])
+                    with pw.__exception_wrapper__:  # driver errors as peewee's, as execute_sql raises them
+                        cursor.executemany(sql, writes[kind])
         return applied
 
     def _event_targets(self, task_ids: set[int]) -> dict[int, _Target]:
@@ -753,6 +785,11 @@ _INSERT_COLUMNS = (
     "name", "username", "description", "args", "status", "created_at", "run_at", "progress", "attempts",
     "priority", "retries", "retry_delay", "timeout",
 )  # fmt: skip
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message's first line, for logs and errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def backoff(retry_delay: float, failures: int, cap: float) -> float:

@@ -61,6 +61,7 @@ class Worker:
     Args:
         url: the server's host (``tcp://`` prefix optional).
         concurrency: tasks run at once (the slots declared in READY).
+        prefetch: tasks held waiting for a slot beyond those running (declared in READY).
         heartbeat: seconds between heartbeats; the server is presumed lost after
             ``config.HEARTBEAT_LIVENESS`` silent intervals, and the worker reconnects.
         grace: seconds running tasks get to finish after the first stop signal.
@@ -76,6 +77,7 @@ class Worker:
         status_port: int = config.STATUS_PORT,
         *,
         concurrency: int = config.CONCURRENCY,
+        prefetch: int = config.PREFETCH,
         heartbeat: float = config.HEARTBEAT_INTERVAL,
         grace: float = config.WORKER_GRACE,
         handlers_dir: str | None = None,
@@ -86,6 +88,7 @@ class Worker:
         self.worker_endpoint = f"tcp://{host}:{int(worker_port)}"
         self.status_endpoint = f"tcp://{host}:{int(status_port)}"
         self.concurrency = concurrency
+        self.prefetch = prefetch
         self.heartbeat = heartbeat
         self.grace = grace
         self.handlers_dir = handlers_dir
@@ -221,6 +224,7 @@ class Worker:
             "pid": os.getpid(),
             "handlers": self.handler_names,
             "slots": slots,
+            "prefetch": self.prefetch if slots else 0,
             "heartbeat": self.heartbeat,
             "running": self._refs(),
         }
@@ -429,6 +433,7 @@ def run_worker(
     worker_port: int = config.WORKER_PORT,
     status_port: int = config.STATUS_PORT,
     concurrency: int = config.CONCURRENCY,
+    prefetch: int = config.PREFETCH,
     heartbeat: float = config.HEARTBEAT_INTERVAL,
     grace: float = config.WORKER_GRACE,
     paths: Sequence[str] = (),
@@ -443,6 +448,7 @@ def run_worker(
         worker_port,
         status_port,
         concurrency=concurrency,
+        prefetch=prefetch,
         heartbeat=heartbeat,
         grace=grace,
         handlers_dir=handlers_dir,
