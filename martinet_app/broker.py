@@ -233,6 +233,10 @@ class Broker:
             worker.expires_at = time.monotonic() + self.liveness * worker.heartbeat
             if command == protocol.DISCONNECT:
                 self._leave(worker, protocol.check_task_refs(body, "running"))
+            elif command == protocol.CREDIT:
+                credit = protocol.check_credit(body)
+                worker.slots, worker.prefetch = credit["slots"], credit["prefetch"]
+                self.wake()
         except (ProtocolError, UnicodeDecodeError) as exc:
             self.rejections.reject(exc)
 

@@ -554,8 +554,8 @@ def serve(
     "--prefetch",
     type=click.IntRange(min=0),
     default=config.PREFETCH,
-    help="Tasks held waiting for a free slot beyond those running: faster for short tasks, "
-    "but they wait behind this worker's running ones.",
+    help="Tasks held waiting for a free slot beyond those running (they wait behind this worker's running ones). "
+    "Default: automatic, about 50 ms of work per slot by recent task durations, none for long tasks.",
 )
 @_setting(
     "--path",
@@ -578,7 +578,7 @@ def work(
     worker_port: int,
     status_port: int,
     concurrency: int,
-    prefetch: int,
+    prefetch: int | None,
     paths: tuple[str, ...],
     heartbeat: float,
     grace: float,

@@ -19,8 +19,9 @@ DB_URL = "sqlite:///martinet.db"
 #: Tasks a worker runs at once (MARTINET_CONCURRENCY).
 CONCURRENCY = 4
 #: Tasks a worker holds in memory beyond those it runs, so a slot that frees up starts the next
-#: one without a round trip to the server (MARTINET_PREFETCH).
-PREFETCH = 0
+#: one without a round trip to the server; None: automatic, about 50 ms of work per slot judged
+#: by recent task durations, none for long tasks (MARTINET_PREFETCH).
+PREFETCH: int | None = None
 #: Seconds between heartbeats, in both directions (MARTINET_HEARTBEAT).
 HEARTBEAT_INTERVAL = 1.0
 #: Missed heartbeat intervals after which a peer is declared lost.

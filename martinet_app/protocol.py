@@ -32,7 +32,8 @@ TASK = b"TASK"
 HEARTBEAT = b"HEARTBEAT"
 DISCONNECT = b"DISCONNECT"
 CANCEL = b"CANCEL"
-WORKER_COMMANDS = frozenset({READY, HEARTBEAT, DISCONNECT})
+CREDIT = b"CREDIT"
+WORKER_COMMANDS = frozenset({READY, CREDIT, HEARTBEAT, DISCONNECT})
 BROKER_COMMANDS = frozenset({TASK, CANCEL, HEARTBEAT, DISCONNECT})
 
 # Status events a worker pushes to the sink.
@@ -292,6 +293,13 @@ def check_ready(body: dict) -> dict:
         raise ProtocolError(
             "READY: body must have worker, host, pid, handlers, slots, heartbeat and running (prefetch optional)"
         )
+    return body
+
+
+def check_credit(body: dict) -> dict:
+    """Validate a CREDIT body: the worker's new slots and prefetch."""
+    if not all(_is_int(body.get(key)) and body[key] >= 0 for key in ("slots", "prefetch")):
+        raise ProtocolError("CREDIT: body must have slots and prefetch, integers >= 0")
     return body
 
 

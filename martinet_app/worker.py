@@ -44,6 +44,12 @@ STATUS_LINGER = 5.0
 #: Seconds a ``started`` event is held back: if its task finishes meanwhile, the final event carries
 #: ``started_at`` instead, so a short task costs the server one write, not two.
 STARTED_HOLD = 0.05
+#: Automatic prefetch: each slot holds about this many seconds of work waiting, judged by how long
+#: recent tasks ran (none for tasks that run longer), up to PREFETCH_MAX tasks in all.
+PREFETCH_HORIZON = 0.05
+PREFETCH_MAX = 256
+#: Weight of the latest task in the running average of task durations.
+_DURATION_WEIGHT = 0.2
 
 
 @dataclass
@@ -61,7 +67,8 @@ class Worker:
     Args:
         url: the server's host (``tcp://`` prefix optional).
         concurrency: tasks run at once (the slots declared in READY).
-        prefetch: tasks held waiting for a slot beyond those running (declared in READY).
+        prefetch: tasks held waiting for a slot beyond those running (declared in READY); None:
+            automatic (PREFETCH_HORIZON), re-declared as task durations change.
         heartbeat: seconds between heartbeats; the server is presumed lost after
             ``config.HEARTBEAT_LIVENESS`` silent intervals, and the worker reconnects.
         grace: seconds running tasks get to finish after the first stop signal.
@@ -77,7 +84,7 @@ class Worker:
         status_port: int = config.STATUS_PORT,
         *,
         concurrency: int = config.CONCURRENCY,
-        prefetch: int = config.PREFETCH,
+        prefetch: int | None = config.PREFETCH,
         heartbeat: float = config.HEARTBEAT_INTERVAL,
         grace: float = config.WORKER_GRACE,
         handlers_dir: str | None = None,
@@ -89,6 +96,10 @@ class Worker:
         self.status_endpoint = f"tcp://{host}:{int(status_port)}"
         self.concurrency = concurrency
         self.prefetch = prefetch
+        # What READY declared last, and (automatic prefetch) what to declare next, if it differs enough.
+        self._declared_prefetch = prefetch or 0
+        self._wanted_prefetch: int | None = None
+        self._task_seconds: float | None = None
         self.heartbeat = heartbeat
         self.grace = grace
         self.handlers_dir = handlers_dir
@@ -195,6 +206,10 @@ class Worker:
                 if self._handle(frames) == protocol.DISCONNECT:
                     sock = self._connect(context, sock)
                     registered = False
+            if self._wanted_prefetch is not None and registered and not self._stopping.is_set():
+                self._declared_prefetch, self._wanted_prefetch = self._wanted_prefetch, None
+                log.debug("prefetch now %d (tasks take %.4f s)", self._declared_prefetch, self._task_seconds)
+                self._send(sock, protocol.CREDIT, {"slots": self.concurrency, "prefetch": self._declared_prefetch})
             now = time.monotonic()
             if now >= next_beat:
                 self._send(sock, protocol.HEARTBEAT)
@@ -224,7 +239,7 @@ class Worker:
             "pid": os.getpid(),
             "handlers": self.handler_names,
             "slots": slots,
-            "prefetch": self.prefetch if slots else 0,
+            "prefetch": self._declared_prefetch if slots else 0,
             "heartbeat": self.heartbeat,
             "running": self._refs(),
         }
@@ -357,9 +372,23 @@ class Worker:
                 outcome = self._run(slot, task)
             event = outcome.pop("event")
             self._emit(task_id, attempt, event, size=slot.last_size, **outcome)
+            self._observe(time.monotonic() - started)
             log.debug("task %s (%s) %s after %.3f s", task_id, name, event, time.monotonic() - started)
         finally:
             self._running.pop(ref, None)
+
+    def _observe(self, seconds: float) -> None:
+        """Count a task's duration; with automatic prefetch, ask for a new one when it is off by 2x or more."""
+        if self.prefetch is not None:
+            return
+        average = self._task_seconds
+        self._task_seconds = average = seconds if average is None else average + _DURATION_WEIGHT * (seconds - average)
+        wanted = min(PREFETCH_MAX, int(self.concurrency * PREFETCH_HORIZON / max(average, 1e-6)))
+        have = self._declared_prefetch
+        if wanted == have or (wanted and have and have / 2 < wanted < have * 2):
+            self._wanted_prefetch = None
+        else:
+            self._wanted_prefetch = wanted
 
     def _run(self, slot: Slot, task: dict) -> dict:
         task_id, attempt = task["task_id"], task["attempt"]
@@ -433,7 +462,7 @@ def run_worker(
     worker_port: int = config.WORKER_PORT,
     status_port: int = config.STATUS_PORT,
     concurrency: int = config.CONCURRENCY,
-    prefetch: int = config.PREFETCH,
+    prefetch: int | None = config.PREFETCH,
     heartbeat: float = config.HEARTBEAT_INTERVAL,
     grace: float = config.WORKER_GRACE,
     paths: Sequence[str] = (),
