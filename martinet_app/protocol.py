@@ -272,7 +272,7 @@ def check_ready(body: dict) -> dict:
     """Validate a READY body: worker id, host, pid, handlers, slots, prefetch, heartbeat, running."""
     handlers = body.get("handlers")
     body.setdefault("prefetch", 0)
-    running = body.get("running", [])
+    running = body.setdefault("running", [])
     ok = (
         isinstance(body.get("worker"), str)
         and body["worker"]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from martinet_app.errors import ConfigError, InvalidTransition, TaskNotFound
+from martinet_app.errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
 from martinet_app.store import FINAL, SCHEMA_VERSION, TRANSITIONS, Applied, Store, TaskStatus, backoff
 
 NOW = 1_700_000_000.0
@@ -375,6 +375,66 @@ def test_final_event_for_requeued_task_not_yet_reclaimed(store: Store) -> None:
     assert store.apply_events([("w1", ev(task_id, 1, "failed", error="lost"))]).finished == [task_id]
     assert status(store, task_id) == "failed"
     assert store.claim("w2", 1, NOW) == []
+
+
+def test_final_event_may_carry_when_the_handler_started(store: Store) -> None:
+    folded, plain = add(store), add(store)
+    store.claim("w1", 2, NOW + 1)
+    store.apply_events([
+        ("w1", ev(folded, 1, "succeeded", at=NOW + 9, result=1, started_at=NOW + 4)),
+        ("w1", ev(plain, 1, "failed", at=NOW + 9, error="no")),
+    ])  # fmt: skip
+    assert store.get_task(folded)["started_at"] == iso(NOW + 4), "the worker folded its started event in"
+    assert store.get_task(plain)["started_at"] == iso(NOW + 1), "no started_at: the claim's time stays"
+
+
+# --- transactions: group commit -----------------------------------------------------------------------------------
+
+
+def test_transaction_groups_calls_and_runs_hooks_after_commit(store: Store) -> None:
+    done: list[str] = []
+    with store.transaction():
+        task_id = add(store)
+        [claimed] = store.claim("w1", 5, NOW)
+        store.after_commit(lambda: done.append(status(store, task_id)))
+        store.on_rollback(lambda: done.append("rolled back"))
+        assert done == [], "nothing runs before the commit"
+    assert claimed["task_id"] == task_id
+    assert done == ["running"], "after the commit, which holds both the insert and the claim"
+
+
+def test_transaction_that_fails_stores_nothing_and_undoes(store: Store) -> None:
+    done: list[str] = []
+    with pytest.raises(RuntimeError), store.transaction():
+        add(store)
+        store.after_commit(lambda: done.append("committed"))
+        store.on_rollback(lambda: done.append("rolled back"))
+        raise RuntimeError("a bug in the caller")
+    assert done == ["rolled back"]
+    assert store.list_tasks(status=None, name=None, username=None, limit=10) == []
+
+
+def test_a_failed_statement_dooms_the_whole_transaction(sqlite_url: str) -> None:
+    store = Store.open(sqlite_url)
+    path = sqlite_url.removeprefix("sqlite:///")
+    try:
+        with store.transaction():
+            add(store)  # the write lock is now this connection's
+        locker = sqlite3.connect(path, isolation_level=None, timeout=10)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailable, match="database is locked"), store.transaction():
+                with pytest.raises(StoreUnavailable, match="database is locked"):
+                    add(store)  # the caller is told, and carries on
+                store.after_commit(lambda: pytest.fail("a doomed transaction does not commit"))
+        finally:
+            locker.execute("COMMIT")
+            locker.close()
+        assert len(store.list_tasks(status=None, name=None, username=None, limit=10)) == 1
+        add(store)  # the store works again once the lock is gone
+        assert len(store.list_tasks(status=None, name=None, username=None, limit=10)) == 2
+    finally:
+        store.close()
 
 
 # --- per-task policy: priority, retries, manual retry -------------------------------------------------------------
