@@ -388,6 +388,18 @@ def test_final_event_may_carry_when_the_handler_started(store: Store) -> None:
     assert store.get_task(plain)["started_at"] == iso(NOW + 1), "no started_at: the claim's time stays"
 
 
+def test_list_by_status_reads_an_index_instead_of_sorting_the_backlog(sqlite_url: str) -> None:
+    store = Store.open(sqlite_url)
+    try:
+        ids = [add(store, run_at=NOW + 60) for _ in range(3)]
+        assert [t["id"] for t in store.list_tasks(status="scheduled", name=None, username=None, limit=2)] == ids[:0:-1]
+        sql = 'EXPLAIN QUERY PLAN SELECT * FROM "task" WHERE "status" = ? ORDER BY "id" DESC LIMIT 50'
+        plan = " ".join(str(row[-1]) for row in store.db.execute_sql(sql, ("scheduled",)))
+        assert "task_status_id" in plan and "TEMP B-TREE" not in plan, plan
+    finally:
+        store.close()
+
+
 # --- transactions: group commit -----------------------------------------------------------------------------------
 
 
