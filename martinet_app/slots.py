@@ -160,7 +160,10 @@ class Slot:
         return {"event": "failed", "error": f"the handler's process {how} while running the task", "traceback": None}
 
     def _read(self, timeout: float | None) -> dict | None:
-        with gevent.Timeout(timeout, _Expired):
+        if timeout is None:
             line = self.stream.readline()
+        else:
+            with gevent.Timeout(timeout, _Expired):
+                line = self.stream.readline()
         self.last_size = len(line)
         return json.loads(line) if line else None

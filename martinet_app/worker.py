@@ -352,7 +352,8 @@ class Worker:
             delivery = self._pending.get()
             self._restart(slot)  # its process may have died while idle (e.g. killed by the OOM killer)
             self._execute(slot, delivery)
-            self._restart(slot)
+            if slot.dead:  # killed for a timeout or cancel, or it died: replace it before it is needed
+                self._restart(slot)
 
     def _execute(self, slot: Slot, delivery: _Delivery) -> None:
         task = delivery.task
