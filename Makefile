@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint build bench bench-startup clean
+.PHONY: install run test lint build bench bench-scale bench-startup clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ $(BENCH_STAMP): bench/requirements.txt
 
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/compare.py
+
+# Martinet with SCALE_N (1,000,000) scheduled tasks in its store against an empty one (bench/drive.py), once.
+bench-scale: $(STAMP)
+	WORKLOADS=scale REPS=$${REPS:-1} $(BIN)/python bench/compare.py
 
 # Start-up time of dist/martinet and of the virtualenv's script (figures in the README's build section).
 bench-startup: build

@@ -3,8 +3,13 @@
 Runs every workload for every system REPS times, alternating the systems within each repetition
 (the order rotates), each run a fresh bench/drive.py process in that system's virtualenv (Martinet:
 .venv, Huey: bench/.venv). Prints a table of medians and the Martinet/Huey ratio of each row.
-Settings (environment): REPS (3), N (2000), LATENCY_N (300), CONCURRENCY (16); a Redis server
-must answer on 127.0.0.1:6379 (BENCH_REDIS_URL names another).
+Settings (environment): REPS (3), WORKLOADS (drain stream bulk latency timing-spread timing-burst;
+bulk and scale run Martinet only), and drive.py's N (2000), DRAIN_N (20000), LATENCY_N (300),
+TIMING_N (500), SCALE_N (1000000), SLOTS (4), CONCURRENCY (16); a Redis server must answer on 127.0.0.1:6379
+(BENCH_REDIS_URL names another) when a Huey system runs.
+
+`make bench-scale` is WORKLOADS=scale with REPS=1 unless given: a second table, Martinet with an
+empty store against Martinet with SCALE_N scheduled tasks (drive.py describes the figures).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import drive
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 REPS = int(os.environ.get("REPS", "3"))
@@ -25,19 +32,49 @@ SYSTEMS = {
     "huey-sqlite": BENCH / ".venv" / "bin" / "python",
     "huey-redis": BENCH / ".venv" / "bin" / "python",
 }
-WORKLOADS = ["drain", "stream", "bulk", "latency"]
+WORKLOADS = os.environ.get("WORKLOADS", "drain stream bulk latency timing-spread timing-burst").split()
+MARTINET_ONLY = {"bulk", "scale"}
 # (label, workload, key, scale, higher is better)
 ROWS = [
     ("drain, tasks/s", "drain", "tasks_per_s", 1, True),
+    ("drain, worker start-up (spawn to first handler start), s", "drain", "startup_s", 1, False),
+    ("drain, CPU s per 1000 tasks", "drain", "cpu_s_per_1000", 1, False),
     ("stream, tasks/s end to end", "stream", "tasks_per_s", 1, True),
     ("stream, submits/s", "stream", "submit_per_s", 1, True),
+    ("stream, CPU s per 1000 tasks", "stream", "cpu_s_per_1000", 1, False),
     ("bulk, tasks/s end to end", "bulk", "tasks_per_s", 1, True),
     ("bulk, submits/s", "bulk", "submit_per_s", 1, True),
     ("latency submit->result p50, ms", "latency", "p50_ms", 1, False),
     ("latency submit->result p99, ms", "latency", "p99_ms", 1, False),
+    ("latency submit->handler start p50, ms", "latency", "start_p50_ms", 1, False),
+    ("latency submit->handler start p99, ms", "latency", "start_p99_ms", 1, False),
+    ("timing spread, lateness p50, ms", "timing-spread", "lateness_p50_ms", 1, False),
+    ("timing spread, lateness p99, ms", "timing-spread", "lateness_p99_ms", 1, False),
+    ("timing spread, lateness max, ms", "timing-spread", "lateness_max_ms", 1, False),
+    ("timing burst, lateness p50, ms", "timing-burst", "lateness_p50_ms", 1, False),
+    ("timing burst, lateness p99, ms", "timing-burst", "lateness_p99_ms", 1, False),
+    ("timing burst, lateness max, ms", "timing-burst", "lateness_max_ms", 1, False),
     ("peak RSS server / Huey consumer, MB (stream)", "stream", "main_rss_kb", 1 / 1024, False),
     ("peak RSS worker, MB (stream)", "stream", "worker_rss_kb", 1 / 1024, False),
-    ("peak RSS 16 handler processes, MB total (stream)", "stream", "slots_rss_kb", 1 / 1024, False),
+    (f"peak RSS {drive.SLOTS} handler processes, MB total (stream)", "stream", "slots_rss_kb", 1 / 1024, False),
+]
+# (label, key, scale) of the scale table, whose columns are the empty store and the backlog.
+SCALE_ROWS = [
+    ("server start-up (spawn to first ping), s", "startup_s", 1),
+    ("server RSS after start-up, MB", "rss_start_kb", 1 / 1024),
+    ("server RSS after the measurements, MB", "rss_end_kb", 1 / 1024),
+    ("server peak RSS (VmHWM) at the end, MB", "hwm_end_kb", 1 / 1024),
+    ("status(id) p50, ms", "status_p50_ms", 1),
+    ("status(id) p99, ms", "status_p99_ms", 1),
+    ("list(limit=50) p50, ms", "list_p50_ms", 1),
+    ("list(limit=50) p99, ms", "list_p99_ms", 1),
+    ("list(status='scheduled', limit=50) p50, ms", "list_scheduled_p50_ms", 1),
+    ("list(status='scheduled', limit=50) p99, ms", "list_scheduled_p99_ms", 1),
+    ("list(status='queued', limit=50) p50, ms", "list_queued_p50_ms", 1),
+    ("list(status='queued', limit=50) p99, ms", "list_queued_p99_ms", 1),
+    ("one due task: handler start after due, p50, ms", "lateness_p50_ms", 1),
+    ("one due task: handler start after due, p99, ms", "lateness_p99_ms", 1),
+    ("server CPU per scheduled task, ms", "server_cpu_ms_per_task", 1),
 ]
 
 
@@ -60,35 +97,71 @@ def fmt(value: float | None) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def main() -> None:
-    for python in SYSTEMS.values():
-        if not python.exists():
-            raise SystemExit(f"{python} is missing: run `make bench`, which creates it")
-    results: dict[tuple[str, str], list[dict]] = {}
-    names = list(SYSTEMS)
-    started = time.monotonic()
-    for rep in range(REPS):
-        for workload in WORKLOADS:
-            order = names[rep % len(names) :] + names[: rep % len(names)]
-            for system in order:
-                result = run(system, workload)
-                if result:
-                    results.setdefault((system, workload), []).append(result)
-                    shown = {k: round(v, 1) for k, v in result.items() if not k.endswith("_kb")}
-                    print(f"rep {rep + 1}/{REPS} {workload:8} {system:12} {shown}", file=sys.stderr, flush=True)
+def median(values: list[float], scale: float) -> float | None:
+    return statistics.median(values) * scale if values else None
+
+
+def systems_for(workload: str) -> list[str]:
+    return ["martinet"] if workload in MARTINET_ONLY else list(SYSTEMS)
+
+
+def table(results: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """The main table: one row per ROWS entry that was run, medians and Martinet/Huey ratios."""
     header = ["", "Martinet", "Huey SQLite", "Huey Redis", "Martinet/HueySQLite", "Martinet/HueyRedis"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, workload, key, scale, _higher in ROWS:
-        medians = []
-        for system in names:
-            values = [r[key] for r in results.get((system, workload), []) if key in r]
-            medians.append(statistics.median(values) * scale if values else None)
+        if workload not in WORKLOADS:
+            continue
+        medians = [median([r[key] for r in results.get((s, workload), []) if key in r], scale) for s in SYSTEMS]
         ratios = [f"{medians[0] / other:.2f}" if medians[0] is not None and other else "-" for other in medians[1:]]
         lines.append("| " + " | ".join([label, *map(fmt, medians), *ratios]) + " |")
-    n, latency_n = os.environ.get("N", "2000"), os.environ.get("LATENCY_N", "300")
-    slots, took = os.environ.get("CONCURRENCY", "16"), time.monotonic() - started
-    print(f"\nMedians of {REPS} repetitions; N={n}, latency over {latency_n} tasks, {slots} slots; {took:.0f} s.\n")
-    print("\n".join(lines))
+    return lines
+
+
+def scale_table(runs: list[dict]) -> list[str]:
+    """The scale workload's figures: fill rate, then the empty store against the backlog, medians."""
+    fill = median([r["fill_s"] for r in runs], 1)
+    rate = median([r["fill_rows_per_s"] for r in runs], 1)
+    size = median([r["db_mb"] for r in runs], 1)
+    lines = [
+        f"Filled a fresh SQLite file with {drive.SCALE_N} scheduled tasks in {fmt(fill)} s ({fmt(rate)} rows/s, "
+        f"{fmt(size)} MB).",
+        "",
+        f"| Martinet | empty store | {drive.SCALE_N} scheduled |",
+        "|---|---|---|",
+    ]
+    for label, key, scale in SCALE_ROWS:
+        cells = [median([r[store][key] for r in runs if key in r[store]], scale) for store in ("empty", "backlog")]
+        lines.append("| " + " | ".join([label, *map(fmt, cells)]) + " |")
+    return lines
+
+
+def main() -> None:
+    needed = {system for workload in WORKLOADS for system in systems_for(workload)}
+    for system in needed:
+        if not SYSTEMS[system].exists():
+            raise SystemExit(f"{SYSTEMS[system]} is missing: run `make bench`, which creates it")
+    results: dict[tuple[str, str], list[dict]] = {}
+    started = time.monotonic()
+    for rep in range(REPS):
+        for workload in WORKLOADS:
+            names = systems_for(workload)
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for system in order:
+                result = run(system, workload)
+                results.setdefault((system, workload), []).append(result)
+                shown = {k: round(v, 1) for k, v in result.items() if isinstance(v, float)}
+                print(f"rep {rep + 1}/{REPS} {workload:13} {system:12} {shown}", file=sys.stderr, flush=True)
+    print(f"\nMedians of {REPS} repetitions; {time.monotonic() - started:.0f} s.\n")
+    if set(WORKLOADS) - {"scale"}:
+        print(
+            f"N={drive.N} (stream), DRAIN_N={drive.DRAIN_N} (drain, bulk), latency over {drive.LATENCY_N} tasks, "
+            f"timing over {drive.TIMING_N}; Martinet worker: {drive.SLOTS} slots, automatic prefetch; "
+            f"Huey consumer: {drive.CONCURRENCY} greenlets.\n"
+        )
+        print("\n".join(table(results)) + "\n")
+    if "scale" in WORKLOADS:
+        print("\n".join(scale_table(results[("martinet", "scale")])))
 
 
 if __name__ == "__main__":

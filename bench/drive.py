@@ -4,18 +4,51 @@
     python bench/drive.py huey-sqlite WORKLOAD (bench/.venv)
     python bench/drive.py huey-redis WORKLOAD  (bench/.venv)
 
-WORKLOAD is drain, stream, bulk (Martinet only) or latency. Each run starts its own server and
-worker (or consumer) as subprocesses, on free ports and a fresh temporary SQLite file (or a fresh
-Redis queue name), and stops them before it prints one JSON object on stdout.
+WORKLOAD is drain, stream, bulk (Martinet only), latency, timing-spread, timing-burst or scale
+(Martinet only). Each run starts its own server and worker (or consumer) as subprocesses, on free
+ports and a fresh temporary SQLite file (or a fresh Redis queue name), and stops them before it
+prints one JSON object on stdout. The no-op task returns time.time() taken as its handler starts,
+so the driver sees when each handler started (the same clock: everything runs on one machine).
+
+Settings (environment): N (2000, stream), DRAIN_N (20000, drain and bulk), LATENCY_N (300),
+TIMING_N (500), SCALE_N (1000000), CONCURRENCY (16: Huey's greenlets), SLOTS (4: Martinet's handler
+processes, its default; its prefetch is left automatic), BENCH_TIMEOUT (600 s a run may wait).
+
+- drain, stream, bulk: tasks/s, and CPU seconds per 1,000 tasks (drain, stream) of the server,
+  the worker and its handler processes (Huey: the consumer) during the timed phase, from
+  /proc/PID/stat. Huey's enqueues run in the driver (and in Redis), which are not counted; Martinet's
+  submits run in its server, counted in stream (drain submits before its timed phase). Drain also
+  reports startup_s: from spawning the worker (consumer) to the start of the first submitted
+  task's handler, a proxy for the start-up that the drain time includes.
+- latency: p50/p99 of submit -> result visible to the client (p50_ms, p99_ms) and of submit ->
+  handler start (start_p50_ms, start_p99_ms), one awaited task at a time.
+- timing-spread: TIMING_N tasks submitted evenly over TIMING_LEAD (2 s), each due 2 s after its
+  own submit; timing-burst: TIMING_N tasks submitted back to back, all due at one instant 2 s
+  after the first submit. Lateness of each handler start after its due time, p50/p99/max ms;
+  submit_s is the time the submits took (lateness includes any overrun past the 2 s). Huey's
+  consumer moves due tasks out of its schedule once a second (its minimum, -s 1), counted from its
+  start; a run starts right after the consumer's first task, so the burst falls due just after one
+  of those checks and Huey's burst lateness is near its ~1 s worst case (spread shows the range).
+- scale (Martinet only, not in `make bench`: `make bench-scale`): SCALE_N tasks scheduled over the
+  next 3 days, written into a fresh SQLite file with Store.add_tasks in chunks of 10,000 (one
+  run_at each); fill_s and rows/s. Then, for that store and for an empty one: server start-up
+  (spawn to the first answered ping; ZeroMQ retries the connection every 100 ms), server RSS and
+  VmHWM after start-up and at the end, p50/p99 (of 20 calls, so p99 is the slowest) of status(id),
+  list(limit=50), list(status='scheduled'|'queued', limit=50) (backlog only), and, with a worker,
+  20 tasks scheduled one at a time 0.3 s ahead: lateness of the handler start after the due time,
+  and the server's CPU per such task (schedule, fire, dispatch, record, wait and the idle time
+  between them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,19 +56,30 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 N = int(os.environ.get("N", "2000"))
+DRAIN_N = int(os.environ.get("DRAIN_N", "20000"))
 LATENCY_N = int(os.environ.get("LATENCY_N", "300"))
-CONCURRENCY = int(os.environ.get("CONCURRENCY", "16"))
+TIMING_N = int(os.environ.get("TIMING_N", "500"))
+SCALE_N = int(os.environ.get("SCALE_N", "1000000"))
+CONCURRENCY = int(os.environ.get("CONCURRENCY", "16"))  # Huey's greenlets (-w)
+SLOTS = int(os.environ.get("SLOTS", "4"))  # Martinet's handler processes: `work --concurrency`, its default
 CHUNK = 1000  # execute_many chunk for drain
-BULK_CHUNK = 10_000  # the server's SUBMIT_MANY_MAX
+BULK_CHUNK = 10_000  # the server's SUBMIT_MANY_MAX; also the scale workload's add_tasks chunk
 POLL = 0.01  # seconds between completion checks
+TIMING_LEAD = 2.0  # seconds from a timing run's start to its tasks' due times
+SCALE_DAYS = 3
+SCALE_CALLS = 20  # calls per query, and tasks fired, in the scale workload
+FIRE_LEAD = 0.3  # seconds ahead each fired task of the scale workload is due
+NOOP = {"name": "noop"}
 HUEY_CONSUMER = (
     "from gevent import monkey; monkey.patch_all(); from huey.bin.huey_consumer import consumer_main; consumer_main()"
 )
 DEADLINE = float(os.environ.get("BENCH_TIMEOUT", "600"))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -44,11 +88,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def peak_rss_kb(pid: int) -> int:
-    """VmHWM of a live process, kB (0 if it is gone)."""
+def vm_kb(pid: int, field: str = "VmHWM") -> int:
+    """A memory field of a live process's /proc status (VmHWM: peak RSS, VmRSS: RSS now), kB (0 if it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -61,6 +105,16 @@ def children(pid: int) -> list[int]:
         for task in Path(f"/proc/{pid}/task").iterdir():
             found += [int(c) for c in (task / "children").read_text().split()]
     return found
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, its reaped children and its live descendants (0 if gone)."""
+    try:
+        # utime, stime, cutime, cstime: fields 14-17, counted after the ")" that ends the command name.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / CLOCK_TICKS + sum(cpu_s(child) for child in children(pid))
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -86,6 +140,58 @@ def until(check, what: str) -> None:
         time.sleep(POLL)
 
 
+def per_1000(cpu: float, count: int) -> float:
+    return cpu / (count / 1000)
+
+
+def latency_figures(to_result_ms: list[float], to_start_ms: list[float]) -> dict:
+    """p50/p99 of submit -> result visible to the client, and of submit -> handler start."""
+    return {
+        "p50_ms": percentile(to_result_ms, 0.5),
+        "p99_ms": percentile(to_result_ms, 0.99),
+        "start_p50_ms": percentile(to_start_ms, 0.5),
+        "start_p99_ms": percentile(to_start_ms, 0.99),
+    }
+
+
+def lateness_figures(lateness_ms: list[float]) -> dict:
+    return {
+        "lateness_p50_ms": percentile(lateness_ms, 0.5),
+        "lateness_p99_ms": percentile(lateness_ms, 0.99),
+        "lateness_max_ms": max(lateness_ms),
+    }
+
+
+def timing(workload: str, submit: Callable[[float], Any], handler_start: Callable[[Any, float], float]) -> dict:
+    """The timing-spread or timing-burst workload (module docstring).
+
+    ``submit(due)`` schedules one no-op task due at the epoch time ``due`` and returns a handle;
+    ``handler_start(handle, timeout)`` waits for it and returns the time its handler started.
+    """
+    if workload not in ("timing-spread", "timing-burst"):
+        raise SystemExit(f"unknown workload {workload!r}")
+    started = time.time()
+    submitted: list[tuple[Any, float]] = []
+    for i in range(TIMING_N):
+        if workload == "timing-spread":
+            time.sleep(max(0.0, started + i * TIMING_LEAD / TIMING_N - time.time()))
+            due = time.time() + TIMING_LEAD
+        else:
+            due = started + TIMING_LEAD
+        submitted.append((submit(due), due))
+    submit_s = time.time() - started
+    deadline = time.monotonic() + DEADLINE
+    lateness = []
+    for handle, due in submitted:
+        lateness.append((handler_start(handle, max(deadline - time.monotonic(), 0.1)) - due) * 1000)
+    return {**lateness_figures(lateness), "submit_s": submit_s}
+
+
+def iso_utc(epoch: float) -> str:
+    """An epoch time as ISO 8601 UTC with microseconds, as Martinet's schedule() takes it."""
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat()
+
+
 # ------------------------------------------------------------------ Martinet
 
 
@@ -94,22 +200,25 @@ class MartinetSide:
         from martinet_app.client import Martinet
 
         self.ports = [free_port() for _ in range(3)]
-        self.db = f"sqlite:///{tmp}/martinet.db"
+        self.path = f"{tmp}/martinet.db"
         python = str(ROOT / ".venv" / "bin" / "python")
         client, worker, status = (str(p) for p in self.ports)
+        self.m = Martinet("127.0.0.1", self.ports[0], timeout=60)
+        spawned = time.perf_counter()
         self.server = subprocess.Popen(
             [python, "-m", "martinet_app", "serve", "--client-port", client, "--worker-port", worker,
-             "--status-port", status, "--db", self.db, "--log-level", "warning"],
+             "--status-port", status, "--db", f"sqlite:///{self.path}", "--log-level", "warning"],
             cwd=ROOT,
         )  # fmt: skip
         self.worker_cmd = [
             python, "-m", "martinet_app", "work", "--handlers", str(BENCH / "handlers"),
-            "--concurrency", str(CONCURRENCY), "--worker-port", worker, "--status-port", status,
+            "--concurrency", str(SLOTS), "--worker-port", worker, "--status-port", status,
             "--log-level", "warning",
         ]  # fmt: skip
         self.worker: subprocess.Popen | None = None
-        self.m = Martinet("127.0.0.1", self.ports[0], timeout=60)
         until(self._pings, "the Martinet server")
+        #: Seconds from spawning the server to its first answer to a ping.
+        self.startup_s = time.perf_counter() - spawned
 
     def _pings(self) -> bool:
         from martinet_app.errors import ServerUnavailable
@@ -128,7 +237,14 @@ class MartinetSide:
         if self.worker is None:
             self.start_worker()
         until(lambda: self.m.workers(), "the Martinet worker")
-        self.m.wait(self.m.execute({"name": "noop"}), timeout=60)
+        self.m.wait(self.m.execute(NOOP), timeout=60)
+
+    def handler_start(self, task_id: int, timeout: float) -> float:
+        """Wait for a task to succeed; the time its handler started (the no-op handler's result)."""
+        task = self.m.wait(task_id, timeout=timeout)
+        if task["status"] != "succeeded":
+            raise SystemExit(f"Martinet task {task_id} ended {task['status']}")
+        return task["result"]
 
     def all_done(self) -> bool:
         return not self.m.list(status="queued", limit=1) and not self.m.list(status="running", limit=1)
@@ -141,25 +257,35 @@ class MartinetSide:
         ids: list[int] = []
         while len(ids) < count:
             size = min(chunk, count - len(ids))
-            ids += self.m.execute_many([({"name": "noop"}, None)] * size)
+            ids += self.m.execute_many([(NOOP, None)] * size)
         return ids
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the server, and by the worker with its handler processes."""
+        return cpu_s(self.server.pid) + (cpu_s(self.worker.pid) if self.worker else 0.0)
+
+    def server_memory(self, when: str) -> dict:
+        return {
+            f"rss_{when}_kb": vm_kb(self.server.pid, "VmRSS"),
+            f"hwm_{when}_kb": vm_kb(self.server.pid, "VmHWM"),
+        }
 
     def rss(self) -> dict:
         slots = children(self.worker.pid) if self.worker else []
         return {
-            "server_rss_kb": peak_rss_kb(self.server.pid),
-            "worker_rss_kb": peak_rss_kb(self.worker.pid) if self.worker else 0,
-            "slots_rss_kb": sum(peak_rss_kb(pid) for pid in slots),
+            "server_rss_kb": vm_kb(self.server.pid),
+            "worker_rss_kb": vm_kb(self.worker.pid) if self.worker else 0,
+            "slots_rss_kb": sum(vm_kb(pid) for pid in slots),
             "slots": len(slots),
         }
 
     def check(self, expected: int) -> None:
-        failed = self.m.list(status="failed", limit=1)
-        if failed:
-            raise SystemExit(f"a Martinet task failed: {failed[0]}")
-        done = len(self.m.list(status="succeeded", limit=10_000))
-        if expected <= 10_000 and done != expected:
-            raise SystemExit(f"Martinet: {done} tasks succeeded, expected {expected}")
+        """Every task in the store succeeded, and there are ``expected``: counted in the file itself (read-only),
+        as a client lists at most 10,000 tasks."""
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
+            counts = dict(db.execute("SELECT status, COUNT(*) FROM task GROUP BY status").fetchall())
+        if counts != {"succeeded": expected}:
+            raise SystemExit(f"Martinet: tasks by status {counts}, expected {expected} succeeded")
 
     def close(self) -> None:
         self.m.close()
@@ -169,6 +295,8 @@ class MartinetSide:
 
 
 def martinet(workload: str) -> dict:
+    if workload == "scale":
+        return scale()
     with tempfile.TemporaryDirectory(prefix="martinet-bench-") as tmp:
         side = MartinetSide(tmp)
         try:
@@ -179,104 +307,250 @@ def martinet(workload: str) -> dict:
             side.close()
 
 
-def _submit_and_finish(side: MartinetSide, submit: Callable[[], list[int]]) -> dict:
-    """Time ``submit`` (N tasks, worker running) and the run until all N succeeded."""
+def _submit_and_finish(side: MartinetSide, count: int, submit: Callable[[], list[int]]) -> dict:
+    """Time ``submit`` (``count`` tasks, worker running) and the run until all succeeded."""
+    cpu = side.cpu()
     started = time.perf_counter()
     ids = submit()
     submitted = time.perf_counter() - started
     side.wait_all(ids)
     elapsed = time.perf_counter() - started
-    side.check(N + 1)
-    return {"tasks_per_s": N / elapsed, "submit_per_s": N / submitted, "seconds": elapsed}
+    cpu = side.cpu() - cpu
+    side.check(count + 1)
+    return {
+        "tasks_per_s": count / elapsed,
+        "submit_per_s": count / submitted,
+        "seconds": elapsed,
+        "cpu_s_per_1000": per_1000(cpu, count),
+    }
 
 
 def run_martinet(side: MartinetSide, workload: str) -> dict:
     m = side.m
     if workload == "drain":
-        ids = side.submit_many(N, CHUNK)
-        started = time.perf_counter()
+        ids = side.submit_many(DRAIN_N, CHUNK)
+        cpu = side.cpu()
+        spawned, started = time.time(), time.perf_counter()
         side.start_worker()
         side.wait_all(ids)
         elapsed = time.perf_counter() - started
-        side.check(N)
-        return {"tasks_per_s": N / elapsed, "seconds": elapsed}
+        cpu = side.cpu() - cpu
+        side.check(DRAIN_N)
+        return {
+            "tasks_per_s": DRAIN_N / elapsed,
+            "seconds": elapsed,
+            "startup_s": side.handler_start(ids[0], 60) - spawned,
+            "cpu_s_per_1000": per_1000(cpu, DRAIN_N),
+        }
     side.worker_ready()
     if workload == "stream":
-        return _submit_and_finish(side, lambda: [m.execute({"name": "noop"}) for _ in range(N)])
+        return _submit_and_finish(side, N, lambda: [m.execute(NOOP) for _ in range(N)])
     if workload == "bulk":
-        return _submit_and_finish(side, lambda: side.submit_many(N, BULK_CHUNK))
+        return _submit_and_finish(side, DRAIN_N, lambda: side.submit_many(DRAIN_N, BULK_CHUNK))
     if workload == "latency":
-        times = []
+        to_result, to_start = [], []
         for _ in range(LATENCY_N):
+            submitted, started = time.time(), time.perf_counter()
+            start = side.handler_start(m.execute(NOOP), 60)
+            to_result.append((time.perf_counter() - started) * 1000)
+            to_start.append((start - submitted) * 1000)
+        return latency_figures(to_result, to_start)
+    return timing(workload, lambda due: m.schedule(iso_utc(due), NOOP), side.handler_start)
+
+
+def fill(path: str, count: int) -> int:
+    """Write ``count`` tasks scheduled over the next SCALE_DAYS days into a new store; returns an id in the middle."""
+    from martinet_app.store import Store
+
+    store = Store.open(f"sqlite:///{path}")
+    try:
+        now, chunks = time.time(), -(-count // BULK_CHUNK)
+        firsts = []
+        for k in range(chunks):
+            size = min(BULK_CHUNK, count - k * BULK_CHUNK)
+            run_at = now + SCALE_DAYS * 86400 * (k + 1) / chunks
+            firsts += store.add_tasks([(NOOP, {})] * size, run_at=run_at, now=now)[:1]
+        return firsts[len(firsts) // 2]
+    finally:
+        store.close()
+
+
+def query_times(m: Any, task_id: int) -> dict:
+    """p50/p99 ms of SCALE_CALLS calls of each read a client makes."""
+    calls = {
+        "status": lambda: m.status(task_id),
+        "list": lambda: m.list(limit=50),
+        "list_scheduled": lambda: m.list(status="scheduled", limit=50),
+        "list_queued": lambda: m.list(status="queued", limit=50),
+    }
+    figures = {}
+    for name, call in calls.items():
+        times = []
+        for _ in range(SCALE_CALLS):
             started = time.perf_counter()
-            task = m.wait(m.execute({"name": "noop"}), timeout=60)
+            call()
             times.append((time.perf_counter() - started) * 1000)
-            if task["status"] != "succeeded":
-                raise SystemExit(f"Martinet task ended {task['status']}")
-        return {"p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99)}
-    raise SystemExit(f"unknown workload {workload!r}")
+        figures |= {f"{name}_p50_ms": percentile(times, 0.5), f"{name}_p99_ms": percentile(times, 0.99)}
+    return figures
+
+
+def fire_due(side: MartinetSide) -> dict:
+    """With a worker: SCALE_CALLS tasks, one at a time, each due FIRE_LEAD s ahead; lateness and server CPU."""
+    side.worker_ready()
+    cpu = cpu_s(side.server.pid)
+    lateness = []
+    for _ in range(SCALE_CALLS):
+        due = time.time() + FIRE_LEAD
+        lateness.append((side.handler_start(side.m.schedule(iso_utc(due), NOOP), 60) - due) * 1000)
+    cpu = cpu_s(side.server.pid) - cpu
+    return {**lateness_figures(lateness), "server_cpu_ms_per_task": cpu / SCALE_CALLS * 1000}
+
+
+def measure_store(tmp: str, task_id: int | None) -> dict:
+    """Start a server on ``tmp``'s store and measure it (queries only when it holds ``task_id``)."""
+    side = MartinetSide(tmp)
+    try:
+        figures = {"startup_s": side.startup_s, **side.server_memory("start")}
+        if task_id is not None:
+            figures |= query_times(side.m, task_id)
+        figures |= fire_due(side)
+        return figures | side.server_memory("end")
+    finally:
+        side.close()
+
+
+def scale() -> dict:
+    """The scale workload (module docstring): an empty store, then one filled with SCALE_N scheduled tasks."""
+    result: dict[str, Any] = {"scale_n": SCALE_N}
+    with tempfile.TemporaryDirectory(prefix="martinet-bench-") as tmp:
+        result["empty"] = measure_store(tmp, None)
+    with tempfile.TemporaryDirectory(prefix="martinet-bench-") as tmp:
+        started = time.perf_counter()
+        task_id = fill(f"{tmp}/martinet.db", SCALE_N)
+        took = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        result |= {"fill_s": took, "fill_rows_per_s": SCALE_N / took, "db_mb": size / 2**20}
+        result["backlog"] = measure_store(tmp, task_id)
+    return result
 
 
 # ------------------------------------------------------------------ Huey
 
 
-def huey(backend: str, workload: str) -> dict:
-    if workload == "bulk":
-        return {}
-    with tempfile.TemporaryDirectory(prefix="huey-bench-") as tmp:
-        env = dict(os.environ, BENCH_HUEY=backend, BENCH_HUEY_FILE=f"{tmp}/huey.db")
-        env["BENCH_HUEY_NAME"] = f"martinet-bench-{uuid.uuid4().hex[:8]}"
-        os.environ.update(env)
+class HueySide:
+    """bench/huey_app.py on a fresh SQLite file or Redis queue name, and its consumer once started."""
+
+    def __init__(self, tmp: str, backend: str) -> None:
+        self.env = dict(os.environ, BENCH_HUEY=backend, BENCH_HUEY_FILE=f"{tmp}/huey.db")
+        self.env["BENCH_HUEY_NAME"] = f"martinet-bench-{uuid.uuid4().hex[:8]}"
+        os.environ.update(self.env)
         sys.path.insert(0, str(BENCH))
         import huey_app
 
-        app = huey_app.huey
-        app.flush()
+        self.noop = huey_app.noop
+        self.app = huey_app.huey
+        self.app.flush()
+        self.env["PYTHONPATH"] = str(BENCH)
+        self.consumer: subprocess.Popen | None = None
+
+    def start_consumer(self) -> None:
         # huey_consumer, with gevent's monkey-patching first, as Huey's docs ask for greenlet workers.
-        consumer_cmd = [
-            str(BENCH / ".venv" / "bin" / "python"), "-c", HUEY_CONSUMER, "huey_app.huey",
-            "-k", "greenlet", "-w", str(CONCURRENCY), "-q",
-        ]  # fmt: skip
-        env["PYTHONPATH"] = str(BENCH)
-        consumer = None
+        self.consumer = subprocess.Popen(
+            [str(BENCH / ".venv" / "bin" / "python"), "-c", HUEY_CONSUMER, "huey_app.huey",
+             "-k", "greenlet", "-w", str(CONCURRENCY), "-q"],
+            cwd=BENCH, env=self.env,
+        )  # fmt: skip
+
+    def consumer_ready(self) -> None:
+        """Start the consumer and wait for it to run one task; get() removes that task's result."""
+        self.start_consumer()
+        self.noop().get(blocking=True, timeout=60)
+
+    def wait_results(self, count: int) -> None:
+        until(lambda: self.app.result_count() >= count, "all Huey results")
+
+    def check(self, expected: int) -> None:
+        if self.app.result_count() != expected:
+            raise SystemExit(f"Huey: {self.app.result_count()} results, expected {expected}")
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the consumer (its greenlets share the process)."""
+        return cpu_s(self.consumer.pid) if self.consumer else 0.0
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            stop(self.consumer)
+        self.app.flush()
+
+
+def huey_handler_start(result: Any, timeout: float) -> float:
+    """Wait for a Huey task's result: the time its handler started."""
+    start = result.get(blocking=True, timeout=timeout)
+    if not isinstance(start, float):
+        raise SystemExit(f"Huey task returned {start!r}, not its start time")
+    return start
+
+
+def huey(backend: str, workload: str) -> dict:
+    if workload in ("bulk", "scale"):
+        raise SystemExit(f"{workload} is a Martinet-only workload")
+    with tempfile.TemporaryDirectory(prefix="huey-bench-") as tmp:
+        side = HueySide(tmp, backend)
         try:
-            if workload == "drain":
-                for _ in range(N):
-                    huey_app.noop()
-                started = time.perf_counter()
-                consumer = subprocess.Popen(consumer_cmd, cwd=BENCH, env=env)
-                until(lambda: app.result_count() >= N, "all Huey results")
-                elapsed = time.perf_counter() - started
-                result = {"tasks_per_s": N / elapsed, "seconds": elapsed}
-            else:
-                consumer = subprocess.Popen(consumer_cmd, cwd=BENCH, env=env)
-                huey_app.noop().get(blocking=True, timeout=60)  # consumer up; get() removes the result
-                if workload == "stream":
-                    started = time.perf_counter()
-                    for _ in range(N):
-                        huey_app.noop()
-                    submitted = time.perf_counter() - started
-                    until(lambda: app.result_count() >= N, "all Huey results")
-                    elapsed = time.perf_counter() - started
-                    result = {"tasks_per_s": N / elapsed, "submit_per_s": N / submitted, "seconds": elapsed}
-                elif workload == "latency":
-                    times = []
-                    for _ in range(LATENCY_N):
-                        started = time.perf_counter()
-                        if huey_app.noop().get(blocking=True, timeout=60) is not True:
-                            raise SystemExit("Huey task returned no result")
-                        times.append((time.perf_counter() - started) * 1000)
-                    result = {"p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99)}
-                else:
-                    raise SystemExit(f"unknown workload {workload!r}")
-            if workload in ("drain", "stream") and app.result_count() != N:
-                raise SystemExit(f"Huey: {app.result_count()} results, expected {N}")
-            result["consumer_rss_kb"] = peak_rss_kb(consumer.pid)
+            result = run_huey(side, workload)
+            result["consumer_rss_kb"] = vm_kb(side.consumer.pid)
             return result
         finally:
-            if consumer is not None:
-                stop(consumer)
-            app.flush()
+            side.close()
+
+
+def run_huey(side: HueySide, workload: str) -> dict:
+    if workload == "drain":
+        first = side.noop()
+        for _ in range(DRAIN_N - 1):
+            side.noop()
+        spawned, started = time.time(), time.perf_counter()
+        side.start_consumer()
+        side.wait_results(DRAIN_N)
+        elapsed = time.perf_counter() - started
+        cpu = side.cpu()
+        side.check(DRAIN_N)
+        return {
+            "tasks_per_s": DRAIN_N / elapsed,
+            "seconds": elapsed,
+            "startup_s": huey_handler_start(first, 60) - spawned,
+            "cpu_s_per_1000": per_1000(cpu, DRAIN_N),
+        }
+    side.consumer_ready()
+    if workload == "stream":
+        cpu = side.cpu()
+        started = time.perf_counter()
+        for _ in range(N):
+            side.noop()
+        submitted = time.perf_counter() - started
+        side.wait_results(N)
+        elapsed = time.perf_counter() - started
+        cpu = side.cpu() - cpu
+        side.check(N)
+        return {
+            "tasks_per_s": N / elapsed,
+            "submit_per_s": N / submitted,
+            "seconds": elapsed,
+            "cpu_s_per_1000": per_1000(cpu, N),
+        }
+    if workload == "latency":
+        to_result, to_start = [], []
+        for _ in range(LATENCY_N):
+            submitted, started = time.time(), time.perf_counter()
+            start = huey_handler_start(side.noop(), 60)
+            to_result.append((time.perf_counter() - started) * 1000)
+            to_start.append((start - submitted) * 1000)
+        return latency_figures(to_result, to_start)
+    return timing(
+        workload,
+        lambda due: side.noop.schedule(eta=datetime.datetime.fromtimestamp(due, datetime.UTC)),
+        huey_handler_start,
+    )
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The Huey side of bench/compare.py: one Huey instance and a no-op task.
+"""The Huey side of bench/compare.py: one Huey instance and a no-op task that returns when it started.
 
 BENCH_HUEY selects the storage: ``sqlite`` (SqliteHuey on the file BENCH_HUEY_FILE) or ``redis``
 (RedisHuey on BENCH_REDIS_URL, default redis://127.0.0.1:6379/0). BENCH_HUEY_NAME names the queue,
@@ -8,6 +8,7 @@ so that runs do not share keys. Both huey_consumer and the driver import this mo
 from __future__ import annotations
 
 import os
+import time
 
 from huey import RedisHuey, SqliteHuey
 
@@ -25,5 +26,6 @@ else:
 
 @huey.task()
 def noop():
-    # Huey stores no result for None; a value lets the driver count finished tasks in the result store.
-    return True
+    # The time the handler started, so the driver can measure submit -> handler start; also a value (Huey
+    # stores no result for None) that lets the driver count finished tasks in the result store.
+    return time.time()
