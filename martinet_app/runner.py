@@ -7,9 +7,11 @@ the worker from heartbeating, and can be stopped by killing its process.
 It speaks JSON lines over the socket whose file descriptor it is given:
 
     runner -> worker: {"hello": [task names]} or {"error": "why the handlers could not load"}
-    worker -> runner: {"task_id", "attempt", "name", "args"}
-    runner -> worker: {"event": "progress", "progress", "message"} (any number), then
-                      {"event": "succeeded", "result"} or {"event": "failed", "error", "traceback"}
+    worker -> runner: {"task_id", "attempt", "name", "args"}, one or more (a pipe: they run in order)
+    worker -> runner: {"skip": [task_id, attempt]}: do not start that task if it is still waiting
+    runner -> worker: per task, in order: {"event": "progress", "progress", "message"} (any
+                      number), then {"event": "succeeded", "result"} or {"event": "failed", "error",
+                      "traceback"} ("error": "cancelled" for a skipped task)
 
 The process ignores SIGINT and SIGTERM (its worker decides when it stops) and dies with its
 worker (``PR_SET_PDEATHSIG``).
@@ -25,6 +27,7 @@ import signal
 import socket
 import sys
 import traceback
+from collections import deque
 from typing import Any, BinaryIO
 
 from .errors import HandlerError
@@ -54,10 +57,48 @@ def main(fd: int, spec: dict) -> None:
         _send(stream, {"error": exc.message})
         os._exit(2)
     _send(stream, {"hello": registry.names()})
-    for line in stream:
-        task = json.loads(line)
-        _send(stream, _run(registry, task, stream, spec["worker"], spec["max_result_bytes"]))
-    os._exit(0)
+    lines = _Lines(conn)
+    waiting: deque[dict] = deque()
+    while True:
+        # Read what has arrived before each task (skips included), waiting only when there is nothing to run.
+        received = lines.read(block=not waiting)
+        if received is None:
+            os._exit(0)  # the worker closed the socket
+        for message in map(json.loads, received):
+            if "skip" in message:
+                for task in waiting:
+                    if [task["task_id"], task["attempt"]] == message["skip"]:
+                        task["skip"] = True
+            else:
+                waiting.append(message)
+        if waiting:
+            task = waiting.popleft()
+            if task.get("skip"):
+                _send(stream, {"event": "failed", "error": "cancelled", "traceback": None})
+            else:
+                _send(stream, _run(registry, task, stream, spec["worker"], spec["max_result_bytes"]))
+
+
+class _Lines:
+    """Newline-delimited messages from a socket, read whole or without waiting."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buffer = b""
+
+    def read(self, block: bool) -> list[bytes] | None:
+        """The complete lines received so far; with ``block``, wait until there is one. None at EOF."""
+        while True:
+            try:
+                data: bytes | None = self.conn.recv(1 << 16, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                return None
+            self.buffer += data or b""
+            *lines, self.buffer = self.buffer.split(b"\n")
+            if lines or data is None:
+                return lines
 
 
 def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_result_bytes: int) -> dict:

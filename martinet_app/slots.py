@@ -1,6 +1,7 @@
 """Worker slots: one handler process (runner.py) per slot, driven from the worker's gevent loop.
 
-A slot runs one task at a time in its own process. The worker's loop only waits on the
+A slot runs one task at a time in its own process (the worker may send several at once, which
+the process runs in order: a pipe). The worker's loop only waits on the
 process's socket, so heartbeats keep flowing whatever the handler does; a task that runs past
 its timeout, or is cancelled, is stopped by killing the process (SIGKILL), and a process that
 dies for any reason is replaced before the slot takes another task.
@@ -9,10 +10,12 @@ dies for any reason is replaced before the slot takes another task.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +24,12 @@ from gevent import socket, subprocess
 
 from .errors import HandlerError
 
+log = logging.getLogger(__name__)
+
 #: Seconds a new handler process gets to import the handlers and say hello.
 START_TIMEOUT = 60.0
+#: The fields of a task the handler process gets.
+_SENT = ("task_id", "attempt", "name", "args")
 
 
 class _Expired(Exception):
@@ -51,7 +58,9 @@ class Slot:
         self.dead = True
         #: Bytes of the last message read from the process: what its result weighs, without encoding it again.
         self.last_size = 0
+        self._pipe: deque[dict] = deque()
         self._interrupted: str | None = None
+        self._victim: tuple[int, int] | None = None
 
     def start(self) -> list[str]:
         """Start the process and wait for its hello; return the task names it serves.
@@ -94,39 +103,68 @@ class Slot:
         self.dead = False
         return hello["hello"]
 
-    def run(self, task: dict, on_progress: Callable[[float, str | None], None], timeout: float | None) -> dict:
-        """Run ``task`` in the process; return its final event (``succeeded`` or ``failed``).
+    def run(
+        self,
+        tasks: list[dict],
+        on_start: Callable[[dict], None],
+        on_progress: Callable[[dict, float, str | None], None],
+        on_done: Callable[[dict, dict], None],
+    ) -> list[dict]:
+        """Run ``tasks`` in order in the process, all sent in one write; return those it never started.
 
-        A timeout or :meth:`interrupt` kills the process; the slot is then ``dead`` and must be
-        started again before its next task.
+        Each task starts when the one before it ends (``on_start``), may report progress
+        (``on_progress``) and ends with its final event, ``succeeded`` or ``failed`` (``on_done``).
+        A task's ``timeout`` counts from its start. A timeout or :meth:`interrupt` kills the
+        process: the slot is then ``dead`` and must be started again, and the tasks after the one
+        stopped come back unstarted, for the caller to run elsewhere.
         """
-        self._interrupted = None
-        self.last_size = 0
-        self.stream.write(json.dumps(task).encode() + b"\n")
-        self.stream.flush()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self._interrupted = self._victim = None
+        self._pipe = deque(tasks)
         try:
-            while True:
-                message = self._read(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                if message is None:
-                    return self._died()
-                if message.get("event") == "progress":
-                    on_progress(message["progress"], message.get("message"))
-                else:
-                    return message
-        except _Expired:
+            if self.stream is None:
+                raise OSError("it is not running")
+            self.stream.write(b"".join(json.dumps({key: t[key] for key in _SENT}).encode() + b"\n" for t in tasks))
+            self.stream.flush()
+        except OSError as exc:  # its process was gone before the tasks reached it
             self.close()
-            return {"event": "failed", "error": f"timed out after {timeout:g} s", "traceback": None}
+            on_start(tasks[0])
+            on_done(tasks[0], {"event": "failed", "error": f"the handler's process was lost: {exc}", "traceback": None})
+            return tasks[1:]
+        while self._pipe and not self.dead:
+            task = self._pipe[0]
+            on_start(task)
+            outcome = self._await(task, on_progress)
+            if outcome is None:  # killed for a task after it, which the process had already reached
+                break
+            self._pipe.popleft()
+            on_done(task, outcome)
+        unstarted, self._pipe = list(self._pipe), deque()
+        return unstarted
 
-    def interrupt(self, reason: str) -> None:
-        """Stop the running task by killing the process; :meth:`run` returns ``failed`` with ``reason``.
+    def interrupt(self, reason: str, ref: tuple[int, int]) -> None:
+        """Stop delivery ``ref``: skip it if it is still waiting in the pipe, else kill the process.
 
-        The slot is ``dead`` afterwards, even if the task happened to finish first.
+        A killed process's task ends ``failed`` with ``reason``, and the slot is ``dead``. A task
+        the process reaches before the skip does runs to its end.
         """
-        self._interrupted = reason
+        waiting = [(t["task_id"], t["attempt"]) for t in list(self._pipe)[1:]]
+        if ref in waiting:
+            log.debug("skipping task %s attempt %s, waiting in a slot's pipe", *ref)
+            try:
+                self.stream.write(json.dumps({"skip": list(ref)}).encode() + b"\n")
+                self.stream.flush()
+            except OSError:  # the process is gone: its tasks come back unstarted
+                pass
+            return
+        self._interrupted, self._victim = reason, ref
         self.dead = True
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
+
+    @property
+    def holds(self) -> list[tuple[int, int]]:
+        """The deliveries sent to the process and not yet ended, in order."""
+        return [(t["task_id"], t["attempt"]) for t in self._pipe]
 
     def alive(self) -> bool:
         """Whether the process is running (it may have been killed between tasks)."""
@@ -147,10 +185,30 @@ class Slot:
             self.conn.close()
             self.conn = self.stream = None
 
-    def _died(self) -> dict:
+    def _await(self, task: dict, on_progress: Callable[[dict, float, str | None], None]) -> dict | None:
+        """Read the head task's messages up to its final event; None if it was killed for another task."""
+        timeout = task.get("timeout")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.last_size = 0
+        try:
+            while True:
+                message = self._read(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if message is None:
+                    return self._died(task)
+                if message.get("event") == "progress":
+                    on_progress(task, message["progress"], message.get("message"))
+                else:
+                    return message
+        except _Expired:
+            self.close()
+            return {"event": "failed", "error": f"timed out after {timeout:g} s", "traceback": None}
+
+    def _died(self, task: dict) -> dict | None:
         assert self.proc is not None
         code = self.proc.wait()
         self.close()
+        if self._victim is not None and self._victim != (task["task_id"], task["attempt"]):
+            return None
         if self._interrupted:
             return {"event": "failed", "error": self._interrupted, "traceback": None}
         if code < 0:

@@ -50,6 +50,10 @@ PREFETCH_HORIZON = 0.05
 PREFETCH_MAX = 256
 #: Weight of the latest task in the running average of task durations.
 _DURATION_WEIGHT = 0.2
+#: While tasks take less than PIPELINE_TASK_SECONDS on average, a slot's process is sent up to
+#: PIPELINE_DEPTH of them at once (they still run one at a time, in order).
+PIPELINE_DEPTH = 8
+PIPELINE_TASK_SECONDS = 0.002
 
 
 @dataclass
@@ -334,75 +338,92 @@ class Worker:
             self._declined.append({"task_id": task_id, "attempt": attempt})
             return
         log.debug("received task %s (%s) attempt %s", task_id, name, attempt)
+        task.setdefault("args", {})
         delivery = _Delivery(task)
         self._running[(task_id, attempt)] = delivery
         self._pending.put(delivery)
 
     def _cancel(self, ref: dict) -> None:
-        delivery = self._running.get((ref.get("task_id"), ref.get("attempt")))
+        key = (ref.get("task_id"), ref.get("attempt"))
+        delivery = self._running.get(key)
         if delivery is not None:
-            log.debug("cancelling task %s attempt %s", ref["task_id"], ref["attempt"])
+            log.debug("cancelling task %s attempt %s", *key)
             delivery.cancelled = True
             if delivery.slot is not None:
-                delivery.slot.interrupt("cancelled")
+                delivery.slot.interrupt("cancelled", key)
 
     def _slot_loop(self, slot: Slot) -> None:
-        """Run pending deliveries on one slot, one at a time, until the worker stops."""
+        """Run pending deliveries on one slot until the worker stops.
+
+        One task runs at a time; while tasks are short, several are sent to the process at once
+        (up to PIPELINE_DEPTH), so it finds the next one waiting instead of being woken for each.
+        """
+        unstarted: list[_Delivery] = []
         while True:
-            delivery = self._pending.get()
+            batch = unstarted or [self._pending.get()]
+            while len(batch) < self._pipeline_depth() and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
             self._restart(slot)  # its process may have died while idle (e.g. killed by the OOM killer)
-            self._execute(slot, delivery)
+            unstarted = self._execute(slot, batch)
             if slot.dead:  # killed for a timeout or cancel, or it died: replace it before it is needed
                 self._restart(slot)
 
-    def _execute(self, slot: Slot, delivery: _Delivery) -> None:
-        task = delivery.task
-        task_id, attempt, name = task["task_id"], task["attempt"], task["name"]
-        ref = (task_id, attempt)
-        if self._stopping.is_set() and not delivery.cancelled:
-            del self._running[ref]  # never started: handed back with DISCONNECT
-            self._declined.append({"task_id": task_id, "attempt": attempt})
-            return
-        delivery.slot = slot
-        started = time.monotonic()
-        try:
-            if delivery.cancelled:
-                outcome = {"event": "failed", "error": "cancelled", "traceback": None}
+    def _pipeline_depth(self) -> int:
+        short = self._task_seconds is not None and self._task_seconds < PIPELINE_TASK_SECONDS
+        return PIPELINE_DEPTH if short else 1
+
+    def _execute(self, slot: Slot, batch: list[_Delivery]) -> list[_Delivery]:
+        """Run ``batch`` on ``slot``, in order; return the deliveries it never started (to run next)."""
+        live: dict[tuple[int, int], _Delivery] = {}
+        for delivery in batch:
+            task_id, attempt = delivery.task["task_id"], delivery.task["attempt"]
+            if self._stopping.is_set() and not delivery.cancelled:
+                del self._running[(task_id, attempt)]  # never started: handed back with DISCONNECT
+                self._declined.append({"task_id": task_id, "attempt": attempt})
+            elif delivery.cancelled:
+                self._emit(task_id, attempt, protocol.FAILED, error="cancelled", traceback=None)
+                self._running.pop((task_id, attempt), None)
             else:
-                self._emit(task_id, attempt, protocol.STARTED)
-                outcome = self._run(slot, task)
+                delivery.slot = slot
+                live[(task_id, attempt)] = delivery
+        if not live:
+            return []
+        started: dict[tuple[int, int], float] = {}
+
+        def on_start(task: dict) -> None:
+            started[task["task_id"], task["attempt"]] = time.monotonic()
+            self._emit(task["task_id"], task["attempt"], protocol.STARTED)
+
+        def on_progress(task: dict, fraction: float, message: str | None) -> None:
+            self._emit(task["task_id"], task["attempt"], protocol.PROGRESS, progress=fraction, message=message)
+
+        def on_done(task: dict, outcome: dict) -> None:
+            ref = (task["task_id"], task["attempt"])
             event = outcome.pop("event")
-            self._emit(task_id, attempt, event, size=slot.last_size, **outcome)
-            self._observe(time.monotonic() - started)
-            log.debug("task %s (%s) %s after %.3f s", task_id, name, event, time.monotonic() - started)
-        finally:
+            self._emit(*ref, event, size=slot.last_size, **outcome)
+            seconds = time.monotonic() - started[ref]
+            self._observe(seconds)
             self._running.pop(ref, None)
+            log.debug("task %s (%s) %s after %.3f s", ref[0], task["name"], event, seconds)
+
+        unstarted = [live[t["task_id"], t["attempt"]] for t in slot.run([d.task for d in live.values()], on_start,
+                                                                         on_progress, on_done)]  # fmt: skip
+        for delivery in unstarted:
+            delivery.slot = None
+        return unstarted
 
     def _observe(self, seconds: float) -> None:
         """Count a task's duration; with automatic prefetch, ask for a new one when it is off by 2x or more."""
-        if self.prefetch is not None:
-            return
         average = self._task_seconds
         self._task_seconds = average = seconds if average is None else average + _DURATION_WEIGHT * (seconds - average)
+        if self.prefetch is not None:
+            return
         wanted = min(PREFETCH_MAX, int(self.concurrency * PREFETCH_HORIZON / max(average, 1e-6)))
         have = self._declared_prefetch
         if wanted == have or (wanted and have and have / 2 < wanted < have * 2):
             self._wanted_prefetch = None
         else:
             self._wanted_prefetch = wanted
-
-    def _run(self, slot: Slot, task: dict) -> dict:
-        task_id, attempt = task["task_id"], task["attempt"]
-        try:
-            return slot.run(
-                {"task_id": task_id, "attempt": attempt, "name": task["name"], "args": task.get("args", {})},
-                lambda fraction, message: self._emit(task_id, attempt, protocol.PROGRESS, progress=fraction,
-                                                     message=message),
-                task.get("timeout"),
-            )  # fmt: skip
-        except OSError as exc:  # its process was gone before the task reached it
-            slot.close()
-            return {"event": "failed", "error": f"the handler's process was lost: {exc}", "traceback": None}
 
     def _restart(self, slot: Slot) -> None:
         """Replace a slot's dead process, retrying until it starts (the handlers may be being fixed)."""

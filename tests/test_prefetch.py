@@ -1,4 +1,5 @@
-"""Prefetch and credit end to end: a worker holds tasks beyond its slots, adapts how many, hands them back."""
+"""Prefetch, credit and pipes end to end: a worker holds tasks beyond its slots, adapts how many, hands
+them back, and sends short tasks to a slot's process several at a time."""
 
 from __future__ import annotations
 
@@ -62,6 +63,41 @@ def test_stopping_worker_hands_back_prefetched_tasks_unstarted(sqlite_cluster: C
     assert ran(ledger) == ids[:1], "the prefetched tasks never started"
 
 
+def _short_tasks_first(m) -> None:  # noqa: ANN001 - the client
+    """Run enough quick tasks that the worker's running average says tasks are short (pipes open)."""
+    ids = m.execute_many([({"name": "echo"}, {"n": n}) for n in range(300)])
+    assert m.wait(ids[-1], timeout=TIMEOUT)["status"] == "succeeded"
+
+
+def test_a_task_cancelled_in_a_slots_pipe_never_starts(sqlite_cluster: Cluster, tmp_path: Path) -> None:
+    sqlite_cluster.start_worker("--concurrency", "1", "--prefetch", "8")
+    m = sqlite_cluster.client
+    _short_tasks_first(m)
+    ledger = tmp_path / "ledger.txt"
+    first, second, third = m.execute_many([({"name": "ledger"}, {"path": str(ledger), "seconds": 0.8})] * 3)
+    wait_until(lambda: ran(ledger) == [first], what="the first task to start")
+    assert m.cancel(second)["status"] == "cancelled"
+    assert m.wait(third, timeout=TIMEOUT)["status"] == "succeeded"
+    assert ran(ledger) == [first, third], "the cancelled task was skipped"
+    assert m.status(first)["status"] == "succeeded", "and the one running was not disturbed"
+    assert "skipping task" in sqlite_cluster.workers[0].log(), "the three went to the process in one pipe"
+
+
+def test_a_timeout_in_a_pipe_stops_only_its_task(sqlite_cluster: Cluster, tmp_path: Path) -> None:
+    sqlite_cluster.start_worker("--concurrency", "1", "--prefetch", "8")
+    m = sqlite_cluster.client
+    _short_tasks_first(m)
+    ledger = tmp_path / "ledger.txt"
+    task = {"name": "ledger"}
+    tasks = [(task, {"path": str(ledger), "seconds": 30})] + [(task, {"path": str(ledger)})] * 3
+    slow, *quick = m.execute_many(tasks, timeout=0.5)
+    for task_id in quick:
+        assert m.wait(task_id, timeout=TIMEOUT)["status"] == "succeeded"
+    failed = m.wait(slow, timeout=TIMEOUT)
+    assert (failed["status"], failed["error"]) == ("failed", "timed out after 0.5 s")
+    assert sorted(ran(ledger)) == sorted([slow, *quick]), "each ran once: the ones behind it waited, then ran"
+
+
 def _fake_worker(cluster: Cluster, identity: bytes) -> zmq.Socket:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -121,3 +157,21 @@ def test_credit_from_an_unknown_or_confused_worker(sqlite_cluster: Cluster) -> N
         assert (m.workers()[0]["slots"], m.workers()[0]["prefetch"]) == (1, 0), "malformed CREDIT changes nothing"
     finally:
         sock.close()
+
+
+def test_a_process_that_dies_in_a_pipe_fails_only_its_task(sqlite_cluster: Cluster, tmp_path: Path) -> None:
+    sqlite_cluster.start_worker("--concurrency", "1", "--prefetch", "8")
+    m = sqlite_cluster.client
+    _short_tasks_first(m)
+    pids = tmp_path / "pids.txt"
+    crash, *after = m.execute_many([({"name": "crash"}, {"path": str(pids), "how": "os._exit"})]
+                                   + [({"name": "whoami"}, {})] * 3)  # fmt: skip
+    failed = m.wait(crash, timeout=TIMEOUT)
+    assert (failed["status"], failed["error"]) == (
+        "failed",
+        "the handler's process exited with status 7 while running the task",
+    )
+    done = [m.wait(task_id, timeout=TIMEOUT) for task_id in after]
+    assert [t["status"] for t in done] == ["succeeded"] * 3, "the tasks behind it ran on a new process"
+    assert {t["result"]["pid"] for t in done} != {int(pids.read_text())}
+    assert all(t["attempts"] == 1 for t in done), "within their first delivery"
