@@ -161,11 +161,6 @@ class Slot:
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
 
-    @property
-    def holds(self) -> list[tuple[int, int]]:
-        """The deliveries sent to the process and not yet ended, in order."""
-        return [(t["task_id"], t["attempt"]) for t in self._pipe]
-
     def alive(self) -> bool:
         """Whether the process is running (it may have been killed between tasks)."""
         return self.proc is not None and self.proc.poll() is None
