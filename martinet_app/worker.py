@@ -104,6 +104,9 @@ class Worker:
         self._declared_prefetch = prefetch or 0
         self._wanted_prefetch: int | None = None
         self._task_seconds: float | None = None
+        # The DEALER socket to the server, and whether the server has answered on it since it connected.
+        self._sock: Any = None
+        self._registered = False
         self.heartbeat = heartbeat
         self.grace = grace
         self.handlers_dir = handlers_dir
@@ -191,7 +194,7 @@ class Worker:
         liveness = config.HEARTBEAT_LIVENESS * self.heartbeat
         heard = time.monotonic()
         next_beat = heard + self.heartbeat
-        registered = False
+        self._registered = False
         drain_until = None
         while not self._forced.is_set():
             if self._stopping.is_set():
@@ -204,16 +207,13 @@ class Worker:
             if sock.poll(wait * 1000):
                 frames = sock.recv_multipart()
                 heard = time.monotonic()
-                if not registered:
+                if not self._registered:
                     log.info("registered with the server at %s", self.worker_endpoint)
-                    registered = True
+                    self._registered = True
+                    self._declare_prefetch()
                 if self._handle(frames) == protocol.DISCONNECT:
                     sock = self._connect(context, sock)
-                    registered = False
-            if self._wanted_prefetch is not None and registered and not self._stopping.is_set():
-                self._declared_prefetch, self._wanted_prefetch = self._wanted_prefetch, None
-                log.debug("prefetch now %d (tasks take %.4f s)", self._declared_prefetch, self._task_seconds)
-                self._send(sock, protocol.CREDIT, {"slots": self.concurrency, "prefetch": self._declared_prefetch})
+                    self._registered = False
             now = time.monotonic()
             if now >= next_beat:
                 self._send(sock, protocol.HEARTBEAT)
@@ -222,13 +222,13 @@ class Worker:
                 log.warning("server at %s silent for %g s: reconnecting", self.worker_endpoint, liveness)
                 sock = self._connect(context, sock)
                 heard = now
-                registered = False
+                self._registered = False
         self._leave(sock)
 
     def _connect(self, context: Any, old: Any) -> Any:
         if old is not None:
             old.close(linger=0)
-        sock = context.socket(zmq.DEALER)
+        sock = self._sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         sock.connect(self.worker_endpoint)
@@ -424,6 +424,15 @@ class Worker:
             self._wanted_prefetch = None
         else:
             self._wanted_prefetch = wanted
+            self._declare_prefetch()
+
+    def _declare_prefetch(self) -> None:
+        """Send the prefetch wanted in a CREDIT now, if registered (else once it is)."""
+        if self._wanted_prefetch is None or not self._registered or self._stopping.is_set():
+            return
+        self._declared_prefetch, self._wanted_prefetch = self._wanted_prefetch, None
+        log.debug("prefetch now %d (tasks take %.4f s)", self._declared_prefetch, self._task_seconds)
+        self._send(self._sock, protocol.CREDIT, {"slots": self.concurrency, "prefetch": self._declared_prefetch})
 
     def _restart(self, slot: Slot) -> None:
         """Replace a slot's dead process, retrying until it starts (the handlers may be being fixed)."""
