@@ -254,7 +254,9 @@ class Broker:
             prefetch=body["prefetch"],
             heartbeat=float(body["heartbeat"]),
             expires_at=time.monotonic() + self.liveness * float(body["heartbeat"]),
-            inflight=running if known is None else known.inflight | running,
+            # What it lists is the truth: a TASK in flight to its old socket was lost with it, and
+            # left unheld, its task is re-queued by sweep_orphans.
+            inflight=running,
         )
         if known is None:
             log.info(

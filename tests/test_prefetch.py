@@ -175,3 +175,30 @@ def test_a_process_that_dies_in_a_pipe_fails_only_its_task(sqlite_cluster: Clust
     assert [t["status"] for t in done] == ["succeeded"] * 3, "the tasks behind it ran on a new process"
     assert {t["result"]["pid"] for t in done} != {int(pids.read_text())}
     assert all(t["attempts"] == 1 for t in done), "within their first delivery"
+
+
+def test_a_task_lost_with_a_workers_old_socket_is_queued_again(sqlite_cluster: Cluster) -> None:
+    m = sqlite_cluster.client
+    ready = {"worker": "fake-worker", "host": "h", "pid": 1, "handlers": ["echo"], "slots": 1, "heartbeat": 1.0}
+    old = _fake_worker(sqlite_cluster, b"fake-worker")
+    old.send_multipart(protocol.worker_message(protocol.READY, ready))
+    wait_until(lambda: m.workers(), what="the fake worker to register")
+    task_id = m.execute({"name": "echo"}, {})
+    wait_until(lambda: m.status(task_id)["status"] == "running", what="the task to be sent")
+    old.close()  # the TASK, unread, is lost with the socket
+    new = _fake_worker(sqlite_cluster, b"fake-worker")
+    try:
+        new.send_multipart(protocol.worker_message(protocol.READY, {**ready, "running": []}))
+        # The worker's READY is the truth after a reconnect: it runs nothing, so nothing is held for it,
+        # and the task, running in the store with no worker holding it, is queued again.
+        wait_until(lambda: m.workers() and m.workers()[0]["busy"] == 0, what="the lost delivery's slot to be free")
+
+        def sent_again() -> dict | None:
+            new.send_multipart(protocol.worker_message(protocol.HEARTBEAT))  # alive, so only the task is orphaned
+            task = m.status(task_id)
+            return task if task["attempts"] == 2 else None
+
+        task = wait_until(sent_again, what="the task to be re-queued and sent again")
+        assert task["status"] == "running" and task["worker"] == "fake-worker"
+    finally:
+        new.close()
