@@ -307,16 +307,16 @@ def martinet(workload: str) -> dict:
             side.close()
 
 
-def _submit_and_finish(side: MartinetSide, count: int, submit: Callable[[], list[int]]) -> dict:
-    """Time ``submit`` (``count`` tasks, worker running) and the run until all succeeded."""
+def submit_and_finish(side: Any, count: int, submit: Callable[[], Any], wait: Callable[[Any], None]) -> dict:
+    """Time ``submit`` (``count`` tasks, worker running) and the run until ``wait(what submit returned)``
+    returns, with the CPU ``side.cpu()`` counts meanwhile."""
     cpu = side.cpu()
     started = time.perf_counter()
-    ids = submit()
+    submitted_tasks = submit()
     submitted = time.perf_counter() - started
-    side.wait_all(ids)
+    wait(submitted_tasks)
     elapsed = time.perf_counter() - started
     cpu = side.cpu() - cpu
-    side.check(count + 1)
     return {
         "tasks_per_s": count / elapsed,
         "submit_per_s": count / submitted,
@@ -344,9 +344,13 @@ def run_martinet(side: MartinetSide, workload: str) -> dict:
         }
     side.worker_ready()
     if workload == "stream":
-        return _submit_and_finish(side, N, lambda: [m.execute(NOOP) for _ in range(N)])
+        result = submit_and_finish(side, N, lambda: [m.execute(NOOP) for _ in range(N)], side.wait_all)
+        side.check(N + 1)  # and the warm-up task
+        return result
     if workload == "bulk":
-        return _submit_and_finish(side, DRAIN_N, lambda: side.submit_many(DRAIN_N, BULK_CHUNK))
+        result = submit_and_finish(side, DRAIN_N, lambda: side.submit_many(DRAIN_N, BULK_CHUNK), side.wait_all)
+        side.check(DRAIN_N + 1)
+        return result
     if workload == "latency":
         to_result, to_start = [], []
         for _ in range(LATENCY_N):
@@ -523,21 +527,9 @@ def run_huey(side: HueySide, workload: str) -> dict:
         }
     side.consumer_ready()
     if workload == "stream":
-        cpu = side.cpu()
-        started = time.perf_counter()
-        for _ in range(N):
-            side.noop()
-        submitted = time.perf_counter() - started
-        side.wait_results(N)
-        elapsed = time.perf_counter() - started
-        cpu = side.cpu() - cpu
+        result = submit_and_finish(side, N, lambda: [side.noop() for _ in range(N)], lambda _: side.wait_results(N))
         side.check(N)
-        return {
-            "tasks_per_s": N / elapsed,
-            "submit_per_s": N / submitted,
-            "seconds": elapsed,
-            "cpu_s_per_1000": per_1000(cpu, N),
-        }
+        return result
     if workload == "latency":
         to_result, to_start = [], []
         for _ in range(LATENCY_N):

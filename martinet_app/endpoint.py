@@ -42,16 +42,6 @@ class _Request:
     error: dict | None = None
 
 
-@dataclass
-class _Reply:
-    """A reply held until the turn's transaction has committed."""
-
-    envelope: list[bytes]
-    request_id: Any
-    result: dict | None = None
-    error: dict | None = None
-
-
 @dataclass(eq=False)
 class _Waiter:
     """A ``wait`` request parked until its task is final, and the timer that answers it otherwise."""
@@ -121,17 +111,18 @@ class ClientEndpoint:
             except zmq.Again:
                 break
         requests = [request for request in map(self._parse, frames) if request is not None]
-        replies: list[_Reply] = []
+        # (request, result, error), held until the transaction has committed.
+        replies: list[tuple[_Request, dict | None, dict | None]] = []
         try:
             with self.store.transaction():
                 for request in requests:
                     reply = self._answer(request)
                     if reply is not None:
-                        replies.append(reply)
+                        replies.append((request, *reply))
         except MartinetError as exc:
-            replies = [_Reply(request.envelope, request.id, error=exc.to_wire()) for request in requests]
-        for reply in replies:
-            self._send(protocol.reply(reply.envelope, reply.request_id, reply.result, reply.error))
+            replies = [(request, None, exc.to_wire()) for request in requests]
+        for request, result, error in replies:
+            self._send(protocol.reply(request.envelope, request.id, result, error))
 
     def _parse(self, frames: list[bytes]) -> _Request | None:
         """Check one request's frames; None for malformed frames that cannot be answered (dropped and counted)."""
@@ -151,20 +142,19 @@ class ClientEndpoint:
             return _Request(envelope, None, error=exc.to_wire())
         return _Request(envelope, request.get("id"), body=request)
 
-    def _answer(self, request: _Request) -> _Reply | None:
-        """Run one checked request; None for a ``wait`` that is parked."""
+    def _answer(self, request: _Request) -> tuple[dict | None, dict | None] | None:
+        """Run one checked request: its (result, error), or None for a ``wait`` that is parked."""
         if request.body is None:
-            return _Reply(request.envelope, request.id, error=request.error)
+            return None, request.error
         try:
             result = self._ops[request.body["op"]](request.body, request.envelope)
         except MartinetError as exc:
             log.debug("request %s failed: %s", request.id, exc.message)
-            return _Reply(request.envelope, request.id, error=exc.to_wire())
+            return None, exc.to_wire()
         except Exception as exc:  # a bug, or a database error in one statement: answer, log, keep serving
             log.exception("request %s failed unexpectedly", request.id)
-            error = MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log")
-            return _Reply(request.envelope, request.id, error=error.to_wire())
-        return None if result is None else _Reply(request.envelope, request.id, result)
+            return None, MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log").to_wire()
+        return None if result is None else (result, None)
 
     def notify_finished(self, task_ids: list[int]) -> None:
         """Answer the ``wait`` requests parked on tasks that just became final."""

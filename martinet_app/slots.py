@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -165,6 +166,14 @@ class Slot:
         """Whether the process is running (it may have been killed between tasks)."""
         return self.proc is not None and self.proc.poll() is None
 
+    def ready(self) -> bool:
+        """Whether an idle slot can take tasks: its process runs and has not closed its socket.
+
+        An idle process writes nothing, so a readable socket means it has died, even if the
+        worker has not yet been told (SIGCHLD is handled a loop turn later).
+        """
+        return not self.dead and self.alive() and not select.select([self.conn], [], [], 0)[0]
+
     def close(self) -> None:
         """Kill the process (if alive) and release the socket."""
         self.dead = True
@@ -213,10 +222,14 @@ class Slot:
         return {"event": "failed", "error": f"the handler's process {how} while running the task", "traceback": None}
 
     def _read(self, timeout: float | None) -> dict | None:
-        if timeout is None:
-            line = self.stream.readline()
-        else:
-            with gevent.Timeout(timeout, _Expired):
+        """The process's next message; None if it is gone (end of stream, or reset: it died with input unread)."""
+        try:
+            if timeout is None:
                 line = self.stream.readline()
+            else:
+                with gevent.Timeout(timeout, _Expired):
+                    line = self.stream.readline()
+        except OSError:
+            line = b""
         self.last_size = len(line)
         return json.loads(line) if line else None

@@ -437,7 +437,7 @@ class Worker:
     def _restart(self, slot: Slot) -> None:
         """Replace a slot's dead process, retrying until it starts (the handlers may be being fixed)."""
         delay = 1.0
-        while (slot.dead or not slot.alive()) and not self._forced.is_set():
+        while not slot.ready() and not self._forced.is_set():
             try:
                 slot.start()
             except HandlerError as exc:

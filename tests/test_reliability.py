@@ -348,9 +348,18 @@ def test_a_handler_process_killed_while_idle_is_replaced(sqlite_cluster: Cluster
     assert len(children) == 2
     for pid in children:
         os.kill(int(pid), signal.SIGKILL)
+    # Dead (gone, or a zombie the worker has not reaped yet) before any task is sent: killed while idle.
+    wait_until(lambda: all(_exited(int(pid)) for pid in children), what="the handler processes to die")
     tasks = [m.wait(m.execute({"name": "whoami"}, {}), timeout=20) for _ in range(4)]
     assert [t["status"] for t in tasks] == ["succeeded"] * 4
     assert not {t["result"]["pid"] for t in tasks} & {int(pid) for pid in children}
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_large_args_run_and_a_too_large_result_fails_clearly(sqlite_cluster: Cluster):
