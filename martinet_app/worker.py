@@ -204,8 +204,8 @@ class Worker:
                 if not self._running or time.monotonic() >= drain_until:
                     break
             wait = max(0.0, min(next_beat - time.monotonic(), 0.2 if self._stopping.is_set() else self.heartbeat))
-            if sock.poll(wait * 1000):
-                frames = sock.recv_multipart()
+            frames = _receive(sock, wait)
+            if frames is not None:
                 heard = time.monotonic()
                 if not self._registered:
                     log.info("registered with the server at %s", self.worker_endpoint)
@@ -520,3 +520,15 @@ def run_worker(
         log.error("cannot start the worker: %s", exc.message)
         return EXIT_HANDLERS
     return EXIT_OK
+
+
+def _receive(sock: Any, timeout: float) -> list[bytes] | None:
+    """The next message on a green socket, or None after ``timeout`` seconds.
+
+    Not ``sock.poll``: it waits on the socket's edge-triggered descriptor, whose edge a send
+    from another greenlet (a CREDIT from a slot's loop) can consume, leaving the poll asleep with
+    messages waiting. A green receive is woken by that send.
+    """
+    with gevent.Timeout(timeout, False):
+        return sock.recv_multipart()
+    return None

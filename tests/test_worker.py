@@ -6,13 +6,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import gevent
 import pytest
+import zmq.green as zmq
 
 from conftest import ROOT, TEST_HANDLER_NAMES, Cluster, Process, martinet_cmd, wait_until
 from martinet_app.errors import HandlerError
 from martinet_app.registry import Registry
+from martinet_app.worker import _receive
 
 
 def run_worker(tmp_path: Path, files: dict[str, str]) -> subprocess.CompletedProcess:
@@ -173,3 +177,25 @@ def test_unfinished_tasks_are_handed_back_at_once(sqlite_cluster: Cluster, tmp_p
     sqlite_cluster.start_worker()
     wait_until(lambda: ledger.read_text().strip() == str(task_id), what="the task to run again")
     assert m.status(task_id)["attempts"] == 2
+
+
+def test_worker_receive_wakes_after_another_greenlet_sent_on_its_socket():
+    # A CREDIT sent from a slot's greenlet while the message loop waits must not hide a TASK that
+    # arrived meanwhile: zmq's descriptor is edge-triggered, and the send consumes its edge.
+    context = zmq.Context()
+    router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"hello")
+        identity, _ = router.recv_multipart()
+        waiting = gevent.spawn(_receive, dealer, 30.0)
+        gevent.sleep(0.05)
+        router.send_multipart([identity, b"TASK"])
+        time.sleep(0.1)  # without yielding: the message reaches the DEALER before the hub looks
+        dealer.send(b"CREDIT")
+        assert waiting.get(timeout=1.0) == [b"TASK"]
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        context.term()
