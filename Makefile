@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint build bench bench-scale bench-startup clean
+.PHONY: install run test lint build bench bench-scale bench-floors bench-startup clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: $(STAMP) $(BENCH_STAMP)
 # Martinet with SCALE_N (1,000,000) scheduled tasks in its store against an empty one (bench/drive.py), once.
 bench-scale: $(STAMP)
 	WORKLOADS=scale REPS=$${REPS:-1} $(BIN)/python bench/compare.py
+
+# What one synchronous producer can get on this machine: ZeroMQ round trips, a durable SQLite commit, the
+# fastest durable submit, and Martinet's ping and execute (bench/floors.py).
+bench-floors: $(STAMP)
+	$(BIN)/python bench/floors.py
 
 # Start-up time of dist/martinet and of the virtualenv's script (figures in the README's build section).
 bench-startup: build
