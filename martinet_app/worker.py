@@ -50,10 +50,11 @@ PREFETCH_HORIZON = 0.05
 PREFETCH_MAX = 256
 #: Weight of the latest task in the running average of task durations.
 _DURATION_WEIGHT = 0.2
-#: While tasks take less than PIPELINE_TASK_SECONDS on average, a slot's process is sent up to
-#: PIPELINE_DEPTH of them at once (they still run one at a time, in order).
-PIPELINE_DEPTH = 8
-PIPELINE_TASK_SECONDS = 0.002
+#: A slot's process is sent about PIPELINE_SECONDS of work at once, judged by the running average
+#: of task durations, up to PIPELINE_MAX tasks (they still run one at a time, in order): a pipe
+#: forms while tasks average under half of PIPELINE_SECONDS.
+PIPELINE_SECONDS = 0.004
+PIPELINE_MAX = 32
 
 
 @dataclass
@@ -356,12 +357,13 @@ class Worker:
         """Run pending deliveries on one slot until the worker stops.
 
         One task runs at a time; while tasks are short, several are sent to the process at once
-        (up to PIPELINE_DEPTH), so it finds the next one waiting instead of being woken for each.
+        (about PIPELINE_SECONDS of work), so it finds the next one waiting instead of being woken for each.
         """
         unstarted: list[_Delivery] = []
         while True:
             batch = unstarted or [self._pending.get()]
-            while len(batch) < self._pipeline_depth() and not self._pending.empty():
+            depth = self._pipeline_depth()
+            while len(batch) < depth and not self._pending.empty():
                 batch.append(self._pending.get_nowait())
             self._restart(slot)  # its process may have died while idle (e.g. killed by the OOM killer)
             unstarted = self._execute(slot, batch)
@@ -369,8 +371,9 @@ class Worker:
                 self._restart(slot)
 
     def _pipeline_depth(self) -> int:
-        short = self._task_seconds is not None and self._task_seconds < PIPELINE_TASK_SECONDS
-        return PIPELINE_DEPTH if short else 1
+        if self._task_seconds is None:
+            return 1
+        return max(1, min(PIPELINE_MAX, int(PIPELINE_SECONDS / max(self._task_seconds, 1e-6))))
 
     def _execute(self, slot: Slot, batch: list[_Delivery]) -> list[_Delivery]:
         """Run ``batch`` on ``slot``, in order; return the deliveries it never started (to run next)."""

@@ -16,7 +16,7 @@ import zmq.green as zmq
 from conftest import ROOT, TEST_HANDLER_NAMES, Cluster, Process, martinet_cmd, wait_until
 from martinet_app.errors import HandlerError
 from martinet_app.registry import Registry
-from martinet_app.worker import _receive
+from martinet_app.worker import PIPELINE_MAX, Worker, _receive
 
 
 def run_worker(tmp_path: Path, files: dict[str, str]) -> subprocess.CompletedProcess:
@@ -199,3 +199,13 @@ def test_worker_receive_wakes_after_another_greenlet_sent_on_its_socket():
         router.close(linger=0)
         dealer.close(linger=0)
         context.term()
+
+
+def test_pipes_hold_a_few_milliseconds_of_work():
+    worker = Worker(prefetch=0)
+    assert worker._pipeline_depth() == 1, "no pipe before a task has run"
+    depths = {}
+    for seconds in (0.00002, 0.0005, 0.0019, 0.0021, 0.5):
+        worker._task_seconds = seconds
+        depths[seconds] = worker._pipeline_depth()
+    assert depths == {0.00002: PIPELINE_MAX, 0.0005: 8, 0.0019: 2, 0.0021: 1, 0.5: 1}
