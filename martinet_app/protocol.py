@@ -72,9 +72,29 @@ TASK_OPTION_KEYS = frozenset({"retries", "retry_delay", "timeout", "priority"})
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
+def _refuse_constant(name: str) -> None:
+    # Python's json reads NaN and Infinity, which are not JSON and that no database column takes.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+# Built once: json.dumps and json.loads with options build a new encoder or decoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+
+
+def json_text(obj: Any) -> str:
+    """Compact JSON text; NaN and infinities are refused (ValueError), as are other types (TypeError)."""
+    return _encode(obj)
+
+
+def json_value(text: str | bytes) -> Any:
+    """The value of JSON text (UTF-8 if bytes); NaN and Infinity are refused (ValueError)."""
+    return _decode(text if isinstance(text, str) else text.decode())
+
+
 def dumps(obj: Any) -> bytes:
     """Compact JSON bytes; NaN and infinities are refused rather than sent."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return _encode(obj).encode()
 
 
 def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
@@ -82,7 +102,7 @@ def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
     if max_bytes is not None and len(data) > max_bytes:
         raise ProtocolError(f"{what}: message of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
-        obj = json.loads(data, parse_constant=_refuse_constant)
+        obj = json_value(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"{what}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -90,11 +110,6 @@ def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
     if obj.get("v") != VERSION:
         raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}, expected {VERSION}")
     return obj
-
-
-def _refuse_constant(name: str) -> None:
-    # Python's json reads NaN and Infinity, which are not JSON and that no database column takes.
-    raise ValueError(f"{name} is not a JSON value")
 
 
 # ---------------------------------------------------------------- client socket

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import json
 import os
 import signal
 import socket
@@ -30,6 +29,7 @@ import traceback
 from collections import deque
 from typing import Any, BinaryIO
 
+from . import protocol
 from .errors import HandlerError
 from .registry import Registry, load_handlers
 
@@ -54,9 +54,9 @@ def main(fd: int, spec: dict) -> None:
                 else "no handlers: give a handlers folder, or register functions with Worker.on() before run()"
             )
     except HandlerError as exc:
-        _send(stream, {"error": exc.message})
+        _send(stream, _line({"error": exc.message}))
         os._exit(2)
-    _send(stream, {"hello": registry.names()})
+    _send(stream, _line({"hello": registry.names()}))
     lines = _Lines(conn)
     waiting: deque[dict] = deque()
     while True:
@@ -64,7 +64,7 @@ def main(fd: int, spec: dict) -> None:
         received = lines.read(block=not waiting)
         if received is None:
             os._exit(0)  # the worker closed the socket
-        for message in map(json.loads, received):
+        for message in map(protocol.json_value, received):
             if "skip" in message:
                 for task in waiting:
                     if [task["task_id"], task["attempt"]] == message["skip"]:
@@ -74,7 +74,7 @@ def main(fd: int, spec: dict) -> None:
         if waiting:
             task = waiting.popleft()
             if task.get("skip"):
-                _send(stream, {"event": "failed", "error": "cancelled", "traceback": None})
+                _send(stream, _line({"event": "failed", "error": "cancelled", "traceback": None}))
             else:
                 _send(stream, _run(registry, task, stream, spec["worker"], spec["max_result_bytes"]))
 
@@ -101,8 +101,8 @@ class _Lines:
                 return lines
 
 
-def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_result_bytes: int) -> dict:
-    """Run one task; return its final event."""
+def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_result_bytes: int) -> bytes:
+    """Run one task; return its final event, encoded (the result is encoded once, checked and sent)."""
     name = task["name"]
 
     def progress(fraction: float, message: str | None = None) -> None:
@@ -111,27 +111,29 @@ def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_r
             raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
         if message is not None and not isinstance(message, str):
             raise ValueError(f"progress message must be a string, got {type(message).__name__}")
-        _send(stream, {"event": "progress", "progress": float(fraction), "message": message})
+        _send(stream, _line({"event": "progress", "progress": float(fraction), "message": message}))
 
     handler = registry.get(name)
     if handler is None:
-        return {"event": "failed", "error": f"no handler for task {name!r} on worker {worker_id}", "traceback": None}
+        return _failed(f"no handler for task {name!r} on worker {worker_id}")
     try:
         result = handler(task["task_id"], task["args"], progress)
     except BaseException as exc:  # noqa: BLE001 - sys.exit() or KeyboardInterrupt in a handler fails the task
-        return {"event": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        return _failed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
     try:
-        size = len(json.dumps(result, allow_nan=False))
+        encoded = protocol.dumps(result)
     except (TypeError, ValueError) as exc:
-        error = f"task {name!r} returned a result that is not JSON-serialisable: {exc}"
-        return {"event": "failed", "error": error, "traceback": None}
-    if size > max_result_bytes:
-        error = (
-            f"task {name!r} returned a result of {size} bytes, more than the {max_result_bytes} allowed: "
+        return _failed(f"task {name!r} returned a result that is not JSON-serialisable: {exc}")
+    if len(encoded) > max_result_bytes:
+        return _failed(
+            f"task {name!r} returned a result of {len(encoded)} bytes, more than the {max_result_bytes} allowed: "
             "store large results elsewhere (a file, a database) and return a reference to them"
         )
-        return {"event": "failed", "error": error, "traceback": None}
-    return {"event": "succeeded", "result": result}
+    return b'{"event":"succeeded","result":' + encoded + b"}\n"
+
+
+def _failed(error: str, trace: str | None = None) -> bytes:
+    return _line({"event": "failed", "error": error, "traceback": trace})
 
 
 def _load(spec: dict) -> Registry:
@@ -169,8 +171,12 @@ def _resolve(ref: dict) -> Any:
         ) from None
 
 
-def _send(stream: BinaryIO, message: dict) -> None:
-    stream.write(json.dumps(message, allow_nan=False).encode() + b"\n")
+def _line(message: dict) -> bytes:
+    return protocol.dumps(message) + b"\n"
+
+
+def _send(stream: BinaryIO, line: bytes) -> None:
+    stream.write(line)
     stream.flush()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import gevent
 from gevent import socket, subprocess
 
+from . import protocol
 from .errors import HandlerError
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Slot:
         try:
             if self.stream is None:
                 raise OSError("it is not running")
-            self.stream.write(b"".join(json.dumps({key: t[key] for key in _SENT}).encode() + b"\n" for t in tasks))
+            self.stream.write(b"".join(protocol.dumps({key: t[key] for key in _SENT}) + b"\n" for t in tasks))
             self.stream.flush()
         except OSError as exc:  # its process was gone before the tasks reached it
             self.close()
@@ -152,7 +153,7 @@ class Slot:
         if ref in waiting:
             log.debug("skipping task %s attempt %s, waiting in a slot's pipe", *ref)
             try:
-                self.stream.write(json.dumps({"skip": list(ref)}).encode() + b"\n")
+                self.stream.write(protocol.dumps({"skip": list(ref)}) + b"\n")
                 self.stream.flush()
             except OSError:  # the process is gone: its tasks come back unstarted
                 pass
@@ -232,4 +233,4 @@ class Slot:
         except OSError:
             line = b""
         self.last_size = len(line)
-        return json.loads(line) if line else None
+        return protocol.json_value(line) if line else None

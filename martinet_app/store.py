@@ -337,7 +337,7 @@ class Store:
         status = (S.QUEUED if run_at <= now else S.SCHEDULED).value
         shared = (status, now, run_at, 0.0, 0, *_options(options).values())
         rows = [
-            (meta["name"], meta.get("username"), meta.get("description"), json.dumps(args), *shared)
+            (meta["name"], meta.get("username"), meta.get("description"), protocol.json_text(args), *shared)
             for meta, args in tasks
         ]
         ids: list[int] = []
@@ -450,7 +450,13 @@ class Store:
         # RETURNING lists rows in no particular order: restore the queue's.
         rows.sort(key=lambda r: (-r[5], r[6], r[0]))
         return [
-            {"task_id": task_id, "name": name, "args": json.loads(args), "attempt": attempt, "timeout": timeout}
+            {
+                "task_id": task_id,
+                "name": name,
+                "args": protocol.json_value(args),
+                "attempt": attempt,
+                "timeout": timeout,
+            }
             for task_id, name, args, attempt, timeout, _, _ in rows
         ]
 
@@ -593,7 +599,13 @@ class Store:
                 self._sql.event_targets(len(chunk)), chunk
             ):
                 found[task_id] = _Target(
-                    task_id, S(status), worker, attempts, retries, retry_delay, json.loads(errors or "[]")
+                    task_id,
+                    S(status),
+                    worker,
+                    attempts,
+                    retries,
+                    retry_delay,
+                    protocol.json_value(errors) if errors else [],
                 )
         return found
 
@@ -617,10 +629,10 @@ class Store:
         started_at = event.get("started_at")
         if kind == protocol.SUCCEEDED:
             task.status = S.SUCCEEDED
-            writes["succeeded"].append((json.dumps(event.get("result")), at, worker, started_at, task.id))
+            writes["succeeded"].append((protocol.json_text(event.get("result")), at, worker, started_at, task.id))
             return task.status
         task.errors = [*task.errors, {"attempt": attempt, "error": event["error"], "at": at, "worker": worker}]
-        failure = (json.dumps(task.errors), event["error"], event.get("traceback"))
+        failure = (protocol.json_text(task.errors), event["error"], event.get("traceback"))
         if len(task.errors) <= task.retries:
             task.status = S.SCHEDULED
             writes["retry"].append((*failure, at + backoff(task.retry_delay, len(task.errors), self.retry_delay_max),
