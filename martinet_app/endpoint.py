@@ -1,8 +1,8 @@
 """The client endpoint: one JSON request in, one JSON reply out, on a ROUTER socket.
 
 Every request that creates something is committed to the store before the reply is
-sent: the requests readable at once share one transaction (group commit), and new tasks
-are claimed for free worker slots in that same transaction. A ``wait`` request is parked
+sent: the requests readable at once share one transaction (group commit), and the tasks
+they queue are claimed for free worker slots in that same transaction, once per turn. A ``wait`` request is parked
 until its task becomes final or its timeout passes, without blocking other clients.
 """
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _STATUSES = frozenset(s.value for s in TaskStatus)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
+#: Requests that may queue tasks: a turn that has any hands the queue to free slots once, at its end.
+_QUEUING_OPS = frozenset({"execute", "execute_many", "retry"})
 
 
 @dataclass
@@ -119,6 +121,8 @@ class ClientEndpoint:
                     reply = self._answer(request)
                     if reply is not None:
                         replies.append((request, *reply))
+                if any(request.body is not None and request.body["op"] in _QUEUING_OPS for request in requests):
+                    self.broker.dispatch()
         except MartinetError as exc:
             replies = [(request, None, exc.to_wire()) for request in requests]
         for request, result, error in replies:
@@ -176,7 +180,6 @@ class ClientEndpoint:
         meta, args, options = self._submission(request, recurring=False)
         now = time.time()
         task_id = self.store.add_task(meta, args, run_at=now, now=now, options=options)
-        self.broker.dispatch()
         return {"task_id": task_id}
 
     def _execute_many(self, request: dict, envelope: list[bytes]) -> dict:
@@ -184,7 +187,6 @@ class ClientEndpoint:
         options = self._options(request)
         now = time.time()
         task_ids = self.store.add_tasks(tasks, run_at=now, now=now, options=options)
-        self.broker.dispatch()
         return {"task_ids": task_ids}
 
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
@@ -266,9 +268,7 @@ class ClientEndpoint:
         return {"task": task}
 
     def _retry(self, request: dict, envelope: list[bytes]) -> dict:
-        task = self.store.retry(_task_id(request, "task_id"), time.time())
-        self.broker.dispatch()
-        return {"task": task}
+        return {"task": self.store.retry(_task_id(request, "task_id"), time.time())}
 
     def _send(self, frames: list[bytes]) -> None:
         try:

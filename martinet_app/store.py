@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -366,7 +365,7 @@ class Store:
                 name=meta["name"],
                 username=meta.get("username"),
                 description=meta.get("description"),
-                args=json.dumps(args),
+                args=protocol.json_text(args),
                 interval=interval,
                 run_at=meta.get("run_at"),
                 next_run_at=next_run_at,
@@ -510,10 +509,14 @@ class Store:
                     f"delivered {row.attempts} times and its worker was lost each time (it died or went silent): "
                     "not delivered again; `martinet retry` runs it once more"
                 )
-                errors = [*json.loads(row.errors or "[]"), {"attempt": row.attempts, "error": error, "at": now,
-                                                             "worker": row.worker}]  # fmt: skip
+                history = protocol.json_value(row.errors) if row.errors else []
+                errors = [*history, {"attempt": row.attempts, "error": error, "at": now, "worker": row.worker}]
                 Task.update(
-                    status=S.FAILED.value, error=error, traceback=None, errors=json.dumps(errors), finished_at=now
+                    status=S.FAILED.value,
+                    error=error,
+                    traceback=None,
+                    errors=protocol.json_text(errors),
+                    finished_at=now,
                 ).where((Task.id == row.id) & (Task.status == S.RUNNING.value)).execute()
                 failed.append(row.id)
         return failed
@@ -797,7 +800,7 @@ class _Statements:
 #: Columns :meth:`Store.add_tasks` fills: the task's own, then the shared status and times, then its policy.
 _INSERT_COLUMNS = (
     "name", "username", "description", "args", "status", "created_at", "run_at", "progress", "attempts",
-    "priority", "retries", "retry_delay", "timeout",
+    *OPTION_FIELDS,
 )  # fmt: skip
 
 
@@ -810,15 +813,6 @@ def backoff(retry_delay: float, failures: int, cap: float) -> float:
     """Seconds before the retry after failure number ``failures``: ``retry_delay``, doubling, at most ``cap``."""
     # 2.0 ** 1024 overflows; far below that the cap applies anyway.
     return min(retry_delay * 2.0 ** min(failures - 1, 1023), cap)
-
-
-def _final_applies(event: dict) -> pw.Expression:
-    """A final event applies while its task is queued or running and the event's attempt is not newer."""
-    return (
-        (Task.id == event["task_id"])
-        & Task.status.in_([S.QUEUED.value, S.RUNNING.value])
-        & (Task.attempts >= event["attempt"])
-    )
 
 
 def _options(options: dict | None) -> dict:
@@ -836,9 +830,9 @@ def task_dict(row: Task) -> dict:
     for field in TASK_FIELDS:
         value = getattr(row, field)
         if field in ("args", "result"):
-            value = None if value is None else json.loads(value)
+            value = None if value is None else protocol.json_value(value)
         elif field == "errors":
-            value = [{**error, "at": iso(error["at"])} for error in json.loads(value or "[]")]
+            value = [{**error, "at": iso(error["at"])} for error in (protocol.json_value(value) if value else [])]
         elif field in _TASK_TIMES:
             value = iso(value)
         out[field] = value
@@ -847,7 +841,7 @@ def task_dict(row: Task) -> dict:
 
 def _recurring_dict(row: Recurring, raw: bool = False) -> dict:
     out = {field: getattr(row, field) for field in RECURRING_FIELDS}
-    out["args"] = json.loads(out["args"])
+    out["args"] = protocol.json_value(out["args"])
     if not raw:
         for field in _RECURRING_TIMES:
             out[field] = iso(out[field])
