@@ -53,6 +53,18 @@ LIST_LIMIT_MAX = 10_000
 #: Largest JSON result a handler may return, bytes; a larger one fails the task (keep it well
 #: under MAX_MESSAGE_BYTES: results travel to the server in status messages).
 MAX_RESULT_BYTES = 4 * 1024 * 1024
+#: Longest text a handler's failure or progress may carry, in characters; longer text is clipped
+#: (by the worker, and again by the server) with a marker saying how much was cut (docs/PROTOCOL.md).
+MAX_ERROR_CHARS = 8_192
+MAX_TRACEBACK_CHARS = 65_536
+MAX_PROGRESS_CHARS = 1_024
+#: Longest name, username and worker id, in characters (VARCHAR(255) columns).
+MAX_NAME_CHARS = 255
+#: Deepest nesting of arrays and objects in a task's args or result: deeper values are refused,
+#: since every JSON encoder and decoder on the way recurses once per level.
+MAX_JSON_DEPTH = 100
+#: Largest integer id or attempt number a peer may send (SQLite's and PostgreSQL's BIGINT).
+MAX_ID = 2**63 - 1
 #: Most tasks one ``execute_many`` request may submit.
 SUBMIT_MANY_MAX = 10_000
 #: Most status events or queued tasks handled in one loop turn (one transaction).

@@ -25,6 +25,10 @@ class InvalidRequest(MartinetError):
     """Raised when a request is malformed: missing or unknown fields, wrong types."""
 
 
+class RequestTooLarge(InvalidRequest):
+    """Raised when a request is larger than the server accepts (``--max-message-bytes``)."""
+
+
 class BadTimeSpec(InvalidRequest):
     """Raised when a time or interval string cannot be parsed."""
 
@@ -66,6 +70,7 @@ _BY_NAME = {
     for cls in (
         MartinetError,
         InvalidRequest,
+        RequestTooLarge,
         BadTimeSpec,
         TaskNotFound,
         InvalidTransition,

@@ -19,6 +19,7 @@ import math
 import time
 from typing import Any
 
+from . import config
 from .errors import InvalidRequest, ProtocolError
 
 #: Version carried by every message; a peer speaking another version is rejected.
@@ -97,6 +98,56 @@ def dumps(obj: Any) -> bytes:
     return _encode(obj).encode()
 
 
+def too_deep(value: Any, limit: int = config.MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep (``{}`` is one level)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def clean_text(value: str, what: str, max_chars: int | None = None) -> str:
+    """A request's string, as the store can keep it; InvalidRequest for NUL, lone surrogates or too many characters."""
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidRequest(f"{what} has {len(value)} characters: at most {max_chars} are accepted")
+    if "\x00" in value:
+        raise InvalidRequest(f"{what} contains a NUL character (\\u0000), which no database column takes")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                f"{what} contains a lone surrogate (e.g. from a file name that is not UTF-8): send valid Unicode"
+            ) from None
+    return value
+
+
+def safe_text(text: str, max_chars: int) -> str:
+    """A handler's text (error, traceback, progress message) made storable: lone surrogates and NUL
+    escaped as ``\\udce9`` and ``\\x00``, and clipped to ``max_chars`` (see :func:`clip`)."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode()
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    return clip(text, max_chars)
+
+
+def clip(text: str, max_chars: int) -> str:
+    """``text`` if it fits in ``max_chars``, else its start and end around a marker saying how much was cut."""
+    if len(text) <= max_chars:
+        return text
+    keep = max(0, max_chars - len(f"\n[... {len(text)} characters cut ...]\n"))
+    marker = f"\n[... {len(text) - keep} characters cut ...]\n"
+    head = keep - keep // 2
+    return text[:head] + marker + text[len(text) - keep // 2 :]
+
+
 def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
     """Decode one JSON object frame, or raise ProtocolError saying what was wrong (None: no size limit)."""
     if max_bytes is not None and len(data) > max_bytes:
@@ -105,6 +156,8 @@ def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
         obj = json_value(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(f"{what}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
     if obj.get("v") != VERSION:

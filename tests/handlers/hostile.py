@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import subprocess
 import sys
 import time
 
@@ -45,3 +46,37 @@ def whoami(task_id, data, progress):
 def big(task_id, data, progress):
     """Return a string of data["bytes"] characters, and the size of the args it was given."""
     return {"blob": "x" * data["bytes"], "args_size": len(data.get("blob", ""))}
+
+
+@task
+def poison(task_id, data, progress):
+    """Report progress and/or fail with text built from data: "text", then "fs_hex" decoded as a
+    file name is (undecodable bytes become lone surrogates), repeated data.get("repeat", 1) times."""
+    text = (data.get("text", "") + os.fsdecode(bytes.fromhex(data.get("fs_hex", "")))) * data.get("repeat", 1)
+    if data.get("progress"):
+        progress(0.5, text)
+    if data.get("fail", True):
+        raise RuntimeError(text)
+    return {"ok": True}
+
+
+@task
+def spawn_sleep(task_id, data, progress):
+    """Start `sleep data["seconds"]` as a child process, note its pid in data["path"], and wait for it."""
+    child = subprocess.Popen(["sleep", str(data["seconds"])])
+    with open(data["path"], "a") as f:
+        f.write(f"{child.pid}\n")
+    child.wait()
+    return {"child": child.pid}
+
+
+@task
+def fork_exit(task_id, data, progress):
+    """Fork a child that sleeps data["seconds"] (noting its pid in data["path"]), then leave with os._exit(5)."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(data["seconds"])
+        os._exit(0)
+    with open(data["path"], "a") as f:
+        f.write(f"{pid}\n")
+    os._exit(5)
