@@ -34,6 +34,14 @@ WAIT_MAX = 300.0
 _QUEUING_OPS = frozenset({"execute", "execute_many", "retry"})
 
 
+class _Unexpected(Exception):
+    """A request failed unexpectedly; ``error`` is its reply's error object."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.error = MartinetError(message).to_wire()
+
+
 @dataclass
 class _Request:
     """One received request: its routing envelope and id, and its body, or why it cannot be run."""
@@ -90,21 +98,25 @@ class ClientEndpoint:
             "execute_many": self._execute_many,
             "schedule": self._schedule,
             "every": self._every,
-            "status": lambda r, _: {"task": self.store.get_task(_task_id(r, "task_id"))},
+            "status": lambda r, _: {"task": self.store.get_task(protocol.check_id(r.get("task_id"), "task_id"))},
             "wait": self._wait,
             "list": self._list,
             "workers": lambda r, _: {"workers": self.broker.snapshot()},
             "cancel": self._cancel,
             "retry": self._retry,
             "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
-            "revoke": lambda r, _: {"recurring": self.store.revoke(_task_id(r, "recurring_id"))},
+            "revoke": lambda r, _: {
+                "recurring": self.store.revoke(protocol.check_id(r.get("recurring_id"), "recurring_id"))
+            },
         }
 
     def loop_once(self) -> None:
         """Answer the readable requests (up to ``batch_max``) with one transaction for all they store.
 
         Replies go out after the commit; if the transaction fails, nothing of the turn was stored
-        and every request of it gets the error.
+        and every request of it gets the error. A request that fails unexpectedly (a statement the
+        database refused) rolls the turn back, and the others are then answered one by one, each in
+        its own transaction, so that it costs no other request.
         """
         frames = [self.socket.recv_multipart()]
         while len(frames) < self.batch_max:
@@ -113,7 +125,22 @@ class ClientEndpoint:
             except zmq.Again:
                 break
         requests = [request for request in map(self._parse, frames) if request is not None]
-        # (request, result, error), held until the transaction has committed.
+        try:
+            replies = self._turn(requests)
+        except _Unexpected as failure:
+            if len(requests) == 1:
+                replies = [(requests[0], None, failure.error)]
+            else:
+                replies = [reply for request in requests for reply in self._alone(request)]
+        for request, result, error in replies:
+            self._send(protocol.reply(request.envelope, request.id, result, error))
+
+    def _turn(self, requests: list[_Request]) -> list[tuple[_Request, dict | None, dict | None]]:
+        """Run ``requests`` in one transaction: their (request, result, error) replies, once it has committed.
+
+        Raises:
+            _Unexpected: a request failed unexpectedly; the transaction was rolled back.
+        """
         replies: list[tuple[_Request, dict | None, dict | None]] = []
         try:
             with self.store.transaction():
@@ -124,9 +151,15 @@ class ClientEndpoint:
                 if any(request.body is not None and request.body["op"] in _QUEUING_OPS for request in requests):
                     self.broker.dispatch()
         except MartinetError as exc:
-            replies = [(request, None, exc.to_wire()) for request in requests]
-        for request, result, error in replies:
-            self._send(protocol.reply(request.envelope, request.id, result, error))
+            return [(request, None, exc.to_wire()) for request in requests]
+        return replies
+
+    def _alone(self, request: _Request) -> list[tuple[_Request, dict | None, dict | None]]:
+        """Run one request in its own transaction; an unexpected failure is its own reply."""
+        try:
+            return self._turn([request])
+        except _Unexpected as failure:
+            return [(request, None, failure.error)]
 
     def _parse(self, frames: list[bytes]) -> _Request | None:
         """Check one request's frames; None for malformed frames that cannot be answered (dropped and counted)."""
@@ -147,7 +180,12 @@ class ClientEndpoint:
         return _Request(envelope, request.get("id"), body=request)
 
     def _answer(self, request: _Request) -> tuple[dict | None, dict | None] | None:
-        """Run one checked request: its (result, error), or None for a ``wait`` that is parked."""
+        """Run one checked request: its (result, error), or None for a ``wait`` that is parked.
+
+        Raises:
+            _Unexpected: a bug, or a statement the database refused, which may have aborted the
+                transaction: the turn must not commit.
+        """
         if request.body is None:
             return None, request.error
         try:
@@ -155,9 +193,10 @@ class ClientEndpoint:
         except MartinetError as exc:
             log.debug("request %s failed: %s", request.id, exc.message)
             return None, exc.to_wire()
-        except Exception as exc:  # a bug, or a database error in one statement: answer, log, keep serving
-            log.exception("request %s failed unexpectedly", request.id)
-            return None, MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log").to_wire()
+        except Exception as exc:
+            log.exception("request %r failed unexpectedly", request.id)
+            error = MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log")
+            raise _Unexpected(protocol.safe_text(error.message, config.MAX_ERROR_CHARS)) from exc
         return None if result is None else (result, None)
 
     def notify_finished(self, task_ids: list[int]) -> None:
@@ -192,7 +231,7 @@ class ClientEndpoint:
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)
         now = time.time()
-        when = timespec.parse_when(_text(request, "when"), now=_utc(now), tz=self.tz)
+        when = timespec.parse_when(protocol.check_string(request, "when", required=True), now=_utc(now), tz=self.tz)
         task_id = self.store.add_task(meta, args, run_at=when.timestamp(), now=now, options=options)
         self.scheduler.wake()
         return {"task_id": task_id}
@@ -200,7 +239,9 @@ class ClientEndpoint:
     def _every(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=True)
         now = time.time()
-        interval = timespec.parse_interval(_text(request, "interval"))
+        interval = timespec.parse_interval(
+            protocol.check_string(request, "interval", required=True, max_chars=config.MAX_NAME_CHARS)
+        )
         first = interval.first_run(now=_utc(now), run_at=meta.get("run_at"), tz=self.tz)
         recurring_id = self.store.add_recurring(
             meta, args, interval=interval.text, next_run_at=first.timestamp(), now=now, options=options
@@ -209,7 +250,7 @@ class ClientEndpoint:
         return {"recurring_id": recurring_id}
 
     def _wait(self, request: dict, envelope: list[bytes]) -> dict | None:
-        task_id = _task_id(request, "task_id")
+        task_id = protocol.check_id(request.get("task_id"), "task_id")
         timeout = request.get("timeout", 0)
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
             raise InvalidRequest(f"wait timeout must be a number of seconds >= 0, got {timeout!r}")
@@ -237,16 +278,15 @@ class ClientEndpoint:
         status = request.get("status")
         if status is not None and status not in _STATUSES:
             raise InvalidRequest(f"unknown status {status!r}: expected one of {', '.join(sorted(_STATUSES))}")
-        for key in ("name", "username"):
-            if request.get(key) is not None and not isinstance(request[key], str):
-                raise InvalidRequest(f"list filter {key!r} must be a string, got {request[key]!r}")
+        filters = {key: protocol.check_string(request, key, required=False) for key in ("name", "username")}
         limit = request.get("limit", config.LIST_LIMIT)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= self.list_limit_max:
             raise InvalidRequest(f"list limit must be an integer from 1 to {self.list_limit_max}, got {limit!r}")
-        tasks = self.store.list_tasks(
-            status=status, name=request.get("name"), username=request.get("username"), limit=limit
-        )
-        return {"tasks": tasks}
+        before = request.get("before")
+        if before is not None:
+            protocol.check_id(before, "before")
+        tasks = self.store.list_tasks(status=status, limit=limit, before=before, **filters)
+        return {"tasks": tasks, "next_before": tasks[-1]["id"] if len(tasks) == limit else None}
 
     def _submission(self, request: dict, *, recurring: bool) -> tuple[dict, dict, dict]:
         """The checked metadata, args and options of a submission; the server's defaults fill in options."""
@@ -259,7 +299,7 @@ class ClientEndpoint:
         return {**self.defaults, **protocol.check_options(request.get("options"))}
 
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
-        task = self.store.cancel(_task_id(request, "task_id"), time.time())
+        task = self.store.cancel(protocol.check_id(request.get("task_id"), "task_id"), time.time())
         if task["worker"] is not None:  # it was running: its worker must stop that delivery
             self.store.after_commit(
                 functools.partial(self.broker.cancel, task["worker"], [(task["id"], task["attempts"])])
@@ -268,27 +308,13 @@ class ClientEndpoint:
         return {"task": task}
 
     def _retry(self, request: dict, envelope: list[bytes]) -> dict:
-        return {"task": self.store.retry(_task_id(request, "task_id"), time.time())}
+        return {"task": self.store.retry(protocol.check_id(request.get("task_id"), "task_id"), time.time())}
 
     def _send(self, frames: list[bytes]) -> None:
         try:
             self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped, client gone: %s", exc)
-
-
-def _task_id(request: dict, key: str) -> int:
-    value = request.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidRequest(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _text(request: dict, key: str) -> str:
-    value = request.get(key)
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{key!r} is required and must be a string, got {value!r}")
-    return value
 
 
 def _utc(ts: float) -> datetime.datetime:

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from . import config
-from .errors import InvalidRequest, ProtocolError
+from .errors import InvalidRequest, ProtocolError, RequestTooLarge
 
 #: Version carried by every message; a peer speaking another version is rejected.
 VERSION = 1
@@ -56,7 +56,7 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
     "every": frozenset({"interval", "task", "args", "options"}),
     "status": frozenset({"task_id"}),
     "wait": frozenset({"task_id", "timeout"}),
-    "list": frozenset({"status", "name", "username", "limit"}),
+    "list": frozenset({"status", "name", "username", "limit", "before"}),
     "workers": frozenset(),
     "cancel": frozenset({"task_id"}),
     "retry": frozenset({"task_id"}),
@@ -186,7 +186,12 @@ def parse_client_request(body: list[bytes], max_bytes: int) -> dict:
     """Check one client request; raise ProtocolError (cannot reply) or InvalidRequest (can)."""
     if len(body) != 1:
         raise ProtocolError(f"client: expected 1 body frame, got {len(body)}")
-    request = loads_object(body[0], max_bytes, "client")
+    if len(body[0]) > max_bytes:
+        raise RequestTooLarge(
+            f"a request of {len(body[0])} bytes is larger than this server accepts ({max_bytes} bytes, "
+            "martinet serve --max-message-bytes): keep large data elsewhere and pass a reference to it"
+        )
+    request = loads_object(body[0], None, "client")
     op = request.get("op")
     if op not in CLIENT_OPS:
         raise InvalidRequest(f"unknown operation {op!r}: expected one of {', '.join(sorted(CLIENT_OPS))}")
@@ -227,14 +232,19 @@ def check_task_meta(meta: Any, *, recurring: bool) -> dict:
         )
     name = meta.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise InvalidRequest(f"task 'name' is required and must be a non-empty string, got {name!r}")
-    clean = {"name": name.strip()}
+        raise InvalidRequest(f"task 'name' is required and must be a non-empty string, got {name!r:.80}")
+    clean = {"name": clean_text(name.strip(), "task 'name'", config.MAX_NAME_CHARS)}
     for key in sorted(allowed - {"name"}):
         value = meta.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidRequest(f"task {key!r} must be a string, got {type(value).__name__}")
-        clean[key] = value
+        bound = config.MAX_NAME_CHARS if key in _BOUNDED_META else None
+        clean[key] = None if value is None else clean_text(value, f"task {key!r}", bound)
     return clean
+
+
+#: Metadata kept in VARCHAR(255) columns (the others are TEXT).
+_BOUNDED_META = frozenset({"username", "run_at"})
 
 
 def check_many(entries: Any, limit: int) -> list[tuple[dict, dict]]:
@@ -258,7 +268,34 @@ def check_args(args: Any) -> dict:
         return {}
     if not isinstance(args, dict):
         raise InvalidRequest(f"task args must be a JSON object, got {type(args).__name__}")
+    if too_deep(args):
+        raise InvalidRequest(
+            f"task args nest more than {config.MAX_JSON_DEPTH} levels of arrays and objects: flatten them"
+        )
     return args
+
+
+def check_id(value: Any, what: str) -> int:
+    """A positive integer id from a request; InvalidRequest otherwise. An id beyond any stored one is a
+    TaskNotFound for the caller to raise (see :func:`id_in_range`)."""
+    if not _is_int(value) or value < 1:
+        raise InvalidRequest(f"{what} must be a positive integer, got {value!r:.80}")
+    return value
+
+
+def id_in_range(value: int) -> bool:
+    """Whether an id fits the store's 64-bit integer columns (larger ids match nothing)."""
+    return value <= config.MAX_ID
+
+
+def check_string(request: dict, key: str, *, required: bool, max_chars: int | None = None) -> str | None:
+    """A request's string field, checked as :func:`clean_text` does; None if absent and not required."""
+    value = request.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key!r} {'is required and ' if required else ''}must be a string, got {value!r:.80}")
+    return clean_text(value, repr(key), max_chars)
 
 
 def check_options(options: Any) -> dict:
@@ -342,8 +379,7 @@ def check_ready(body: dict) -> dict:
     body.setdefault("prefetch", 0)
     running = body.setdefault("running", [])
     ok = (
-        isinstance(body.get("worker"), str)
-        and body["worker"]
+        _is_name(body.get("worker"))
         and isinstance(body.get("host"), str)
         and _is_int(body.get("pid"))
         and isinstance(handlers, list)
@@ -393,8 +429,10 @@ def parse_status_batch(frames: list[bytes], max_bytes: int) -> tuple[str, list[d
         raise ProtocolError(f"status: expected 1 frame, got {len(frames)}")
     batch = loads_object(frames[0], max_bytes, "status")
     worker, events = batch.get("worker"), batch.get("events")
-    if not isinstance(worker, str) or not isinstance(events, list):
-        raise ProtocolError("status: body must have a worker string and an events list")
+    if not _is_name(worker) or not isinstance(events, list):
+        raise ProtocolError(
+            f"status: body must have a worker id (1 to {config.MAX_NAME_CHARS} characters) and an events list"
+        )
     for event in events:
         _check_event(event)
     return worker, events
@@ -414,8 +452,32 @@ def _check_event(event: Any) -> None:
             raise ProtocolError("status: progress message must be a string")
     if kind == FAILED and not isinstance(event.get("error"), str):
         raise ProtocolError("status: a failed event needs an error string")
+    if kind == FAILED and event.get("traceback") is not None and not isinstance(event["traceback"], str):
+        raise ProtocolError("status: a traceback must be a string")
     if kind in FINAL_EVENTS and event.get("started_at") is not None and not _is_number(event["started_at"]):
         raise ProtocolError("status: started_at must be a numeric timestamp")
+    _make_safe(event)
+
+
+def _make_safe(event: dict) -> None:
+    """Bring a checked event's handler-made values within what the store keeps (docs/PROTOCOL.md, Limits):
+    texts escaped and clipped, a result nesting too deeply turned into the failure it is."""
+    if event["event"] == SUCCEEDED and too_deep(event.get("result")):
+        depth = config.MAX_JSON_DEPTH
+        event.update(
+            event=FAILED, result=None, error=f"the result nests more than {depth} levels of arrays and objects"
+        )
+    for key, limit in _TEXT_LIMITS:
+        if isinstance(event.get(key), str):
+            event[key] = safe_text(event[key], limit)
+
+
+#: Texts of status events and the characters the store keeps of each.
+_TEXT_LIMITS = (
+    ("error", config.MAX_ERROR_CHARS),
+    ("traceback", config.MAX_TRACEBACK_CHARS),
+    ("message", config.MAX_PROGRESS_CHARS),
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -430,9 +492,21 @@ def _is_task_ref(value: Any) -> bool:
     return (
         isinstance(value, dict)
         and _is_int(value.get("task_id"))
+        and 1 <= value["task_id"] <= config.MAX_ID
         and _is_int(value.get("attempt"))
-        and value["attempt"] >= 1
+        and 1 <= value["attempt"] <= _INT_MAX
     )
+
+
+def _is_name(value: Any) -> bool:
+    """A worker id or host: a non-empty string the store can keep in a VARCHAR(255) column."""
+    if not isinstance(value, str) or not value or len(value) > config.MAX_NAME_CHARS:
+        return False
+    try:
+        clean_text(value, "name")
+    except InvalidRequest:
+        return False
+    return True
 
 
 class Rejections:

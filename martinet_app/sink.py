@@ -14,11 +14,11 @@ from typing import Any
 
 import zmq.green as zmq
 
-from . import protocol
+from . import config, protocol
 from .broker import Broker
-from .errors import ProtocolError
+from .errors import MartinetError, ProtocolError
 from .scheduler import Scheduler
-from .store import Store
+from .store import Applied, Store
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ class StatusSink:
                 return
 
     def _write(self, dispatch: bool = True) -> None:
-        """Write the pending events and refill the slots they free, in one transaction."""
+        """Write the pending events and refill the slots they free, in one transaction.
+
+        A batch the database refuses (not an outage: a value no statement takes) is split until
+        the event at fault is alone (:meth:`_refused`); the others are written as usual.
+        """
         if not self._pending:
             return
         batch = self._pending
@@ -81,15 +85,50 @@ class StatusSink:
         # The worker has finished these deliveries whatever the store says: their slots are free.
         for worker, refs in released.items():
             self.broker.release(worker, refs)
-        with self.store.transaction():
-            applied = self.store.apply_events(batch)
-            if dispatch:
-                self.broker.dispatch()
+        applied = self._apply(batch, dispatch)
         self._pending = []
         if applied.retrying:
             self.scheduler.wake()
         if applied.finished:
             self.on_finished(applied.finished)
+
+    def _apply(self, batch: list[tuple[str, dict]], dispatch: bool) -> Applied:
+        """Write ``batch`` in one transaction, or in halves if the database refuses it.
+
+        Raises:
+            StoreUnavailable: the database is away; the events stay pending (writing them again
+                is harmless: an event whose delivery it already ended is stale).
+        """
+        try:
+            with self.store.transaction():
+                applied = self.store.apply_events(batch)
+                if dispatch:
+                    self.broker.dispatch()
+            return applied
+        except MartinetError:
+            raise
+        except Exception as exc:  # a value the database refused; which event holds it is not known
+            if len(batch) == 1:
+                return self._refused(*batch[0], exc)
+        half = len(batch) // 2
+        first, second = self._apply(batch[:half], False), self._apply(batch[half:], False)
+        if dispatch:
+            self.broker.wake()
+        return Applied(first.finished + second.finished, first.retrying + second.retrying)
+
+    def _refused(self, worker: str, event: dict, exc: Exception) -> Applied:
+        """An event the database refused: logged and dropped; a final one fails its delivery instead."""
+        reason = protocol.safe_text(f"{type(exc).__name__}: {exc}", config.MAX_ERROR_CHARS)
+        kind, task_id, attempt = event["event"], event["task_id"], event["attempt"]
+        log.error(
+            "could not store the %s event of task %s attempt %s from %s: %s", kind, task_id, attempt, worker, reason
+        )
+        if kind not in protocol.FINAL_EVENTS:
+            return Applied()
+        error = f"the worker's {kind} event could not be stored ({reason})"
+        if self.store.fail_delivery(task_id, attempt, worker, at=event["at"], error=error):
+            return Applied(finished=[task_id])
+        return Applied()
 
     def _receive(self, frames: list[bytes]) -> None:
         try:

@@ -40,8 +40,13 @@ log = logging.getLogger(__name__)
 _INSERT_CHUNK = 500
 #: Seconds SQLite waits for another process's write lock before an operation fails.
 SQLITE_BUSY_TIMEOUT = 0.25
-#: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns.
-SCHEMA_VERSION = 2
+#: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
+#: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT).
+SCHEMA_VERSION = 3
+#: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
+ERRORS_KEPT = 20
+#: Characters of a task's ``error`` that a ``list`` summary carries.
+SUMMARY_ERROR_CHARS = 200
 
 
 class TaskStatus(str, Enum):
@@ -59,8 +64,7 @@ S = TaskStatus
 #: Allowed transitions; every UPDATE below checks its source state in its WHERE clause.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     S.SCHEDULED: frozenset({S.QUEUED, S.CANCELLED}),
-    # queued -> succeeded|failed|scheduled: a late final event of a delivery that was re-queued.
-    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.SUCCEEDED, S.FAILED, S.SCHEDULED}),
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED}),
     # running -> scheduled: the handler failed and the task has retries left.
     S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.SCHEDULED, S.CANCELLED}),
     S.SUCCEEDED: frozenset(),
@@ -104,7 +108,9 @@ class Task(_Model):
     retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
     retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
     timeout = pw.DoubleField(null=True)
-    errors = pw.TextField(null=True)  # JSON list of {attempt, error, at, worker}, one per handler failure
+    errors = pw.TextField(null=True)  # JSON list of {attempt, error, at, worker}: the latest ERRORS_KEPT failures
+    # Every failure, also those no longer in errors; a DEFAULT in the schema too, for the raw INSERT of add_tasks.
+    failures = pw.IntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
 
     class Meta:
         # "next due" (scheduled by run_at) is a range scan of this index.
@@ -151,8 +157,10 @@ class Meta(_Model):
 TASK_FIELDS = (
     "id", "name", "username", "description", "args", "status", "progress", "progress_message", "result",
     "error", "traceback", "attempts", "worker", "created_at", "run_at", "started_at", "finished_at",
-    "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors",
+    "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors", "failures",
 )  # fmt: skip
+#: What a ``list`` reply carries of each task: the record without its bulky values (``status`` has them).
+SUMMARY_FIELDS = tuple(f for f in TASK_FIELDS if f not in ("args", "result", "traceback", "errors"))
 #: A task's policy (see protocol.TASK_OPTION_KEYS): columns of both tables, copied from a schedule to its runs.
 OPTION_FIELDS = ("priority", "retries", "retry_delay", "timeout")
 RECURRING_FIELDS = (
@@ -497,7 +505,7 @@ class Store:
         wanted = set(refs)
         failed = []
         with self.transaction():
-            query = Task.select(Task.id, Task.attempts, Task.worker, Task.errors).where(
+            query = Task.select(Task.id, Task.attempts, Task.worker, Task.errors, Task.failures).where(
                 (Task.status == S.RUNNING.value) & (Task.attempts >= self.max_deliveries)
             )
             if worker is not None:
@@ -509,17 +517,20 @@ class Store:
                     f"delivered {row.attempts} times and its worker was lost each time (it died or went silent): "
                     "not delivered again; `martinet retry` runs it once more"
                 )
-                history = protocol.json_value(row.errors) if row.errors else []
-                errors = [*history, {"attempt": row.attempts, "error": error, "at": now, "worker": row.worker}]
-                Task.update(
-                    status=S.FAILED.value,
-                    error=error,
-                    traceback=None,
-                    errors=protocol.json_text(errors),
-                    finished_at=now,
-                ).where((Task.id == row.id) & (Task.status == S.RUNNING.value)).execute()
+                _fail_running(row, row.attempts, row.worker, at=now, error=error)
                 failed.append(row.id)
         return failed
+
+    def fail_delivery(self, task_id: int, attempt: int, worker: str, *, at: float, error: str) -> bool:
+        """running -> failed for the current delivery ``(task_id, attempt)`` on ``worker``, with ``error``
+        and no retry (its worker's own final event could not be stored). Whether it applied."""
+        with self.transaction():
+            current = (Task.id == task_id) & (Task.status == S.RUNNING.value) & (Task.attempts == attempt)
+            row = Task.get_or_none(current & (Task.worker == worker))
+            if row is None:
+                return False
+            _fail_running(row, attempt, worker, at=at, error=error)
+        return True
 
     def requeue_worker(self, worker: str) -> list[int]:
         """running -> queued for every task of a worker declared lost. Returns the requeued ids."""
@@ -556,12 +567,12 @@ class Store:
     def apply_events(self, batch: list[tuple[str, dict]]) -> Applied:
         """Write ``(worker, event)`` status events (see protocol.py) in one transaction.
 
-        ``started``/``progress`` apply only to the current delivery (running, same worker and
-        attempt). A final event applies if the task is queued or running and the event's attempt
-        is not newer than the task's, whichever delivery sent it: the first final result wins,
-        later ones are ignored. A ``failed`` event that applies is added to the task's ``errors``;
-        while there are no more errors than ``retries``, the task is scheduled again after its
-        backoff (:func:`backoff`) instead of failing.
+        An event applies only to the task's current delivery: the task is running, on the event's
+        worker, at the event's attempt (the fence). An event of a delivery superseded since (the
+        task was cancelled, re-queued, retried or finished) changes nothing. A ``failed`` event that
+        applies counts in ``failures`` and is added to ``errors`` (which keeps the latest
+        ERRORS_KEPT); while ``failures`` is at most ``retries``, the task is scheduled again after
+        its backoff (:func:`backoff`) instead of failing.
         """
         applied = Applied()
         if not batch:
@@ -598,18 +609,11 @@ class Store:
         ids = sorted(task_ids)
         for start in range(0, len(ids), _INSERT_CHUNK):
             chunk = ids[start : start + _INSERT_CHUNK]
-            for task_id, status, worker, attempts, retries, retry_delay, errors in self.db.execute_sql(
+            for task_id, status, worker, attempts, retries, retry_delay, errors, failures in self.db.execute_sql(
                 self._sql.event_targets(len(chunk)), chunk
             ):
-                found[task_id] = _Target(
-                    task_id,
-                    S(status),
-                    worker,
-                    attempts,
-                    retries,
-                    retry_delay,
-                    protocol.json_value(errors) if errors else [],
-                )
+                history = protocol.json_value(errors) if errors else []
+                found[task_id] = _Target(task_id, S(status), worker, attempts, retries, retry_delay, history, failures)
         return found
 
     def _apply_event(self, task: _Target, worker: str, event: dict, writes: dict[str, list[tuple]]) -> S | None:
@@ -619,50 +623,55 @@ class Store:
         state the earlier ones left.
         """
         kind, attempt, at = event["event"], event["attempt"], event["at"]
-        if kind in (protocol.STARTED, protocol.PROGRESS):
-            if task.status != S.RUNNING or task.worker != worker or task.attempts != attempt:
-                return None
-            if kind == protocol.STARTED:
-                writes["started"].append((at, task.id))
-            else:
-                writes["progress"].append((event["progress"], event.get("message"), task.id))
-            return S.RUNNING
-        if task.status not in (S.QUEUED, S.RUNNING) or task.attempts < attempt:
+        # The fence: only the task's current delivery (running, that attempt, on that worker) changes it.
+        if task.status != S.RUNNING or task.worker != worker or task.attempts != attempt:
             return None
+        if kind == protocol.STARTED:
+            writes["started"].append((at, task.id))
+            return S.RUNNING
+        if kind == protocol.PROGRESS:
+            writes["progress"].append((event["progress"], event.get("message"), task.id))
+            return S.RUNNING
         started_at = event.get("started_at")
         if kind == protocol.SUCCEEDED:
             task.status = S.SUCCEEDED
-            writes["succeeded"].append((protocol.json_text(event.get("result")), at, worker, started_at, task.id))
+            writes["succeeded"].append((protocol.json_text(event.get("result")), at, started_at, task.id))
             return task.status
-        task.errors = [*task.errors, {"attempt": attempt, "error": event["error"], "at": at, "worker": worker}]
-        failure = (protocol.json_text(task.errors), event["error"], event.get("traceback"))
-        if len(task.errors) <= task.retries:
+        task.failures += 1
+        task.errors = _kept(task.errors, {"attempt": attempt, "error": event["error"], "at": at, "worker": worker})
+        failure = (protocol.json_text(task.errors), task.failures, event["error"], event.get("traceback"))
+        if task.failures <= task.retries:
             task.status = S.SCHEDULED
-            writes["retry"].append((*failure, at + backoff(task.retry_delay, len(task.errors), self.retry_delay_max),
-                                    task.id))  # fmt: skip
+            retry_at = at + backoff(task.retry_delay, task.failures, self.retry_delay_max)
+            writes["retry"].append((*failure, retry_at, task.id))
         else:
             task.status = S.FAILED
-            writes["failed"].append((*failure, at, worker, started_at, task.id))
+            writes["failed"].append((*failure, at, started_at, task.id))
         return task.status
 
     # ------------------------------------------------------------ client requests
 
     def get_task(self, task_id: int) -> dict:
         """The task's record, or TaskNotFound."""
+        _check_id(task_id, _no_task)
         with self._read():
             row = Task.get_or_none(Task.id == task_id)
         if row is None:
-            raise TaskNotFound(f"no task with id {task_id!r}; `martinet list` shows existing tasks")
+            raise _no_task(task_id)
         return task_dict(row)
 
-    def list_tasks(self, *, status: str | None, name: str | None, username: str | None, limit: int) -> list[dict]:
-        """Tasks newest first, filtered by the given fields."""
-        query = Task.select().order_by(Task.id.desc()).limit(limit)
+    def list_tasks(
+        self, *, status: str | None, name: str | None, username: str | None, limit: int, before: int | None = None
+    ) -> list[dict]:
+        """Summaries (SUMMARY_FIELDS) of tasks newest first, filtered by the given fields; ``before``: ids below it."""
+        query = Task.select(*(getattr(Task, f) for f in SUMMARY_FIELDS)).order_by(Task.id.desc()).limit(limit)
         for field, value in ((Task.status, status), (Task.name, name), (Task.username, username)):
             if value is not None:
                 query = query.where(field == value)
+        if before is not None and before <= config.MAX_ID:
+            query = query.where(Task.id < before)
         with self._read():
-            return [task_dict(row) for row in query]
+            return [task_summary(row) for row in query]
 
     def cancel(self, task_id: int, now: float) -> dict:
         """scheduled|queued|running -> cancelled; returns the record. InvalidTransition for a final task.
@@ -670,6 +679,7 @@ class Store:
         A running task keeps its ``worker`` and ``attempts``, so the caller can tell that worker
         to stop the delivery; the delivery's own final event is then ignored.
         """
+        _check_id(task_id, _no_task)
         with self.transaction():
             changed = (
                 Task.update(status=S.CANCELLED.value, finished_at=now)
@@ -689,6 +699,7 @@ class Store:
         The task keeps its ``attempts`` and ``errors`` history; its last outcome (result, error,
         traceback, progress, times of the last run, worker) is cleared.
         """
+        _check_id(task_id, _no_task)
         with self.transaction():
             changed = (
                 Task.update(
@@ -720,10 +731,11 @@ class Store:
 
     def revoke(self, recurring_id: int) -> dict:
         """Disable a schedule; its past runs stay. InvalidTransition if already revoked."""
+        _check_id(recurring_id, _no_schedule)
         with self.transaction():
             row = Recurring.get_or_none(Recurring.id == recurring_id)
             if row is None:
-                raise TaskNotFound(f"no recurring schedule with id {recurring_id!r}; `martinet recurring` lists them")
+                raise _no_schedule(recurring_id)
             if not row.enabled:
                 raise InvalidTransition(f"recurring schedule {recurring_id} is already revoked")
             row.enabled = False
@@ -750,6 +762,7 @@ class _Target:
     retries: int
     retry_delay: float
     errors: list[dict]
+    failures: int
 
 
 class _Statements:
@@ -768,7 +781,7 @@ class _Statements:
             f"LIMIT {p}{lock}) RETURNING id, name, args, attempts, timeout, priority, run_at"
         )
         self._event_targets = (
-            "SELECT id, status, worker, attempts, retries, retry_delay, errors FROM task WHERE id IN ({})"
+            "SELECT id, status, worker, attempts, retries, retry_delay, errors, failures FROM task WHERE id IN ({})"
             + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} RETURNING id"
@@ -778,15 +791,15 @@ class _Statements:
             "progress": f"UPDATE task SET progress = {p}, progress_message = {p} WHERE id = {p}",
             "succeeded": (
                 f"UPDATE task SET status = 'succeeded', result = {p}, progress = 1.0, finished_at = {p}, "
-                f"worker = {p}, started_at = COALESCE({p}, started_at) WHERE id = {p}"
+                f"started_at = COALESCE({p}, started_at) WHERE id = {p}"
             ),
             "retry": (
-                f"UPDATE task SET status = 'scheduled', errors = {p}, error = {p}, traceback = {p}, run_at = {p}, "
-                f"worker = NULL, progress = 0.0, progress_message = NULL WHERE id = {p}"
+                f"UPDATE task SET status = 'scheduled', errors = {p}, failures = {p}, error = {p}, traceback = {p}, "
+                f"run_at = {p}, worker = NULL, progress = 0.0, progress_message = NULL WHERE id = {p}"
             ),
             "failed": (
-                f"UPDATE task SET status = 'failed', errors = {p}, error = {p}, traceback = {p}, finished_at = {p}, "
-                f"worker = {p}, started_at = COALESCE({p}, started_at) WHERE id = {p}"
+                f"UPDATE task SET status = 'failed', errors = {p}, failures = {p}, error = {p}, traceback = {p}, "
+                f"finished_at = {p}, started_at = COALESCE({p}, started_at) WHERE id = {p}"
             ),
         }
 
@@ -807,6 +820,25 @@ _INSERT_COLUMNS = (
 def _first_line(exc: BaseException) -> str:
     """An exception's message's first line, for logs and errors."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _fail_running(row: Task, attempt: int, worker: str | None, *, at: float, error: str) -> None:
+    """running -> failed for good (no retry), ``error`` recorded as the delivery's failure (inside a transaction)."""
+    history = protocol.json_value(row.errors) if row.errors else []
+    errors = _kept(history, {"attempt": attempt, "error": error, "at": at, "worker": worker})
+    Task.update(
+        status=S.FAILED.value,
+        error=error,
+        traceback=None,
+        errors=protocol.json_text(errors),
+        failures=row.failures + 1,
+        finished_at=at,
+    ).where((Task.id == row.id) & (Task.status == S.RUNNING.value)).execute()
+
+
+def _kept(errors: list[dict], failure: dict) -> list[dict]:
+    """``errors`` with ``failure`` added, the latest ERRORS_KEPT: a failure costs the same however many came before."""
+    return [*errors, failure][-ERRORS_KEPT:]
 
 
 def backoff(retry_delay: float, failures: int, cap: float) -> float:
@@ -839,6 +871,30 @@ def task_dict(row: Task) -> dict:
     return out
 
 
+def task_summary(row: Task) -> dict:
+    """A task as a ``list`` reply shows it: SUMMARY_FIELDS, times as ISO 8601 UTC, ``error`` clipped."""
+    out = {field: getattr(row, field) for field in SUMMARY_FIELDS}
+    for field in _TASK_TIMES:
+        out[field] = iso(out[field])
+    if out["error"] is not None:
+        out["error"] = protocol.clip(out["error"], SUMMARY_ERROR_CHARS)
+    return out
+
+
+def _no_task(task_id: int) -> TaskNotFound:
+    return TaskNotFound(f"no task with id {task_id!r}; `martinet list` shows existing tasks")
+
+
+def _no_schedule(recurring_id: int) -> TaskNotFound:
+    return TaskNotFound(f"no recurring schedule with id {recurring_id!r}; `martinet recurring` lists them")
+
+
+def _check_id(row_id: int, not_found: Callable[[int], TaskNotFound]) -> None:
+    """An id no 64-bit column can hold names nothing (and must not reach the driver, which would overflow)."""
+    if not 1 <= row_id <= config.MAX_ID:
+        raise not_found(row_id)
+
+
 def _recurring_dict(row: Recurring, raw: bool = False) -> dict:
     out = {field: getattr(row, field) for field in RECURRING_FIELDS}
     out["args"] = protocol.json_value(out["args"])
@@ -864,8 +920,20 @@ def _add_policy_columns(database: pw.Database) -> None:
                 database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{name}" {definition}')
 
 
+def _add_failures(database: pw.Database) -> None:
+    """Schema 2 -> 3: ``failures``, counted from each task's ``errors`` (which until now kept every one)."""
+    if "failures" not in {column.name for column in database.get_columns("task")}:
+        database.execute_sql('ALTER TABLE "task" ADD COLUMN "failures" INTEGER NOT NULL DEFAULT 0')
+    for task_id, errors in database.execute_sql("SELECT id, errors FROM task WHERE errors IS NOT NULL").fetchall():
+        history = protocol.json_value(errors)
+        database.execute_sql(
+            f"UPDATE task SET failures = {database.param}, errors = {database.param} WHERE id = {database.param}",
+            (len(history), protocol.json_text(history[-ERRORS_KEPT:]), task_id),
+        )
+
+
 #: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns}
+_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures}
 
 
 def redact(url: str) -> str:

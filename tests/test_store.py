@@ -113,18 +113,18 @@ def create_v1_database(db_url: str) -> None:
 
 def test_version_1_database_is_migrated(db_url: str) -> None:
     create_v1_database(db_url)
-    for _ in range(2):  # the second open finds version 2 and changes nothing
+    for _ in range(2):  # the second open finds the current version and changes nothing
         s = Store.open(db_url)
         try:
             rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [2]
+            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [3]
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
-            old, broke = s.list_tasks(status=None, name=None, username=None, limit=10)[::-1]
+            old, broke = (s.get_task(t["id"]) for t in s.list_tasks(status=None, name=None, username=None, limit=10)[::-1])
             assert [old[f] for f in ("name", "username", "args", "status", "created_at")] == [
                 "old", "ann", {"k": 1}, "queued", NOW_ISO
             ]  # fmt: skip
-            policy = ("priority", "retries", "retry_delay", "timeout", "errors")
-            assert [old[f] for f in policy] == [broke[f] for f in policy] == [0, 0, 1.0, None, []]
+            policy = ("priority", "retries", "retry_delay", "timeout", "errors", "failures")
+            assert [old[f] for f in policy] == [broke[f] for f in policy] == [0, 0, 1.0, None, [], 0]
             assert (broke["status"], broke["error"], broke["worker"]) == ("failed", "E", "w1")
             [rec] = s.list_recurring()
             assert [rec[f] for f in ("name", "enabled", "priority", "retries", "retry_delay", "timeout")] == [
@@ -192,6 +192,7 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
         "retry_delay": 0.25,
         "timeout": 30.5,
         "errors": [],
+        "failures": 0,
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
 
 
@@ -334,7 +335,7 @@ def test_succeeded_and_failed_are_stored(store: Store) -> None:
     assert store.running() == []
 
 
-def test_first_final_result_wins(store: Store) -> None:
+def test_a_delivery_ends_once(store: Store) -> None:
     task_id = add(store)
     store.claim("w1", 1, NOW)
     assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="first"))]).finished == [task_id]
@@ -352,29 +353,43 @@ def test_first_final_result_wins(store: Store) -> None:
     assert (status(store, other), store.get_task(other)["error"]) == ("failed", "first")
 
 
-def test_final_event_from_previous_attempt_after_requeue(store: Store) -> None:
+def test_events_of_a_superseded_delivery_change_nothing(store: Store) -> None:
     task_id = add(store)
     store.claim("w1", 1, NOW)
     store.requeue_worker("w1")
     store.claim("w2", 1, NOW + 1)  # attempt 2 is running on w2
-    assert store.apply_events([("w1", ev(task_id, 1, "progress", progress=0.7))]).finished == []
-    assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result="from w1"))]).finished == [task_id]
+    for kind, fields in (("progress", {"progress": 0.7}), ("succeeded", {"result": "w1"}), ("failed", {"error": "x"})):
+        assert store.apply_events([("w1", ev(task_id, 1, kind, **fields))]) == Applied()
     t = store.get_task(task_id)
-    assert (t["status"], t["result"], t["worker"], t["attempts"]) == ("succeeded", "from w1", "w1", 2)
-    assert store.apply_events([("w2", ev(task_id, 2, "succeeded", result="from w2"))]).finished == []
-    assert store.get_task(task_id)["result"] == "from w1"
+    assert (t["status"], t["progress"], t["worker"], t["attempts"], t["errors"]) == ("running", 0.0, "w2", 2, [])
+    assert store.apply_events([("w2", ev(task_id, 2, "succeeded", result="from w2"))]).finished == [task_id]
+    assert store.get_task(task_id)["result"] == "from w2"
 
 
-def test_final_event_for_requeued_task_not_yet_reclaimed(store: Store) -> None:
+def test_events_of_a_requeued_delivery_change_nothing(store: Store) -> None:
     task_id = add(store)
     assert store.apply_events([("w1", ev(task_id, 1, "succeeded", result=1))]).finished == []  # never delivered
     store.claim("w1", 1, NOW)
     assert store.apply_events([("w1", ev(task_id, 2, "succeeded", result=1))]).finished == []  # attempt from the future
+    assert store.apply_events([("w2", ev(task_id, 1, "succeeded", result=1))]).finished == []  # another worker's
     assert store.requeue([(task_id, 1)]) == [task_id]
-    assert status(store, task_id) == "queued"
-    assert store.apply_events([("w1", ev(task_id, 1, "failed", error="lost"))]).finished == [task_id]
-    assert status(store, task_id) == "failed"
-    assert store.claim("w2", 1, NOW) == []
+    assert store.apply_events([("w1", ev(task_id, 1, "failed", error="lost"))]).finished == []
+    assert (status(store, task_id), store.get_task(task_id)["errors"]) == ("queued", [])
+    assert [t["attempt"] for t in store.claim("w2", 1, NOW)] == [2]
+
+
+def test_cancel_then_retry_is_not_failed_by_the_killed_delivery(store: Store) -> None:
+    task_id = add(store)
+    store.claim("w1", 1, NOW)
+    store.cancel(task_id, NOW + 1)
+    store.retry(task_id, NOW + 2)
+    [claim] = store.claim("w1", 1, NOW + 2)
+    assert claim["attempt"] == 2
+    killed = ev(task_id, 1, "failed", error="cancelled")  # the killed delivery's late report
+    assert store.apply_events([("w1", killed)]) == Applied()
+    assert store.apply_events([("w1", ev(task_id, 2, "succeeded", result="retried"))]).finished == [task_id]
+    t = store.get_task(task_id)
+    assert (t["status"], t["result"], t["errors"], t["failures"]) == ("succeeded", "retried", [], 0)
 
 
 def test_final_event_may_carry_when_the_handler_started(store: Store) -> None:
