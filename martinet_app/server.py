@@ -170,7 +170,9 @@ def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any], max
     socket = context.socket(kind)
     sockets.append(socket)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    # Messages up to twice the limit are read, so that the sockets can answer or log "too large";
+    # past that, ZeroMQ drops the connection that sent one, and memory stays bounded.
+    socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes)
     if kind == zmq.ROUTER:
         # Fail loudly on a send to a peer that left, instead of dropping the message.
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
