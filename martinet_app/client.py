@@ -8,6 +8,7 @@ been monkey-patched by gevent, so it never blocks a gevent hub.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sys
 import threading
@@ -19,7 +20,27 @@ from typing import Any
 import zmq
 
 from . import config, protocol
-from .errors import InvalidRequest, ProtocolError, ServerUnavailable, WaitTimeout, from_wire
+from .errors import (
+    ConfigError,
+    InvalidRequest,
+    MartinetError,
+    ProtocolError,
+    RequestTooLarge,
+    ServerUnavailable,
+    WaitTimeout,
+    from_wire,
+)
+
+#: Longest single poll of the socket, seconds: ZeroMQ takes whole milliseconds in a C long, so
+#: a longer timeout is waited out in steps of this.
+_POLL_STEP = 60.0
+
+
+def _seconds(value: Any, what: str, error: type[MartinetError]) -> float:
+    """``value`` as a float if it is a finite number of seconds >= 0, else ``error`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise error(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _options(**given: Any) -> dict | None:
@@ -44,6 +65,11 @@ class Martinet:
         martinet_url: host name or address of the server (``tcp://`` prefix optional).
         client_port: the server's client port.
         timeout: seconds to wait for each reply before raising ServerUnavailable.
+        max_request_bytes: largest request sent, encoded; a larger one raises RequestTooLarge
+            without being sent. Keep it equal to the server's ``--max-message-bytes``.
+
+    Raises:
+        ConfigError: ``timeout`` is not a finite number >= 0, or ``max_request_bytes`` not an integer >= 1.
     """
 
     def __init__(
@@ -52,10 +78,14 @@ class Martinet:
         client_port: int = config.CLIENT_PORT,
         *,
         timeout: float = config.CLIENT_TIMEOUT,
+        max_request_bytes: int = config.MAX_MESSAGE_BYTES,
     ) -> None:
         host = martinet_url.removeprefix("tcp://").rstrip("/")
         self.endpoint = f"tcp://{host}:{int(client_port)}"
-        self.timeout = timeout
+        self.timeout = _seconds(timeout, "the client timeout", ConfigError)
+        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes must be an integer >= 1, got {max_request_bytes!r}")
+        self.max_request_bytes = max_request_bytes
         self._zmq = _zmq_module()
         self._context = self._zmq.Context.instance()
         self._socket: Any = None
@@ -84,7 +114,12 @@ class Martinet:
         - ``retry_delay``: seconds before the first retry, doubling for each further one;
         - ``timeout``: seconds the handler may run before its worker stops it and it fails;
         - ``priority``: higher runs first among queued tasks (default 0).
+
+        Raises:
+            InvalidRequest: ``args`` is not a dict or nests more than config.MAX_JSON_DEPTH levels.
+            RequestTooLarge: the request is larger than ``max_request_bytes``; nothing was sent.
         """
+        args = protocol.check_args(args)
         options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
         return self._request("execute", task=task, args=args, options=options)["task_id"]
 
@@ -103,6 +138,7 @@ class Martinet:
         (as for :meth:`execute`) apply to every one. Nothing is stored if any entry is invalid.
         """
         entries = [{"task": task, "args": args} for task, args in tasks]
+        protocol.check_many(entries, config.SUBMIT_MANY_MAX)
         options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
         return self._request("execute_many", tasks=entries, options=options)["task_ids"]
 
@@ -121,6 +157,7 @@ class Martinet:
 
         The options are as for :meth:`execute`.
         """
+        args = protocol.check_args(args)
         options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
         return self._request("schedule", when=when, task=task, args=args, options=options)["task_id"]
 
@@ -140,6 +177,7 @@ class Martinet:
         ``task["run_at"]`` sets the first run (and, for day/week intervals, the time of day).
         The options are as for :meth:`execute`; every run gets them.
         """
+        args = protocol.check_args(args)
         options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
         return self._request("every", interval=interval, task=task, args=args, options=options)["recurring_id"]
 
@@ -154,7 +192,9 @@ class Martinet:
 
         Raises:
             WaitTimeout: the task did not finish within ``timeout`` seconds.
+            InvalidRequest: ``timeout`` is not a finite number >= 0.
         """
+        timeout = _seconds(timeout, "the wait timeout", InvalidRequest)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -223,10 +263,7 @@ class Martinet:
     def _request(self, op: str, _timeout: float | None = None, **params: Any) -> dict:
         params = {k: v for k, v in params.items() if v is not None}
         request_id = f"{self._prefix}-{next(self._counter)}"
-        try:
-            frames = protocol.client_request(request_id, op, params)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"{op}: arguments are not JSON-serialisable ({exc})") from None
+        frames = self._encode(request_id, op, params)
         timeout = self.timeout if _timeout is None else _timeout
         with self._lock:
             reply = self._exchange(frames, request_id, timeout)
@@ -234,19 +271,41 @@ class Martinet:
             raise from_wire(reply.get("error") or {})
         return reply
 
+    def _encode(self, request_id: str, op: str, params: dict) -> list[bytes]:
+        """The request's frames; InvalidRequest if it cannot be encoded, RequestTooLarge if it is too big to send."""
+        try:
+            frames = protocol.client_request(request_id, op, params)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"{op}: arguments are not JSON-serialisable ({exc})") from None
+        except RecursionError:
+            raise InvalidRequest(
+                f"{op}: arguments nest too deeply to encode: flatten them (at most {config.MAX_JSON_DEPTH} levels)"
+            ) from None
+        size = len(frames[-1])
+        if size > self.max_request_bytes:
+            raise RequestTooLarge(
+                f"{op}: the request is {size} bytes, more than the {self.max_request_bytes} bytes this client sends "
+                "(max_request_bytes; the CLI's --max-message-bytes): keep large data elsewhere (a file, a "
+                "database) and pass a reference to it, or raise the server's --max-message-bytes and this "
+                "limit together"
+            )
+        return frames
+
     def _exchange(self, frames: list[bytes], request_id: str, timeout: float) -> dict:
         socket = self._ensure_socket()
         socket.send_multipart(frames)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not socket.poll(remaining * 1000):
+            if remaining <= 0:
                 # A late reply must not be read as the answer to the next request.
                 self._drop_socket()
                 raise ServerUnavailable(
                     f"no reply from the Martinet server at {self.endpoint} within {timeout:g} s: "
                     "is `martinet serve` running there, on that port?"
                 )
+            if not socket.poll(min(remaining, _POLL_STEP) * 1000):
+                continue
             try:
                 reply = protocol.parse_reply(socket.recv_multipart(), config.MAX_MESSAGE_BYTES)
             except ProtocolError as exc:
