@@ -171,13 +171,15 @@ class ClientEndpoint:
             self.rejections.reject(exc)
             return None
         try:
-            request = protocol.parse_client_request(body, self.max_bytes)
+            request = protocol.parse_client_request(body)
         except ProtocolError as exc:
             self.rejections.reject(exc)
             return _Request(envelope, None, error=InvalidRequest(exc.message).to_wire())
+        try:
+            protocol.check_client_request(request, len(body[0]), self.max_bytes)
         except MartinetError as exc:
-            return _Request(envelope, None, error=exc.to_wire())
-        return _Request(envelope, request.get("id"), body=request)
+            return _Request(envelope, protocol.request_id(request), error=exc.to_wire())
+        return _Request(envelope, protocol.request_id(request), body=request)
 
     def _answer(self, request: _Request) -> tuple[dict | None, dict | None] | None:
         """Run one checked request: its (result, error), or None for a ``wait`` that is parked.
@@ -276,7 +278,7 @@ class ClientEndpoint:
 
     def _list(self, request: dict, envelope: list[bytes]) -> dict:
         status = request.get("status")
-        if status is not None and status not in _STATUSES:
+        if status is not None and (not isinstance(status, str) or status not in _STATUSES):
             raise InvalidRequest(f"unknown status {status!r}: expected one of {', '.join(sorted(_STATUSES))}")
         filters = {key: protocol.check_string(request, key, required=False) for key in ("name", "username")}
         limit = request.get("limit", config.LIST_LIMIT)

@@ -182,23 +182,47 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return frames[: cut + 1], frames[cut + 1 :]
 
 
-def parse_client_request(body: list[bytes], max_bytes: int) -> dict:
-    """Check one client request; raise ProtocolError (cannot reply) or InvalidRequest (can)."""
+def parse_client_request(body: list[bytes]) -> dict:
+    """Decode one client request's body; ProtocolError if it is not a JSON object of this version.
+
+    The request is not yet checked (:func:`check_client_request`): whatever is wrong with it
+    is answered under its ``id``.
+    """
     if len(body) != 1:
         raise ProtocolError(f"client: expected 1 body frame, got {len(body)}")
-    if len(body[0]) > max_bytes:
+    return loads_object(body[0], None, "client")
+
+
+def request_id(request: dict) -> Any:
+    """The ``id`` a reply echoes: the request's, unless it nests too deeply to send back (then null)."""
+    value = request.get("id")
+    return None if too_deep(value, _ID_DEPTH) else value
+
+
+#: Deepest an echoed request id may nest.
+_ID_DEPTH = 8
+#: Deepest a whole request may nest: args as deep as allowed, inside ``execute_many``'s ``tasks``.
+_REQUEST_DEPTH = config.MAX_JSON_DEPTH + 3
+
+
+def check_client_request(request: dict, size: int, max_bytes: int) -> None:
+    """Raise InvalidRequest for an unknown operation or field, RequestTooLarge past ``max_bytes``."""
+    if size > max_bytes:
         raise RequestTooLarge(
-            f"a request of {len(body[0])} bytes is larger than this server accepts ({max_bytes} bytes, "
+            f"a request of {size} bytes is larger than this server accepts ({max_bytes} bytes, "
             "martinet serve --max-message-bytes): keep large data elsewhere and pass a reference to it"
         )
-    request = loads_object(body[0], None, "client")
+    if too_deep(request, _REQUEST_DEPTH):
+        raise InvalidRequest(
+            f"the request nests more than {_REQUEST_DEPTH} levels of arrays and objects "
+            f"(task args may nest {config.MAX_JSON_DEPTH}): flatten it"
+        )
     op = request.get("op")
-    if op not in CLIENT_OPS:
-        raise InvalidRequest(f"unknown operation {op!r}: expected one of {', '.join(sorted(CLIENT_OPS))}")
+    if not isinstance(op, str) or op not in CLIENT_OPS:
+        raise InvalidRequest(f"unknown operation {op!r:.80}: expected one of {', '.join(sorted(CLIENT_OPS))}")
     unknown = set(request) - CLIENT_OPS[op] - {"v", "id", "op"}
     if unknown:
-        raise InvalidRequest(f"unknown field(s) for {op!r}: {', '.join(sorted(unknown))}")
-    return request
+        raise InvalidRequest(f"unknown field(s) for {op!r}: {', '.join(sorted(unknown)):.200}")
 
 
 def reply(envelope: list[bytes], request_id: Any, result: dict | None = None, error: dict | None = None) -> list[bytes]:
@@ -439,7 +463,9 @@ def parse_status_batch(frames: list[bytes], max_bytes: int) -> tuple[str, list[d
 
 
 def _check_event(event: Any) -> None:
-    if not isinstance(event, dict) or not _is_task_ref(event) or event.get("event") not in EVENTS:
+    if not isinstance(event, dict) or not _is_task_ref(event) or not isinstance(event.get("event"), str):
+        raise ProtocolError("status: each event needs task_id, attempt and a known event name")
+    if event["event"] not in EVENTS:
         raise ProtocolError("status: each event needs task_id, attempt and a known event name")
     if not _is_number(event.get("at")):
         raise ProtocolError("status: each event needs a numeric 'at' timestamp")

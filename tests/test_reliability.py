@@ -19,8 +19,8 @@ import pytest
 import zmq
 
 from conftest import HEARTBEAT, PG_URL, TEST_HANDLERS, Cluster, Process, Server, wait_until
-from martinet_app import protocol
-from martinet_app.errors import ServerUnavailable, StoreUnavailable
+from martinet_app import Martinet, protocol
+from martinet_app.errors import RequestTooLarge, ServerUnavailable, StoreUnavailable
 
 #: A worker is declared lost after this many seconds of silence in these tests.
 LIVENESS_TIMEOUT = 5 * HEARTBEAT
@@ -219,9 +219,11 @@ def test_messages_over_the_configured_limit_are_refused(tmp_path: Path):
     server.start()
     try:
         server.wait_ready()
-        big = server.client(timeout=1.0)
-        with pytest.raises(ServerUnavailable):
-            big.execute({"name": "echo"}, {"blob": "x" * 8192})
+        big = server.client(timeout=5.0)
+        with pytest.raises(RequestTooLarge, match=r"larger than this server accepts \(4096 bytes"):
+            big.execute({"name": "echo"}, {"blob": "x" * 6000})
+        with pytest.raises(ServerUnavailable):  # past twice the limit ZeroMQ drops the connection: no answer
+            Martinet("127.0.0.1", server.client_port, timeout=1.0).execute({"name": "echo"}, {"blob": "x" * 9000})
         big.close()
         small = server.client()
         assert small.list() == [], "the oversized task was not stored"
