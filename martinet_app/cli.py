@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,15 @@ _EXIT_CODES: tuple[tuple[type[MartinetError], int], ...] = (
 )
 _UNSUCCESSFUL = protocol.FINAL_STATUSES - {"succeeded"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Longest time span any option takes, seconds (a year): longer is a mistake, and every deadline
+#: made from one stays a date the store and the records can show.
+_SECONDS_MAX = 365 * 24 * 3600
+#: Integer task options and counts the store keeps in 32-bit INTEGER columns.
+_INT_MIN, _INT_MAX = protocol._INT_MIN, protocol._INT_MAX
+#: Most worker slots or prefetched tasks: more processes or held tasks than any machine runs is a typo.
+_SLOTS_MAX = 10_000
+#: Largest --max-message-bytes (1 GiB): a larger message is a mistake, whatever the sockets take.
+_MESSAGE_BYTES_MAX = 2**30
 
 
 class _Group(click.Group):
@@ -60,6 +70,19 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- options shared by several commands
+
+
+class _Seconds(click.FloatRange):
+    """Seconds from ``min`` to _SECONDS_MAX. Unlike FloatRange, NaN (which no bound compares with) is refused."""
+
+    def __init__(self, min: float = 0, *, min_open: bool = False) -> None:
+        super().__init__(min, _SECONDS_MAX, min_open=min_open)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value} is not in the range {self._describe_range()}.", param, ctx)
+        return seconds
 
 
 def _setting(flag: str, *decls: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -89,7 +112,7 @@ _status_port_option = _setting(
 )
 _heartbeat_option = _setting(
     "--heartbeat",
-    type=click.FloatRange(0, min_open=True),
+    type=_Seconds(0, min_open=True),
     default=config.HEARTBEAT_INTERVAL,
     help="Seconds between heartbeats.",
 )
@@ -100,8 +123,19 @@ _log_level_option = _setting(
     help="Log messages of this level and above to stderr.",
 )
 _wait_timeout_option = click.option(
-    "--wait-timeout", type=click.FloatRange(0), default=30.0, help="Seconds to wait for the task to finish."
+    "--wait-timeout", type=_Seconds(0), default=30.0, help="Seconds to wait for the task to finish."
 )
+_max_message_bytes_option = _setting(
+    "--max-message-bytes",
+    type=click.IntRange(1024, _MESSAGE_BYTES_MAX),
+    default=config.MAX_MESSAGE_BYTES,
+    help="Largest message serve accepts on any socket, or a client verb sends: raise both together.",
+)
+
+
+def _id_argument(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A task's or recurring schedule's id: an integer >= 1 (the server says which exist, however large)."""
+    return click.argument(name, type=click.IntRange(min=1))
 
 
 def _client_command(func: Callable[..., None]) -> Callable[..., None]:
@@ -114,31 +148,41 @@ def _client_command(func: Callable[..., None]) -> Callable[..., None]:
     @_client_port_option
     @click.option(
         "--timeout",
-        type=click.FloatRange(0, min_open=True),
+        type=_Seconds(0, min_open=True),
         default=config.CLIENT_TIMEOUT,
         help="Seconds to wait for each reply from the server.",
     )
+    @_max_message_bytes_option
     @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of text.")
     @functools.wraps(func)
-    def command(url: str, client_port: int, timeout: float, as_json: bool, **params: Any) -> None:
+    def command(
+        url: str, client_port: int, timeout: float, max_message_bytes: int, as_json: bool, **params: Any
+    ) -> None:
         from martinet_app.client import Martinet
 
-        with Martinet(url, client_port, timeout=timeout) as client:
+        with Martinet(url, client_port, timeout=timeout, max_request_bytes=max_message_bytes) as client:
             func(client, as_json, **params)
 
     return command
 
 
 def _parse_args(ctx: click.Context, param: click.Parameter, value: str | None) -> dict:
-    """Decode --args: a JSON object, ``{}`` when absent."""
+    """Decode --args: a JSON object of finite numbers, at most config.MAX_JSON_DEPTH levels deep; ``{}`` if absent."""
     if value is None:
         return {}
     try:
-        args = json.loads(value)
+        args = protocol.json_value(value)
+    except RecursionError:
+        depth = config.MAX_JSON_DEPTH
+        raise click.BadParameter(f"nests too deeply to read: at most {depth} levels of arrays and objects") from None
     except ValueError as exc:
-        raise InvalidRequest(f"--args is not valid JSON: {exc}") from None
-    if not isinstance(args, dict):
-        raise InvalidRequest(f"--args must be a JSON object, got {type(args).__name__}")
+        raise click.BadParameter(f"not valid JSON ({exc})") from None
+    try:
+        protocol.json_text(protocol.check_args(args))
+    except InvalidRequest as exc:
+        raise click.BadParameter(exc.message) from None
+    except ValueError:  # json reads a number beyond a float's range, such as 1e400, as infinity
+        raise click.BadParameter("holds a number beyond a float's range (about -1.8e308 to 1.8e308)") from None
     return args
 
 
@@ -148,22 +192,27 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
     The policy reaches the verb as ``retries``, ``retry_delay``, ``task_timeout`` and ``priority``
     (--timeout is the reply timeout already); :func:`_policy` makes the client's arguments of them.
     """
-    func = click.option("--priority", type=int, metavar="N", help="Higher priorities run first. Default: 0.")(func)
+    func = click.option(
+        "--priority",
+        type=click.IntRange(_INT_MIN, _INT_MAX),
+        metavar="N",
+        help="Higher priorities run first. Default: 0.",
+    )(func)
     func = click.option(
         "--task-timeout",
-        type=click.FloatRange(0, min_open=True),
+        type=_Seconds(0, min_open=True),
         metavar="S",
         help="Seconds the handler may run before its worker stops it and the task fails. Default: the server's.",
     )(func)
     func = click.option(
         "--retry-delay",
-        type=click.FloatRange(0),
+        type=_Seconds(0),
         metavar="S",
         help="Seconds before the first retry, doubling for each further one. Default: the server's.",
     )(func)
     func = click.option(
         "--retries",
-        type=click.IntRange(0),
+        type=click.IntRange(0, _INT_MAX),
         metavar="N",
         help="Times a failing handler is run again. Default: the server's.",
     )(func)
@@ -361,7 +410,7 @@ def every(
 
 
 @main.command()
-@click.argument("task_id", type=int)
+@_id_argument("task_id")
 @_client_command
 def status(client: Martinet, as_json: bool, task_id: int) -> None:
     """Print the record of task TASK_ID."""
@@ -369,7 +418,7 @@ def status(client: Martinet, as_json: bool, task_id: int) -> None:
 
 
 @main.command()
-@click.argument("task_id", type=int)
+@_id_argument("task_id")
 @_wait_timeout_option
 @_client_command
 def wait(client: Martinet, as_json: bool, task_id: int, wait_timeout: float) -> None:
@@ -391,7 +440,7 @@ def list_tasks(
 
 
 @main.command()
-@click.argument("task_id", type=int)
+@_id_argument("task_id")
 @_client_command
 def cancel(client: Martinet, as_json: bool, task_id: int) -> None:
     """Cancel scheduled, queued or running task TASK_ID (its worker is told to stop it)."""
@@ -399,7 +448,7 @@ def cancel(client: Martinet, as_json: bool, task_id: int) -> None:
 
 
 @main.command()
-@click.argument("task_id", type=int)
+@_id_argument("task_id")
 @_client_command
 def retry(client: Martinet, as_json: bool, task_id: int) -> None:
     """Queue failed or cancelled task TASK_ID to run again now."""
@@ -414,7 +463,7 @@ def recurring(client: Martinet, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("recurring_id", type=int)
+@_id_argument("recurring_id")
 @_client_command
 def revoke(client: Martinet, as_json: bool, recurring_id: int) -> None:
     """Stop recurring schedule RECURRING_ID; the tasks it created stay in history."""
@@ -459,40 +508,35 @@ def _setup_logging(level: str) -> None:
 @_heartbeat_option
 @_setting(
     "--default-retries",
-    type=click.IntRange(0),
+    type=click.IntRange(0, _INT_MAX),
     default=config.DEFAULT_RETRIES,
     help="Retries of a task that does not give its own.",
 )
 @_setting(
     "--default-retry-delay",
-    type=click.FloatRange(0),
+    type=_Seconds(0),
     default=config.DEFAULT_RETRY_DELAY,
     help="Seconds before the first retry of a task that does not give its own; doubling for each further one.",
 )
 @_setting(
     "--default-timeout",
-    type=click.FloatRange(0, min_open=True),
+    type=_Seconds(0, min_open=True),
     default=config.DEFAULT_TIMEOUT,
     help="Seconds a handler may run, for a task that does not give its own (default: no limit).",
 )
 @_setting(
     "--retry-delay-max",
-    type=click.FloatRange(0),
+    type=_Seconds(0),
     default=config.RETRY_DELAY_MAX,
     help="Longest wait before a retry, seconds: the cap of the doubling.",
 )
 @_setting(
     "--max-deliveries",
-    type=click.IntRange(1),
+    type=click.IntRange(1, _INT_MAX),
     default=config.MAX_DELIVERIES,
     help="Deliveries lost with their worker after which a task fails instead of being delivered again.",
 )
-@_setting(
-    "--max-message-bytes",
-    type=click.IntRange(1024),
-    default=config.MAX_MESSAGE_BYTES,
-    help="Largest message accepted on any socket; a peer sending a larger one is disconnected.",
-)
+@_max_message_bytes_option
 @_log_level_option
 def serve(
     bind: str,
@@ -546,13 +590,13 @@ def serve(
 @_status_port_option
 @_setting(
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, _SLOTS_MAX),
     default=config.CONCURRENCY,
     help="Tasks run at once.",
 )
 @_setting(
     "--prefetch",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, _SLOTS_MAX),
     default=config.PREFETCH,
     help="Tasks held waiting for a free slot beyond those running (they wait behind this worker's running ones). "
     "Default: automatic, about 50 ms of work per slot by recent task durations, none for long tasks.",
@@ -567,7 +611,7 @@ def serve(
 @_heartbeat_option
 @_setting(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=_Seconds(0),
     default=config.WORKER_GRACE,
     help="Seconds running tasks get to finish after SIGTERM/SIGINT before they are handed back.",
 )

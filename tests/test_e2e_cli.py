@@ -255,3 +255,18 @@ def test_client_port_from_environment(sqlite_cluster: Cluster) -> None:
     start = time.monotonic()
     assert json.loads(ok(sqlite_cluster, "list", "--json", "--timeout", "5", env={"MARTINET_CLIENT_PORT": "1"}))
     assert time.monotonic() - start < 5
+
+
+def test_ids_beyond_64_bits_are_not_found(cluster: Cluster) -> None:
+    huge = "9223372036854775808"
+    for verb in ("status", "wait", "cancel", "retry"):
+        one_line_error(run(cluster, verb, huge), 4, f"no task with id {huge}")
+    one_line_error(run(cluster, "revoke", huge), 4, f"no recurring schedule with id {huge}")
+
+
+def test_request_too_large_is_a_one_line_usage_error(sqlite_cluster: Cluster) -> None:
+    args = json.dumps({"x": "y" * 2000})
+    proc = run(sqlite_cluster, "execute", "echo", "--args", args, "--max-message-bytes", "1024", "--timeout", "5")
+    one_line_error(proc, 2, "bytes, more than the 1024 bytes this client sends", "pass a reference")
+    assert sqlite_cluster.client.list() == []
+    assert ok_json(sqlite_cluster, "execute", "echo", "--args", args)["task_id"]
