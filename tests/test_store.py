@@ -119,7 +119,8 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
             rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
             assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [3]
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
-            old, broke = (s.get_task(t["id"]) for t in s.list_tasks(status=None, name=None, username=None, limit=10)[::-1])
+            listed = s.list_tasks(status=None, name=None, username=None, limit=10)
+            old, broke = (s.get_task(t["id"]) for t in listed[::-1])
             assert [old[f] for f in ("name", "username", "args", "status", "created_at")] == [
                 "old", "ann", {"k": 1}, "queued", NOW_ISO
             ]  # fmt: skip
@@ -696,3 +697,66 @@ def test_give_up_lost_fails_tasks_out_of_deliveries(store: Store) -> None:
     assert task["error"].startswith("delivered 2 times and its worker was lost each time")
     assert task["errors"][-1]["worker"] == "w2"
     assert store.requeue_worker("w2") == [], "nothing left running to re-queue"
+
+
+# --- every operation from every state --------------------------------------------------------------------------------
+
+
+def _in_state(store: Store, state: TaskStatus, retries: int) -> int:
+    """A new task (the only one in the store) brought to ``state`` through the store's own operations."""
+    store.db.execute_sql("DELETE FROM task")
+    task_id = add(store, run_at=NOW + (60 if state == TaskStatus.SCHEDULED else 0), options={"retries": retries})
+    if state in (TaskStatus.RUNNING, TaskStatus.SUCCEEDED, TaskStatus.FAILED):
+        store.claim("w1", 1, NOW)
+    if state == TaskStatus.SUCCEEDED:
+        store.apply_events([("w1", ev(task_id, 1, "succeeded", result=1))])
+    if state == TaskStatus.FAILED:
+        store.fail_delivery(task_id, 1, "w1", at=NOW, error="E")
+    if state == TaskStatus.CANCELLED:
+        store.cancel(task_id, NOW)
+    assert status(store, task_id) == state.value
+    return task_id
+
+
+_OPERATIONS = {
+    "promote_due": lambda s, t, a: s.promote_due(NOW + 3600),
+    "claim": lambda s, t, a: s.claim("w2", 10, NOW),
+    "unclaim": lambda s, t, a: s.unclaim([(t, a)]),
+    "requeue": lambda s, t, a: s.requeue([(t, a)]),
+    "requeue_worker": lambda s, t, a: s.requeue_worker("w1"),
+    "give_up_lost": lambda s, t, a: s.give_up_lost(now=NOW, worker="w1"),
+    "fail_delivery": lambda s, t, a: s.fail_delivery(t, a, "w1", at=NOW, error="lost"),
+    "cancel": lambda s, t, a: s.cancel(t, NOW),
+    "retry": lambda s, t, a: s.retry(t, NOW),
+    "started event": lambda s, t, a: _event(s, "w1", ev(t, a, "started")),
+    "progress event": lambda s, t, a: _event(s, "w1", ev(t, a, "progress", progress=0.5)),
+    "succeeded event": lambda s, t, a: _event(s, "w1", ev(t, a, "succeeded", result=1)),
+    "failed event": lambda s, t, a: _event(s, "w1", ev(t, a, "failed", error="E")),
+    "another worker's failed event": lambda s, t, a: _event(s, "w9", ev(t, a, "failed", error="E")),
+}
+
+
+def _event(store: Store, worker: str, event: dict) -> Applied:
+    return store.apply_events([(worker, event)])
+
+
+def test_every_operation_from_every_state_follows_the_transitions_table(db_url: str) -> None:
+    store = Store.open(db_url, max_deliveries=1)
+    seen: set[tuple[TaskStatus, TaskStatus]] = set()
+    try:
+        for state in TaskStatus:
+            for retries in (0, 1):
+                for name, operation in _OPERATIONS.items():
+                    task_id = _in_state(store, state, retries)
+                    try:
+                        operation(store, task_id, max(1, store.get_task(task_id)["attempts"]))
+                    except InvalidTransition:
+                        pass
+                    after = TaskStatus(status(store, task_id))
+                    if after != state:
+                        assert after in TRANSITIONS[state], f"{name} moved a {state.value} task to {after.value}"
+                        seen.add((state, after))
+    finally:
+        store.close()
+    allowed = {(source, target) for source, targets in TRANSITIONS.items() for target in targets}
+    assert seen == allowed, f"transitions in the table that no operation makes: {allowed - seen}"
