@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shlex
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 import martinet_app
 from martinet_app import config, protocol
@@ -431,12 +433,30 @@ def wait(client: Martinet, as_json: bool, task_id: int, wait_timeout: float) -> 
 @click.option("--name", help="Only tasks with this handler name.")
 @click.option("--username", help="Only tasks run for this user.")
 @click.option("--limit", type=click.IntRange(1, config.LIST_LIMIT_MAX), default=config.LIST_LIMIT, help="Most rows.")
+@click.option(
+    "--before",
+    type=click.IntRange(min=1),
+    metavar="ID",
+    help="Only tasks with a smaller id: a full page prints the command for the next one on stderr.",
+)
 @_client_command
-def list_tasks(
-    client: Martinet, as_json: bool, status: str | None, name: str | None, username: str | None, limit: int
-) -> None:
-    """List tasks, newest first."""
-    _echo(as_json, client.list(status=status, name=name, username=username, limit=limit), _tasks_text)
+def list_tasks(client: Martinet, as_json: bool, **query: Any) -> None:
+    """List tasks, newest first, a page at a time."""
+    tasks, next_before = client.list_page(**query)
+    _echo(as_json, tasks, _tasks_text)
+    if next_before is not None:
+        click.echo(f"more: {_with_before(click.get_current_context(), next_before)}", err=True)
+
+
+def _with_before(ctx: click.Context, before: int) -> str:
+    """This command line with ``--before before``: the options typed on it, the others left to their defaults."""
+    words = ["martinet", str(ctx.info_name), "--before", str(before)]
+    for param in ctx.command.params:
+        if param.name == "before" or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        words += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], str(value)]
+    return shlex.join(words)
 
 
 @main.command()

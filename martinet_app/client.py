@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -34,6 +34,9 @@ from .errors import (
 #: Longest single poll of the socket, seconds: ZeroMQ takes whole milliseconds in a C long, so
 #: a longer timeout is waited out in steps of this.
 _POLL_STEP = 60.0
+#: Tasks asked for in each ``list`` request of :meth:`Martinet.iter_tasks`: few round trips, and
+#: replies of summaries well under the message limit.
+_PAGE_SIZE = 1_000
 
 
 def _seconds(value: Any, what: str, error: type[MartinetError]) -> float:
@@ -216,9 +219,46 @@ class Martinet:
         name: str | None = None,
         username: str | None = None,
         limit: int = config.LIST_LIMIT,
+        before: int | None = None,
     ) -> list[dict]:
-        """Tasks, newest first, optionally filtered by status, name and username."""
-        return self._request("list", status=status, name=name, username=username, limit=limit)["tasks"]
+        """Summaries of up to ``limit`` tasks, newest first, optionally filtered by status, name and username.
+
+        ``before`` keeps tasks with a smaller id: the next page. A summary is a task's record
+        without ``args``, ``result``, ``traceback`` and ``errors`` (``error`` may be shortened);
+        :meth:`status` gives the whole record.
+        """
+        return self.list_page(status, name, username, limit, before)[0]
+
+    def list_page(
+        self,
+        status: str | None = None,
+        name: str | None = None,
+        username: str | None = None,
+        limit: int = config.LIST_LIMIT,
+        before: int | None = None,
+    ) -> tuple[list[dict], int | None]:
+        """One page of :meth:`list` and the ``before`` of the next page, None on the last page."""
+        reply = self._request("list", status=status, name=name, username=username, limit=limit, before=before)
+        return reply["tasks"], reply.get("next_before")
+
+    def iter_tasks(
+        self,
+        status: str | None = None,
+        name: str | None = None,
+        username: str | None = None,
+        page: int = _PAGE_SIZE,
+    ) -> Iterator[dict]:
+        """Summaries of every matching task, newest first, fetched ``page`` at a time (see :meth:`list`).
+
+        Each page asks for tasks older than the last one seen, so tasks added meanwhile are not
+        listed and none is listed twice.
+        """
+        before = None
+        while True:
+            tasks, before = self.list_page(status, name, username, page, before)
+            yield from tasks
+            if before is None:
+                return
 
     def workers(self) -> list[dict]:
         """Workers connected now: id, host, pid, handlers, slots, busy, last_seen."""

@@ -114,6 +114,7 @@ INT32 = "0<=x<=2147483647"
         (("execute", "x", "--priority", str(2**63)), "--priority", "-2147483648<=x<=2147483647"),
         (("list", "--limit", "0"), "--limit", "1<=x<=10000"),
         (("list", "--limit", "10001"), "--limit", "1<=x<=10000"),
+        (("list", "--before", "0"), "--before", "x>=1"),
         (("status", "0"), "TASK_ID", "x>=1"),
         (("wait", "0"), "TASK_ID", "x>=1"),
         (("cancel", "0"), "TASK_ID", "x>=1"),

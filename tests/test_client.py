@@ -1,4 +1,4 @@
-"""The Python client against a real server: oversized and deep requests, huge timeouts, ids."""
+"""The Python client against a real server: oversized and deep requests, huge timeouts, ids, iter_tasks."""
 
 from __future__ import annotations
 
@@ -132,3 +132,33 @@ def test_ids_beyond_64_bits_are_not_found(cluster: Cluster) -> None:
             call(config.MAX_ID + 1)
     with pytest.raises(TaskNotFound, match=f"no recurring schedule with id {config.MAX_ID + 1}"):
         client.revoke(config.MAX_ID + 1)
+
+
+def test_iter_tasks_pages_through_every_match(cluster: Cluster) -> None:
+    client = cluster.client
+    mine = client.execute_many([({**ECHO, "username": "pager"}, {"n": n}) for n in range(25)])
+    client.execute_many([({**ECHO, "username": "other"}, {}) for _ in range(7)])  # interleaved below
+    mine += client.execute_many([({**ECHO, "username": "pager"}, {}) for _ in range(3)])
+
+    tasks = list(client.iter_tasks(username="pager", page=10))
+    ids = [t["id"] for t in tasks]
+    assert ids == sorted(mine, reverse=True)  # strictly decreasing, none missing, none repeated
+    assert all(not {"args", "result", "traceback", "errors"} & set(t) for t in tasks)
+    assert {t["username"] for t in tasks} == {"pager"} and {t["status"] for t in tasks} == {"queued"}
+
+    first, next_before = client.list_page(username="pager", limit=10)
+    assert [t["id"] for t in first] == ids[:10] and next_before == ids[9]
+    assert [t["id"] for t in client.list(username="pager", limit=10, before=next_before)] == ids[10:20]
+    assert client.list_page(username="pager", limit=10, before=ids[19]) == (tasks[20:], None)
+    assert [t["id"] for t in client.iter_tasks(username="pager", page=len(ids))] == ids  # a full last page
+
+
+def test_iter_tasks_does_not_list_tasks_added_meanwhile(cluster: Cluster) -> None:
+    client = cluster.client
+    ids = client.execute_many([(ECHO, {}) for _ in range(12)])
+    pages = client.iter_tasks(page=5)
+    seen = [next(pages)["id"] for _ in range(5)]
+    added = client.execute(ECHO, {})
+    seen += [t["id"] for t in pages]
+    assert seen == sorted(ids, reverse=True) and added not in seen
+    assert list(client.iter_tasks(status="running")) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 from datetime import datetime
@@ -255,6 +256,35 @@ def test_client_port_from_environment(sqlite_cluster: Cluster) -> None:
     start = time.monotonic()
     assert json.loads(ok(sqlite_cluster, "list", "--json", "--timeout", "5", env={"MARTINET_CLIENT_PORT": "1"}))
     assert time.monotonic() - start < 5
+
+
+def test_list_pages_with_before_and_prints_the_next_command(cluster: Cluster) -> None:
+    client = cluster.client
+    mine = client.execute_many([({"name": "echo", "username": "pager"}, {"n": n}) for n in range(25)])
+    client.execute({"name": "echo", "username": "other"})
+    port = cluster.server.client_port
+    pages, hints = [], []
+    argv = ["list", "--username", "pager", "--limit", "10", "--client-port", str(port), "--json"]
+    while argv:  # each hint is the next page's command line, as typed
+        proc = run(cluster, *argv, port=False)
+        assert proc.returncode == 0, proc.stderr
+        pages.append([t["id"] for t in json.loads(proc.stdout)])
+        hints.append(proc.stderr)
+        argv = shlex.split(proc.stderr.removeprefix("more: "))[1:] if proc.stderr else []
+    assert [len(page) for page in pages] == [10, 10, 5]
+    assert [i for page in pages for i in page] == sorted(mine, reverse=True)
+    assert hints == [
+        f"more: martinet list --before {pages[0][-1]} --username pager --limit 10 --client-port {port} --json\n",
+        f"more: martinet list --before {pages[1][-1]} --username pager --limit 10 --client-port {port} --json\n",
+        "",
+    ]
+
+    proc = run(cluster, "list", "--before", str(pages[0][-1]), "--limit", "3", "--name", "echo")
+    rows = proc.stdout.splitlines()
+    assert proc.returncode == 0 and [int(row.split()[0]) for row in rows[1:]] == pages[1][:3]
+    assert proc.stderr == f"more: martinet list --before {pages[1][2]} --name echo --limit 3 --client-port {port}\n"
+    assert ok(cluster, "list", "--before", "1") == "no tasks\n"
+    assert ok_json(cluster, "list", "--before", "9223372036854775808", "--limit", "1")[0]["username"] == "other"
 
 
 def test_ids_beyond_64_bits_are_not_found(cluster: Cluster) -> None:
