@@ -47,7 +47,6 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: made from one stays a date the store and the records can show.
 _SECONDS_MAX = 365 * 24 * 3600
 #: Integer task options and counts the store keeps in 32-bit INTEGER columns.
-_INT_MIN, _INT_MAX = protocol._INT_MIN, protocol._INT_MAX
 #: Most worker slots or prefetched tasks: more processes or held tasks than any machine runs is a typo.
 _SLOTS_MAX = 10_000
 #: Largest --max-message-bytes (1 GiB): a larger message is a mistake, whatever the sockets take.
@@ -196,7 +195,7 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
     """
     func = click.option(
         "--priority",
-        type=click.IntRange(_INT_MIN, _INT_MAX),
+        type=click.IntRange(protocol.INT_MIN, protocol.INT_MAX),
         metavar="N",
         help="Higher priorities run first. Default: 0.",
     )(func)
@@ -214,7 +213,7 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
     )(func)
     func = click.option(
         "--retries",
-        type=click.IntRange(0, _INT_MAX),
+        type=click.IntRange(0, protocol.INT_MAX),
         metavar="N",
         help="Times a failing handler is run again. Default: the server's.",
     )(func)
@@ -528,7 +527,7 @@ def _setup_logging(level: str) -> None:
 @_heartbeat_option
 @_setting(
     "--default-retries",
-    type=click.IntRange(0, _INT_MAX),
+    type=click.IntRange(0, protocol.INT_MAX),
     default=config.DEFAULT_RETRIES,
     help="Retries of a task that does not give its own.",
 )
@@ -552,7 +551,7 @@ def _setup_logging(level: str) -> None:
 )
 @_setting(
     "--max-deliveries",
-    type=click.IntRange(1, _INT_MAX),
+    type=click.IntRange(1, protocol.INT_MAX),
     default=config.MAX_DELIVERIES,
     help="Deliveries lost with their worker after which a task fails instead of being delivered again.",
 )

@@ -347,14 +347,18 @@ class Martinet:
             if not socket.poll(min(remaining, _POLL_STEP) * 1000):
                 continue
             try:
-                reply = protocol.parse_reply(socket.recv_multipart(), config.MAX_MESSAGE_BYTES)
+                # A record holds what was submitted (up to max_request_bytes), a result, and texts.
+                reply_limit = 2 * self.max_request_bytes + config.MAX_RESULT_BYTES
+                reply = protocol.parse_reply(socket.recv_multipart(), reply_limit)
             except ProtocolError as exc:
                 self._drop_socket()
                 raise ProtocolError(
                     f"unreadable reply from {self.endpoint}: {exc.message}; for a large list, ask for fewer "
                     "tasks (limit) or one at a time (status)"
                 ) from None
-            if reply.get("id") == request_id:
+            # Null: the server could not read this request's id. Replies to earlier requests cannot be
+            # waiting here: the socket is dropped whenever one is not read.
+            if reply.get("id") in (request_id, None):
                 return reply
 
     def _ensure_socket(self) -> Any:

@@ -70,7 +70,7 @@ RECURRING_META_KEYS = TASK_META_KEYS | {"run_at"}
 #: Keys allowed in a task's ``options``: its retry, timeout and priority policy.
 TASK_OPTION_KEYS = frozenset({"retries", "retry_delay", "timeout", "priority"})
 # Integer options are stored in 32-bit INTEGER columns (PostgreSQL).
-_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
 
 def _refuse_constant(name: str) -> None:
@@ -78,9 +78,17 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON that Python reads as infinity, which could not be written back.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of the range of a double")
+    return value
+
+
 # Built once: json.dumps and json.loads with options build a new encoder or decoder per call.
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode
+_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
 
 
 def json_text(obj: Any) -> str:
@@ -344,8 +352,8 @@ def check_options(options: Any) -> dict:
 
 
 def _check_retries(value: Any) -> int:
-    if not _is_int(value) or not 0 <= value <= _INT_MAX:
-        raise InvalidRequest(f"option 'retries' must be an integer from 0 to {_INT_MAX}, got {value!r}")
+    if not _is_int(value) or not 0 <= value <= INT_MAX:
+        raise InvalidRequest(f"option 'retries' must be an integer from 0 to {INT_MAX}, got {value!r}")
     return value
 
 
@@ -362,9 +370,9 @@ def _check_timeout(value: Any) -> float | None:
 
 
 def _check_priority(value: Any) -> int:
-    if not _is_int(value) or not _INT_MIN <= value <= _INT_MAX:
+    if not _is_int(value) or not INT_MIN <= value <= INT_MAX:
         raise InvalidRequest(
-            f"option 'priority' must be an integer from {_INT_MIN} to {_INT_MAX} (higher runs first), got {value!r}"
+            f"option 'priority' must be an integer from {INT_MIN} to {INT_MAX} (higher runs first), got {value!r}"
         )
     return value
 
@@ -520,7 +528,7 @@ def _is_task_ref(value: Any) -> bool:
         and _is_int(value.get("task_id"))
         and 1 <= value["task_id"] <= config.MAX_ID
         and _is_int(value.get("attempt"))
-        and 1 <= value["attempt"] <= _INT_MAX
+        and 1 <= value["attempt"] <= INT_MAX
     )
 
 

@@ -256,7 +256,10 @@ def test_requests_too_deep_or_too_large_are_answered(cluster: Cluster, raw: RawC
     raw.send(b'{"v":1,"id":"deep","op":"ping","x":' + b"[" * 500 + b"]" * 500 + b"}")
     raw.send(b'{"v":1,"id":' + b"[" * 500 + b"]" * 500 + b',"op":"ping"}')
     raw.send(b'{"v":1,"id":"huge","op":"ping","pad":"' + b"x" * (config.MAX_MESSAGE_BYTES + 10) + b'"}')
-    deep, deep_id, huge = raw.replies(3)
+    raw.send(b'{"v":1,"id":"inf","op":"execute","task":{"name":"job"},"args":{"x":1e400}}')
+    deep, deep_id, huge, inf = raw.replies(4)
+    assert (inf["error"]["type"], cluster.client.list()) == ("InvalidRequest", [])
+    assert "out of the range of a double" in inf["error"]["message"]
     assert (deep["id"], deep["error"]["type"]) == ("deep", "InvalidRequest") and "nests more" in deep["error"][
         "message"
     ]
@@ -381,6 +384,7 @@ def test_generated_hostile_input_on_every_port_costs_no_real_task(cluster: Clust
         raw.close()
         worker_sock.close()
         status_sock.close()
+    print(f"{len(real)} real tasks succeeded beside {len(poison)} poison tasks and 300 hostile messages on each port")
     assert m.ping()["protocol"] == protocol.VERSION
     assert unexpected(server.log()) == []
     with pytest.raises(MartinetError):  # the server still tells bad input apart
