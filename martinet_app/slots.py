@@ -5,6 +5,10 @@ the process runs in order: a pipe). The worker's loop only waits on the
 process's socket, so heartbeats keep flowing whatever the handler does; a task that runs past
 its timeout, or is cancelled, is stopped by killing the process (SIGKILL), and a process that
 dies for any reason is replaced before the slot takes another task.
+
+Each process leads its own process group, and the slot kills the whole group, so what a handler
+started dies with it: on a timeout, a cancel, :meth:`Slot.close`, and as soon as the process
+exits by itself (a child it forked would otherwise keep the socket open, and the task waiting).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 import gevent
@@ -63,6 +68,9 @@ class Slot:
         self._pipe: deque[dict] = deque()
         self._interrupted: str | None = None
         self._victim: tuple[int, int] | None = None
+        # The process's group until it is killed, and the greenlet waiting for the process to exit.
+        self._group: int | None = None
+        self._watcher: gevent.Greenlet | None = None
 
     def start(self) -> list[str]:
         """Start the process and wait for its hello; return the task names it serves.
@@ -82,10 +90,13 @@ class Slot:
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=env,
+            process_group=0,
         )
+        self._group = self.proc.pid
         theirs.close()
         self.conn = ours
         self.stream = ours.makefile("rwb")
+        self._watcher = gevent.spawn(self._watch, self.proc, ours)
         try:
             hello = self._read(START_TIMEOUT)
         except _Expired:
@@ -160,8 +171,7 @@ class Slot:
             return
         self._interrupted, self._victim = reason, ref
         self.dead = True
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
+        self._kill_group()
 
     def alive(self) -> bool:
         """Whether the process is running (it may have been killed between tasks)."""
@@ -176,11 +186,13 @@ class Slot:
         return not self.dead and self.alive() and not select.select([self.conn], [], [], 0)[0]
 
     def close(self) -> None:
-        """Kill the process (if alive) and release the socket."""
+        """Kill the process and its group (if not done yet) and release the socket."""
         self.dead = True
+        if self._watcher is not None:
+            self._watcher.kill()
+            self._watcher = None
+        self._kill_group()
         if self.proc is not None:
-            if self.alive():
-                self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         if self.conn is not None:
             try:
@@ -189,6 +201,28 @@ class Slot:
                 pass
             self.conn.close()
             self.conn = self.stream = None
+
+    def _kill_group(self) -> None:
+        """SIGKILL the process and everything in its group, once.
+
+        Once only: the group's id is the process's pid, which the system may give to another
+        process when the group is empty and the process reaped. Until then the id stays taken.
+        """
+        group, self._group = self._group, None
+        if group is not None:
+            with suppress(ProcessLookupError, PermissionError):  # all gone, or only others' (setuid) left
+                os.killpg(group, signal.SIGKILL)
+
+    def _watch(self, proc: subprocess.Popen, conn: Any) -> None:
+        """When the process exits, kill what it left in its group, and end the reading of its socket.
+
+        A child the process forked holds the socket too: without this, a task whose process died
+        would wait for that child to exit.
+        """
+        proc.wait()
+        self._kill_group()
+        # A descendant that left the group (setsid) may still hold the socket: end of stream all the same.
+        conn.shutdown(socket.SHUT_RD)
 
     def _await(self, task: dict, on_progress: Callable[[dict, float, str | None], None]) -> dict | None:
         """Read the head task's messages up to its final event; None if it was killed for another task."""
