@@ -13,6 +13,9 @@ It speaks JSON lines over the socket whose file descriptor it is given:
                       number), then {"event": "succeeded", "result"} or {"event": "failed", "error",
                       "traceback"} ("error": "cancelled" for a skipped task)
 
+Texts (error, traceback, progress message) are sent storable and clipped (``protocol.safe_text``,
+config.MAX_*_CHARS), so that every status message the worker builds from them stays small.
+
 The process ignores SIGINT and SIGTERM (its worker decides when it stops) and dies with its
 worker (``PR_SET_PDEATHSIG``).
 """
@@ -29,7 +32,7 @@ import traceback
 from collections import deque
 from typing import Any, BinaryIO
 
-from . import protocol
+from . import config, protocol
 from .errors import HandlerError
 from .registry import Registry, load_handlers
 
@@ -111,6 +114,8 @@ def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_r
             raise ValueError(f"progress fraction must be a number from 0 to 1, got {fraction!r}")
         if message is not None and not isinstance(message, str):
             raise ValueError(f"progress message must be a string, got {type(message).__name__}")
+        if message is not None:
+            message = protocol.safe_text(message, config.MAX_PROGRESS_CHARS)
         _send(stream, _line({"event": "progress", "progress": float(fraction), "message": message}))
 
     handler = registry.get(name)
@@ -120,8 +125,15 @@ def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_r
         result = handler(task["task_id"], task["args"], progress)
     except BaseException as exc:  # noqa: BLE001 - sys.exit() or KeyboardInterrupt in a handler fails the task
         return _failed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    return _succeeded(name, result, max_result_bytes)
+
+
+def _succeeded(name: str, result: Any, max_result_bytes: int) -> bytes:
+    """The final event of a task that returned ``result``: succeeded, or failed if the result cannot be sent."""
     try:
         encoded = protocol.dumps(result)
+    except RecursionError:
+        return _failed(_too_deep(name))
     except (TypeError, ValueError) as exc:
         return _failed(f"task {name!r} returned a result that is not JSON-serialisable: {exc}")
     if len(encoded) > max_result_bytes:
@@ -129,11 +141,33 @@ def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_r
             f"task {name!r} returned a result of {len(encoded)} bytes, more than the {max_result_bytes} allowed: "
             "store large results elsewhere (a file, a database) and return a reference to them"
         )
+    if _nests_too_deep(encoded):
+        return _failed(_too_deep(name))
     return b'{"event":"succeeded","result":' + encoded + b"}\n"
 
 
+def _nests_too_deep(encoded: bytes) -> bool:
+    """Whether JSON ``encoded`` nests deeper than config.MAX_JSON_DEPTH, read back as sent (tuples are arrays too)."""
+    # Each level opens a bracket: with few brackets it cannot be too deep, and is not read back.
+    if encoded.count(b"[") + encoded.count(b"{") <= config.MAX_JSON_DEPTH:
+        return False
+    try:
+        return protocol.too_deep(protocol.json_value(encoded))
+    except RecursionError:
+        return True
+
+
+def _too_deep(name: str) -> str:
+    return (
+        f"task {name!r} returned a result nested more than {config.MAX_JSON_DEPTH} levels deep "
+        "(arrays and objects): flatten it"
+    )
+
+
 def _failed(error: str, trace: str | None = None) -> bytes:
-    return _line({"event": "failed", "error": error, "traceback": trace})
+    if trace is not None:
+        trace = protocol.safe_text(trace, config.MAX_TRACEBACK_CHARS)
+    return _line({"event": "failed", "error": protocol.safe_text(error, config.MAX_ERROR_CHARS), "traceback": trace})
 
 
 def _load(spec: dict) -> Registry:

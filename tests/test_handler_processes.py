@@ -1,12 +1,15 @@
-"""Handler processes: what a handler starts dies with it."""
+"""Handler processes: what a handler starts dies with it, and what a handler sends is kept small and readable."""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
 
 from conftest import Cluster, wait_until
+from martinet_app import config, protocol, runner
+from martinet_app.registry import Registry
 
 #: Seconds the children of the hostile handlers sleep: far longer than any test waits.
 CHILD_SECONDS = 40
@@ -74,3 +77,53 @@ def test_a_handler_that_forks_and_exits_fails_at_once(sqlite_cluster: Cluster, t
     child = child_pid(path)
     wait_until(lambda: gone(child), timeout=5, what=f"the forked child {child} to be killed")
     assert m.wait(m.execute({"name": "echo"}, {}), timeout=20)["status"] == "succeeded"
+
+
+def test_long_error_and_progress_texts_are_clipped(sqlite_cluster: Cluster):
+    sqlite_cluster.start_worker("--concurrency", "1")
+    m = sqlite_cluster.client
+    text = "e" * 100_000
+    task = m.wait(m.execute({"name": "poison"}, {"text": text, "progress": True}), timeout=20)
+    assert task["status"] == "failed"
+    assert task["error"] == protocol.clip(f"RuntimeError: {text}", config.MAX_ERROR_CHARS)
+    assert "characters cut ...]" in task["error"] and len(task["error"]) <= config.MAX_ERROR_CHARS
+    assert task["progress_message"] == protocol.clip(text, config.MAX_PROGRESS_CHARS)
+    assert "characters cut ...]" in task["traceback"] and len(task["traceback"]) <= config.MAX_TRACEBACK_CHARS
+    assert task["traceback"].startswith("Traceback (most recent call last):")
+
+
+def test_the_handler_process_clips_and_escapes_texts_itself():
+    text = "\udce9\x00" + "e" * 100_000
+
+    def poison(task_id, data, progress):
+        progress(0.5, text)
+        raise RuntimeError(text)
+
+    registry = Registry()
+    registry.add("poison", poison)
+    stream = io.BytesIO()
+    task = {"task_id": 1, "attempt": 1, "name": "poison", "args": {}}
+    final = protocol.json_value(runner._run(registry, task, stream, "w", config.MAX_RESULT_BYTES))
+    sent = protocol.json_value(stream.getvalue())
+    escaped = "\\udce9\\x00" + "e" * 100_000
+    assert sent["message"] == protocol.clip(escaped, config.MAX_PROGRESS_CHARS)
+    assert final["error"] == protocol.clip(f"RuntimeError: {escaped}", config.MAX_ERROR_CHARS)
+    assert len(final["traceback"]) <= config.MAX_TRACEBACK_CHARS and "characters cut ...]" in final["traceback"]
+    assert "\\udce9\\x00" in final["traceback"]
+
+
+def test_a_too_deep_result_fails_clearly_and_the_slot_runs_on(sqlite_cluster: Cluster):
+    sqlite_cluster.start_worker("--concurrency", "1")
+    m = sqlite_cluster.client
+    pid = m.wait(m.execute({"name": "whoami"}, {}), timeout=20)["result"]["pid"]
+    limit = config.MAX_JSON_DEPTH
+    # Checked; too deep to encode at all (RecursionError); tuples, encoded as arrays, alike.
+    for args in ({"depth": limit + 1}, {"depth": 100_000}, {"depth": limit + 1, "tuples": True}):
+        task = m.wait(m.execute({"name": "deep"}, args), timeout=20)
+        assert (task["status"], task["error"]) == ("failed", runner._too_deep("deep")), args
+        assert f"more than {limit} levels deep" in task["error"]
+    fine = m.wait(m.execute({"name": "deep"}, {"depth": limit}), timeout=20)
+    assert fine["status"] == "succeeded" and not protocol.too_deep(fine["result"], limit)
+    assert protocol.too_deep(fine["result"], limit - 1)
+    # The same process ran them all: a result it could not send did not bring it down.
+    assert m.wait(m.execute({"name": "whoami"}, {}), timeout=20)["result"]["pid"] == pid

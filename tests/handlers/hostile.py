@@ -80,3 +80,13 @@ def fork_exit(task_id, data, progress):
     with open(data["path"], "a") as f:
         f.write(f"{pid}\n")
     os._exit(5)
+
+
+@task
+def deep(task_id, data, progress):
+    """Return lists (tuples if data["tuples"]) nested data["depth"] levels deep."""
+    kind = tuple if data.get("tuples") else list
+    result = kind()
+    for _ in range(data["depth"] - 1):
+        result = kind([result])
+    return result
