@@ -63,7 +63,7 @@ class Slot:
         self.conn: Any = None
         self.stream: Any = None
         self.dead = True
-        #: Bytes of the last message read from the process: what its result weighs, without encoding it again.
+        #: Bytes of the last message read from the process: what its event weighs, without encoding it again.
         self.last_size = 0
         self._pipe: deque[dict] = deque()
         self._interrupted: str | None = None

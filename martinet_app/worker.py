@@ -398,7 +398,8 @@ class Worker:
             self._emit(task["task_id"], task["attempt"], protocol.STARTED)
 
         def on_progress(task: dict, fraction: float, message: str | None) -> None:
-            self._emit(task["task_id"], task["attempt"], protocol.PROGRESS, progress=fraction, message=message)
+            ref = task["task_id"], task["attempt"]
+            self._emit(*ref, protocol.PROGRESS, size=slot.last_size, progress=fraction, message=message)
 
         def on_done(task: dict, outcome: dict) -> None:
             ref = (task["task_id"], task["attempt"])

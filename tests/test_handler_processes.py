@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import Cluster, wait_until
 from martinet_app import config, protocol, runner
 from martinet_app.registry import Registry
+from martinet_app.worker import Worker, _Delivery
 
 #: Seconds the children of the hostile handlers sleep: far longer than any test waits.
 CHILD_SECONDS = 40
@@ -127,3 +128,52 @@ def test_a_too_deep_result_fails_clearly_and_the_slot_runs_on(sqlite_cluster: Cl
     assert protocol.too_deep(fine["result"], limit - 1)
     # The same process ran them all: a result it could not send did not bring it down.
     assert m.wait(m.execute({"name": "whoami"}, {}), timeout=20)["result"]["pid"] == pid
+
+
+class _ReplayingSlot:
+    """A slot whose process sends the given lines, sized as :meth:`Slot._read` sizes them."""
+
+    def __init__(self, lines: dict[int, list[bytes]]) -> None:
+        self.lines = lines
+        self.last_size = 0
+
+    def run(self, tasks: list[dict], on_start, on_progress, on_done) -> list[dict]:
+        for task in tasks:
+            on_start(task)
+            for line in self.lines[task["task_id"]]:
+                self.last_size = len(line)
+                message = protocol.json_value(line)
+                if message["event"] == "progress":
+                    on_progress(task, message["progress"], message["message"])
+                else:
+                    on_done(task, message)
+        return []
+
+
+class _Recorder:
+    """A status socket that keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def send_multipart(self, frames: list[bytes]) -> None:
+        (frame,) = frames
+        self.messages.append(frame)
+
+
+def test_status_messages_stay_within_the_result_limit():
+    # Progress messages at their largest (1,024 characters of 12 JSON bytes each) around a result near the limit.
+    message = "\U0001f600" * config.MAX_PROGRESS_CHARS
+    reports = [runner._line({"event": "progress", "progress": 0.5, "message": message})] * 300
+    done = runner._succeeded("steps", {"ok": True}, config.MAX_RESULT_BYTES)
+    big = runner._succeeded("big", "x" * (config.MAX_RESULT_BYTES - 50_000), config.MAX_RESULT_BYTES)
+    slot = _ReplayingSlot({1: [*reports, done], 2: [big], 3: [*reports, done]})
+    worker = Worker(worker_id="w")
+    worker._execute(slot, [_Delivery({"task_id": n, "attempt": 1, "name": "x", "args": {}}) for n in (1, 2, 3)])
+    worker._closing = True
+    sock = _Recorder()
+    worker._push_status(sock)
+    assert max(map(len, sock.messages)) <= config.MAX_RESULT_BYTES + 1024 < config.MAX_MESSAGE_BYTES
+    events = [e for frame in sock.messages for e in protocol.parse_status_batch([frame], config.MAX_MESSAGE_BYTES)[1]]
+    one = ["started", *["progress"] * 300, "succeeded"]
+    assert [e["event"] for e in events] == [*one, "succeeded", *one]
