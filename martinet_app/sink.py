@@ -118,7 +118,7 @@ class StatusSink:
 
     def _refused(self, worker: str, event: dict, exc: Exception) -> Applied:
         """An event the database refused: logged and dropped; a final one fails its delivery instead."""
-        reason = protocol.safe_text(f"{type(exc).__name__}: {exc}", config.MAX_ERROR_CHARS)
+        reason = _reason(exc)
         kind, task_id, attempt = event["event"], event["task_id"], event["attempt"]
         log.error(
             "could not store the %s event of task %s attempt %s from %s: %s", kind, task_id, attempt, worker, reason
@@ -126,9 +126,14 @@ class StatusSink:
         if kind not in protocol.FINAL_EVENTS:
             return Applied()
         error = f"the worker's {kind} event could not be stored ({reason})"
-        if self.store.fail_delivery(task_id, attempt, worker, at=event["at"], error=error):
-            return Applied(finished=[task_id])
-        return Applied()
+        try:
+            failed = self.store.fail_delivery(task_id, attempt, worker, at=event["at"], error=error)
+        except MartinetError:
+            raise
+        except Exception as second:  # never retried unchanged: the orphan sweep re-queues the task
+            log.error("could not fail task %s attempt %s either: %s", task_id, attempt, _reason(second))
+            return Applied()
+        return Applied(finished=[task_id]) if failed else Applied()
 
     def _receive(self, frames: list[bytes]) -> None:
         try:
@@ -137,3 +142,8 @@ class StatusSink:
             self.rejections.reject(exc)
             return
         self._pending.extend((worker, event) for event in events)
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as a log line and a task's error can carry it."""
+    return protocol.safe_text(f"{type(exc).__name__}: {exc}", config.MAX_ERROR_CHARS)
