@@ -15,12 +15,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# Server and one worker in the foreground; Ctrl-C stops both.
+# Server and one worker on handlers/ in the foreground (packaging/run.sh): the worker starts once the
+# server answers, a server that cannot start ends it at once, and Ctrl-C or SIGTERM stops the worker
+# first (its running tasks finish and report within MARTINET_GRACE), then the server.
 run: $(STAMP)
-	@trap 'kill -TERM $$server $$worker 2>/dev/null; wait' INT TERM; \
-	$(BIN)/martinet serve & server=$$!; \
-	$(BIN)/martinet work --handlers handlers & worker=$$!; \
-	wait
+	@bash packaging/run.sh $(BIN)/martinet handlers
 
 test: lint build
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# `make run`: a Martinet server and one worker in the foreground, started and stopped in order.
+#
+#   bash packaging/run.sh MARTINET HANDLERS     (make run: .venv/bin/martinet handlers)
+#
+# The worker starts only once our own server answers: it listens on the client port and replies
+# to a ping. A server that cannot start (a port taken, an unusable database) ends this script at
+# once with its exit code, and no worker is started.
+#
+# Ctrl-C, SIGTERM or SIGHUP stops the worker first: it takes no new tasks and its running ones
+# finish and report within its grace (MARTINET_GRACE, 30 s). Then the server stops. A second
+# signal stops the worker at once; its unfinished tasks go back to the server, still up then.
+# The server and the worker run in process groups of their own (set -m), so the terminal's
+# Ctrl-C reaches this script and make only, and the order is this script's to keep.
+#
+# Settings are the usual MARTINET_* variables. The worker and the pings go to the address the
+# server binds (MARTINET_BIND; 127.0.0.1 for a wildcard), whatever MARTINET_URL says.
+# Exit status: 0 when stopped by a signal, else the status of whichever process failed.
+set -u
+
+martinet=${1:?usage: run.sh MARTINET HANDLERS}
+handlers=${2:?usage: run.sh MARTINET HANDLERS}
+host=${MARTINET_BIND:-127.0.0.1}
+case $host in 0.0.0.0 | '*') host=127.0.0.1 ;; esac
+port=${MARTINET_CLIENT_PORT:-8008}
+server='' worker='' signals=0
+
+say() { printf 'make run: %s\n' "$*" >&2; }
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# Polls until process $1 has exited; its exit status goes in $code.
+reap() {
+    while alive "$1"; do sleep 0.1; done
+    wait "$1"
+    code=$?
+}
+
+# Whether process $1 listens on TCP port $2, so that a reply on that port is its own and not that
+# of another server already there. Linux: /proc; elsewhere lsof; with neither, assume it does.
+listens() {
+    if [ -r /proc/net/tcp ]; then
+        local inode
+        for inode in $(awk -v port="$(printf ':%04X' "$2")" \
+            '$4 == "0A" && substr($2, length($2) - 4) == port { print $10 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
+            ls -l "/proc/$1/fd" 2>/dev/null | grep -qF "socket:[$inode]" && return 0
+        done
+        return 1
+    elif command -v lsof >/dev/null; then
+        lsof -nP -a -p "$1" -iTCP:"$2" -sTCP:LISTEN >/dev/null 2>&1
+    fi
+}
+
+on_signal() {
+    signals=$((signals + 1))
+    if alive "$worker"; then
+        [ "$signals" -eq 1 ] && say "stopping the worker, then the server (again to stop the worker without waiting)"
+        kill -TERM "$worker"
+    elif alive "$server"; then
+        kill -TERM "$server"
+    fi
+}
+trap on_signal INT TERM HUP
+
+set -m
+"$martinet" serve </dev/null &
+server=$!
+set +m
+
+until listens "$server" "$port" && "$martinet" ping --url "$host" --client-port "$port" --timeout 2 >/dev/null 2>&1; do
+    if ! alive "$server"; then
+        reap "$server"
+        [ "$signals" -gt 0 ] && exit "$code"
+        say "the server exited with status $code before it answered; no worker started"
+        exit $((code ? code : 1))
+    fi
+    sleep 0.1
+done
+
+if [ "$signals" -eq 0 ]; then
+    set -m
+    "$martinet" work --handlers "$handlers" --url "$host" </dev/null &
+    worker=$!
+    set +m
+fi
+while alive "$worker" && alive "$server"; do sleep 0.1; done
+
+status=0
+if [ -z "$worker" ]; then # stopped by a signal before the worker started
+    reap "$server"
+    status=$code
+elif ! alive "$worker"; then # stopped by a signal, or failed: the server stops next
+    reap "$worker"
+    [ "$code" -eq 0 ] || { say "the worker exited with status $code; stopping the server"; status=$code; }
+    kill -TERM "$server" 2>/dev/null
+    reap "$server"
+    [ "$code" -eq 0 ] || [ "$status" -ne 0 ] || { say "the server exited with status $code"; status=$code; }
+else # the server stopped under the worker: no point in waiting for its tasks
+    reap "$server"
+    say "the server exited with status $code; stopping the worker now"
+    status=$code
+    kill -TERM "$worker"
+    sleep 0.2
+    kill -TERM "$worker" 2>/dev/null
+    reap "$worker"
+fi
+exit "$status"
