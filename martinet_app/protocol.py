@@ -108,7 +108,7 @@ def dumps(obj: Any) -> bytes:
 
 def too_deep(value: Any, limit: int = config.MAX_JSON_DEPTH) -> bool:
     """Whether ``value`` nests arrays and objects more than ``limit`` levels deep (``{}`` is one level)."""
-    if not isinstance(value, (dict, list)):
+    if not isinstance(value, _NESTS):
         return False
     stack = [(value, 1)]
     while stack:
@@ -116,8 +116,12 @@ def too_deep(value: Any, limit: int = config.MAX_JSON_DEPTH) -> bool:
         children = node.values() if isinstance(node, dict) else node
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        stack.extend((child, depth + 1) for child in children if isinstance(child, _NESTS))
     return False
+
+
+#: What JSON encodes as an array or object (a handler may return tuples).
+_NESTS = (dict, list, tuple)
 
 
 def clean_text(value: str, what: str, max_chars: int | None = None) -> str:

@@ -141,20 +141,10 @@ def _succeeded(name: str, result: Any, max_result_bytes: int) -> bytes:
             f"task {name!r} returned a result of {len(encoded)} bytes, more than the {max_result_bytes} allowed: "
             "store large results elsewhere (a file, a database) and return a reference to them"
         )
-    if _nests_too_deep(encoded):
+    # Each level opens a bracket: with few brackets (the usual result) it cannot be too deep, and is not walked.
+    if encoded.count(b"[") + encoded.count(b"{") > config.MAX_JSON_DEPTH and protocol.too_deep(result):
         return _failed(_too_deep(name))
     return b'{"event":"succeeded","result":' + encoded + b"}\n"
-
-
-def _nests_too_deep(encoded: bytes) -> bool:
-    """Whether JSON ``encoded`` nests deeper than config.MAX_JSON_DEPTH, read back as sent (tuples are arrays too)."""
-    # Each level opens a bracket: with few brackets it cannot be too deep, and is not read back.
-    if encoded.count(b"[") + encoded.count(b"{") <= config.MAX_JSON_DEPTH:
-        return False
-    try:
-        return protocol.too_deep(protocol.json_value(encoded))
-    except RecursionError:
-        return True
 
 
 def _too_deep(name: str) -> str:

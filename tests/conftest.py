@@ -253,8 +253,8 @@ def sqlite_cluster(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: s
 
 def _cluster(request: pytest.FixtureRequest, tmp_path: Path, url: str) -> Iterator[Cluster]:
     c = Cluster(tmp_path, url)
-    c.server.start().wait_ready()  # type: ignore[union-attr]
     try:
+        c.server.start().wait_ready()  # type: ignore[union-attr]
         yield c
     finally:
         c.stop()
