@@ -244,6 +244,24 @@ class Store:
                 self.db.close()
 
     @contextmanager
+    def exclusive(self, timeout: float) -> Iterator[bool]:
+        """Keep the store for the calling greenlet: no other is inside it meanwhile, the others wait at their next call.
+
+        Yields True once held, or False if another greenlet was still inside after ``timeout``
+        seconds (then nothing is held). Once held, a connection the driver has closed is dropped,
+        so the next call opens a fresh one: psycopg2 closes it when a greenlet is killed in a query.
+        """
+        if not self._lock.acquire(timeout=timeout):
+            yield False
+            return
+        try:
+            if getattr(self.db._state.conn, "closed", False):  # psycopg2's; sqlite3 has no such attribute
+                self._discard_connection()
+            yield True
+        finally:
+            self._lock.release()
+
+    @contextmanager
     def transaction(self) -> Iterator[None]:
         """One transaction for everything done inside, committed on exit (group commit).
 
