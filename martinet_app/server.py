@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_BIND = 3
+#: Longest each step of stopping waits, seconds: for the loops to leave the store, for them to end,
+#: for the store to be free again, for the last status events to be written.
+STOP_TIMEOUT = 3.0
+_UNWRITTEN = "could not write the last status events (their tasks are re-queued at the next start): %s"
 
 
 def run_server(
@@ -72,7 +76,8 @@ def run_server(
         status = _bind(context, zmq.PULL, bind, status_port, sockets, max_message_bytes)
     except zmq.ZMQError as exc:
         log.error("cannot bind %s: %s (is another server running? choose other ports with --*-port)", bind, exc)
-        _close(sockets, context, store)
+        _close(sockets, context)
+        store.close()
         return EXIT_BIND
 
     broker = Broker(
@@ -125,33 +130,72 @@ def run_server(
         retry_delay_max,
         "none" if defaults["timeout"] is None else f"{defaults['timeout']:g} s",
     )
-    # Stopped in this order: first what accepts or hands out work, then the sink, last.
-    greenlets = [
-        gevent.spawn(forever, endpoint.loop_once, "client endpoint"),
-        gevent.spawn(forever, scheduler.loop_once, "scheduler"),
-        gevent.spawn(forever, broker.dispatch_once, "dispatcher"),
-        gevent.spawn(forever, broker.receive_once, "broker"),
-        gevent.spawn(forever, broker.heartbeat_once, "heartbeat"),
-    ]
-    sink_greenlet = gevent.spawn(forever, sink.loop_once, "status sink")
+    stopping = gevent.event.Event()
+    loops = {
+        name: gevent.spawn(forever, loop_once, name, stopping)
+        for name, loop_once in (
+            ("client endpoint", endpoint.loop_once),
+            ("scheduler", scheduler.loop_once),
+            ("dispatcher", broker.dispatch_once),
+            ("broker", broker.receive_once),
+            ("heartbeat", broker.heartbeat_once),
+            ("status sink", sink.loop_once),
+        )
+    }
     broker.wake()
 
-    stop = gevent.event.Event()
-    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)]
-    stop.wait()
+    handlers = [gevent.signal_handler(sig, stopping.set) for sig in (signal.SIGTERM, signal.SIGINT)]
+    stopping.wait()
     for handler in handlers:
         handler.cancel()
     log.info("stopping: no new requests or dispatches; writing the status events in hand")
-    gevent.killall(greenlets, timeout=5)
-    sink_greenlet.kill(timeout=5)
-    try:
-        sink.flush()
-    except MartinetError as exc:
-        log.error("could not write the last status events (their tasks are re-queued at the next start): %s",
-                  exc.message)  # fmt: skip
-    _close(sockets, context, store)
+    _stop(loops, store, sink)
+    _close(sockets, context)
     log.info("stopped")
     return EXIT_OK
+
+
+def _stop(loops: dict[str, gevent.Greenlet], store: Store, sink: StatusSink) -> None:
+    """End the loops while none of them is inside the store, then write the events in hand and close the store.
+
+    Each step waits at most STOP_TIMEOUT. A loop still inside the store by then is killed where
+    it is (which may break the connection: the last write opens a fresh one); one that does not
+    end is named in the log and left behind.
+    """
+    with store.exclusive(STOP_TIMEOUT) as alone:
+        if not alone:
+            log.warning("a loop is still inside the store after %g s: stopping the loops there", STOP_TIMEOUT)
+        _kill(loops)
+    with store.exclusive(STOP_TIMEOUT) as alone:
+        if not alone:
+            log.error(_UNWRITTEN, f"the store is still in use after {STOP_TIMEOUT:g} s")
+            return
+        _flush(sink)
+        store.close()
+
+
+def _kill(loops: dict[str, gevent.Greenlet]) -> None:
+    """Kill the loops and wait at most STOP_TIMEOUT for them to end; name those that do not."""
+    gevent.killall(list(loops.values()), block=False)
+    gevent.joinall(list(loops.values()), timeout=STOP_TIMEOUT)
+    left = [name for name, greenlet in loops.items() if not greenlet.dead]
+    if left:
+        log.error("did not stop within %g s, left behind: %s", STOP_TIMEOUT, ", ".join(left))
+
+
+def _flush(sink: StatusSink) -> None:
+    """Write the status events in hand, taking at most STOP_TIMEOUT."""
+    timer = gevent.Timeout.start_new(STOP_TIMEOUT)
+    try:
+        sink.flush()
+    except (gevent.Timeout, MartinetError) as exc:
+        # The timeout may come out as a database error: psycopg2 closes a connection interrupted in a query.
+        if timer.pending and isinstance(exc, MartinetError):
+            log.error(_UNWRITTEN, exc.message)
+        else:
+            log.error(_UNWRITTEN, f"not done within {STOP_TIMEOUT:g} s")
+    finally:
+        timer.close()
 
 
 def _task_defaults(retries: int, retry_delay: float, timeout: float | None, retry_delay_max: float) -> dict:
@@ -182,8 +226,7 @@ def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any], max
     return socket
 
 
-def _close(sockets: list[Any], context: Any, store: Store) -> None:
+def _close(sockets: list[Any], context: Any) -> None:
     for socket in sockets:
         socket.close(linger=0)
     context.term()
-    store.close()
