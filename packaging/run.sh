@@ -66,7 +66,12 @@ set -m
 server=$!
 set +m
 
-until listens "$server" "$port" && "$martinet" ping --url "$host" --client-port "$port" --timeout 2 >/dev/null 2>&1; do
+# Whether our own server answers: it listens on the client port, and replies to a ping.
+answers() {
+    listens "$server" "$port" && "$martinet" ping --url "$host" --client-port "$port" --timeout 2 >/dev/null 2>&1
+}
+
+until [ "$signals" -gt 0 ] || answers; do
     if ! alive "$server"; then
         reap "$server"
         [ "$signals" -gt 0 ] && exit "$code"
@@ -86,6 +91,7 @@ while alive "$worker" && alive "$server"; do sleep 0.1; done
 
 status=0
 if [ -z "$worker" ]; then # stopped by a signal before the worker started
+    kill -TERM "$server" 2>/dev/null
     reap "$server"
     status=$code
 elif ! alive "$worker"; then # stopped by a signal, or failed: the server stops next
