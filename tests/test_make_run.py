@@ -1,5 +1,6 @@
-"""``make run`` for real: a stop signal stops the worker first, then the server; a server that cannot
-start ends it at once with no worker (packaging/run.sh).
+"""``make run`` for real (``make -s run``, its install step excepted): a stop signal stops the
+worker first, then the server; a server that cannot start ends it at once with no worker
+(packaging/run.sh).
 
 ``make -s run`` runs in a session of its own, so every process it starts (make, the script, the
 server, the worker and its handler processes, whatever their process groups) can be found by
@@ -27,6 +28,8 @@ from martinet_app.errors import ServerUnavailable
 STOP_BOUND = 6.0
 #: Longest `make run` may take to give up on a server that cannot bind.
 FAIL_BOUND = 10.0
+#: The Makefile's stamp of an installed virtualenv.
+STAMP = ".venv/.installed"
 MAKE_VARIABLES = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
 
 
@@ -66,8 +69,15 @@ class MakeRun:
             MARTINET_CONCURRENCY="1",
         )
         with open(self.log_path, "wb") as log:
+            # -o: never the install step, even if the virtualenv's stamp is older than what it installs
+            # (the tests run in that virtualenv; `make test` has brought it up to date).
             self.proc = subprocess.Popen(
-                ["make", "-s", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                ["make", "-s", "-o", str(STAMP), "run"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.sid = self.proc.pid
 
