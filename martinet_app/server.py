@@ -32,6 +32,7 @@ EXIT_BIND = 3
 #: Longest each step of stopping waits, seconds: for the loops to leave the store, for them to end,
 #: for the store to be free again, for the last status events to be written.
 STOP_TIMEOUT = 3.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _UNWRITTEN = "could not write the last status events (their tasks are re-queued at the next start): %s"
 
 
@@ -144,10 +145,13 @@ def run_server(
     }
     broker.wake()
 
-    handlers = [gevent.signal_handler(sig, stopping.set) for sig in (signal.SIGTERM, signal.SIGINT)]
+    handlers = [gevent.signal_handler(sig, stopping.set) for sig in _STOP_SIGNALS]
     stopping.wait()
+    # The stop is bounded: a second signal, while stopping or as the process exits, changes nothing.
     for handler in handlers:
         handler.cancel()
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     log.info("stopping: no new requests or dispatches; writing the status events in hand")
     _stop(loops, store, sink)
     _close(sockets, context)

@@ -82,6 +82,18 @@ def test_sigterm_soon_after_start_and_during_a_burst(cluster: Cluster):
     assert worker.running()
 
 
+def test_a_second_signal_while_stopping_changes_nothing(sqlite_cluster: Cluster):
+    sqlite_cluster.start_worker()
+    m, server = sqlite_cluster.client, sqlite_cluster.server
+    ids = m.execute_many([({"name": "nap"}, {"seconds": 0.2})] * 8)
+    wait_until(lambda: "stopping" not in server.log() and m.status(ids[0])["status"] == "running", what="a task to run")
+    os.kill(server.pid, signal.SIGTERM)
+    wait_until(lambda: "stopping: no new requests" in server.log(), what="the stop to begin")
+    os.kill(server.pid, signal.SIGINT)
+    assert server.proc.wait(timeout=3 * STOP_TIMEOUT) == 0
+    assert "Traceback" not in server.log()
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_a_loop_stuck_in_a_query_is_stopped_there_and_the_events_in_hand_are_still_written(cluster: Cluster):
     import psycopg2
