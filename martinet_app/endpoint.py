@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ class ClientEndpoint:
     # ------------------------------------------------------------ operations
 
     def _ping(self, request: dict, envelope: list[bytes]) -> dict:
-        return {"version": __version__, "protocol": protocol.VERSION}
+        return {"version": __version__, "protocol": protocol.VERSION, "pid": os.getpid()}
 
     def _execute(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)

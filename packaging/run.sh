@@ -3,9 +3,9 @@
 #
 #   bash packaging/run.sh MARTINET HANDLERS     (make run: .venv/bin/martinet handlers)
 #
-# The worker starts only once our own server answers: it listens on the client port and replies
-# to a ping. A server that cannot start (a port taken, an unusable database) ends this script at
-# once with its exit code, and no worker is started.
+# The worker starts only once our own server answers a ping (the reply carries its pid, so another
+# server already on the port is not taken for it). A server that cannot start (a port taken, an
+# unusable database) ends this script at once with its exit code, and no worker is started.
 #
 # Ctrl-C, SIGTERM or SIGHUP stops the worker first: it takes no new tasks and its running ones
 # finish and report within its grace (MARTINET_GRACE, 30 s). Then the server stops. A second
@@ -35,21 +35,6 @@ reap() {
     code=$?
 }
 
-# Whether process $1 listens on TCP port $2, so that a reply on that port is its own and not that
-# of another server already there. Linux: /proc; elsewhere lsof; with neither, assume it does.
-listens() {
-    if [ -r /proc/net/tcp ]; then
-        local inode
-        for inode in $(awk -v port="$(printf ':%04X' "$2")" \
-            '$4 == "0A" && substr($2, length($2) - 4) == port { print $10 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
-            ls -l "/proc/$1/fd" 2>/dev/null | grep -qF "socket:[$inode]" && return 0
-        done
-        return 1
-    elif command -v lsof >/dev/null; then
-        lsof -nP -a -p "$1" -iTCP:"$2" -sTCP:LISTEN >/dev/null 2>&1
-    fi
-}
-
 on_signal() {
     signals=$((signals + 1))
     if alive "$worker"; then
@@ -66,9 +51,10 @@ set -m
 server=$!
 set +m
 
-# Whether our own server answers: it listens on the client port, and replies to a ping.
+# Whether our own server answers: a ping on the client port gets a reply from its pid (not from
+# another server already there).
 answers() {
-    listens "$server" "$port" && "$martinet" ping --url "$host" --client-port "$port" --timeout 2 >/dev/null 2>&1
+    "$martinet" ping --url "$host" --client-port "$port" --timeout 2 --json 2>/dev/null | grep -q "\"pid\": $server,\?\$"
 }
 
 until [ "$signals" -gt 0 ] || answers; do
