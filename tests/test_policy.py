@@ -100,12 +100,10 @@ def test_cli_options_and_their_errors(sqlite_cluster: Cluster) -> None:
 
     proc = cli(sqlite_cluster, "schedule", "in 1 hour", "echo", "--priority", str(2**40))
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [
-        f"martinet: error: option 'priority' must be an integer from -2147483648 to 2147483647 (higher runs first), "
-        f"got {2**40}"
-    ]
+    assert f"Invalid value for '--priority': {2**40} is not in the range -2147483648<=x<=2147483647." in proc.stderr
     proc = cli(sqlite_cluster, "execute", "echo", "--retries", "-1")
-    assert proc.returncode == 2 and "Invalid value for '--retries': -1 is not in the range x>=0" in proc.stderr
+    assert proc.returncode == 2
+    assert "Invalid value for '--retries': -1 is not in the range 0<=x<=2147483647" in proc.stderr
     assert [t["id"] for t in sqlite_cluster.client.list()] == [task_id]
 
 
