@@ -46,7 +46,6 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: Longest time span any option takes, seconds (a year): longer is a mistake, and every deadline
 #: made from one stays a date the store and the records can show.
 _SECONDS_MAX = 365 * 24 * 3600
-#: Integer task options and counts the store keeps in 32-bit INTEGER columns.
 #: Most worker slots or prefetched tasks: more processes or held tasks than any machine runs is a typo.
 _SLOTS_MAX = 10_000
 #: Largest --max-message-bytes (1 GiB): a larger message is a mistake, whatever the sockets take.
