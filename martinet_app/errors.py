@@ -49,6 +49,10 @@ class ServerUnavailable(MartinetError, ConnectionError):
     """Raised when the server did not answer within the client's timeout."""
 
 
+class AuthenticationFailed(MartinetError, ConnectionError):
+    """Raised when the server refused this peer's keys, or a peer and the server disagree on using keys."""
+
+
 class WaitTimeout(MartinetError, TimeoutError):
     """Raised when a task did not finish within the time ``wait`` was given."""
 
@@ -76,6 +80,7 @@ _BY_NAME = {
         InvalidTransition,
         StoreUnavailable,
         ServerUnavailable,
+        AuthenticationFailed,
         WaitTimeout,
         ProtocolError,
         HandlerError,
