@@ -20,14 +20,14 @@ from click.core import ParameterSource
 
 import martinet_app
 from martinet_app import config, protocol
-from martinet_app.errors import InvalidRequest, MartinetError, ServerUnavailable, TaskNotFound
+from martinet_app.errors import ConfigError, InvalidRequest, MartinetError, ServerUnavailable, TaskNotFound
 
 if TYPE_CHECKING:
     from martinet_app.client import Martinet
 
 #: A MartinetError with no more specific code (including InvalidTransition and WaitTimeout).
 EXIT_ERROR = 1
-#: Bad command line or request: click usage errors, InvalidRequest, BadTimeSpec.
+#: Bad command line or request: click usage errors, InvalidRequest, BadTimeSpec, ConfigError (e.g. a key file).
 EXIT_USAGE = 2
 #: No server answered within --timeout (ServerUnavailable).
 EXIT_UNAVAILABLE = 3
@@ -40,6 +40,7 @@ _EXIT_CODES: tuple[tuple[type[MartinetError], int], ...] = (
     (ServerUnavailable, EXIT_UNAVAILABLE),
     (TaskNotFound, EXIT_NOT_FOUND),
     (InvalidRequest, EXIT_USAGE),
+    (ConfigError, EXIT_USAGE),
 )
 _UNSUCCESSFUL = protocol.FINAL_STATUSES - {"succeeded"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -497,6 +498,30 @@ def workers(client: Martinet, as_json: bool) -> None:
 def ping(client: Martinet, as_json: bool) -> None:
     """Check that the server answers and print its version."""
     _echo(as_json, client.ping(), lambda reply: f"server at {client.endpoint} is up\n{_record_text(reply)}")
+
+
+# ---------------------------------------------------------------- keys
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=".",
+    help="Directory to write the two files to (made if missing).",
+)
+def keygen(name: str, directory: str) -> None:
+    """Make a CURVE key pair: NAME.key (public) and NAME.key_secret (secret, readable only by you)."""
+    from martinet_app import keys
+
+    public, secret = keys.generate(name, directory)
+    click.echo(f"public key: {public}\nsecret key: {secret}")
+    click.echo(
+        f"Copy {public.name} to the server's --client-keys or --worker-keys directory (if this is the server's "
+        f"own key: to every client and worker, as --server-key); {secret.name} stays here (--secret-key)."
+    )
 
 
 # ---------------------------------------------------------------- server and worker
