@@ -25,8 +25,9 @@ import gevent
 import gevent.event
 import zmq.green as zmq
 
-from . import protocol
+from . import protocol, security
 from .errors import ProtocolError
+from .security import Inbox
 from .store import Store, iso
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class WorkerInfo:
     expires_at: float
     last_seen: float = field(default_factory=time.time)
     inflight: set[tuple[int, int]] = field(default_factory=set)
+    #: The public key (z85) it connected with, and that key's name (file stem), on a server with keys.
+    user_id: str | None = None
+    key: str | None = None
 
     @property
     def free(self) -> int:
@@ -63,6 +67,7 @@ class WorkerInfo:
             "prefetch": self.prefetch,
             "busy": len(self.inflight),
             "last_seen": iso(self.last_seen),
+            "key": self.key,
         }
 
 
@@ -70,9 +75,19 @@ class Broker:
     """Owns the worker ROUTER socket: registration, heartbeats and dispatch."""
 
     def __init__(
-        self, socket: Any, store: Store, *, heartbeat: float, liveness: int, max_bytes: int, batch_max: int
+        self,
+        socket: Any,
+        store: Store,
+        *,
+        heartbeat: float,
+        liveness: int,
+        max_bytes: int,
+        batch_max: int,
+        inbox: Inbox | None = None,
     ) -> None:
         self.socket = socket
+        self.inbox = inbox or Inbox(socket)
+        self.inbox.on_refused = self._key_refused
         self.store = store
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -141,11 +156,11 @@ class Broker:
 
     def receive_once(self) -> None:
         """Read worker messages: block for one, then drain what is readable before yielding."""
-        frames = self.socket.recv_multipart()
+        frames, user_id = self.inbox.recv()
         for _ in range(self.batch_max):
-            self._handle(frames)
+            self._handle(frames, user_id)
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames, user_id = self.inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
 
@@ -212,7 +227,7 @@ class Broker:
 
     # ------------------------------------------------------------ messages
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], user_id: str | None = None) -> None:
         if len(frames) < 2:
             self.rejections.reject(ProtocolError("worker socket: message without a routing id"))
             return
@@ -220,8 +235,10 @@ class Broker:
         try:
             command, body = protocol.parse_worker_message(frames[1:], protocol.WORKER_COMMANDS, self.max_bytes)
             worker_id = identity.decode()
+            if not security.bound_to_key(worker_id, user_id):
+                raise ProtocolError(f"worker {worker_id!r} is not the worker of the key that sent it")
             if command == protocol.READY:
-                self._ready(worker_id, protocol.check_ready(body))
+                self._ready(worker_id, protocol.check_ready(body), user_id)
                 return
             worker = self.workers.get(worker_id)
             if worker is None:
@@ -240,7 +257,7 @@ class Broker:
         except (ProtocolError, UnicodeDecodeError) as exc:
             self.rejections.reject(exc)
 
-    def _ready(self, worker_id: str, body: dict) -> None:
+    def _ready(self, worker_id: str, body: dict, user_id: str | None = None) -> None:
         if body["worker"] != worker_id:
             raise ProtocolError(f"READY: worker {body['worker']!r} does not match routing id {worker_id!r}")
         known = self.workers.get(worker_id)
@@ -257,6 +274,8 @@ class Broker:
             # What it lists is the truth: a TASK in flight to its old socket was lost with it, and
             # left unheld, its task is re-queued by sweep_orphans.
             inflight=running,
+            user_id=user_id,
+            key=None if user_id is None or self.inbox.auth is None else self.inbox.auth.key_name(user_id),
         )
         if known is None:
             log.info(
@@ -298,6 +317,11 @@ class Broker:
         log.info("worker %s left, handing back %d task(s)%s", worker.id, len(ids), f": {_ids(ids)}" if ids else "")
         if ids:
             self.wake()
+
+    def _key_refused(self, user_id: str) -> None:
+        """A message came from a key no longer allowed: the workers of that key are lost, their tasks re-queued."""
+        for worker in [w for w in self.workers.values() if w.user_id == user_id]:
+            self._lose(worker, "its key is no longer allowed")
 
     def _lose(self, worker: WorkerInfo, why: str) -> None:
         self.workers.pop(worker.id, None)

@@ -20,7 +20,14 @@ from click.core import ParameterSource
 
 import martinet_app
 from martinet_app import config, protocol
-from martinet_app.errors import ConfigError, InvalidRequest, MartinetError, ServerUnavailable, TaskNotFound
+from martinet_app.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    InvalidRequest,
+    MartinetError,
+    ServerUnavailable,
+    TaskNotFound,
+)
 
 if TYPE_CHECKING:
     from martinet_app.client import Martinet
@@ -35,8 +42,11 @@ EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
 #: ``execute --wait`` or ``wait``: the task ended failed or cancelled.
 EXIT_TASK_FAILED = 5
+#: The server refused this client's keys, or one side uses keys and the other not (AuthenticationFailed).
+EXIT_AUTH = 6
 
 _EXIT_CODES: tuple[tuple[type[MartinetError], int], ...] = (
+    (AuthenticationFailed, EXIT_AUTH),
     (ServerUnavailable, EXIT_UNAVAILABLE),
     (TaskNotFound, EXIT_NOT_FOUND),
     (InvalidRequest, EXIT_USAGE),
@@ -139,6 +149,18 @@ def _id_argument(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
     return click.argument(name, type=click.IntRange(min=1))
 
 
+_secret_key_option = _setting(
+    "--secret-key",
+    type=click.Path(dir_okay=False),
+    help="This peer's own NAME.key_secret (martinet keygen NAME), for a server with keys.",
+)
+_server_key_option = _setting(
+    "--server-key",
+    type=click.Path(dir_okay=False),
+    help="The server's public .key, for a server with keys.",
+)
+
+
 def _client_command(func: Callable[..., None]) -> Callable[..., None]:
     """Add the connection and --json options to a client verb and call it with a Martinet.
 
@@ -154,14 +176,24 @@ def _client_command(func: Callable[..., None]) -> Callable[..., None]:
         help="Seconds to wait for each reply from the server.",
     )
     @_max_message_bytes_option
+    @_secret_key_option
+    @_server_key_option
     @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of text.")
     @functools.wraps(func)
     def command(
-        url: str, client_port: int, timeout: float, max_message_bytes: int, as_json: bool, **params: Any
+        url: str,
+        client_port: int,
+        timeout: float,
+        max_message_bytes: int,
+        secret_key: str | None,
+        server_key: str | None,
+        as_json: bool,
+        **params: Any,
     ) -> None:
         from martinet_app.client import Martinet
 
-        with Martinet(url, client_port, timeout=timeout, max_request_bytes=max_message_bytes) as client:
+        connection = {"timeout": timeout, "max_request_bytes": max_message_bytes}
+        with Martinet(url, client_port, secret_key=secret_key, server_key=server_key, **connection) as client:
             func(client, as_json, **params)
 
     return command
@@ -577,6 +609,22 @@ def _setup_logging(level: str) -> None:
     help="Deliveries lost with their worker after which a task fails instead of being delivered again.",
 )
 @_max_message_bytes_option
+@_secret_key_option
+@_setting(
+    "--client-keys",
+    type=click.Path(file_okay=False),
+    help="Directory of the public keys (*.key) allowed on the client port; with --secret-key.",
+)
+@_setting(
+    "--worker-keys",
+    type=click.Path(file_okay=False),
+    help="Directory of the public keys (*.key) allowed on the worker and status ports; with --secret-key.",
+)
+@_setting(
+    "--insecure",
+    is_flag=True,
+    help="Serve without keys on an address off loopback, open to whoever reaches the ports, on purpose.",
+)
 @_log_level_option
 def serve(
     bind: str,
@@ -592,6 +640,10 @@ def serve(
     retry_delay_max: float,
     max_deliveries: int,
     max_message_bytes: int,
+    secret_key: str | None,
+    client_keys: str | None,
+    worker_keys: str | None,
+    insecure: bool,
     log_level: str,
 ) -> None:
     """Run the server: store tasks, schedule them and dispatch them to workers."""
@@ -613,6 +665,10 @@ def serve(
             retry_delay_max=retry_delay_max,
             max_message_bytes=max_message_bytes,
             max_deliveries=max_deliveries,
+            secret_key=secret_key,
+            client_keys=client_keys,
+            worker_keys=worker_keys,
+            insecure=insecure,
         )
     )
 
@@ -655,6 +711,8 @@ def serve(
     default=config.WORKER_GRACE,
     help="Seconds running tasks get to finish after SIGTERM/SIGINT before they are handed back.",
 )
+@_secret_key_option
+@_server_key_option
 @_log_level_option
 def work(
     handlers_dir: str,
@@ -666,6 +724,8 @@ def work(
     paths: tuple[str, ...],
     heartbeat: float,
     grace: float,
+    secret_key: str | None,
+    server_key: str | None,
     log_level: str,
 ) -> None:
     """Run a worker: load the handlers and run the tasks the server sends."""
@@ -683,5 +743,7 @@ def work(
             heartbeat=heartbeat,
             grace=grace,
             paths=paths,
+            secret_key=secret_key,
+            server_key=server_key,
         )
     )

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol
+from . import config, protocol, security
 from .errors import (
     ConfigError,
     InvalidRequest,
@@ -30,6 +31,7 @@ from .errors import (
     WaitTimeout,
     from_wire,
 )
+from .security import PeerKeys
 
 #: Longest single poll of the socket, seconds: ZeroMQ takes whole milliseconds in a C long, so
 #: a longer timeout is waited out in steps of this.
@@ -70,9 +72,13 @@ class Martinet:
         timeout: seconds to wait for each reply before raising ServerUnavailable.
         max_request_bytes: largest request sent, encoded; a larger one raises RequestTooLarge
             without being sent. Keep it equal to the server's ``--max-message-bytes``.
+        secret_key, server_key: this client's ``NAME.key_secret`` and the server's public ``.key``,
+            for a server with keys (CURVE); both or neither. A refused key, or keys on one side
+            only, raise AuthenticationFailed at the first request.
 
     Raises:
-        ConfigError: ``timeout`` is not a finite number >= 0, or ``max_request_bytes`` not an integer >= 1.
+        ConfigError: ``timeout`` is not a finite number >= 0, ``max_request_bytes`` not an integer >= 1,
+            or a key file is missing or unusable.
     """
 
     def __init__(
@@ -82,8 +88,11 @@ class Martinet:
         *,
         timeout: float = config.CLIENT_TIMEOUT,
         max_request_bytes: int = config.MAX_MESSAGE_BYTES,
+        secret_key: str | None = None,
+        server_key: str | None = None,
     ) -> None:
         host = martinet_url.removeprefix("tcp://").rstrip("/")
+        self._keys = PeerKeys.load(secret_key, server_key)
         self.endpoint = f"tcp://{host}:{int(client_port)}"
         self.timeout = _seconds(timeout, "the client timeout", ConfigError)
         if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
@@ -92,6 +101,9 @@ class Martinet:
         self._zmq = _zmq_module()
         self._context = self._zmq.Context.instance()
         self._socket: Any = None
+        # The socket's handshake monitor, and a poller for both.
+        self._monitor: Any = None
+        self._poller: Any = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._prefix = uuid.uuid4().hex[:12]
@@ -344,7 +356,10 @@ class Martinet:
                     f"no reply from the Martinet server at {self.endpoint} within {timeout:g} s: "
                     "is `martinet serve` running there, on that port?"
                 )
-            if not socket.poll(min(remaining, _POLL_STEP) * 1000):
+            ready = dict(self._poller.poll(min(remaining, _POLL_STEP) * 1000))
+            if self._monitor in ready:
+                self._check_handshake()
+            if socket not in ready:
                 continue
             try:
                 # A record holds what was submitted (up to max_request_bytes), a result, and texts.
@@ -370,11 +385,31 @@ class Martinet:
         if self._socket is None:
             socket = self._context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
+            if self._keys is not None:
+                self._keys.apply(socket)
+            self._monitor = security.monitor(socket)
+            self._poller = self._zmq.Poller()
+            self._poller.register(socket, zmq.POLLIN)
+            self._poller.register(self._monitor, zmq.POLLIN)
             socket.connect(self.endpoint)
             self._socket = socket
         return self._socket
 
+    def _check_handshake(self) -> None:
+        """Read the monitor's events; AuthenticationFailed (and a new socket next time) if a handshake failed."""
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            failure = security.handshake_failure(event, self.endpoint, keyed=self._keys is not None)
+            if failure is not None:
+                self._drop_socket()
+                raise failure
+
     def _drop_socket(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
-            self._socket = None
+            self._socket = self._monitor = self._poller = None

@@ -24,6 +24,7 @@ from . import __version__, config, protocol, timespec
 from .broker import Broker
 from .errors import InvalidRequest, MartinetError, ProtocolError
 from .scheduler import Scheduler
+from .security import Inbox
 from .store import Store, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,10 @@ class ClientEndpoint:
         max_bytes: int,
         list_limit_max: int,
         batch_max: int,
+        inbox: Inbox | None = None,
     ) -> None:
         self.socket = socket
+        self.inbox = inbox or Inbox(socket)
         self.store = store
         self.broker = broker
         self.scheduler = scheduler
@@ -119,10 +122,10 @@ class ClientEndpoint:
         database refused) rolls the turn back, and the others are then answered one by one, each in
         its own transaction, so that it costs no other request.
         """
-        frames = [self.socket.recv_multipart()]
+        frames = [self.inbox.recv()[0]]
         while len(frames) < self.batch_max:
             try:
-                frames.append(self.socket.recv_multipart(zmq.NOBLOCK))
+                frames.append(self.inbox.recv(zmq.NOBLOCK)[0])
             except zmq.Again:
                 break
         requests = [request for request in map(self._parse, frames) if request is not None]

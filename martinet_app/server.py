@@ -14,12 +14,14 @@ import gevent
 import gevent.event
 import zmq.green as zmq
 
-from . import __version__, config, protocol, timespec
+from . import __version__, config, keys, protocol, security, timespec
+from .auth import Authenticator
 from .broker import Broker
 from .endpoint import ClientEndpoint
 from .errors import ConfigError, MartinetError
 from .loops import forever
 from .scheduler import Scheduler
+from .security import CLIENT_DOMAIN, WORKER_DOMAIN, Inbox
 from .sink import StatusSink
 from .store import Store, redact
 
@@ -51,6 +53,10 @@ def run_server(
     retry_delay_max: float = config.RETRY_DELAY_MAX,
     max_message_bytes: int = config.MAX_MESSAGE_BYTES,
     max_deliveries: int = config.MAX_DELIVERIES,
+    secret_key: str | None = None,
+    client_keys: str | None = None,
+    worker_keys: str | None = None,
+    insecure: bool = False,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code.
 
@@ -58,8 +64,14 @@ def run_server(
     caps the backoff between retries. A larger message than ``max_message_bytes`` on any
     socket is refused (ZeroMQ drops the connection that sent it). A task whose worker is lost
     ``max_deliveries`` times fails instead of being delivered again.
+
+    ``secret_key`` (the server's ``*.key_secret``) makes every socket a CURVE server: the client
+    port takes the public keys in ``client_keys``, the worker and status ports those in
+    ``worker_keys`` (security.py). Without it, a ``bind`` off loopback is refused unless ``insecure``.
     """
     try:
+        security.check_bind(bind, secured=secret_key is not None, insecure=insecure)
+        curve = _server_keys(secret_key, client_keys, worker_keys)
         tzinfo = timespec.parse_tz(tz)
         defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
         store = Store.open(db_url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries)
@@ -71,13 +83,18 @@ def run_server(
         return EXIT_CONFIG
     context = zmq.Context()
     sockets: list[Any] = []
+    auth = None
+    if curve is not None:  # before the sockets bind: the first handshake asks it
+        auth = Authenticator(context, curve[1])
+        auth.start()
+    secret = None if curve is None else curve[0]
     try:
-        client = _bind(context, zmq.ROUTER, bind, client_port, sockets, max_message_bytes)
-        workers = _bind(context, zmq.ROUTER, bind, worker_port, sockets, max_message_bytes)
-        status = _bind(context, zmq.PULL, bind, status_port, sockets, max_message_bytes)
+        client = _bind(context, zmq.ROUTER, bind, client_port, sockets, max_message_bytes, secret, CLIENT_DOMAIN)
+        workers = _bind(context, zmq.ROUTER, bind, worker_port, sockets, max_message_bytes, secret, WORKER_DOMAIN)
+        status = _bind(context, zmq.PULL, bind, status_port, sockets, max_message_bytes, secret, WORKER_DOMAIN)
     except zmq.ZMQError as exc:
         log.error("cannot bind %s: %s (is another server running? choose other ports with --*-port)", bind, exc)
-        _close(sockets, context)
+        _close(sockets, context, auth)
         store.close()
         return EXIT_BIND
 
@@ -88,6 +105,7 @@ def run_server(
         liveness=config.HEARTBEAT_LIVENESS,
         max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
+        inbox=Inbox(workers, auth, WORKER_DOMAIN),
     )
     scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=config.SCHEDULER_MAX_SLEEP)
     endpoint = ClientEndpoint(
@@ -100,6 +118,7 @@ def run_server(
         max_bytes=max_message_bytes,
         list_limit_max=config.LIST_LIMIT_MAX,
         batch_max=config.BATCH_MAX,
+        inbox=Inbox(client, auth, CLIENT_DOMAIN),
     )
     sink = StatusSink(
         status,
@@ -109,6 +128,7 @@ def run_server(
         endpoint.notify_finished,
         max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
+        inbox=Inbox(status, auth, WORKER_DOMAIN),
     )
     broker.on_finished = endpoint.notify_finished
 
@@ -124,6 +144,11 @@ def run_server(
         redact(db_url),
         tzinfo,
     )
+    if auth is None:
+        log.info("no keys: anyone who can reach the ports can use them (%s)", "--insecure" if insecure else "loopback")
+    else:
+        log.info("CURVE on every port: client keys in %s, worker keys in %s", client_keys, worker_keys)
+        gevent.signal_handler(signal.SIGHUP, auth.reload)
     log.info(
         "task defaults: retries %d, retry delay %g s doubling up to %g s, timeout %s",
         defaults["retries"],
@@ -154,7 +179,7 @@ def run_server(
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopping: no new requests or dispatches; writing the status events in hand")
     _stop(loops, store, sink)
-    _close(sockets, context)
+    _close(sockets, context, auth)
     log.info("stopped")
     return EXIT_OK
 
@@ -214,9 +239,35 @@ def _task_defaults(retries: int, retry_delay: float, timeout: float | None, retr
         raise ConfigError(f"bad task default: {exc.message}") from None
 
 
-def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any], max_bytes: int) -> Any:
+def _server_keys(secret_key: str | None, client_keys: str | None, worker_keys: str | None) -> tuple[bytes, dict] | None:
+    """The server's secret key and the key directory of each ZAP domain; None without a secret key."""
+    if secret_key is None:
+        if client_keys or worker_keys:
+            raise ConfigError("--client-keys and --worker-keys need --secret-key, the server's own NAME.key_secret")
+        return None
+    if not client_keys or not worker_keys:
+        raise ConfigError(
+            "--secret-key needs --client-keys DIR and --worker-keys DIR: the public keys allowed on the client "
+            "port, and on the worker and status ports (one DIR may serve both)"
+        )
+    _, secret = keys.load_secret(secret_key)
+    return secret, {CLIENT_DOMAIN: keys.KeyDir(client_keys), WORKER_DOMAIN: keys.KeyDir(worker_keys)}
+
+
+def _bind(
+    context: Any,
+    kind: int,
+    host: str,
+    port: int,
+    sockets: list[Any],
+    max_bytes: int,
+    secret: bytes | None,
+    domain: str,
+) -> Any:
     socket = context.socket(kind)
     sockets.append(socket)
+    if secret is not None:
+        security.serve_curve(socket, secret, domain)
     socket.setsockopt(zmq.LINGER, 0)
     # Messages up to twice the limit are read, so that the sockets can answer or log "too large";
     # past that, ZeroMQ drops the connection that sent one, and memory stays bounded.
@@ -230,7 +281,9 @@ def _bind(context: Any, kind: int, host: str, port: int, sockets: list[Any], max
     return socket
 
 
-def _close(sockets: list[Any], context: Any) -> None:
+def _close(sockets: list[Any], context: Any, auth: Authenticator | None) -> None:
     for socket in sockets:
         socket.close(linger=0)
+    if auth is not None:
+        auth.stop()
     context.term()

@@ -14,10 +14,11 @@ from typing import Any
 
 import zmq.green as zmq
 
-from . import config, protocol
+from . import config, protocol, security
 from .broker import Broker
 from .errors import MartinetError, ProtocolError
 from .scheduler import Scheduler
+from .security import Inbox
 from .store import Applied, Store
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,10 @@ class StatusSink:
         *,
         max_bytes: int,
         batch_max: int,
+        inbox: Inbox | None = None,
     ) -> None:
         self.socket = socket
+        self.inbox = inbox or Inbox(socket)
         self.store = store
         self.broker = broker
         self.scheduler = scheduler
@@ -51,7 +54,7 @@ class StatusSink:
     def loop_once(self) -> None:
         """Block for one message, drain the rest that is readable, write them all in one transaction."""
         if not self._pending:
-            self._receive(self.socket.recv_multipart())
+            self._receive(*self.inbox.recv())
         self._drain(self.batch_max)
         self._write()
 
@@ -64,7 +67,7 @@ class StatusSink:
         """Receive what is readable without waiting, until ``limit`` events are pending (None: all)."""
         while limit is None or len(self._pending) < limit:
             try:
-                self._receive(self.socket.recv_multipart(zmq.NOBLOCK))
+                self._receive(*self.inbox.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return
 
@@ -135,9 +138,11 @@ class StatusSink:
             return Applied()
         return Applied(finished=[task_id]) if failed else Applied()
 
-    def _receive(self, frames: list[bytes]) -> None:
+    def _receive(self, frames: list[bytes], user_id: str | None) -> None:
         try:
             worker, events = protocol.parse_status_batch(frames, self.max_bytes)
+            if not security.bound_to_key(worker, user_id):
+                raise ProtocolError(f"status: worker {worker!r} is not the worker of the key that sent it")
         except ProtocolError as exc:
             self.rejections.reject(exc)
             return

@@ -25,10 +25,12 @@ import gevent
 import gevent.event
 import gevent.queue
 import zmq.green as zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol
-from .errors import HandlerError, ProtocolError
+from . import config, protocol, security
+from .errors import ConfigError, HandlerError, ProtocolError
 from .registry import Handler, Registry
+from .security import PeerKeys
 from .slots import Slot
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class Worker:
         handlers_dir: str | None = None,
         paths: Sequence[str] = (),
         worker_id: str | None = None,
+        secret_key: str | None = None,
+        server_key: str | None = None,
     ) -> None:
         host = url.removeprefix("tcp://").rstrip("/")
         self.worker_endpoint = f"tcp://{host}:{int(worker_port)}"
@@ -114,7 +118,11 @@ class Worker:
         self.paths = [os.path.abspath(path) for path in paths]
         self.registry = Registry()
         self.handler_names: list[str] = []
+        self.keys = PeerKeys.load(secret_key, server_key)
         self.id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if self.keys is not None:  # the server accepts this id only from this key (security.py)
+            self.id = f"{security.key_tag(self.keys.public)}/{self.id}"
+        self._watchers: list[gevent.Greenlet] = []
         self._slots: list[Slot] = []
         self._slot_loops: list[gevent.Greenlet] = []
         # Deliveries not yet started, in arrival order; the slots' greenlets take them.
@@ -159,7 +167,7 @@ class Worker:
         """
         self._start_slots()
         context = zmq.Context()
-        status = context.socket(zmq.PUSH)
+        status = self._socket(context, zmq.PUSH)
         status.setsockopt(zmq.SNDHWM, 0)  # never block or drop a status event while the server is away
         status.setsockopt(zmq.LINGER, int(STATUS_LINGER * 1000))
         status.connect(self.status_endpoint)
@@ -185,6 +193,7 @@ class Worker:
             self._outbox_ready.set()
             pusher.join(timeout=STATUS_LINGER)
             status.close()
+            gevent.killall(self._watchers)
             context.term()
             log.info("worker %s stopped", self.id)
 
@@ -229,13 +238,38 @@ class Worker:
     def _connect(self, context: Any, old: Any) -> Any:
         if old is not None:
             old.close(linger=0)
-        sock = self._sock = context.socket(zmq.DEALER)
+        sock = self._sock = self._socket(context, zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         sock.connect(self.worker_endpoint)
         slots = 0 if self._stopping.is_set() else self.concurrency
         self._send(sock, protocol.READY, self._ready_body(slots=slots))
         return sock
+
+    def _socket(self, context: Any, kind: int) -> Any:
+        """A socket to the server: with this worker's keys, and a greenlet logging its failed handshakes."""
+        sock = context.socket(kind)
+        if self.keys is not None:
+            self.keys.apply(sock)
+        self._watchers = [watcher for watcher in self._watchers if not watcher.dead]
+        self._watchers.append(gevent.spawn(self._watch_handshakes, security.monitor(sock)))
+        return sock
+
+    def _watch_handshakes(self, monitor: Any) -> None:
+        """Log why the server refused this worker (at most once a minute); it keeps trying, the key may be added."""
+        endpoint = self.worker_endpoint
+        next_log = 0.0
+        try:
+            while True:
+                event = parse_monitor_message(monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:  # its socket was closed
+                    return
+                failure = security.handshake_failure(event, endpoint, keyed=self.keys is not None)
+                if failure is not None and time.monotonic() >= next_log:
+                    log.error("%s; retrying", failure.message)
+                    next_log = time.monotonic() + 60
+        finally:
+            monitor.close(linger=0)
 
     def _ready_body(self, slots: int) -> dict:
         return {
@@ -501,26 +535,31 @@ def run_worker(
     heartbeat: float = config.HEARTBEAT_INTERVAL,
     grace: float = config.WORKER_GRACE,
     paths: Sequence[str] = (),
+    secret_key: str | None = None,
+    server_key: str | None = None,
 ) -> int:
     """Load the handlers in ``handlers_dir`` and serve until stopped; returns the exit code.
 
     ``paths`` are folders put first on ``sys.path`` of the handler processes, where handlers find
     extra packages (e.g. ``pip install --target DIR``): the executable bundles only Martinet's own.
+    ``secret_key`` and ``server_key`` are this worker's ``*.key_secret`` and the server's ``.key``.
     """
-    worker = Worker(
-        url,
-        worker_port,
-        status_port,
-        concurrency=concurrency,
-        prefetch=prefetch,
-        heartbeat=heartbeat,
-        grace=grace,
-        handlers_dir=handlers_dir,
-        paths=paths,
-    )
     try:
+        worker = Worker(
+            url,
+            worker_port,
+            status_port,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            heartbeat=heartbeat,
+            grace=grace,
+            handlers_dir=handlers_dir,
+            paths=paths,
+            secret_key=secret_key,
+            server_key=server_key,
+        )
         worker.run()
-    except HandlerError as exc:
+    except (HandlerError, ConfigError) as exc:
         log.error("cannot start the worker: %s", exc.message)
         return EXIT_HANDLERS
     return EXIT_OK

@@ -270,3 +270,30 @@ def test_handler_folder_without_python_errors_cleanly(box: Box):
     )  # fmt: skip
     assert result.returncode == 2
     assert "definitely_not_installed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_keys_from_the_executable(box: Box, tmp_path: Path):
+    for name, role in (("server", None), ("cli", "client"), ("w", "worker")):
+        made = box.run("keygen", name, "--dir", "own", client=False)
+        assert made.returncode == 0, made.stderr
+        if role is not None:
+            (box.root / role).mkdir()
+            shutil.copy(box.root / "own" / f"{name}.key", box.root / role)
+    assert box.run("keygen", "w", "--dir", "own", client=False).returncode == 2, "never overwrites a key"
+    own = box.root / "own"  # absolute: the processes run in the repository, the commands in the box
+    peer = lambda name: ("--secret-key", f"{own}/{name}.key_secret", "--server-key", f"{own}/server.key")  # noqa: E731
+    ports = ("--worker-port", str(box.ports["worker"]), "--status-port", str(box.ports["status"]))
+    server = box.start("serve", "--db", f"sqlite:///{tmp_path / 'keys.db'}", "--client-port", str(box.ports["client"]),
+                       *ports, "--secret-key", f"{own}/server.key_secret", "--client-keys", str(box.root / "client"),
+                       "--worker-keys", str(box.root / "worker"), "--heartbeat", "0.2", name="server")  # fmt: skip
+    wait_until(lambda: box.run("ping", "--timeout", "0.5", *peer("cli")).returncode == 0, what="the frozen server")
+    worker = box.start("work", "--handlers", str(box.handlers), "--path", str(box.vendor), *ports, *peer("w"),
+                       "--heartbeat", "0.2", name="worker")  # fmt: skip
+    try:
+        done = box.run("execute", "stdlib_tour", "--args", '{"name": "key"}', "--wait", "--json", *peer("cli"))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["result"]["vendored"] == "hello, key"
+        refused = box.run("ping", "--timeout", "5")
+        assert refused.returncode == 6 and "the server uses keys" in refused.stderr
+    finally:
+        assert worker.terminate() == 0 and server.terminate() == 0

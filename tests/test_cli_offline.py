@@ -28,6 +28,7 @@ VERBS = (
     "ping",
     "serve",
     "work",
+    "keygen",
 )
 
 
