@@ -326,10 +326,11 @@ def _tasks_text(tasks: list[dict]) -> str:
 
 
 def _workers_text(workers: list[dict]) -> str:
-    headers = ("ID", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN")
+    headers = ("ID", "KEY", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN")
     rows = [
         [
             _cell(w.get("id")),
+            _cell(w.get("key")),
             _cell(w.get("host")),
             _cell(w.get("pid")),
             _cell(w.get("slots")),

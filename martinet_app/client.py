@@ -304,6 +304,12 @@ class Martinet:
         with self._lock:
             self._drop_socket()
 
+    def __del__(self) -> None:
+        # A client dropped without close() must not leave its sockets (three, with the handshake monitor)
+        # in the process's shared context, which holds at most 1023. Not in a forked child: not its sockets.
+        if getattr(self, "_socket", None) is not None and self._pid == os.getpid():
+            self._drop_socket()
+
     def __enter__(self) -> Martinet:
         return self
 

@@ -169,8 +169,6 @@ def handshake_failure(event: dict, endpoint: str, keyed: bool) -> Authentication
         if keyed:
             why = "this peer uses keys and the server does not, or its --server-key is not the server's"
         else:
-            why = (
-                "the server uses keys (CURVE): pass --secret-key and --server-key (or MARTINET_SECRET_KEY/_SERVER_KEY)"
-            )
+            why = "the server uses keys (CURVE): pass --secret-key and --server-key (or their MARTINET_* variables)"
         return AuthenticationFailed(f"the handshake with the server at {endpoint} failed: {why}")
     return None

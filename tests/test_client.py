@@ -162,3 +162,9 @@ def test_iter_tasks_does_not_list_tasks_added_meanwhile(cluster: Cluster) -> Non
     seen += [t["id"] for t in pages]
     assert seen == sorted(ids, reverse=True) and added not in seen
     assert list(client.iter_tasks(status="running")) == []
+
+
+def test_clients_dropped_without_close_leave_no_sockets(sqlite_cluster: Cluster) -> None:
+    # More clients than a ZeroMQ context holds sockets (1023), each with its handshake monitor.
+    for _ in range(1200):
+        Martinet("127.0.0.1", sqlite_cluster.server.client_port, timeout=REPLY_TIMEOUT).ping()

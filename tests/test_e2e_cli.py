@@ -230,8 +230,9 @@ def test_workers_shows_the_running_worker(sqlite_cluster: Cluster) -> None:
     assert ok(sqlite_cluster, "workers") == "no workers\n"
     worker = sqlite_cluster.start_worker()
     table = ok(sqlite_cluster, "workers").splitlines()
-    assert table[0].split() == ["ID", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN"]
-    assert len(table) == 2 and table[1].split()[2] == str(worker.pid)
+    assert table[0].split() == ["ID", "KEY", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN"]
+    row = table[1].split()
+    assert len(table) == 2 and (row[1], row[3]) == ("-", str(worker.pid)), "no key on an open server"
     (info,) = ok_json(sqlite_cluster, "workers")
     assert info["pid"] == worker.pid
     assert {"echo", "steps", "explode", "nap", "ledger"} <= set(info["handlers"])
