@@ -4,8 +4,9 @@ Runs every workload for every system REPS times, alternating the systems within 
 (the order rotates), each run a fresh bench/drive.py process in that system's virtualenv (Martinet:
 .venv, Huey: bench/.venv). Prints a table of medians and the Martinet/Huey ratio of each row.
 Settings (environment): REPS (3), WORKLOADS (drain stream bulk latency timing-spread timing-burst;
-bulk and scale run Martinet only), and drive.py's N (2000), DRAIN_N (20000), LATENCY_N (300),
-TIMING_N (500), SCALE_N (1000000), SLOTS (4), CONCURRENCY (16); a Redis server must answer on 127.0.0.1:6379
+bulk and scale run Martinet only; drain and latency run Martinet with CURVE keys too, as
+martinet-curve), and drive.py's N (2000), DRAIN_N (20000), LATENCY_N (300), TIMING_N (500),
+SCALE_N (1000000), SLOTS (4), CONCURRENCY (16); a Redis server must answer on 127.0.0.1:6379
 (BENCH_REDIS_URL names another) when a Huey system runs.
 
 `make bench-scale` is WORKLOADS=scale with REPS=1 unless given: a second table, Martinet with an
@@ -29,11 +30,14 @@ ROOT = BENCH.parent
 REPS = int(os.environ.get("REPS", "3"))
 SYSTEMS = {
     "martinet": ROOT / ".venv" / "bin" / "python",
+    "martinet-curve": ROOT / ".venv" / "bin" / "python",
     "huey-sqlite": BENCH / ".venv" / "bin" / "python",
     "huey-redis": BENCH / ".venv" / "bin" / "python",
 }
 WORKLOADS = os.environ.get("WORKLOADS", "drain stream bulk latency timing-spread timing-burst").split()
 MARTINET_ONLY = {"bulk", "scale"}
+#: Workloads Martinet also runs with CURVE keys on every socket (the keys' cost, beside the run without).
+CURVE_WORKLOADS = {"drain", "latency"}
 # (label, workload, key, scale, higher is better)
 ROWS = [
     ("drain, tasks/s", "drain", "tasks_per_s", 1, True),
@@ -102,18 +106,20 @@ def median(values: list[float], scale: float) -> float | None:
 
 
 def systems_for(workload: str) -> list[str]:
-    return ["martinet"] if workload in MARTINET_ONLY else list(SYSTEMS)
+    if workload in MARTINET_ONLY:
+        return ["martinet"]
+    return [system for system in SYSTEMS if system != "martinet-curve" or workload in CURVE_WORKLOADS]
 
 
 def table(results: dict[tuple[str, str], list[dict]]) -> list[str]:
     """The main table: one row per ROWS entry that was run, medians and Martinet/Huey ratios."""
-    header = ["", "Martinet", "Huey SQLite", "Huey Redis", "Martinet/HueySQLite", "Martinet/HueyRedis"]
+    header = ["", "Martinet", "with keys", "Huey SQLite", "Huey Redis", "Martinet/HueySQLite", "Martinet/HueyRedis"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, workload, key, scale, _higher in ROWS:
         if workload not in WORKLOADS:
             continue
         medians = [median([r[key] for r in results.get((s, workload), []) if key in r], scale) for s in SYSTEMS]
-        ratios = [f"{medians[0] / other:.2f}" if medians[0] is not None and other else "-" for other in medians[1:]]
+        ratios = [f"{medians[0] / other:.2f}" if medians[0] is not None and other else "-" for other in medians[2:]]
         lines.append("| " + " | ".join([label, *map(fmt, medians), *ratios]) + " |")
     return lines
 

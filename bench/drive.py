@@ -1,6 +1,7 @@
 """One benchmark run of one system and one workload; bench/compare.py starts it and reads its JSON.
 
     python bench/drive.py martinet WORKLOAD    (the product's .venv)
+    python bench/drive.py martinet-curve WORKLOAD (the same with CURVE keys on every socket)
     python bench/drive.py huey-sqlite WORKLOAD (bench/.venv)
     python bench/drive.py huey-redis WORKLOAD  (bench/.venv)
 
@@ -196,24 +197,25 @@ def iso_utc(epoch: float) -> str:
 
 
 class MartinetSide:
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, tmp: str, *, curve: bool = False) -> None:
         from martinet_app.client import Martinet
 
         self.ports = [free_port() for _ in range(3)]
         self.path = f"{tmp}/martinet.db"
         python = str(ROOT / ".venv" / "bin" / "python")
         client, worker, status = (str(p) for p in self.ports)
-        self.m = Martinet("127.0.0.1", self.ports[0], timeout=60)
+        client_keys, worker_flags, server_flags = _keys(Path(tmp)) if curve else ({}, [], [])
+        self.m = Martinet("127.0.0.1", self.ports[0], timeout=60, **client_keys)
         spawned = time.perf_counter()
         self.server = subprocess.Popen(
             [python, "-m", "martinet_app", "serve", "--client-port", client, "--worker-port", worker,
-             "--status-port", status, "--db", f"sqlite:///{self.path}", "--log-level", "warning"],
+             "--status-port", status, "--db", f"sqlite:///{self.path}", "--log-level", "warning", *server_flags],
             cwd=ROOT,
         )  # fmt: skip
         self.worker_cmd = [
             python, "-m", "martinet_app", "work", "--handlers", str(BENCH / "handlers"),
             "--concurrency", str(SLOTS), "--worker-port", worker, "--status-port", status,
-            "--log-level", "warning",
+            "--log-level", "warning", *worker_flags,
         ]  # fmt: skip
         self.worker: subprocess.Popen | None = None
         until(self._pings, "the Martinet server")
@@ -294,11 +296,28 @@ class MartinetSide:
         stop(self.server)
 
 
-def martinet(workload: str) -> dict:
+def _keys(tmp: Path) -> tuple[dict, list[str], list[str]]:
+    """CURVE keys in ``tmp``: the client's keyword arguments, the worker's flags and the server's flags."""
+    from martinet_app import keys
+
+    for name, role in (("server", None), ("client", "client-keys"), ("worker", "worker-keys")):
+        public, _ = keys.generate(name, tmp / "own")
+        if role:
+            (tmp / role).mkdir()
+            (tmp / role / public.name).write_bytes(public.read_bytes())
+    own = tmp / "own"
+    client = {"secret_key": str(own / "client.key_secret"), "server_key": str(own / "server.key")}
+    worker = ["--secret-key", str(own / "worker.key_secret"), "--server-key", str(own / "server.key")]
+    server = ["--secret-key", str(own / "server.key_secret"), "--client-keys", str(tmp / "client-keys"),
+              "--worker-keys", str(tmp / "worker-keys")]  # fmt: skip
+    return client, worker, server
+
+
+def martinet(workload: str, *, curve: bool = False) -> dict:
     if workload == "scale":
         return scale()
     with tempfile.TemporaryDirectory(prefix="martinet-bench-") as tmp:
-        side = MartinetSide(tmp)
+        side = MartinetSide(tmp, curve=curve)
         try:
             result = run_martinet(side, workload)
             result.update(side.rss())
@@ -547,9 +566,9 @@ def run_huey(side: HueySide, workload: str) -> dict:
 
 def main() -> None:
     system, workload = sys.argv[1], sys.argv[2]
-    if system == "martinet":
+    if system in ("martinet", "martinet-curve"):
         sys.path.insert(0, str(ROOT))
-        result = martinet(workload)
+        result = martinet(workload, curve=system == "martinet-curve")
     elif system in ("huey-sqlite", "huey-redis"):
         result = huey(system.removeprefix("huey-"), workload)
     else:
