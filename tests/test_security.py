@@ -112,7 +112,7 @@ def test_an_unknown_key_and_no_keys_are_refused_clearly(secured: Cluster, curve:
         Martinet("127.0.0.1", secured.server.client_port, timeout=5.0).execute({"name": "echo"})
     assert time.monotonic() - started < 5, "refused at the handshake, not after a timeout"
     assert secured.client.list() == []
-    wait_until(lambda: "mallory" in secured.server.log() or "refused" in secured.server.log(), what="the refusal log")
+    wait_until(lambda: "refused a CURVE key on the client port" in secured.server.log(), what="the refusal logged")
 
 
 def test_a_refused_worker_gets_no_task_until_an_allowed_one_comes(secured: Cluster, curve: Keys) -> None:
@@ -120,6 +120,7 @@ def test_a_refused_worker_gets_no_task_until_an_allowed_one_comes(secured: Clust
     task_id = m.execute({"name": "echo"}, {"n": 1})
     bad = secured.start_worker(*curve.peer_args("mallory"), wait=False)
     wait_until(lambda: "refused this peer's key" in bad.log(), what="the worker to log its refusal")
+    wait_until(lambda: "refused a CURVE key on the worker or status port" in secured.server.log(), what="the server's")
     assert m.status(task_id)["status"] == "queued" and m.workers() == []
     secured.start_worker(*curve.peer_args("w2"))
     assert m.wait(task_id, timeout=15)["status"] == "succeeded"
