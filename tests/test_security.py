@@ -254,9 +254,12 @@ def test_serving_off_loopback_without_keys_is_refused(tmp_path: Path, where: str
     server = Server(db, tmp_path / "open.log", "--insecure")
     server.args[server.args.index("--bind") + 1] = bind
     server.start()
-    with Martinet("127.0.0.1" if bind == "0.0.0.0" else bind, server.client_port, timeout=0.5) as m:
-        wait_until(lambda: _answers(m), what=f"the open server on {bind} to answer")
-    assert server.terminate() == 0
+    try:
+        with Martinet("127.0.0.1" if bind == "0.0.0.0" else bind, server.client_port, timeout=0.5) as m:
+            wait_until(lambda: _answers(m), what=f"the open server on {bind} to answer")
+    finally:
+        status = server.terminate()
+    assert status == 0
 
 
 def test_hostile_input_against_a_server_with_keys(secured: Cluster, curve: Keys) -> None:
