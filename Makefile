@@ -59,4 +59,4 @@ bench-startup: build
 	$(BIN)/python bench/startup.py
 
 clean:
-	rm -rf $(VENV) bench/.venv build dist .pytest_cache martinet.db martinet.db-wal martinet.db-shm
+	rm -rf $(VENV) bench/.venv build dist .pytest_cache martinet.db martinet.db-wal martinet.db-shm martinet.db.lock

@@ -6,9 +6,11 @@ scheduler. This module only wires them together and handles start and stop.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
-from typing import Any
+from typing import IO, Any
 
 import gevent
 import gevent.event
@@ -73,6 +75,7 @@ def run_server(
         security.check_bind(bind, secured=secret_key is not None, insecure=insecure)
         curve = _server_keys(secret_key, client_keys, worker_keys)
         tzinfo = timespec.parse_tz(tz)
+        alone = _serve_alone(db_url)
         defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
         store = Store.open(db_url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries)
     except MartinetError as exc:
@@ -180,6 +183,8 @@ def run_server(
     log.info("stopping: no new requests or dispatches; writing the status events in hand")
     _stop(loops, store, sink)
     _close(sockets, context, auth)
+    if alone is not None:  # last: the store is closed, another server may have the file
+        alone.close()
     log.info("stopped")
     return EXIT_OK
 
@@ -237,6 +242,36 @@ def _task_defaults(retries: int, retry_delay: float, timeout: float | None, retr
         )
     except MartinetError as exc:
         raise ConfigError(f"bad task default: {exc.message}") from None
+
+
+def _serve_alone(db_url: str) -> IO[str] | None:
+    """On SQLite, a lock beside the database file, held while this server runs; ConfigError if another holds it.
+
+    SQLite takes one server: two would each think they own every running task. flock, not fcntl's
+    locks: those are SQLite's own, and closing any descriptor of the file would drop them.
+    """
+    if not db_url.startswith("sqlite:///"):
+        return None
+    path = db_url.removeprefix("sqlite:///")
+    try:
+        lock = open(f"{path}.lock", "a+")  # noqa: SIM115 - held open for the life of the server
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}.lock beside the SQLite database: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise ConfigError(
+            f"the SQLite database {path} is served by another martinet serve (pid {holder}): SQLite takes one "
+            "server at a time; stop that one, or serve several from PostgreSQL (--db postgresql://...)"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def _server_keys(secret_key: str | None, client_keys: str | None, worker_keys: str | None) -> tuple[bytes, dict] | None:

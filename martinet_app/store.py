@@ -43,6 +43,8 @@ SQLITE_BUSY_TIMEOUT = 0.25
 #: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
 #: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT).
 SCHEMA_VERSION = 3
+#: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
+_SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
 ERRORS_KEPT = 20
 #: Characters of a task's ``error`` that a ``list`` summary carries.
@@ -220,7 +222,14 @@ class Store:
         return store
 
     def _create_or_migrate(self) -> None:
-        """Create missing tables, bring an older schema up to SCHEMA_VERSION, refuse a newer one."""
+        """Create missing tables, bring an older schema up to SCHEMA_VERSION, refuse a newer one.
+
+        On PostgreSQL, under a lock held to the end of the transaction: servers starting together
+        on one database create or migrate the schema one after the other (without it, both try to
+        create the same tables and one fails on PostgreSQL's own catalog).
+        """
+        if isinstance(self.db, pw.PostgresqlDatabase):
+            self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         found = Meta.get_or_none(Meta.key == "schema_version") if self.db.table_exists("meta") else None
         version = None if found is None else int(found.value)
         if version is not None and version > SCHEMA_VERSION:
