@@ -250,9 +250,9 @@ def _serve_alone(db_url: str) -> IO[str] | None:
     SQLite takes one server: two would each think they own every running task. flock, not fcntl's
     locks: those are SQLite's own, and closing any descriptor of the file would drop them.
     """
-    if not db_url.startswith("sqlite:///"):
-        return None
     path = db_url.removeprefix("sqlite:///")
+    if path == db_url or path == ":memory:":  # not SQLite, or a database no other process can open
+        return None
     try:
         lock = open(f"{path}.lock", "a+")  # noqa: SIM115 - held open for the life of the server
     except OSError as exc:

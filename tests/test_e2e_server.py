@@ -143,6 +143,7 @@ def test_port_in_use_is_reported(sqlite_cluster: Cluster):
     )
     assert result.returncode == 3
     assert "cannot bind" in result.stderr and "Traceback" not in result.stderr
+    assert not (ROOT / ":memory:.lock").exists(), "an in-memory database needs no lock file"
 
 
 def test_settings_come_from_the_environment(tmp_path):
