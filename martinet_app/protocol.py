@@ -312,16 +312,11 @@ def check_args(args: Any) -> dict:
 
 
 def check_id(value: Any, what: str) -> int:
-    """A positive integer id from a request; InvalidRequest otherwise. An id beyond any stored one is a
-    TaskNotFound for the caller to raise (see :func:`id_in_range`)."""
+    """A positive integer id from a request; InvalidRequest otherwise (an id past config.MAX_ID is the
+    store's TaskNotFound)."""
     if not _is_int(value) or value < 1:
         raise InvalidRequest(f"{what} must be a positive integer, got {value!r:.80}")
     return value
-
-
-def id_in_range(value: int) -> bool:
-    """Whether an id fits the store's 64-bit integer columns (larger ids match nothing)."""
-    return value <= config.MAX_ID
 
 
 def check_string(request: dict, key: str, *, required: bool, max_chars: int | None = None) -> str | None:

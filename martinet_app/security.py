@@ -15,6 +15,7 @@ another's deliveries, across server restarts too.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket as pysocket
@@ -71,6 +72,7 @@ class PeerKeys:
         sock.curve_serverkey = self.server
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every worker message: one decode per key, not per message
 def key_tag(public: bytes | str) -> str:
     """The tag a worker id begins with: hex of the first bytes of its public key (z85)."""
     text = public.decode() if isinstance(public, bytes) else public

@@ -82,6 +82,8 @@ class Worker:
         handlers_dir: folder of handler modules the handler processes import (see registry.py);
             handlers can also be added with :meth:`on`.
         paths: folders put first on the handler processes' ``sys.path``.
+        secret_key, server_key: this worker's ``NAME.key_secret`` and the server's public ``.key``,
+            for a server with keys (both or neither); the worker's id then begins with its key's tag.
     """
 
     def __init__(

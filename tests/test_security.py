@@ -228,7 +228,8 @@ def test_a_removed_key_is_refused_at_its_next_message(secured: Cluster, curve: K
     wait_until(lambda: m.workers() == [], what="the worker to lose its slots")
     assert "its key is no longer allowed" in secured.server.log()
     task_id = m.execute({"name": "echo"})
-    time.sleep(1.0)  # the refused worker keeps trying: for a while, it must not get the task
+    # It hears nothing more, reconnects, and its handshake is refused: still no task for it.
+    wait_until(lambda: "refused this peer's key" in worker.log(), what="the worker to be refused at the handshake")
     assert m.status(task_id)["status"] == "queued" and worker.running()
 
 
