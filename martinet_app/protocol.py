@@ -48,6 +48,9 @@ FINAL_EVENTS = frozenset({SUCCEEDED, FAILED})
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 # Client operations and the request fields each one accepts (besides v, id, op).
+#: Requests that change the store: each may carry a ``request_key``, and a second request with the same
+#: key (a client retrying on another server after a timeout) gets the first one's reply instead of running again.
+MUTATING_OPS = frozenset({"execute", "execute_many", "schedule", "every", "cancel", "retry", "revoke"})
 CLIENT_OPS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
     "execute": frozenset({"task", "args", "options"}),
@@ -63,10 +66,12 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
     "recurring": frozenset(),
     "revoke": frozenset({"recurring_id"}),
 }
+CLIENT_OPS = {op: fields | {"request_key"} if op in MUTATING_OPS else fields for op, fields in CLIENT_OPS.items()}
 
-#: Keys allowed in a task's metadata dict; ``run_at`` only for ``every``.
-TASK_META_KEYS = frozenset({"name", "username", "description"})
-RECURRING_META_KEYS = TASK_META_KEYS | {"run_at"}
+#: Keys allowed in a task's metadata dict: ``key`` (idempotency: unique among tasks not yet final) only
+#: for one-off tasks, ``run_at`` only for ``every``.
+TASK_META_KEYS = frozenset({"name", "username", "description", "key"})
+RECURRING_META_KEYS = TASK_META_KEYS - {"key"} | {"run_at"}
 #: Keys allowed in a task's ``options``: its retry, timeout and priority policy.
 TASK_OPTION_KEYS = frozenset({"retries", "retry_delay", "timeout", "priority"})
 # Integer options are stored in 32-bit INTEGER columns (PostgreSQL).
@@ -235,6 +240,8 @@ def check_client_request(request: dict, size: int, max_bytes: int) -> None:
     unknown = set(request) - CLIENT_OPS[op] - {"v", "id", "op"}
     if unknown:
         raise InvalidRequest(f"unknown field(s) for {op!r}: {', '.join(sorted(unknown)):.200}")
+    if request.get("request_key") is not None:
+        check_string(request, "request_key", required=True, max_chars=config.MAX_NAME_CHARS)
 
 
 def reply(envelope: list[bytes], request_id: Any, result: dict | None = None, error: dict | None = None) -> list[bytes]:
@@ -280,7 +287,7 @@ def check_task_meta(meta: Any, *, recurring: bool) -> dict:
 
 
 #: Metadata kept in VARCHAR(255) columns (the others are TEXT).
-_BOUNDED_META = frozenset({"username", "run_at"})
+_BOUNDED_META = frozenset({"username", "run_at", "key"})
 
 
 def check_many(entries: Any, limit: int) -> list[tuple[dict, dict]]:
