@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint build bench bench-scale bench-floors bench-startup clean
+.PHONY: install run test lint build bench bench-scale bench-floors bench-startup bench-cluster clean
 
 install: $(STAMP)
 
@@ -53,6 +53,12 @@ bench-scale: $(STAMP)
 # fastest durable submit, and Martinet's ping and execute (bench/floors.py).
 bench-floors: $(STAMP)
 	$(BIN)/python bench/floors.py
+
+# Drain and stream with 1 and 2 servers on one PostgreSQL (database bench_cluster at 127.0.0.1:5432, emptied
+# before each run), one worker per server: tasks/s and CPU per 1,000 tasks of each process and of PostgreSQL
+# (bench/cluster.py; REPS, DRAIN_N, STREAM_N, SERVERS, CLUSTER_TIMEOUT, CLUSTER_CODE=tree for uncommitted code).
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/cluster.py
 
 # Start-up time of dist/martinet and of the virtualenv's script (figures in the README's build section).
 bench-startup: build

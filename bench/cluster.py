@@ -1,0 +1,655 @@
+"""Martinet servers sharing one PostgreSQL: drain and stream with 1 and 2 servers (`make bench-cluster`).
+
+    .venv/bin/python bench/cluster.py [--reps 3] [--drain-n 20000] [--stream-n 3000] [--servers 1 2]
+
+Each run starts from an empty database (``bench_cluster`` on PostgreSQL at 127.0.0.1:5432, user
+postgres, created if missing; its ``public`` schema is dropped and created again), then K servers
+(``martinet serve --db postgresql://... --bind 127.0.0.K``, the same free ports on every address)
+and, per server, one worker (``martinet work --url 127.0.0.K --handlers bench/handlers``, 4 slots,
+automatic prefetch), running bench/drive.py's no-op handler, which returns the time its handler
+started.
+
+- drain: N tasks submitted with ``execute_many`` (chunks of 1,000) while no worker runs, split
+  evenly between the servers; then every worker is started at once, and the time runs until no
+  task is scheduled, queued or running (worker start-up included, as in bench/drive.py).
+- stream: workers running (each warmed up with one task through its own server); one producer
+  submits N tasks one ``execute`` at a time, round-robin over one client per server; the time runs
+  from the first submit until no task is left unfinished. Also submit -> handler start, p50/p99,
+  from each task's submit time and its result (read afterwards, outside the timed phase).
+
+Completion is watched on PostgreSQL itself (an EXISTS query every 20 ms on this script's own
+connection, whose backend is left out of PostgreSQL's CPU figures), so the watching costs no
+Martinet CPU. CPU seconds per 1,000 tasks over the timed phase, from /proc/PID/stat (user +
+system, with reaped children): each server; each worker with its handler processes; PostgreSQL as
+every process whose command name is ``postgres`` (the postmaster's reaped children included, so
+backends that end during the phase count); this script (the producer); and the machine's busy
+cores from /proc/stat. A run whose tasks do not all finish within ``--timeout`` seconds is
+reported as incomplete (with what it saw: tasks by status, server and worker log lines) and the
+benchmark goes on.
+
+Prints a table of medians and writes every run as JSON to bench/results/cluster-<UTC time>.json.
+Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SERVERS ("1 2"), CLUSTER_WORKLOADS
+("drain stream"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import drive
+
+BENCH = drive.BENCH
+ROOT = drive.ROOT
+MARTINET = str(ROOT / ".venv" / "bin" / "martinet")
+MARTINET_PYTHON = str(ROOT / ".venv" / "bin" / "python")
+DATABASE = "bench_cluster"
+WATCH = 0.02  # seconds between completion checks on PostgreSQL
+UNFINISHED = ("scheduled", "queued", "running")
+RESULTS = BENCH / "results"
+#: Where the servers, workers and handler processes run (and import martinet_app from, with --code head).
+CODE = {"cwd": ROOT}
+
+
+# ------------------------------------------------------------------ CPU from /proc
+
+
+def stat_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime of one process, seconds (0 if it is gone); no live children."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / drive.CLOCK_TICKS
+
+
+def postgres_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+    return pids
+
+
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds of every live postgres process; the postmaster's figure holds its reaped children."""
+    return {pid: stat_cpu(pid) for pid in postgres_pids()}
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat (iowait counts as idle)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def connect(base: str, dbname: str) -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(f"{base}/{dbname}", connect_timeout=5, application_name="martinet-bench-cluster")
+    conn.autocommit = True
+    return conn
+
+
+def reset_database(base: str) -> None:
+    """Create DATABASE if missing, and empty it: its public schema dropped and created again."""
+    with contextlib.closing(connect(base, "postgres")) as admin, admin.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+        if cur.fetchone() is None:
+            cur.execute(f"CREATE DATABASE {DATABASE}")
+    with contextlib.closing(connect(base, DATABASE)) as conn, conn.cursor() as cur:
+        cur.execute("SET lock_timeout = '10s'")
+        cur.execute("DROP SCHEMA IF EXISTS public CASCADE")
+        cur.execute("CREATE SCHEMA public")
+
+
+class Watch:
+    """This script's own connection to the benchmark's database: completion checks and the figures after a run."""
+
+    def __init__(self, base: str) -> None:
+        self.conn = connect(base, DATABASE)
+        self.pid = self.query("SELECT pg_backend_pid()")[0][0]
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+    def unfinished(self) -> bool:
+        return self.query("SELECT EXISTS (SELECT 1 FROM task WHERE status IN %s)", (UNFINISHED,))[0][0]
+
+    def wait_finished(self, timeout: float) -> bool:
+        """Wait until no task is unfinished; False if some still are after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.unfinished():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(WATCH)
+        return True
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.query("SELECT status, COUNT(*) FROM task GROUP BY status"))
+
+    def tasks(self) -> list[tuple]:
+        """(id, status, worker, attempts, result) of every task."""
+        return self.query("SELECT id, status, worker, attempts, result FROM task ORDER BY id")
+
+    def backends(self) -> dict[int, str]:
+        """pid -> what it serves: 'bench' (this database, but not this connection), 'other' (another
+        database's client backend); auxiliary processes (checkpointer, walwriter...) are left out."""
+        rows = self.query("SELECT pid, datname, backend_type FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        return {
+            pid: "bench" if datname == DATABASE else "other"
+            for pid, datname, backend_type in rows
+            if datname is not None and backend_type == "client backend"
+        }
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ------------------------------------------------------------------ the cluster
+
+
+def free_ports(count: int, hosts: list[str]) -> list[int]:
+    """``count`` TCP ports free on every one of ``hosts``."""
+    import socket
+
+    while True:
+        ports = [drive.free_port() for _ in range(count)]
+        try:
+            for host in hosts:
+                for port in ports:
+                    with socket.socket() as s:
+                        s.bind((host, port))
+        except OSError:
+            continue
+        if len(set(ports)) == count:
+            return ports
+
+
+class Cluster:
+    """``count`` servers on one PostgreSQL database, each on its own loopback address, and their workers."""
+
+    def __init__(self, count: int, db_url: str, slots: int, tmp: Path) -> None:
+        from martinet_app.client import Martinet
+
+        self.tmp = tmp
+        self.hosts = [f"127.0.0.{k + 1}" for k in range(count)]
+        self.ports = free_ports(3, self.hosts)
+        client, worker, status = (str(p) for p in self.ports)
+        self.logs: dict[str, Path] = {}
+        self.servers = [
+            self._spawn(f"server{k + 1}", [MARTINET, "serve", "--db", db_url, "--bind", host, "--client-port", client,
+                                           "--worker-port", worker, "--status-port", status, "--log-level", "warning"])
+            for k, host in enumerate(self.hosts)
+        ]  # fmt: skip
+        self.worker_cmds = [
+            [MARTINET, "work", "--handlers", str(BENCH / "handlers"), "--url", host, "--concurrency", str(slots),
+             "--worker-port", worker, "--status-port", status, "--log-level", "warning"]
+            for host in self.hosts
+        ]  # fmt: skip
+        self.workers: list[subprocess.Popen] = []
+        self.clients = [Martinet(host, self.ports[0], timeout=60) for host in self.hosts]
+        for k, m in enumerate(self.clients):
+            self._until(lambda m=m: _answers(m), 30, f"server {k + 1} to answer a ping")
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        self.logs[name] = self.tmp / f"{name}.log"
+        with self.logs[name].open("ab") as log:
+            return subprocess.Popen(cmd, cwd=CODE["cwd"], stdout=subprocess.DEVNULL, stderr=log)
+
+    def _until(self, check: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            dead = [name for name, proc in self._procs() if proc.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"gave up waiting for {what}" + (f": {', '.join(dead)} exited" if dead else ""))
+            time.sleep(0.05)
+
+    def _procs(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(f"server{k + 1}", p) for k, p in enumerate(self.servers)] + [
+            (f"worker{k + 1}", p) for k, p in enumerate(self.workers)
+        ]
+
+    def start_workers(self) -> None:
+        self.workers = [self._spawn(f"worker{k + 1}", cmd) for k, cmd in enumerate(self.worker_cmds)]
+
+    def workers_connected(self) -> dict[str, int]:
+        """Worker id -> the index of the server it is connected to (each server's own list)."""
+        self._until(lambda: all(m.workers() for m in self.clients), 30, "every worker to connect")
+        return {w["id"]: k for k, m in enumerate(self.clients) for w in m.workers()}
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each server, and of each worker with its handler processes."""
+        figures = {f"server{k + 1}": drive.cpu_s(p.pid) for k, p in enumerate(self.servers)}
+        return figures | {f"worker{k + 1}": drive.cpu_s(p.pid) for k, p in enumerate(self.workers)}
+
+    def log_tail(self, lines: int = 5) -> dict[str, dict]:
+        """Per process: how many lines it logged (WARNING and above) and the last ``lines`` of them."""
+        found = {}
+        for name, path in self.logs.items():
+            text = path.read_text(errors="replace").splitlines() if path.exists() else []
+            if text:
+                found[name] = {"lines": len(text), "last": text[-lines:]}
+        return found
+
+    def close(self) -> None:
+        for m in self.clients:
+            m.close()
+        for proc in self.workers:
+            drive.stop(proc)
+        for proc in self.servers:
+            drive.stop(proc)
+
+
+def _answers(m: Any) -> bool:
+    from martinet_app.errors import ServerUnavailable
+
+    try:
+        m.ping()
+        return True
+    except ServerUnavailable:
+        return False
+
+
+# ------------------------------------------------------------------ one run
+
+
+def snapshot(cluster: Cluster) -> dict:
+    return {
+        "martinet": cluster.cpu(),
+        "postgres": postgres_cpu(),
+        "machine": machine_ticks(),
+        "own": sum(os.times()[:2]),
+        "at": time.perf_counter(),
+    }
+
+
+def cpu_figures(before: dict, after: dict, watch: Watch, backends: dict[int, str], done: int) -> dict:
+    """CPU seconds per 1,000 finished tasks between two snapshots, per process and for PostgreSQL."""
+    scale = 1000 / max(done, 1)
+    per = {name: (after["martinet"][name] - before["martinet"].get(name, 0.0)) * scale for name in after["martinet"]}
+    pids = (set(before["postgres"]) | set(after["postgres"])) - {watch.pid}
+
+    def pg(keep: Any) -> float:
+        chosen = [p for p in pids if keep(p)]
+        return sum(after["postgres"].get(p, 0.0) - before["postgres"].get(p, 0.0) for p in chosen) * scale
+
+    busy = (after["machine"][0] - before["machine"][0]) / drive.CLOCK_TICKS
+    return {
+        "cpu_s_per_1000": per
+        | {
+            "martinet": sum(per.values()),
+            "postgres": pg(lambda p: True),
+            "harness": (after["own"] - before["own"]) * scale,
+        },
+        # PostgreSQL's figure split: this database's backends, other databases' (someone else's load), the rest
+        # (postmaster with the backends reaped meanwhile, checkpointer, walwriter, autovacuum...).
+        "postgres_split_per_1000": {
+            "bench_backends": pg(lambda p: backends.get(p) == "bench"),
+            "other_databases": pg(lambda p: backends.get(p) == "other"),
+            "rest": pg(lambda p: p not in backends),
+        },
+        "machine_busy_cores": busy / (after["at"] - before["at"]),
+    }
+
+
+def outcome(cluster: Cluster, watch: Watch, owners: dict[int, int], worker_server: dict[str, int]) -> dict:
+    """What the store holds after a run: tasks by status, by worker's server, run via another server, redelivered."""
+    rows = watch.tasks()
+    by_server = [0] * len(cluster.servers)
+    elsewhere = redelivered = 0
+    for task_id, _status, worker, attempts, _result in rows:
+        if worker in worker_server:
+            by_server[worker_server[worker]] += 1
+            if task_id in owners and owners[task_id] != worker_server[worker]:
+                elsewhere += 1
+        if attempts and attempts > 1:
+            redelivered += 1
+    return {
+        "status_counts": watch.counts(),
+        "ran_by_worker": by_server,
+        "ran_elsewhere": elsewhere,
+        "redelivered": redelivered,
+        "logs": cluster.log_tail(),
+    }
+
+
+def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
+    owners: dict[int, int] = {}
+    for k, m in enumerate(cluster.clients):
+        share = count // len(cluster.clients) + (k < count % len(cluster.clients))
+        ids: list[int] = []
+        while len(ids) < share:
+            ids += m.execute_many([(drive.NOOP, None)] * min(drive.CHUNK, share - len(ids)))
+        owners.update(dict.fromkeys(ids, k))
+    backends = watch.backends()
+    before = snapshot(cluster)
+    spawned = time.time()
+    cluster.start_workers()
+    complete = watch.wait_finished(timeout)
+    after = snapshot(cluster)
+    elapsed = after["at"] - before["at"]
+    at_deadline = {} if complete else watch.counts()
+    backends |= watch.backends()
+    worker_server = cluster.workers_connected() if complete else _connected(cluster)
+    result = outcome(cluster, watch, owners, worker_server) | {"status_counts_at_deadline": at_deadline}
+    done = (at_deadline or result["status_counts"]).get("succeeded", 0)
+    starts = [json.loads(r[4]) for r in watch.tasks() if r[1] == "succeeded" and r[4] is not None]
+    return {
+        "complete": complete,
+        "tasks": count,
+        "seconds": elapsed,
+        "tasks_per_s": done / elapsed,
+        "startup_s": min(starts) - spawned if starts else None,
+        **cpu_figures(before, after, watch, backends, done),
+        **result,
+    }
+
+
+def stream(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
+    cluster.start_workers()
+    worker_server = cluster.workers_connected()
+    for m in cluster.clients:  # warm-up: one task through each server, outside the timing
+        m.execute(drive.NOOP)
+    if not watch.wait_finished(60):
+        raise RuntimeError(f"the warm-up tasks did not finish within 60 s: {watch.counts()}")
+    warm = {row[0] for row in watch.tasks()}
+    backends = watch.backends()
+    owners: dict[int, int] = {}
+    submitted: dict[int, float] = {}
+    clients = cluster.clients
+    before = snapshot(cluster)
+    for i in range(count):
+        k = i % len(clients)
+        at = time.time()
+        task_id = clients[k].execute(drive.NOOP)
+        submitted[task_id], owners[task_id] = at, k
+    submit_s = time.perf_counter() - before["at"]
+    complete = watch.wait_finished(timeout)
+    after = snapshot(cluster)
+    elapsed = after["at"] - before["at"]
+    at_deadline = {} if complete else watch.counts()
+    backends |= watch.backends()
+    result = outcome(cluster, watch, owners, worker_server) | {"status_counts_at_deadline": at_deadline}
+    done = (at_deadline or result["status_counts"]).get("succeeded", 0) - len(warm)
+    to_start = [
+        (json.loads(r[4]) - submitted[r[0]]) * 1000
+        for r in watch.tasks()
+        if r[0] in submitted and r[1] == "succeeded" and r[4] is not None
+    ]
+    return {
+        "complete": complete,
+        "tasks": count,
+        "seconds": elapsed,
+        "tasks_per_s": done / elapsed,
+        "submit_per_s": count / submit_s,
+        **_latency(to_start),
+        **cpu_figures(before, after, watch, backends, done),
+        **result,
+    }
+
+
+def _latency(to_start: list[float]) -> dict:
+    if not to_start:
+        return {}
+    return {
+        "start_p50_ms": drive.percentile(to_start, 0.5),
+        "start_p99_ms": drive.percentile(to_start, 0.99),
+        "start_max_ms": max(to_start),
+        "start_over_100ms": sum(ms > 100 for ms in to_start),
+    }
+
+
+def _connected(cluster: Cluster) -> dict[str, int]:
+    """As workers_connected, without waiting: whatever each server lists now."""
+    found = {}
+    for k, m in enumerate(cluster.clients):
+        with contextlib.suppress(Exception):
+            found |= {w["id"]: k for w in m.workers()}
+    return found
+
+
+def one_run(servers: int, workload: str, args: argparse.Namespace) -> dict:
+    reset_database(args.pg)
+    with tempfile.TemporaryDirectory(prefix="martinet-cluster-") as tmp:
+        cluster = Cluster(servers, f"{args.pg}/{DATABASE}", args.slots, Path(tmp))
+        watch = None
+        try:
+            watch = Watch(args.pg)
+            if workload == "drain":
+                return drain(cluster, watch, args.drain_n, args.timeout)
+            return stream(cluster, watch, args.stream_n, args.timeout)
+        except Exception as exc:  # a run that breaks is reported, and the benchmark goes on
+            seen = {"logs": cluster.log_tail(10)}
+            with contextlib.suppress(Exception):
+                seen["status_counts"] = watch.counts()
+            return {"complete": False, "error": f"{type(exc).__name__}: {exc}", **seen}
+        finally:
+            if watch is not None:
+                watch.close()
+            cluster.close()
+
+
+# ------------------------------------------------------------------ the table
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def pick(run: dict, path: str) -> Any:
+    value: Any = run
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+ROWS = [
+    # (label, path in a run's figures, workloads it applies to)
+    ("tasks/s (median)", "tasks_per_s", ("drain", "stream")),
+    ("submits/s", "submit_per_s", ("stream",)),
+    ("worker start-up (spawn to first handler start), s", "startup_s", ("drain",)),
+    ("submit -> handler start p50, ms", "start_p50_ms", ("stream",)),
+    ("submit -> handler start p99, ms", "start_p99_ms", ("stream",)),
+    ("submit -> handler start max, ms", "start_max_ms", ("stream",)),
+    ("CPU s / 1000 tasks: server 1", "cpu_s_per_1000.server1", ("drain", "stream")),
+    ("CPU s / 1000 tasks: server 2", "cpu_s_per_1000.server2", ("drain", "stream")),
+    ("CPU s / 1000 tasks: worker 1 + its handler processes", "cpu_s_per_1000.worker1", ("drain", "stream")),
+    ("CPU s / 1000 tasks: worker 2 + its handler processes", "cpu_s_per_1000.worker2", ("drain", "stream")),
+    ("CPU s / 1000 tasks: all Martinet processes", "cpu_s_per_1000.martinet", ("drain", "stream")),
+    ("CPU s / 1000 tasks: PostgreSQL (all postgres processes)", "cpu_s_per_1000.postgres", ("drain", "stream")),
+    ("CPU s / 1000 tasks: of which this database's backends", "postgres_split_per_1000.bench_backends",
+     ("drain", "stream")),
+    ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", ("stream",)),
+    ("machine busy, cores of 2", "machine_busy_cores", ("drain", "stream")),
+]  # fmt: skip
+
+
+def table(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
+    """Medians over each configuration's complete runs; the "each run" rows show every run."""
+    header = ["", *(f"{w}, {s} server{'s' if s > 1 else ''}" for w, s in configs)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def of(config: tuple[str, int], complete: bool = False) -> list[dict]:
+        return [r for r in runs if (r["workload"], r["servers"]) == config and (r["complete"] or not complete)]
+
+    def row(label: str, cells: list[str]) -> None:
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+
+    row("tasks/s, each run", [" ".join(fmt(r.get("tasks_per_s")) + ("" if r["complete"] else "*") for r in of(c))
+                              for c in configs])  # fmt: skip
+    for label, path, workloads in ROWS:
+        cells = []
+        for config in configs:
+            values = [pick(r, path) for r in of(config, complete=True) if config[0] in workloads]
+            cells.append(fmt(median([v for v in values if v is not None])))
+        if any(cell != "-" for cell in cells):
+            row(label, cells)
+    shares = []
+    for config in configs:
+        parts = [r["ran_by_worker"] for r in of(config, complete=True)]
+        shares.append(" / ".join(fmt(median([p[k] for p in parts])) for k in range(config[1])) if parts else "-")
+    row("tasks run by worker 1 / 2", shares)
+    for label, key in (("run by the other server's worker, each run", "ran_elsewhere"),
+                       ("redelivered (attempts > 1), each run", "redelivered")):  # fmt: skip
+        row(label, [" ".join(str(r.get(key, "-")) for r in of(c)) for c in configs])
+    row("incomplete runs", [str(sum(not r["complete"] for r in of(c))) for c in configs])
+    return lines
+
+
+def projection(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
+    """Where PostgreSQL's CPU per task would saturate cores, from the measured medians (a projection)."""
+    lines = []
+    for config in configs:
+        done = [r for r in runs if (r["workload"], r["servers"]) == config and r["complete"]]
+        pg = median([r["cpu_s_per_1000"]["postgres"] for r in done])
+        server = median([max(v for k, v in r["cpu_s_per_1000"].items() if k.startswith("server")) for r in done])
+        if not pg or not server:
+            continue
+        lines.append(
+            f"{config[0]}, {config[1]} server(s): PostgreSQL {pg:.3f} CPU s per 1000 tasks -> one core saturated at "
+            f"{1000 / pg:,.0f} tasks/s, 4 cores at {4000 / pg:,.0f}, 8 at {8000 / pg:,.0f}; the busiest server "
+            f"{server:.3f} s per 1000 (of all the run's tasks) -> it fills its one core at {1000 / server:,.0f} tasks/s"
+        )
+    return lines
+
+
+# ------------------------------------------------------------------ main
+
+
+def git(*cmd: str) -> str:
+    proc = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip()
+
+
+def use_head(tmp: Path) -> str:
+    """Extract HEAD's martinet_app/ into ``tmp`` and import it from there, in this process and its children.
+
+    The working tree may hold someone's unfinished edits; the figures are for a commit. The editable
+    install's finder comes after PYTHONPATH, so this copy wins; checked by asking a fresh interpreter.
+    """
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD", "martinet_app"], cwd=ROOT,
+                             capture_output=True, check=True).stdout  # fmt: skip
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tmp, filter="data")
+    os.environ["PYTHONPATH"] = str(tmp)
+    sys.path.insert(0, str(tmp))
+    CODE["cwd"] = tmp
+    probe = subprocess.run([MARTINET_PYTHON, "-c", "import martinet_app; print(martinet_app.__file__)"],
+                           cwd="/", capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    if not probe.startswith(str(tmp)):
+        raise SystemExit(f"martinet_app still imports from {probe}, not from the copy of HEAD in {tmp}")
+    return git("rev-parse", "--short", "HEAD")
+
+
+def main() -> None:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=int(env("REPS", "3")))
+    parser.add_argument("--drain-n", type=int, default=int(env("DRAIN_N", "20000")))
+    parser.add_argument("--stream-n", type=int, default=int(env("STREAM_N", "3000")))
+    parser.add_argument("--servers", type=int, nargs="+", default=[int(s) for s in env("SERVERS", "1 2").split()])
+    parser.add_argument("--workloads", nargs="+", default=env("CLUSTER_WORKLOADS", "drain stream").split(),
+                        choices=["drain", "stream"])  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=float(env("CLUSTER_TIMEOUT", "120")),
+                        help="seconds a run's tasks may take to finish before it is reported incomplete")  # fmt: skip
+    parser.add_argument("--slots", type=int, default=drive.SLOTS)
+    parser.add_argument("--pg", default=env("CLUSTER_PG", "postgresql://postgres@127.0.0.1:5432"))
+    parser.add_argument("--code", choices=["head", "tree"], default=env("CLUSTER_CODE", "head"),
+                        help="run HEAD's martinet_app (a copy, so others' uncommitted edits stay out) "
+                        "or the working tree's as it is")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/cluster-TIME.json)")
+    args = parser.parse_args()
+    if not Path(MARTINET).exists():
+        raise SystemExit(f"{MARTINET} is missing: run `make install`")
+    with tempfile.TemporaryDirectory(prefix="martinet-cluster-code-") as code:
+        if args.code == "head":
+            commit = use_head(Path(code))
+            dirty = ""
+        else:
+            commit = git("rev-parse", "--short", "HEAD")
+            dirty = git("status", "--porcelain", "--", "martinet_app")
+        benchmark(args, commit, dirty)
+
+
+def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
+    stamp = datetime.datetime.now(datetime.UTC)
+    meta = {
+        "command": " ".join(sys.argv),
+        "date": stamp.isoformat(timespec="seconds"),
+        "commit": commit,
+        "code": args.code,
+        "martinet_app_uncommitted": dirty.splitlines(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cpus": os.cpu_count(),
+    }
+    print(f"{meta['date']} at {meta['commit']}" + (" (martinet_app has uncommitted changes)" if dirty else ""),
+          file=sys.stderr)  # fmt: skip
+    configs = [(w, s) for w in args.workloads for s in args.servers]
+    runs: list[dict] = []
+    started = time.monotonic()
+    for rep in range(args.reps):
+        for workload in args.workloads:
+            order = args.servers[rep % len(args.servers) :] + args.servers[: rep % len(args.servers)]
+            for servers in order:
+                result = {"workload": workload, "servers": servers, "rep": rep + 1} | one_run(servers, workload, args)
+                runs.append(result)
+                note = "" if result["complete"] else f" INCOMPLETE {result.get('error', '')}"
+                note += "" if result["complete"] else f" at the deadline {result.get('status_counts_at_deadline')}"
+                note += "" if result["complete"] else f", after {result.get('status_counts')}"
+                cpu = {k: round(v, 3) for k, v in result.get("cpu_s_per_1000", {}).items()}
+                rate = fmt(result.get("tasks_per_s"))
+                what = f"rep {rep + 1}/{args.reps} {workload:6} {servers} server(s)"
+                print(f"{what}: {rate} tasks/s, CPU s/1000 {cpu}{note}", file=sys.stderr, flush=True)
+    took = time.monotonic() - started
+    meta["seconds"] = took
+
+    print(f"\n{meta['date']}, commit {meta['commit']}; medians of {args.reps}; {took:.0f} s.")
+    print(f"drain {args.drain_n} tasks, stream {args.stream_n}; {args.slots} slots per worker; database {DATABASE}.\n")
+    print("\n".join(table(runs, configs)))
+    print("\n(* incomplete run: its tasks/s counts the tasks that finished before the timeout)\n")
+    print("Projection from the measured CPU per task (not measured throughput):")
+    print("\n".join(projection(runs, configs)))
+    for run in runs:
+        if run.get("logs"):
+            print(f"\n{run['workload']} {run['servers']} server(s) rep {run['rep']} logged:", json.dumps(run["logs"]))
+
+    out = args.out
+    if out is None:
+        RESULTS.mkdir(exist_ok=True)
+        ignore = RESULTS / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# bench/cluster.py's output, not for the repository\n*\n")
+        out = RESULTS / f"cluster-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps({**meta, "runs": runs}, indent=1, default=str) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
