@@ -6,7 +6,7 @@ Each run starts from an empty database (``bench_cluster`` on PostgreSQL at 127.0
 postgres, created if missing; its ``public`` schema is dropped and created again), then K servers
 (``martinet serve --db postgresql://... --bind 127.0.0.K``, the same free ports on every address)
 and, per server, one worker (``martinet work --url 127.0.0.K --handlers bench/handlers``, 4 slots,
-automatic prefetch), running bench/drive.py's no-op handler, which returns the time its handler
+automatic prefetch), running bench/handlers/noop.py (as bench/drive.py does), which returns the time its handler
 started.
 
 - drain: N tasks submitted with ``execute_many`` (chunks of 1,000) while no worker runs, split
@@ -25,11 +25,18 @@ every process whose command name is ``postgres`` (the postmaster's reaped childr
 backends that end during the phase count); this script (the producer); and the machine's busy
 cores from /proc/stat. A run whose tasks do not all finish within ``--timeout`` seconds is
 reported as incomplete (with what it saw: tasks by status, server and worker log lines) and the
-benchmark goes on.
+benchmark goes on. Other people's work shares the machine: before each run the script waits (up to
+--quiet-wait, 20 s) for it to be nearly idle (--quiet, 0.3 busy cores), and each run reports the busy
+cores its counted processes do not explain.
+
+The servers, workers and handler processes import HEAD's martinet_app, extracted with ``git archive``
+into a temporary folder put first on PYTHONPATH (--code tree: the working tree as it is), so the figures
+belong to a commit even while someone edits the working tree.
 
 Prints a table of medians and writes every run as JSON to bench/results/cluster-<UTC time>.json.
 Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SERVERS ("1 2"), CLUSTER_WORKLOADS
-("drain stream"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4).
+("drain stream"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4),
+CLUSTER_CODE (head), CLUSTER_QUIET (0.3), CLUSTER_QUIET_WAIT (20).
 """
 
 from __future__ import annotations
@@ -88,6 +95,15 @@ def postgres_pids() -> list[int]:
 def postgres_cpu() -> dict[int, float]:
     """CPU seconds of every live postgres process; the postmaster's figure holds its reaped children."""
     return {pid: stat_cpu(pid) for pid in postgres_pids()}
+
+
+def postmaster(pids: set[int]) -> int | None:
+    """The postgres process whose parent is not a postgres process."""
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) not in pids:
+                return pid
+    return None
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -292,22 +308,26 @@ def cpu_figures(before: dict, after: dict, watch: Watch, backends: dict[int, str
         chosen = [p for p in pids if keep(p)]
         return sum(after["postgres"].get(p, 0.0) - before["postgres"].get(p, 0.0) for p in chosen) * scale
 
+    root = postmaster(set(before["postgres"]) | set(after["postgres"]))
+    seconds = after["at"] - before["at"]
     busy = (after["machine"][0] - before["machine"][0]) / drive.CLOCK_TICKS
+    cpu = per | {"martinet": sum(per.values()), "postgres": pg(lambda p: True)}
+    cpu["harness"] = (after["own"] - before["own"]) * scale
+    counted = cpu["martinet"] + cpu["postgres"] + cpu["harness"]
     return {
-        "cpu_s_per_1000": per
-        | {
-            "martinet": sum(per.values()),
-            "postgres": pg(lambda p: True),
-            "harness": (after["own"] - before["own"]) * scale,
-        },
-        # PostgreSQL's figure split: this database's backends, other databases' (someone else's load), the rest
-        # (postmaster with the backends reaped meanwhile, checkpointer, walwriter, autovacuum...).
+        "cpu_s_per_1000": cpu,
+        # PostgreSQL's figure split: Martinet's connections (this database's backends), other databases' live
+        # backends, the auxiliary processes (checkpointer, walwriter, autovacuum launcher...), and the postmaster
+        # with every backend or autovacuum worker that ended and was reaped meanwhile, of any database.
         "postgres_split_per_1000": {
             "bench_backends": pg(lambda p: backends.get(p) == "bench"),
             "other_databases": pg(lambda p: backends.get(p) == "other"),
-            "rest": pg(lambda p: p not in backends),
+            "auxiliary": pg(lambda p: p not in backends and p != root),
+            "postmaster_and_reaped": pg(lambda p: p == root),
         },
-        "machine_busy_cores": busy / (after["at"] - before["at"]),
+        "machine_busy_cores": busy / seconds,
+        # Busy cores not explained by the processes counted here: someone else's load on the machine.
+        "outside_busy_cores": busy / seconds - counted * done / 1000 / seconds,
     }
 
 
@@ -427,21 +447,34 @@ def _connected(cluster: Cluster) -> dict[str, int]:
     return found
 
 
+def quiet(limit: float, patience: float) -> float:
+    """Wait up to ``patience`` seconds for the machine's busy cores (over half a second) to fall to ``limit``;
+    returns the last figure (other people's tests share this machine)."""
+    deadline = time.monotonic() + patience
+    while True:
+        before, started = machine_ticks()[0], time.perf_counter()
+        time.sleep(0.5)
+        busy = (machine_ticks()[0] - before) / drive.CLOCK_TICKS / (time.perf_counter() - started)
+        if busy <= limit or time.monotonic() > deadline:
+            return busy
+
+
 def one_run(servers: int, workload: str, args: argparse.Namespace) -> dict:
     reset_database(args.pg)
+    idle = {"busy_cores_before": quiet(args.quiet, args.quiet_wait)}
     with tempfile.TemporaryDirectory(prefix="martinet-cluster-") as tmp:
         cluster = Cluster(servers, f"{args.pg}/{DATABASE}", args.slots, Path(tmp))
         watch = None
         try:
             watch = Watch(args.pg)
             if workload == "drain":
-                return drain(cluster, watch, args.drain_n, args.timeout)
-            return stream(cluster, watch, args.stream_n, args.timeout)
+                return idle | drain(cluster, watch, args.drain_n, args.timeout)
+            return idle | stream(cluster, watch, args.stream_n, args.timeout)
         except Exception as exc:  # a run that breaks is reported, and the benchmark goes on
             seen = {"logs": cluster.log_tail(10)}
             with contextlib.suppress(Exception):
                 seen["status_counts"] = watch.counts()
-            return {"complete": False, "error": f"{type(exc).__name__}: {exc}", **seen}
+            return idle | {"complete": False, "error": f"{type(exc).__name__}: {exc}", **seen}
         finally:
             if watch is not None:
                 watch.close()
@@ -484,10 +517,14 @@ ROWS = [
     ("CPU s / 1000 tasks: worker 2 + its handler processes", "cpu_s_per_1000.worker2", ("drain", "stream")),
     ("CPU s / 1000 tasks: all Martinet processes", "cpu_s_per_1000.martinet", ("drain", "stream")),
     ("CPU s / 1000 tasks: PostgreSQL (all postgres processes)", "cpu_s_per_1000.postgres", ("drain", "stream")),
-    ("CPU s / 1000 tasks: of which this database's backends", "postgres_split_per_1000.bench_backends",
+    ("CPU s / 1000 tasks: PostgreSQL, Martinet's connections", "postgres_split_per_1000.bench_backends",
      ("drain", "stream")),
+    ("CPU s / 1000 tasks: PostgreSQL, ended backends and autovacuum (any database)",
+     "postgres_split_per_1000.postmaster_and_reaped", ("drain", "stream")),
     ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", ("stream",)),
+    ("machine busy just before the run, cores", "busy_cores_before", ("drain", "stream")),
     ("machine busy, cores of 2", "machine_busy_cores", ("drain", "stream")),
+    ("  of which outside the processes above, cores", "outside_busy_cores", ("drain", "stream")),
 ]  # fmt: skip
 
 
@@ -524,18 +561,23 @@ def table(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
 
 
 def projection(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
-    """Where PostgreSQL's CPU per task would saturate cores, from the measured medians (a projection)."""
+    """Where PostgreSQL's CPU per task would fill cores, from the measured medians: a projection, assuming its
+    CPU per task stays as measured (no lock, fsync or contention effects of more load)."""
     lines = []
     for config in configs:
         done = [r for r in runs if (r["workload"], r["servers"]) == config and r["complete"]]
-        pg = median([r["cpu_s_per_1000"]["postgres"] for r in done])
+        split = [r["postgres_split_per_1000"] for r in done]
+        pg = median([p["bench_backends"] + p["auxiliary"] for p in split])
+        ours = median([r["cpu_s_per_1000"]["martinet"] for r in done])
         server = median([max(v for k, v in r["cpu_s_per_1000"].items() if k.startswith("server")) for r in done])
-        if not pg or not server:
+        if not pg or not server or not ours:
             continue
         lines.append(
-            f"{config[0]}, {config[1]} server(s): PostgreSQL {pg:.3f} CPU s per 1000 tasks -> one core saturated at "
-            f"{1000 / pg:,.0f} tasks/s, 4 cores at {4000 / pg:,.0f}, 8 at {8000 / pg:,.0f}; the busiest server "
-            f"{server:.3f} s per 1000 (of all the run's tasks) -> it fills its one core at {1000 / server:,.0f} tasks/s"
+            f"{config[0]}, {config[1]} server(s): PostgreSQL (Martinet's connections and auxiliary processes) "
+            f"{pg:.3f} CPU s per 1000 tasks -> fills 1 core at {1000 / pg:,.0f} tasks/s, 4 at {4000 / pg:,.0f}, "
+            f"8 at {8000 / pg:,.0f}, 16 at {16000 / pg:,.0f}; Martinet {ours:.3f} s per 1000 in all "
+            f"({ours / pg:.1f} cores of Martinet per core of PostgreSQL); the busiest server {server:.3f} s per "
+            f"1000 of the run's tasks -> its one core is full at {1000 / server:,.0f} tasks/s"
         )
     return lines
 
@@ -580,6 +622,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=float(env("CLUSTER_TIMEOUT", "120")),
                         help="seconds a run's tasks may take to finish before it is reported incomplete")  # fmt: skip
     parser.add_argument("--slots", type=int, default=drive.SLOTS)
+    parser.add_argument("--quiet", type=float, default=float(env("CLUSTER_QUIET", "0.3")),
+                        help="before each run, wait for the machine's busy cores to fall to this...")  # fmt: skip
+    parser.add_argument("--quiet-wait", type=float, default=float(env("CLUSTER_QUIET_WAIT", "20")),
+                        help="...for at most this many seconds")  # fmt: skip
     parser.add_argument("--pg", default=env("CLUSTER_PG", "postgresql://postgres@127.0.0.1:5432"))
     parser.add_argument("--code", choices=["head", "tree"], default=env("CLUSTER_CODE", "head"),
                         help="run HEAD's martinet_app (a copy, so others' uncommitted edits stay out) "
@@ -604,6 +650,7 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
         "command": " ".join(sys.argv),
         "date": stamp.isoformat(timespec="seconds"),
         "commit": commit,
+        "martinet_app_last_changed_in": git("log", "-1", "--format=%h", commit, "--", "martinet_app"),
         "code": args.code,
         "martinet_app_uncommitted": dirty.splitlines(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -630,7 +677,10 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
     took = time.monotonic() - started
     meta["seconds"] = took
 
-    print(f"\n{meta['date']}, commit {meta['commit']}; medians of {args.reps}; {took:.0f} s.")
+    code = f"commit {meta['commit']} (martinet_app as of {meta['martinet_app_last_changed_in']})"
+    if dirty:
+        code = f"the working tree at {meta['commit']}, with uncommitted changes to martinet_app"
+    print(f"\n{meta['date']}, {code}; medians of {args.reps}; {took:.0f} s.")
     print(f"drain {args.drain_n} tasks, stream {args.stream_n}; {args.slots} slots per worker; database {DATABASE}.\n")
     print("\n".join(table(runs, configs)))
     print("\n(* incomplete run: its tasks/s counts the tasks that finished before the timeout)\n")
