@@ -56,8 +56,8 @@ class WorkerInfo:
         """Deliveries it may be sent now: its slots, plus as many waiting in its memory as it asked for."""
         return (self.slots + self.prefetch if self.slots else 0) - len(self.inflight)
 
-    def public(self) -> dict:
-        """The worker as ``m.workers()`` reports it."""
+    def record(self) -> dict:
+        """The worker as the store records it (``last_seen`` in epoch seconds)."""
         return {
             "id": self.id,
             "host": self.host,
@@ -66,7 +66,7 @@ class WorkerInfo:
             "slots": self.slots,
             "prefetch": self.prefetch,
             "busy": len(self.inflight),
-            "last_seen": iso(self.last_seen),
+            "last_seen": self.last_seen,
             "key": self.key,
         }
 
@@ -84,7 +84,11 @@ class Broker:
         max_bytes: int,
         batch_max: int,
         inbox: Inbox | None = None,
+        poll: float | None = None,
+        address: str = "",
     ) -> None:
+        """``poll``: longest the dispatcher sleeps without looking at the queue (None: until woken), the
+        safety net for a lost wake-up from another server; ``address``: where this server is bound."""
         self.socket = socket
         self.inbox = inbox or Inbox(socket)
         self.inbox.on_refused = self._key_refused
@@ -93,6 +97,8 @@ class Broker:
         self.liveness = liveness
         self.max_bytes = max_bytes
         self.batch_max = batch_max
+        self.poll = poll
+        self.address = address
         self.workers: OrderedDict[str, WorkerInfo] = OrderedDict()
         self.rejections = protocol.Rejections(log, "worker socket")
         self._wakeup = gevent.event.Event()
@@ -127,8 +133,25 @@ class Broker:
             log.warning("could not send CANCEL for %s to worker %s; it will run them to the end", tasks, worker_id)
 
     def snapshot(self) -> list[dict]:
-        """Connected workers, for the client's ``workers`` request."""
-        return [w.public() for w in self.workers.values()]
+        """Connected workers as ``m.workers()`` reports them, each with this server's id and address."""
+        here = {"server": self.store.server_id, "server_address": self.address}
+        return [{**w.record(), "last_seen": iso(w.last_seen), **here} for w in self.workers.values()]
+
+    def records(self) -> list[dict]:
+        """Connected workers as the store records them (store.Store.renew)."""
+        return [w.record() for w in self.workers.values()]
+
+    def cancel_finished(self) -> None:
+        """Stop the deliveries of connected workers whose tasks are final in the store (cancelled through
+        another server whose notice was lost)."""
+        held = {ref: worker.id for worker in self.workers.values() for ref in worker.inflight}
+        finished = self.store.finished(task_id for task_id, _ in held)
+        by_worker: dict[str, list[tuple[int, int]]] = {}
+        for ref, worker_id in held.items():
+            if ref[0] in finished:
+                by_worker.setdefault(worker_id, []).append(ref)
+        for worker_id, refs in by_worker.items():
+            self.cancel(worker_id, refs)
 
     def sweep_orphans(self) -> None:
         """Re-queue tasks running in the store that no connected worker has held for a liveness period.
@@ -165,8 +188,8 @@ class Broker:
                 break
 
     def dispatch_once(self) -> None:
-        """Wait to be woken, then hand queued tasks to workers with free slots."""
-        self._wakeup.wait()
+        """Wait to be woken (or ``poll`` seconds), then hand queued tasks to workers with free slots."""
+        self._wakeup.wait(self.poll)
         self._wakeup.clear()
         try:
             self.dispatch()
@@ -288,6 +311,12 @@ class Broker:
             )
             self._compare_handlers(worker)
         self.workers[worker_id] = worker
+        # A worker that moved here from another server (dead, or out of its reach) brings its
+        # deliveries along: this server owns them from now on.
+        adopted = self.store.adopt(worker_id, running)
+        if adopted:
+            log.info("worker %s brought %d running task(s) from another server: %s", worker_id, len(adopted),
+                     _ids(adopted))  # fmt: skip
         # A worker back after a restart may still run tasks that were cancelled (or finished
         # by another delivery) meanwhile: stop them.
         finished = self.store.finished(task_id for task_id, _ in running)

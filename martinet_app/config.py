@@ -42,6 +42,9 @@ RETRY_DELAY_MAX = 3600.0
 CLIENT_TIMEOUT = 10.0
 #: Longest the scheduler sleeps without re-reading the store (guards clock jumps), seconds.
 SCHEDULER_MAX_SLEEP = 60.0
+#: On PostgreSQL, where several servers may share the database: longest the dispatcher and the
+#: scheduler go without looking at the store, in case another server's wake-up (NOTIFY) was lost.
+CLUSTER_POLL = 2.0
 #: Deliveries lost with their worker (it died or went silent) after which a task fails
 #: instead of being delivered again: a task that kills its worker must not do so forever (MARTINET_MAX_DELIVERIES).
 MAX_DELIVERIES = 10

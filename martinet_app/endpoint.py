@@ -25,7 +25,8 @@ from .broker import Broker
 from .errors import InvalidRequest, MartinetError, ProtocolError
 from .scheduler import Scheduler
 from .security import Inbox
-from .store import Store, TaskStatus
+from .status import TaskStatus
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class ClientEndpoint:
             "status": lambda r, _: {"task": self.store.get_task(protocol.check_id(r.get("task_id"), "task_id"))},
             "wait": self._wait,
             "list": self._list,
-            "workers": lambda r, _: {"workers": self.broker.snapshot()},
+            "workers": lambda r, _: {"workers": self.broker.snapshot() + self.store.workers(time.time())},
             "cancel": self._cancel,
             "retry": self._retry,
             "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
@@ -205,6 +206,11 @@ class ClientEndpoint:
             raise _Unexpected(protocol.safe_text(error.message, config.MAX_ERROR_CHARS)) from exc
         return None if result is None else (result, None)
 
+    def answer_finished(self) -> None:
+        """Answer the parked ``wait`` requests whose tasks the store has as final (a lost notice's safety net)."""
+        if self._waiters:
+            self.notify_finished(sorted(self.store.finished(list(self._waiters))))
+
     def notify_finished(self, task_ids: list[int]) -> None:
         """Answer the ``wait`` requests parked on tasks that just became final."""
         for task_id in task_ids:
@@ -224,21 +230,23 @@ class ClientEndpoint:
     def _execute(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)
         now = time.time()
-        task_id = self.store.add_task(meta, args, run_at=now, now=now, options=options)
+        task_id = self.store.add_task(meta, args, run_at=now, now=now, options=options, request_key=_key(request))
         return {"task_id": task_id}
 
     def _execute_many(self, request: dict, envelope: list[bytes]) -> dict:
         tasks = protocol.check_many(request.get("tasks"), config.SUBMIT_MANY_MAX)
         options = self._options(request)
         now = time.time()
-        task_ids = self.store.add_tasks(tasks, run_at=now, now=now, options=options)
+        task_ids = self.store.add_tasks(tasks, run_at=now, now=now, options=options, request_key=_key(request))
         return {"task_ids": task_ids}
 
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)
         now = time.time()
         when = timespec.parse_when(protocol.check_string(request, "when", required=True), now=_utc(now), tz=self.tz)
-        task_id = self.store.add_task(meta, args, run_at=when.timestamp(), now=now, options=options)
+        task_id = self.store.add_task(
+            meta, args, run_at=when.timestamp(), now=now, options=options, request_key=_key(request)
+        )
         self.scheduler.wake()
         return {"task_id": task_id}
 
@@ -250,7 +258,13 @@ class ClientEndpoint:
         )
         first = interval.first_run(now=_utc(now), run_at=meta.get("run_at"), tz=self.tz)
         recurring_id = self.store.add_recurring(
-            meta, args, interval=interval.text, next_run_at=first.timestamp(), now=now, options=options
+            meta,
+            args,
+            interval=interval.text,
+            next_run_at=first.timestamp(),
+            now=now,
+            options=options,
+            request_key=_key(request),
         )
         self.scheduler.wake()
         return {"recurring_id": recurring_id}
@@ -321,6 +335,11 @@ class ClientEndpoint:
             self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped, client gone: %s", exc)
+
+
+def _key(request: dict) -> str | None:
+    """The request's ``request_key`` (checked by protocol.check_client_request): a repeat creates nothing twice."""
+    return request.get("request_key")
 
 
 def _utc(ts: float) -> datetime.datetime:

@@ -19,7 +19,7 @@ import math
 import time
 from typing import Any
 
-from . import config
+from . import config, status
 from .errors import InvalidRequest, ProtocolError, RequestTooLarge
 
 #: Version carried by every message; a peer speaking another version is rejected.
@@ -45,7 +45,7 @@ FAILED = "failed"
 EVENTS = frozenset({STARTED, PROGRESS, SUCCEEDED, FAILED})
 FINAL_EVENTS = frozenset({SUCCEEDED, FAILED})
 #: Task statuses a task ends in (``retry`` may queue a failed or cancelled task again).
-FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+FINAL_STATUSES = frozenset(s.value for s in status.FINAL)
 
 # Client operations and the request fields each one accepts (besides v, id, op).
 #: Requests that change the store: each may carry a ``request_key``, and a second request with the same

@@ -19,13 +19,16 @@ import zmq.green as zmq
 from . import __version__, config, keys, protocol, security, timespec
 from .auth import Authenticator
 from .broker import Broker
+from .cluster import Cluster, new_server_id
+from .db import redact
 from .endpoint import ClientEndpoint
 from .errors import ConfigError, MartinetError
+from .listener import Listener
 from .loops import forever
 from .scheduler import Scheduler
 from .security import CLIENT_DOMAIN, WORKER_DOMAIN, Inbox
 from .sink import StatusSink
-from .store import Store, redact
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ def run_server(
         tzinfo = timespec.parse_tz(tz)
         alone = _serve_alone(db_url)
         defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
-        store = Store.open(db_url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries)
+        server_id = new_server_id()
+        store = Store.open(db_url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries, server_id=server_id)
     except MartinetError as exc:
         log.error("cannot start: %s", exc.message)
         return EXIT_CONFIG
@@ -101,6 +105,9 @@ def run_server(
         store.close()
         return EXIT_BIND
 
+    # Several servers may share a PostgreSQL database: each also looks at the store every CLUSTER_POLL
+    # seconds, in case another server's wake-up (a NOTIFY) was lost.
+    shared = store.conn.postgres
     broker = Broker(
         workers,
         store,
@@ -109,8 +116,11 @@ def run_server(
         max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
         inbox=Inbox(workers, auth, WORKER_DOMAIN),
+        poll=config.CLUSTER_POLL if shared else None,
+        address=bind,
     )
-    scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=config.SCHEDULER_MAX_SLEEP)
+    max_sleep = min(config.SCHEDULER_MAX_SLEEP, config.CLUSTER_POLL) if shared else config.SCHEDULER_MAX_SLEEP
+    scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=max_sleep)
     endpoint = ClientEndpoint(
         client,
         store,
@@ -134,10 +144,21 @@ def run_server(
         inbox=Inbox(status, auth, WORKER_DOMAIN),
     )
     broker.on_finished = endpoint.notify_finished
+    cluster = Cluster(
+        store, broker, endpoint, scheduler, heartbeat=heartbeat, liveness=config.HEARTBEAT_LIVENESS, address=bind
+    )
+    try:
+        cluster.join()
+    except MartinetError as exc:
+        log.error("cannot start: %s", exc.message)
+        _close(sockets, context, auth)
+        store.close()
+        return EXIT_CONFIG
 
     log.info(
-        "martinet %s serving: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s, tz %s",
+        "martinet %s serving as %s: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s, tz %s",
         __version__,
+        server_id,
         bind,
         client_port,
         bind,
@@ -169,8 +190,12 @@ def run_server(
             ("broker", broker.receive_once),
             ("heartbeat", broker.heartbeat_once),
             ("status sink", sink.loop_once),
+            ("cluster", cluster.beat_once),
         )
     }
+    listener = Listener(db_url, cluster.hear, on_gap=cluster.caught_up) if shared else None
+    if listener is not None:
+        loops["listener"] = gevent.spawn(forever, listener.loop_once, "listener", stopping)
     broker.wake()
 
     handlers = [gevent.signal_handler(sig, stopping.set) for sig in _STOP_SIGNALS]
@@ -181,7 +206,9 @@ def run_server(
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopping: no new requests or dispatches; writing the status events in hand")
-    _stop(loops, store, sink)
+    _stop(loops, store, sink, cluster)
+    if listener is not None:
+        listener.close()
     _close(sockets, context, auth)
     if alone is not None:  # last: the store is closed, another server may have the file
         alone.close()
@@ -189,8 +216,9 @@ def run_server(
     return EXIT_OK
 
 
-def _stop(loops: dict[str, gevent.Greenlet], store: Store, sink: StatusSink) -> None:
-    """End the loops while none of them is inside the store, then write the events in hand and close the store.
+def _stop(loops: dict[str, gevent.Greenlet], store: Store, sink: StatusSink, cluster: Cluster) -> None:
+    """End the loops while none of them is inside the store, then write the events in hand, end this
+    server's lease and close the store.
 
     Each step waits at most STOP_TIMEOUT. A loop still inside the store by then is killed where
     it is (which may break the connection: the last write opens a fresh one); one that does not
@@ -205,6 +233,10 @@ def _stop(loops: dict[str, gevent.Greenlet], store: Store, sink: StatusSink) -> 
             log.error(_UNWRITTEN, f"the store is still in use after {STOP_TIMEOUT:g} s")
             return
         _flush(sink)
+        try:
+            cluster.leave()
+        except MartinetError as exc:  # the lease runs out on its own
+            log.warning("could not end this server's lease: %s", exc.message)
         store.close()
 
 

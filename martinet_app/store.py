@@ -1,19 +1,16 @@
-"""The durable store: every task and recurring schedule, in SQLite or PostgreSQL (peewee).
+"""The durable store: every task and recurring schedule, and the cluster's servers and workers (peewee).
 
-All SQL lives here. Each public method is one transaction that is committed before it
-returns, so whoever acts on a state change acts on something already on disk.
+All SQL of the lifecycle lives here; the tables are schema.py's, the connection db.py's. Each
+public method is one transaction that is committed before it returns, so whoever acts on a
+state change acts on something already on disk. Every status change is a status.Move, allowed
+by status.TRANSITIONS: the UPDATEs take their source states from it (status.sql_sources) and
+the events are decided by status.decide.
 
-Task lifecycle (TRANSITIONS below is the table; docs/ARCHITECTURE.md draws it)::
-
-    scheduled --(due)--> queued --(claim)--> running --> succeeded | failed
-    scheduled | queued | running --(cancel)--> cancelled
-    running --(handler failed, retries left)--> scheduled
-    running --(worker lost or handed the task back)--> queued
-    failed | cancelled --(retry)--> queued
-
-The server is a single gevent process. The store keeps one connection and a gevent
-lock around every transaction, so no two greenlets ever interleave inside one (with
-PostgreSQL the driver yields to the hub while it waits on the socket).
+In a cluster (several servers on one PostgreSQL), each server holds a lease (its ``server``
+row, renewed every heartbeat) and owns the deliveries it made (``task.server``) while the lease
+is current. A server re-queues only its own lost deliveries, and those of a server whose lease
+ran out. Changes that another server should act on (tasks queued, tasks final, a running task
+cancelled, a schedule added) are announced with NOTIFY at commit (listener.py hears them).
 """
 
 from __future__ import annotations
@@ -21,145 +18,36 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from enum import Enum
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
-from urllib.parse import urlparse
 
-import gevent.lock
 import peewee as pw
 
-from . import config, protocol
-from .errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
+from . import config, protocol, schema
+from .db import Connection, connect
+from .errors import InvalidTransition, TaskNotFound
+from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, Worker
+from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
+
+__all__ = ["FINAL", "SCHEMA_VERSION", "Applied", "Store", "TaskStatus", "backoff"]
 
 log = logging.getLogger(__name__)
 
 #: Rows per INSERT statement (SQLite allows 32,766 parameters per statement).
 _INSERT_CHUNK = 500
-#: Seconds SQLite waits for another process's write lock before an operation fails.
-SQLITE_BUSY_TIMEOUT = 0.25
-#: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
-#: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT).
-SCHEMA_VERSION = 3
-#: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
-_SCHEMA_LOCK = 0x4D54_4E57_5343_4845
-#: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
-ERRORS_KEPT = 20
 #: Characters of a task's ``error`` that a ``list`` summary carries.
 SUMMARY_ERROR_CHARS = 200
+#: Task ids per NOTIFY message (PostgreSQL takes at most 8,000 bytes each).
+_NOTICE_IDS = 400
 
-
-class TaskStatus(str, Enum):
-    """Where a task is in its lifecycle."""
-
-    SCHEDULED = "scheduled"
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-S = TaskStatus
-#: Allowed transitions; every UPDATE below checks its source state in its WHERE clause.
-TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    S.SCHEDULED: frozenset({S.QUEUED, S.CANCELLED}),
-    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED}),
-    # running -> scheduled: the handler failed and the task has retries left.
-    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.QUEUED, S.SCHEDULED, S.CANCELLED}),
-    S.SUCCEEDED: frozenset(),
-    # failed|cancelled -> queued: a manual retry.
-    S.FAILED: frozenset({S.QUEUED}),
-    S.CANCELLED: frozenset({S.QUEUED}),
-}
-#: Statuses a task stays in unless someone retries it; ``wait`` returns on them.
-FINAL = frozenset(TaskStatus(status) for status in protocol.FINAL_STATUSES)
-
-_db = pw.DatabaseProxy()
-
-
-class _Model(pw.Model):
-    class Meta:
-        database = _db
-        legacy_table_names = False
-
-
-class Task(_Model):
-    """One execution of a handler: the row ``status()`` returns."""
-
-    name = pw.CharField(max_length=255)
-    username = pw.CharField(max_length=255, null=True)
-    description = pw.TextField(null=True)
-    args = pw.TextField(default="{}")
-    status = pw.CharField(max_length=16)
-    progress = pw.FloatField(default=0.0)
-    progress_message = pw.TextField(null=True)
-    result = pw.TextField(null=True)
-    error = pw.TextField(null=True)
-    traceback = pw.TextField(null=True)
-    attempts = pw.IntegerField(default=0)
-    worker = pw.CharField(max_length=255, null=True)
-    created_at = pw.DoubleField()
-    run_at = pw.DoubleField()
-    started_at = pw.DoubleField(null=True)
-    finished_at = pw.DoubleField(null=True)
-    recurring_id = pw.IntegerField(null=True, index=True)
-    priority = pw.IntegerField(default=config.DEFAULT_PRIORITY)
-    retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
-    retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
-    timeout = pw.DoubleField(null=True)
-    errors = pw.TextField(null=True)  # JSON list of {attempt, error, at, worker}: the latest ERRORS_KEPT failures
-    # Every failure, also those no longer in errors; a DEFAULT in the schema too, for the raw INSERT of add_tasks.
-    failures = pw.IntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
-
-    class Meta:
-        # "next due" (scheduled by run_at) is a range scan of this index.
-        indexes = ((("status", "run_at", "id"), False),)
-
-
-# "next queued" (queued by priority, highest first, then run_at and id) is a range scan of this one.
-Task.add_index(
-    Task.index(Task.status, Task.priority.desc(), Task.run_at, Task.id, name="task_status_priority_run_at_id")
-)
-# `list --status S`, newest first, reads the newest rows of this one instead of sorting every task in S.
-Task.add_index(Task.index(Task.status, Task.id, name="task_status_id"))
-
-
-class Recurring(_Model):
-    """A recurring schedule; the scheduler creates one Task per run."""
-
-    name = pw.CharField(max_length=255)
-    username = pw.CharField(max_length=255, null=True)
-    description = pw.TextField(null=True)
-    args = pw.TextField(default="{}")
-    interval = pw.CharField(max_length=255)
-    run_at = pw.CharField(max_length=255, null=True)
-    next_run_at = pw.DoubleField()
-    last_run_at = pw.DoubleField(null=True)
-    enabled = pw.BooleanField(default=True)
-    created_at = pw.DoubleField()
-    priority = pw.IntegerField(default=config.DEFAULT_PRIORITY)
-    retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
-    retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
-    timeout = pw.DoubleField(null=True)
-
-    class Meta:
-        indexes = ((("enabled", "next_run_at"), False),)
-
-
-class Meta(_Model):
-    """Key/value facts about the store itself (``schema_version``)."""
-
-    key = pw.CharField(max_length=64, primary_key=True)
-    value = pw.TextField()
+S, M = TaskStatus, Move
 
 
 TASK_FIELDS = (
     "id", "name", "username", "description", "args", "status", "progress", "progress_message", "result",
     "error", "traceback", "attempts", "worker", "created_at", "run_at", "started_at", "finished_at",
-    "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors", "failures",
+    "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors", "failures", "server", "key",
 )  # fmt: skip
 #: What a ``list`` reply carries of each task: the record without its bulky values (``status`` has them).
 SUMMARY_FIELDS = tuple(f for f in TASK_FIELDS if f not in ("args", "result", "traceback", "errors"))
@@ -172,6 +60,8 @@ RECURRING_FIELDS = (
 _TASK_TIMES = frozenset({"created_at", "run_at", "started_at", "finished_at"})
 # A schedule's run_at is the user's text ("midnight"), not a time.
 _RECURRING_TIMES = frozenset({"created_at", "next_run_at", "last_run_at"})
+#: The ``worker`` table's columns after its id, in the order :meth:`Store.workers` reads them.
+_WORKER_COLUMNS = ("server", "host", "pid", "handlers", "slots", "prefetch", "busy", "last_seen", "key_name")
 
 
 def iso(ts: float | None) -> str | None:
@@ -185,228 +75,204 @@ class Store:
     """The database behind one server. Open with :meth:`open`; close with :meth:`close`.
 
     The models are bound to the store opened last: one store per process (the server's).
+    ``server_id`` names this server in the cluster: its lease, and the deliveries it makes.
     """
 
-    def __init__(self, database: pw.Database, url: str, *, retry_delay_max: float, max_deliveries: int) -> None:
-        self.db = database
-        self.url = url
+    def __init__(
+        self, conn: Connection, *, retry_delay_max: float, max_deliveries: int, server_id: str = "local"
+    ) -> None:
+        self.conn = conn
+        self.db = conn.db
+        self.url = conn.url
         self.retry_delay_max = retry_delay_max
         self.max_deliveries = max_deliveries
-        self._lock = gevent.lock.RLock()
-        self._depth = 0  # 1 inside transaction(): nested calls join it
-        self._doomed: Exception | None = None  # a statement of the current transaction failed
-        self._after_commit: list[Callable[[], None]] = []
-        self._on_rollback: list[Callable[[], None]] = []
-        self._sql = _Statements(database.param, skip_locked=bool(database.for_update))
+        self.server_id = server_id
+        #: Other servers whose lease was current at the last heartbeat: none, no NOTIFY is worth sending.
+        self.peers = 0
+        self.transaction: Callable[[], AbstractContextManager[None]] = conn.transaction
+        self.after_commit = conn.after_commit
+        self.on_rollback = conn.on_rollback
+        self.exclusive = conn.exclusive
+        self._read = conn.read
+        self._sql = _Statements(self.db.param, skip_locked=bool(self.db.for_update))
 
     # ------------------------------------------------------------ opening
 
     @classmethod
     def open(
-        cls, url: str, *, retry_delay_max: float = config.RETRY_DELAY_MAX, max_deliveries: int = config.MAX_DELIVERIES
+        cls,
+        url: str,
+        *,
+        retry_delay_max: float = config.RETRY_DELAY_MAX,
+        max_deliveries: int = config.MAX_DELIVERIES,
+        server_id: str = "local",
     ) -> Store:
         """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db``; create or migrate the schema.
 
         ``retry_delay_max`` caps the backoff between retries of a failing task, seconds;
         ``max_deliveries`` is how many lost deliveries a task may have (:meth:`give_up_lost`).
         """
-        database = _connect(url)
-        _db.initialize(database)
-        store = cls(database, url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries)
+        database = connect(url)
+        schema.database.initialize(database)
+        store = cls(Connection(database, url), retry_delay_max=retry_delay_max, max_deliveries=max_deliveries,
+                    server_id=server_id)  # fmt: skip
         try:
             with store.transaction():
-                store._create_or_migrate()
+                schema.create_or_migrate(database, url)
         except BaseException:
             store.close()
             raise
         return store
 
-    def _create_or_migrate(self) -> None:
-        """Create missing tables, bring an older schema up to SCHEMA_VERSION, refuse a newer one.
-
-        On PostgreSQL, under a lock held to the end of the transaction: servers starting together
-        on one database create or migrate the schema one after the other (without it, both try to
-        create the same tables and one fails on PostgreSQL's own catalog).
-        """
-        if isinstance(self.db, pw.PostgresqlDatabase):
-            self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        found = Meta.get_or_none(Meta.key == "schema_version") if self.db.table_exists("meta") else None
-        version = None if found is None else int(found.value)
-        if version is not None and version > SCHEMA_VERSION:
-            raise ConfigError(
-                f"the database at {redact(self.url)} has schema version {version}, newer than this "
-                f"Martinet's {SCHEMA_VERSION}: upgrade Martinet"
-            )
-        if version is not None:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                _MIGRATIONS[target](self.db)
-                log.info("migrated the database at %s to schema version %d", redact(self.url), target)
-        self.db.create_tables([Task, Recurring, Meta], safe=True)
-        if found is None:
-            Meta.create(key="schema_version", value=str(SCHEMA_VERSION))
-        elif version != SCHEMA_VERSION:
-            Meta.update(value=str(SCHEMA_VERSION)).where(Meta.key == "schema_version").execute()
-
     def close(self) -> None:
-        with self._lock:
-            if not self.db.is_closed():
-                self.db.close()
+        self.conn.close()
 
-    @contextmanager
-    def exclusive(self, timeout: float) -> Iterator[bool]:
-        """Keep the store for the calling greenlet: no other is inside it meanwhile, the others wait at their next call.
+    def _notice(self, kind: str, *parts: object) -> None:
+        """Tell the other servers of the cluster, at commit, that ``kind`` happened (listener.py)."""
+        if self.peers and self.conn.postgres:
+            self.conn.notify(" ".join((self.server_id, kind, *map(str, parts))))
 
-        Yields True once held, or False if another greenlet was still inside after ``timeout``
-        seconds (then nothing is held). Once held, a connection the driver has closed is dropped,
-        so the next call opens a fresh one: psycopg2 closes it when a greenlet is killed in a query.
-        """
-        if not self._lock.acquire(timeout=timeout):
-            yield False
-            return
-        try:
-            if getattr(self.db._state.conn, "closed", False):  # psycopg2's; sqlite3 has no such attribute
-                self._discard_connection()
-            yield True
-        finally:
-            self._lock.release()
-
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One transaction for everything done inside, committed on exit (group commit).
-
-        Store calls made inside join it instead of committing on their own, so a loop turn's
-        state changes cost one commit. Raises StoreUnavailable as :meth:`_read` does. See
-        :meth:`after_commit` and :meth:`on_rollback`.
-        """
-        with self._read():
-            if self._depth:
-                yield
-                return
-            self._after_commit, self._on_rollback = [], []
-            try:
-                with self.db.atomic():
-                    self._depth, self._doomed = 1, None
-                    try:
-                        yield
-                        if self._doomed is not None:
-                            # A statement failed and its caller carried on: commit none of the turn.
-                            raise self._doomed
-                    finally:
-                        self._depth = 0
-            except BaseException:
-                for undo in self._on_rollback:
-                    undo()
-                raise
-        for then in self._after_commit:
-            try:
-                then()
-            except Exception:  # the commit stands; the caller still has its own work to finish
-                log.exception("an action after a commit failed")
-
-    def after_commit(self, then: Callable[[], None]) -> None:
-        """Run ``then`` once the current transaction has committed (outside the store's lock)."""
-        self._after_commit.append(then)
-
-    def on_rollback(self, undo: Callable[[], None]) -> None:
-        """Run ``undo`` if the current transaction does not commit (in-memory state that assumed it would)."""
-        self._on_rollback.append(undo)
-
-    @contextmanager
-    def _read(self) -> Iterator[None]:
-        """Hold the store's lock; on a connection error, drop the connection so the next call reconnects.
-
-        Inside a :meth:`transaction`, a failed statement raises StoreUnavailable to its caller
-        too, and dooms the transaction: the outermost call rolls it back and raises again.
-
-        Raises:
-            StoreUnavailable: the database failed (connection lost, locked, disk full): nothing
-                was committed by this call.
-        """
-        with self._lock:
-            if self._depth:
-                try:
-                    yield
-                except (pw.OperationalError, pw.InterfaceError) as exc:
-                    self._doomed = exc
-                    raise StoreUnavailable(f"the database is unavailable ({_first_line(exc)}): try again") from exc
-                return
-            try:
-                yield
-            except (pw.OperationalError, pw.InterfaceError) as exc:
-                self._discard_connection()
-                # The first failure is the one to report: e.g. SQLite rolls back on its own when the
-                # disk is full, and peewee's ROLLBACK then fails with "no transaction is active".
-                cause: BaseException = exc
-                link = exc.__context__
-                while link is not None:
-                    if isinstance(link, pw.PeeweeException):
-                        cause = link
-                    link = link.__context__
-                reason = _first_line(cause)
-                log.error("database error on %s: %s", redact(self.url), reason)
-                raise StoreUnavailable(
-                    f"the database is unavailable ({reason}): the request was not completed; try again"
-                ) from exc
-
-    def _discard_connection(self) -> None:
-        conn = self.db._state.conn
-        try:
-            if conn is not None:
-                conn.close()
-        except Exception:  # noqa: BLE001 - it is broken already; we only want it gone
-            pass
-        # peewee keeps the failed transaction on its stack; start from a clean state.
-        self.db._state.reset()
+    def _notice_final(self, task_ids: Sequence[int]) -> None:
+        for start in range(0, len(task_ids), _NOTICE_IDS):
+            self._notice("final", *task_ids[start : start + _NOTICE_IDS])
 
     # ------------------------------------------------------------ accepting
 
     def add_tasks(
-        self, tasks: Sequence[tuple[dict, dict]], *, run_at: float, now: float, options: dict | None = None
+        self,
+        tasks: Sequence[tuple[dict, dict]],
+        *,
+        run_at: float,
+        now: float,
+        options: dict | None = None,
+        request_key: str | None = None,
     ) -> list[int]:
         """Insert tasks in one transaction: ``queued`` when due (run_at <= now), else ``scheduled``.
 
         Returns their ids in the order given. ``options``: any of OPTION_FIELDS (checked by
         protocol.check_options), shared by all; the others take the column default.
+
+        Idempotent twice over: a task whose metadata has a ``key`` that a task not yet final
+        holds is not inserted, that task's id is returned instead (the database's partial unique
+        index decides, also between servers inserting at the same moment); and a request
+        (``request_key``, the client's) that was stored already returns the ids it created.
         """
-        status = (S.QUEUED if run_at <= now else S.SCHEDULED).value
-        shared = (status, now, run_at, 0.0, 0, *_options(options).values())
+        status = S.QUEUED if run_at <= now else S.SCHEDULED
+        shared = (status.value, now, run_at, 0.0, 0, *_options(options).values())
         rows = [
-            (meta["name"], meta.get("username"), meta.get("description"), protocol.json_text(args), *shared)
-            for meta, args in tasks
-        ]
+            (
+                meta["name"], meta.get("username"), meta.get("description"), protocol.json_text(args), *shared,
+                meta.get("key"), _row_key(request_key, index, len(tasks)),
+            )
+            for index, (meta, args) in enumerate(tasks)
+        ]  # fmt: skip
         ids: list[int] = []
         with self.transaction():
             for start in range(0, len(rows), _INSERT_CHUNK):
-                chunk = rows[start : start + _INSERT_CHUNK]
-                params = [value for row in chunk for value in row]
-                inserted = self.db.execute_sql(self._sql.insert_tasks(len(chunk)), params).fetchall()
-                # One INSERT takes increasing ids in row order, but RETURNING may list them in any order.
-                ids += sorted(row[0] for row in inserted)
+                ids += self._insert_tasks(rows[start : start + _INSERT_CHUNK])
+            self._notice("queued" if status == S.QUEUED else "schedule")
         return ids
 
-    def add_task(self, meta: dict, args: dict, *, run_at: float, now: float, options: dict | None = None) -> int:
+    def _insert_tasks(self, rows: list[tuple], tries: int = 3) -> list[int]:
+        """Insert ``rows`` (one statement); the ids in row order, a conflicting row's the existing task's."""
+        params = [value for row in rows for value in row]
+        inserted = sorted(self.db.execute_sql(self._sql.insert_tasks(len(rows)), params).fetchall())
+        # One INSERT takes increasing ids in row order (RETURNING lists them in any order): the
+        # inserted rows are, in order, those whose keys match the next inserted id's.
+        ids: list[int | None] = []
+        pending = iter(inserted)
+        following = next(pending, None)
+        for row in rows:
+            if following is not None and following[1:] == row[-2:]:
+                ids.append(following[0])
+                following = next(pending, None)
+            else:
+                ids.append(None)
+        missing = [index for index, task_id in enumerate(ids) if task_id is None]
+        if missing:
+            found = self._existing([rows[index][-2:] for index in missing])
+            again = [index for index in missing if found.get(rows[index][-2:]) is None]
+            for index in missing:
+                ids[index] = found.get(rows[index][-2:])
+            if again:
+                # Its key's task became final between the INSERT and the look-up: the key is free again.
+                if tries <= 1:
+                    raise InvalidTransition("a task key changed hands too often while submitting: try again")
+                for index, task_id in zip(again, self._insert_tasks([rows[i] for i in again], tries - 1), strict=True):
+                    ids[index] = task_id
+        return [task_id for task_id in ids if task_id is not None]
+
+    def _existing(self, keys: list[tuple[str | None, str | None]]) -> dict[tuple[str | None, str | None], int]:
+        """The tasks holding ``(idempotency_key, request_key)`` pairs: by request key, else a live task's key."""
+        found: dict[tuple[str | None, str | None], int] = {}
+        by_request = {rk: pair for pair in keys if (rk := pair[1]) is not None}
+        if by_request:
+            query = Task.select(Task.id, Task.request_key).where(Task.request_key.in_(list(by_request)))
+            for task_id, rk in query.tuples():
+                found[by_request[rk]] = task_id
+        by_key = {pair[0]: pair for pair in keys if pair not in found and pair[0] is not None}
+        if by_key:
+            live = Task.idempotency_key.in_(list(by_key)) & pw.SQL(f"status NOT IN ({sql_final()})")
+            for task_id, ik in Task.select(Task.id, Task.idempotency_key).where(live).tuples():
+                for pair in keys:
+                    if pair[0] == ik and pair not in found:
+                        found[pair] = task_id
+        return found
+
+    def add_task(
+        self,
+        meta: dict,
+        args: dict,
+        *,
+        run_at: float,
+        now: float,
+        options: dict | None = None,
+        request_key: str | None = None,
+    ) -> int:
         """Insert one task (see :meth:`add_tasks`); returns its id."""
-        return self.add_tasks([(meta, args)], run_at=run_at, now=now, options=options)[0]
+        return self.add_tasks([(meta, args)], run_at=run_at, now=now, options=options, request_key=request_key)[0]
 
     def add_recurring(
-        self, meta: dict, args: dict, *, interval: str, next_run_at: float, now: float, options: dict | None = None
+        self,
+        meta: dict,
+        args: dict,
+        *,
+        interval: str,
+        next_run_at: float,
+        now: float,
+        options: dict | None = None,
+        request_key: str | None = None,
     ) -> int:
         """Insert an enabled recurring schedule whose first run is ``next_run_at``. Returns its id.
 
-        ``options`` are as for :meth:`add_task`, and every run gets them.
+        ``options`` are as for :meth:`add_task`, and every run gets them. A ``request_key`` stored
+        already returns the schedule it created.
         """
         with self.transaction():
-            return Recurring.insert(
-                name=meta["name"],
-                username=meta.get("username"),
-                description=meta.get("description"),
-                args=protocol.json_text(args),
-                interval=interval,
-                run_at=meta.get("run_at"),
-                next_run_at=next_run_at,
-                created_at=now,
-                **_options(options),
-            ).execute()
+            if request_key is not None:
+                existing = Recurring.get_or_none(Recurring.request_key == request_key)
+                if existing is not None:
+                    return existing.id
+            recurring_id = (
+                Recurring.insert(
+                    name=meta["name"],
+                    username=meta.get("username"),
+                    description=meta.get("description"),
+                    args=protocol.json_text(args),
+                    interval=interval,
+                    run_at=meta.get("run_at"),
+                    next_run_at=next_run_at,
+                    created_at=now,
+                    request_key=request_key,
+                    **_options(options),
+                )
+                .on_conflict_ignore()
+                .execute()
+            )
+            if recurring_id is None:  # another server stored this request meanwhile (PostgreSQL)
+                return Recurring.get(Recurring.request_key == request_key).id
+            self._notice("schedule")
+            return recurring_id
 
     # ------------------------------------------------------------ scheduling
 
@@ -421,11 +287,10 @@ class Store:
     def promote_due(self, now: float) -> int:
         """scheduled -> queued for every task whose run_at has come. Returns how many moved."""
         with self.transaction():
-            return (
-                Task.update(status=S.QUEUED.value)
-                .where((Task.status == S.SCHEDULED.value) & (Task.run_at <= now))
-                .execute()
-            )
+            moved = Task.update(status=target(M.DUE).value).where(_in(M.DUE) & (Task.run_at <= now)).execute()
+            if moved:
+                self._notice("queued")
+            return moved
 
     def due_recurring(self, now: float) -> list[dict]:
         """Enabled schedules whose next_run_at has come."""
@@ -467,12 +332,14 @@ class Store:
                         **{key: getattr(rec, key) for key in OPTION_FIELDS},
                     ).execute()
                 )
+            if ids:
+                self._notice("queued")
         return ids
 
     # ------------------------------------------------------------ dispatching
 
     def claim(self, worker: str, limit: int, now: float) -> list[dict]:
-        """queued -> running for up to ``limit`` queued tasks, assigned to ``worker``.
+        """queued -> running for up to ``limit`` queued tasks, delivered by this server to ``worker``.
 
         Highest priority first, then oldest run_at, then lowest id. Each claim counts as a
         delivery (``attempts`` + 1). Returns task_id, name, args, attempt and timeout.
@@ -480,7 +347,7 @@ class Store:
         if limit <= 0:
             return []
         with self.transaction():
-            rows = self.db.execute_sql(self._sql.claim, (worker, now, limit)).fetchall()
+            rows = self.db.execute_sql(self._sql.claim, (worker, self.server_id, now, limit)).fetchall()
         # RETURNING lists rows in no particular order: restore the queue's.
         rows.sort(key=lambda r: (-r[5], r[6], r[0]))
         return [
@@ -500,10 +367,12 @@ class Store:
         with self.transaction():
             for task_id, attempt in refs:
                 count += (
-                    Task.update(status=S.QUEUED.value, worker=None, attempts=Task.attempts - 1, started_at=None)
-                    .where((Task.id == task_id) & (Task.status == S.RUNNING.value) & (Task.attempts == attempt))
+                    Task.update(**_requeued(), attempts=Task.attempts - 1, started_at=None)
+                    .where(_delivery(task_id, attempt))
                     .execute()
                 )
+            if count:
+                self._notice("queued")
         return count
 
     def requeue(self, refs: Iterable[tuple[int, int]]) -> list[int]:
@@ -515,17 +384,15 @@ class Store:
         ids = []
         with self.transaction():
             for task_id, attempt in refs:
-                if (
-                    Task.update(status=S.QUEUED.value, worker=None)
-                    .where((Task.id == task_id) & (Task.status == S.RUNNING.value) & (Task.attempts == attempt))
-                    .execute()
-                ):
+                if Task.update(**_requeued()).where(_delivery(task_id, attempt)).execute():
                     ids.append(task_id)
+            if ids:
+                self._notice("queued")
         return ids
 
     def give_up_lost(self, *, now: float, worker: str | None = None, refs: Iterable[tuple[int, int]] = ()) -> list[int]:
-        """running -> failed for lost deliveries (of ``worker``, or the ``refs``) of tasks delivered
-        ``max_deliveries`` times already: each one took its worker down, so the next would too.
+        """running -> failed for lost deliveries (this server's of ``worker``, or the ``refs``) of tasks
+        delivered ``max_deliveries`` times already: each one took its worker down, so the next would too.
 
         Call it before re-queueing lost deliveries; returns the ids it failed.
         """
@@ -533,10 +400,10 @@ class Store:
         failed = []
         with self.transaction():
             query = Task.select(Task.id, Task.attempts, Task.worker, Task.errors, Task.failures).where(
-                (Task.status == S.RUNNING.value) & (Task.attempts >= self.max_deliveries)
+                _in(M.FAIL) & (Task.attempts >= self.max_deliveries)
             )
             if worker is not None:
-                query = query.where(Task.worker == worker)
+                query = query.where((Task.worker == worker) & (Task.server == self.server_id))
             for row in query:
                 if worker is None and (row.id, row.attempts) not in wanted:
                     continue
@@ -546,38 +413,40 @@ class Store:
                 )
                 _fail_running(row, row.attempts, row.worker, at=now, error=error)
                 failed.append(row.id)
+            self._notice_final(failed)
         return failed
 
     def fail_delivery(self, task_id: int, attempt: int, worker: str, *, at: float, error: str) -> bool:
         """running -> failed for the current delivery ``(task_id, attempt)`` on ``worker``, with ``error``
         and no retry (its worker's own final event could not be stored). Whether it applied."""
         with self.transaction():
-            current = (Task.id == task_id) & (Task.status == S.RUNNING.value) & (Task.attempts == attempt)
-            row = Task.get_or_none(current & (Task.worker == worker))
+            row = Task.get_or_none(_delivery(task_id, attempt) & (Task.worker == worker))
             if row is None:
                 return False
             _fail_running(row, attempt, worker, at=at, error=error)
+            self._notice_final([task_id])
         return True
 
     def requeue_worker(self, worker: str) -> list[int]:
-        """running -> queued for every task of a worker declared lost. Returns the requeued ids."""
+        """running -> queued for every delivery this server made to a worker it declared lost.
+
+        A delivery that another server has adopted since (the worker moved there) is not this
+        server's to re-queue. Returns the requeued ids.
+        """
         with self.transaction():
-            ids = [
-                row.id
-                for row in Task.select(Task.id)
-                .where((Task.status == S.RUNNING.value) & (Task.worker == worker))
-                .order_by(Task.id)
-            ]
+            mine = _in(M.REQUEUE) & (Task.worker == worker) & (Task.server == self.server_id)
+            ids = [row.id for row in Task.select(Task.id).where(mine).order_by(Task.id)]
             if ids:
-                Task.update(status=S.QUEUED.value, worker=None).where(
-                    Task.id.in_(ids) & (Task.status == S.RUNNING.value)
-                ).execute()
+                Task.update(**_requeued()).where(Task.id.in_(ids) & mine).execute()
+                self._notice("queued")
         return ids
 
     def running(self) -> list[dict]:
-        """Every running task's id, worker and attempt."""
+        """Every running task this server delivered: its id, worker and attempt."""
         with self._read():
-            query = Task.select(Task.id, Task.worker, Task.attempts).where(Task.status == S.RUNNING.value)
+            query = Task.select(Task.id, Task.worker, Task.attempts).where(
+                (Task.status == S.RUNNING.value) & (Task.server == self.server_id)
+            )
             return [{"task_id": r.id, "worker": r.worker, "attempt": r.attempts} for r in query]
 
     def finished(self, task_ids: Iterable[int]) -> set[int]:
@@ -588,6 +457,101 @@ class Store:
         with self._read():
             query = Task.select(Task.id).where(Task.id.in_(task_ids) & Task.status.in_([f.value for f in FINAL]))
             return {row.id for row in query}
+
+    # ------------------------------------------------------------ the cluster
+
+    def join(self, *, host: str, pid: int, address: str, now: float, lease: float) -> None:
+        """Record this server and its first lease of ``lease`` seconds (its id is new at every start)."""
+        with self.transaction():
+            Server.insert(
+                id=self.server_id, host=host, pid=pid, address=address, started_at=now, lease_until=now + lease
+            ).on_conflict(conflict_target=[Server.id], preserve=[Server.lease_until]).execute()
+
+    def renew(self, *, now: float, lease: float, workers: list[dict]) -> int:
+        """A heartbeat: extend this server's lease by ``lease`` seconds from ``now``, record its connected
+        ``workers`` (dicts as broker.WorkerInfo.record() gives them), and count the other live servers.
+
+        Also the cluster's housekeeping: the worker rows of servers whose lease has run out are deleted.
+        """
+        with self.transaction():
+            Server.update(lease_until=now + lease).where(Server.id == self.server_id).execute()
+            live = Server.select(Server.id).where(Server.lease_until > now)
+            Worker.delete().where((Worker.server == self.server_id) | Worker.server.not_in(live)).execute()
+            rows = [
+                {
+                    "id": w["id"], "server": self.server_id, "host": w["host"], "pid": w["pid"],
+                    "handlers": protocol.json_text(w["handlers"]), "slots": w["slots"], "prefetch": w["prefetch"],
+                    "busy": w["busy"], "last_seen": w["last_seen"], "key_name": w["key"],
+                }
+                for w in workers
+            ]  # fmt: skip
+            for start in range(0, len(rows), _INSERT_CHUNK):
+                # A worker that moved here may still have a row of its old server's.
+                Worker.insert_many(rows[start : start + _INSERT_CHUNK]).on_conflict(
+                    conflict_target=[Worker.id], preserve=[getattr(Worker, column) for column in _WORKER_COLUMNS]
+                ).execute()
+            self.peers = live.where(Server.id != self.server_id).count()
+        return self.peers
+
+    def leave(self, now: float) -> None:
+        """This server stops: its lease ends now, its workers' rows go (they move to another server)."""
+        with self.transaction():
+            Server.update(lease_until=now).where(Server.id == self.server_id).execute()
+            Worker.delete().where(Worker.server == self.server_id).execute()
+
+    def workers(self, now: float) -> list[dict]:
+        """The workers of the other live servers, as their servers last recorded them, with each one's server."""
+        with self._read():
+            query = (
+                Worker.select(*(getattr(Worker, column) for column in ("id", *_WORKER_COLUMNS)), Server.address)
+                .join(Server, on=(Worker.server == Server.id))
+                .where((Server.lease_until > now) & (Worker.server != self.server_id))
+                .order_by(Worker.id)
+                .tuples()
+            )
+            rows = list(query)
+        workers = []
+        for worker_id, server, host, pid, handlers, slots, prefetch, busy, last_seen, key, address in rows:
+            workers.append(
+                {
+                    "id": worker_id, "host": host, "pid": pid, "handlers": protocol.json_value(handlers),
+                    "slots": slots, "prefetch": prefetch, "busy": busy, "last_seen": iso(last_seen), "key": key,
+                    "server": server, "server_address": address,
+                }
+            )  # fmt: skip
+        return workers
+
+    def adopt(self, worker: str, refs: Iterable[tuple[int, int]]) -> list[int]:
+        """Make this server the owner of ``worker``'s running deliveries ``(task_id, attempt)``: the worker
+        moved here from another server, which may be dead. Returns the ids adopted."""
+        ids = []
+        with self.transaction():
+            for task_id, attempt in refs:
+                if (
+                    Task.update(server=self.server_id)
+                    .where(_delivery(task_id, attempt) & (Task.worker == worker) & (Task.server != self.server_id))
+                    .execute()
+                ):
+                    ids.append(task_id)
+        return ids
+
+    def requeue_abandoned(self, *, now: float, grace: float, unowned: bool) -> list[int]:
+        """running -> queued for deliveries whose server's lease ran out more than ``grace`` seconds ago,
+        their worker not having brought them to another server meanwhile; with ``unowned``, also those no
+        server owns (made before servers held leases: schema 3).
+
+        Those already delivered ``max_deliveries`` times fail instead (:meth:`give_up_lost`).
+        Returns the requeued ids.
+        """
+        with self.transaction():
+            alive = Server.select(Server.id).where(Server.lease_until > now - grace)
+            gone = Task.server.not_in(alive)
+            abandoned = (Task.status == S.RUNNING.value) & ((Task.server.is_null() | gone) if unowned else gone)
+            refs = [(r.id, r.attempts) for r in Task.select(Task.id, Task.attempts).where(abandoned).order_by(Task.id)]
+            if not refs:
+                return []
+            self.give_up_lost(now=now, refs=refs)
+            return self.requeue(refs)
 
     # ------------------------------------------------------------ status events
 
@@ -622,6 +586,9 @@ class Store:
                     applied.retrying.append(event["task_id"])
                 elif outcome in FINAL:
                     applied.finished.append(event["task_id"])
+            self._notice_final(applied.finished)
+            if applied.retrying:
+                self._notice("schedule")
             cursor = self.db.cursor()
             # In this order: a started or progress event that applies always comes before its task's final one.
             for kind, sql in self._sql.events.items():
@@ -653,27 +620,28 @@ class Store:
         # The fence: only the task's current delivery (running, that attempt, on that worker) changes it.
         if task.status != S.RUNNING or task.worker != worker or task.attempts != attempt:
             return None
+        delivery = (task.id, attempt, worker)
         if kind == protocol.STARTED:
-            writes["started"].append((at, task.id))
+            writes["started"].append((at, *delivery))
             return S.RUNNING
         if kind == protocol.PROGRESS:
-            writes["progress"].append((event["progress"], event.get("message"), task.id))
+            writes["progress"].append((event["progress"], event.get("message"), *delivery))
             return S.RUNNING
         started_at = event.get("started_at")
         if kind == protocol.SUCCEEDED:
-            task.status = S.SUCCEEDED
-            writes["succeeded"].append((protocol.json_text(event.get("result")), at, started_at, task.id))
+            task.status = decide(task.status, M.SUCCEED)
+            writes["succeeded"].append((protocol.json_text(event.get("result")), at, started_at, *delivery))
             return task.status
         task.failures += 1
         task.errors = _kept(task.errors, {"attempt": attempt, "error": event["error"], "at": at, "worker": worker})
         failure = (protocol.json_text(task.errors), task.failures, event["error"], event.get("traceback"))
         if task.failures <= task.retries:
-            task.status = S.SCHEDULED
+            task.status = decide(task.status, M.RETRY_LATER)
             retry_at = at + backoff(task.retry_delay, task.failures, self.retry_delay_max)
-            writes["retry"].append((*failure, retry_at, task.id))
+            writes["retry"].append((*failure, retry_at, *delivery))
         else:
-            task.status = S.FAILED
-            writes["failed"].append((*failure, at, started_at, task.id))
+            task.status = decide(task.status, M.FAIL)
+            writes["failed"].append((*failure, at, started_at, *delivery))
         return task.status
 
     # ------------------------------------------------------------ client requests
@@ -691,7 +659,7 @@ class Store:
         self, *, status: str | None, name: str | None, username: str | None, limit: int, before: int | None = None
     ) -> list[dict]:
         """Summaries (SUMMARY_FIELDS) of tasks newest first, filtered by the given fields; ``before``: ids below it."""
-        query = Task.select(*(getattr(Task, f) for f in SUMMARY_FIELDS)).order_by(Task.id.desc()).limit(limit)
+        query = Task.select(*(getattr(Task, _column(f)) for f in SUMMARY_FIELDS)).order_by(Task.id.desc()).limit(limit)
         for field, value in ((Task.status, status), (Task.name, name), (Task.username, username)):
             if value is not None:
                 query = query.where(field == value)
@@ -704,51 +672,66 @@ class Store:
         """scheduled|queued|running -> cancelled; returns the record. InvalidTransition for a final task.
 
         A running task keeps its ``worker`` and ``attempts``, so the caller can tell that worker
-        to stop the delivery; the delivery's own final event is then ignored.
+        to stop the delivery; the delivery's own final event is then ignored. In a cluster, the
+        server the worker is connected to hears of it too (a ``cancel`` notice).
         """
         _check_id(task_id, _no_task)
         with self.transaction():
             changed = (
-                Task.update(status=S.CANCELLED.value, finished_at=now)
-                .where((Task.id == task_id) & Task.status.in_([S.SCHEDULED.value, S.QUEUED.value, S.RUNNING.value]))
+                Task.update(status=target(M.CANCEL).value, finished_at=now)
+                .where((Task.id == task_id) & _in(M.CANCEL))
                 .execute()
             )
             task = self.get_task(task_id)
+            if changed:
+                self._notice_final([task_id])
+                if task["worker"] is not None:
+                    self._notice("cancel", task["worker"], task_id, task["attempts"])
         if not changed:
             raise InvalidTransition(
-                f"task {task_id} is {task['status']}: only scheduled, queued or running tasks can be cancelled"
+                f"task {task_id} is {task['status']}: only {_names(M.CANCEL)} tasks can be cancelled"
             )
         return task
 
     def retry(self, task_id: int, now: float) -> dict:
-        """failed|cancelled -> queued, due now; returns the record. InvalidTransition for any other state.
+        """failed|cancelled -> queued, due now; returns the record. InvalidTransition for any other state,
+        or when another task not yet final holds this one's ``key``.
 
         The task keeps its ``attempts`` and ``errors`` history; its last outcome (result, error,
         traceback, progress, times of the last run, worker) is cleared.
         """
         _check_id(task_id, _no_task)
         with self.transaction():
-            changed = (
-                Task.update(
-                    status=S.QUEUED.value,
-                    run_at=now,
-                    result=None,
-                    error=None,
-                    traceback=None,
-                    progress=0.0,
-                    progress_message=None,
-                    started_at=None,
-                    finished_at=None,
-                    worker=None,
-                )
-                .where((Task.id == task_id) & Task.status.in_([S.FAILED.value, S.CANCELLED.value]))
-                .execute()
-            )
+            try:
+                with self.db.atomic():  # a savepoint: a key taken meanwhile leaves the transaction usable
+                    changed = (
+                        Task.update(
+                            status=target(M.RETRY).value,
+                            run_at=now,
+                            result=None,
+                            error=None,
+                            traceback=None,
+                            progress=0.0,
+                            progress_message=None,
+                            started_at=None,
+                            finished_at=None,
+                            worker=None,
+                            server=None,
+                        )
+                        .where((Task.id == task_id) & _in(M.RETRY))
+                        .execute()
+                    )
+            except pw.IntegrityError:
+                holder = self._existing([(self.get_task(task_id)["key"], None)])
+                raise InvalidTransition(
+                    f"task {task_id} cannot be retried: its key is held by task {next(iter(holder.values()), '?')}, "
+                    "which is not final yet; wait for it, or cancel it first"
+                ) from None
             task = self.get_task(task_id)
+            if changed:
+                self._notice("queued")
         if not changed:
-            raise InvalidTransition(
-                f"task {task_id} is {task['status']}: only failed or cancelled tasks can be retried"
-            )
+            raise InvalidTransition(f"task {task_id} is {task['status']}: only {_names(M.RETRY)} tasks can be retried")
         return task
 
     def list_recurring(self) -> list[dict]:
@@ -802,31 +785,40 @@ class _Statements:
         self.param = param
         lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
         p = param
+        claimed, queued = target(M.CLAIM).value, sql_sources(M.CLAIM)
         self.claim = (
-            f"UPDATE task SET status = 'running', worker = {p}, attempts = attempts + 1, started_at = {p} "
-            f"WHERE id IN (SELECT id FROM task WHERE status = 'queued' ORDER BY priority DESC, run_at, id "
-            f"LIMIT {p}{lock}) RETURNING id, name, args, attempts, timeout, priority, run_at"
+            f"UPDATE task SET status = '{claimed}', worker = {p}, server = {p}, attempts = attempts + 1, "
+            f"started_at = {p} WHERE id IN (SELECT id FROM task WHERE status IN ({queued}) "
+            f"ORDER BY priority DESC, run_at, id LIMIT {p}{lock}) "
+            "RETURNING id, name, args, attempts, timeout, priority, run_at"
         )
         self._event_targets = (
             "SELECT id, status, worker, attempts, retries, retry_delay, errors, failures FROM task WHERE id IN ({})"
             + (" FOR UPDATE" if skip_locked else "")
         )
-        self._insert_tasks = f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} RETURNING id"
+        self._insert_tasks = (
+            f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} ON CONFLICT DO NOTHING "
+            "RETURNING id, idempotency_key, request_key"
+        )
         self._insert_row = "(" + ", ".join([p] * len(_INSERT_COLUMNS)) + ")"
+        # Each event's UPDATE holds the fence itself (the delivery, running at that attempt on that worker):
+        # what Store._apply_event decided is applied only to the state it decided on.
+        fence = f"WHERE id = {p} AND attempts = {p} AND worker = {p} AND status = '{S.RUNNING.value}'"
+        succeeded, retried, failed = (target(move).value for move in (M.SUCCEED, M.RETRY_LATER, M.FAIL))
         self.events = {
-            "started": f"UPDATE task SET started_at = {p} WHERE id = {p}",
-            "progress": f"UPDATE task SET progress = {p}, progress_message = {p} WHERE id = {p}",
+            "started": f"UPDATE task SET started_at = {p} {fence}",
+            "progress": f"UPDATE task SET progress = {p}, progress_message = {p} {fence}",
             "succeeded": (
-                f"UPDATE task SET status = 'succeeded', result = {p}, progress = 1.0, finished_at = {p}, "
-                f"started_at = COALESCE({p}, started_at) WHERE id = {p}"
+                f"UPDATE task SET status = '{succeeded}', result = {p}, progress = 1.0, finished_at = {p}, "
+                f"started_at = COALESCE({p}, started_at) {fence}"
             ),
             "retry": (
-                f"UPDATE task SET status = 'scheduled', errors = {p}, failures = {p}, error = {p}, traceback = {p}, "
-                f"run_at = {p}, worker = NULL, progress = 0.0, progress_message = NULL WHERE id = {p}"
+                f"UPDATE task SET status = '{retried}', errors = {p}, failures = {p}, error = {p}, traceback = {p}, "
+                f"run_at = {p}, worker = NULL, server = NULL, progress = 0.0, progress_message = NULL {fence}"
             ),
             "failed": (
-                f"UPDATE task SET status = 'failed', errors = {p}, failures = {p}, error = {p}, traceback = {p}, "
-                f"finished_at = {p}, started_at = COALESCE({p}, started_at) WHERE id = {p}"
+                f"UPDATE task SET status = '{failed}', errors = {p}, failures = {p}, error = {p}, traceback = {p}, "
+                f"finished_at = {p}, started_at = COALESCE({p}, started_at) {fence}"
             ),
         }
 
@@ -837,16 +829,39 @@ class _Statements:
         return self._insert_tasks.format(", ".join([self._insert_row] * count))
 
 
-#: Columns :meth:`Store.add_tasks` fills: the task's own, then the shared status and times, then its policy.
+#: Columns :meth:`Store.add_tasks` fills: the task's own, then the shared status and times, its policy, its keys.
 _INSERT_COLUMNS = (
     "name", "username", "description", "args", "status", "created_at", "run_at", "progress", "attempts",
-    *OPTION_FIELDS,
+    *OPTION_FIELDS, "idempotency_key", "request_key",
 )  # fmt: skip
 
 
-def _first_line(exc: BaseException) -> str:
-    """An exception's message's first line, for logs and errors."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def _names(move: Move) -> str:
+    """The statuses ``move`` applies to, for a message: ``scheduled, queued or running``."""
+    names = [s.value for s in sources(move)]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _in(move: Move) -> Any:
+    """WHERE the task's status is one ``move`` applies to (status.TRANSITIONS)."""
+    return pw.SQL(f"status IN ({sql_sources(move)})")
+
+
+def _delivery(task_id: int, attempt: int) -> Any:
+    """WHERE the task is still running the delivery ``(task_id, attempt)``."""
+    return (Task.id == task_id) & (Task.status == S.RUNNING.value) & (Task.attempts == attempt)
+
+
+def _requeued() -> dict:
+    """The columns a delivery that ended without an outcome sets: queued again, no worker, no owner."""
+    return {"status": target(M.REQUEUE).value, "worker": None, "server": None}
+
+
+def _row_key(request_key: str | None, index: int, count: int) -> str | None:
+    """The request key of the ``index``-th of ``count`` tasks a request submits."""
+    if request_key is None:
+        return None
+    return request_key if count == 1 else f"{request_key}/{index}"
 
 
 def _fail_running(row: Task, attempt: int, worker: str | None, *, at: float, error: str) -> None:
@@ -883,11 +898,16 @@ def _options(options: dict | None) -> dict:
     return {key: given.get(key, defaults[key]) for key in OPTION_FIELDS}
 
 
+def _column(field: str) -> str:
+    """The ``task`` column behind a record's field: its ``key`` is the column ``idempotency_key``."""
+    return "idempotency_key" if field == "key" else field
+
+
 def task_dict(row: Task) -> dict:
     """A task row as the client sees it: JSON decoded (``errors`` as a list), times (also in errors) as ISO 8601 UTC."""
     out = {}
     for field in TASK_FIELDS:
-        value = getattr(row, field)
+        value = getattr(row, _column(field))
         if field in ("args", "result"):
             value = None if value is None else protocol.json_value(value)
         elif field == "errors":
@@ -900,7 +920,7 @@ def task_dict(row: Task) -> dict:
 
 def task_summary(row: Task) -> dict:
     """A task as a ``list`` reply shows it: SUMMARY_FIELDS, times as ISO 8601 UTC, ``error`` clipped."""
-    out = {field: getattr(row, field) for field in SUMMARY_FIELDS}
+    out = {field: getattr(row, _column(field)) for field in SUMMARY_FIELDS}
     for field in _TASK_TIMES:
         out[field] = iso(out[field])
     if out["error"] is not None:
@@ -929,102 +949,3 @@ def _recurring_dict(row: Recurring, raw: bool = False) -> dict:
         for field in _RECURRING_TIMES:
             out[field] = iso(out[field])
     return out
-
-
-def _add_policy_columns(database: pw.Database) -> None:
-    """Schema 1 -> 2: the policy columns of both tables (and the task's ``errors``); existing ones are kept."""
-    double = "DOUBLE PRECISION" if isinstance(database, pw.PostgresqlDatabase) else "REAL"
-    policy = (
-        ("priority", f"INTEGER NOT NULL DEFAULT {config.DEFAULT_PRIORITY}"),
-        ("retries", f"INTEGER NOT NULL DEFAULT {config.DEFAULT_RETRIES}"),
-        ("retry_delay", f"{double} NOT NULL DEFAULT {config.DEFAULT_RETRY_DELAY!r}"),
-        ("timeout", double),
-    )
-    for table, columns in (("task", (*policy, ("errors", "TEXT"))), ("recurring", policy)):
-        present = {column.name for column in database.get_columns(table)}
-        for name, definition in columns:
-            if name not in present:
-                database.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{name}" {definition}')
-
-
-def _add_failures(database: pw.Database) -> None:
-    """Schema 2 -> 3: ``failures``, counted from each task's ``errors`` (which until now kept every one)."""
-    if "failures" not in {column.name for column in database.get_columns("task")}:
-        database.execute_sql('ALTER TABLE "task" ADD COLUMN "failures" INTEGER NOT NULL DEFAULT 0')
-    for task_id, errors in database.execute_sql("SELECT id, errors FROM task WHERE errors IS NOT NULL").fetchall():
-        history = protocol.json_value(errors)
-        database.execute_sql(
-            f"UPDATE task SET failures = {database.param}, errors = {database.param} WHERE id = {database.param}",
-            (len(history), protocol.json_text(history[-ERRORS_KEPT:]), task_id),
-        )
-
-
-#: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures}
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and messages."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
-
-
-def _connect(url: str) -> pw.Database:
-    parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
-        if not path:
-            raise ConfigError(f"bad SQLite URL {url!r}: expected sqlite:///relative/path.db or sqlite:////abs/path.db")
-        return pw.SqliteDatabase(
-            path,
-            thread_safe=False,
-            pragmas={
-                "journal_mode": "wal",
-                # FULL: a committed task survives power loss, not only a process crash.
-                "synchronous": "full",
-                # SQLite's busy handler sleeps inside C, freezing every greenlet: wait briefly, then fail
-                # (StoreUnavailable) and let the caller retry without blocking the loop.
-                "busy_timeout": int(SQLITE_BUSY_TIMEOUT * 1000),
-                "foreign_keys": 1,
-            },
-        )
-    if parsed.scheme in ("postgres", "postgresql"):
-        _install_gevent_wait_callback()
-        if not parsed.path.strip("/"):
-            raise ConfigError(f"bad PostgreSQL URL {redact(url)!r}: expected postgresql://user@host:port/dbname")
-        return pw.PostgresqlDatabase(
-            parsed.path.lstrip("/"),
-            thread_safe=False,
-            user=parsed.username,
-            password=parsed.password,
-            host=parsed.hostname,
-            port=parsed.port or 5432,
-            connect_timeout=5,
-            # Lets a DBA (or a test) tell this server's connections from others in pg_stat_activity.
-            application_name=f"martinet-server-{os.getpid()}",
-        )
-    raise ConfigError(
-        f"unsupported database URL {redact(url)!r}: expected sqlite:///path.db or postgresql://user@host:port/dbname"
-    )
-
-
-def _install_gevent_wait_callback() -> None:
-    """Make psycopg2 wait on its socket through the gevent hub instead of blocking the process."""
-    import psycopg2.extensions
-    from gevent.socket import wait_read, wait_write
-
-    def wait(conn: Any, timeout: float | None = None) -> None:
-        while True:
-            state = conn.poll()
-            if state == psycopg2.extensions.POLL_OK:
-                return
-            if state == psycopg2.extensions.POLL_READ:
-                wait_read(conn.fileno(), timeout=timeout)
-            elif state == psycopg2.extensions.POLL_WRITE:
-                wait_write(conn.fileno(), timeout=timeout)
-            else:
-                raise psycopg2.OperationalError(f"bad state from poll: {state}")
-
-    psycopg2.extensions.set_wait_callback(wait)

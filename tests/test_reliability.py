@@ -270,7 +270,7 @@ def test_postgresql_connection_loss_under_load(cluster: Cluster):
         ids += submit(m, 100, seconds=0.01)
     wait_until(lambda: all_succeeded(m, ids), timeout=60, what="every task to succeed")
     log = cluster.server.log()
-    assert "ERROR martinet_app.store: database error" in log, "the lost connection was logged"
+    assert "ERROR martinet_app.db: database error" in log, "the lost connection was logged"
     assert "Traceback" not in log and cluster.server.running()
 
 

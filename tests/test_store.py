@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from martinet_app.errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
-from martinet_app.store import FINAL, SCHEMA_VERSION, TRANSITIONS, Applied, Store, TaskStatus, backoff
+from martinet_app.status import FINAL, NEXT, TaskStatus
+from martinet_app.store import SCHEMA_VERSION, Applied, Store, backoff
 
 NOW = 1_700_000_000.0
 NOW_ISO = "2023-11-14T22:13:20.000+00:00"
@@ -117,7 +118,7 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         s = Store.open(db_url)
         try:
             rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [3]
+            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [4]
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
             listed = s.list_tasks(status=None, name=None, username=None, limit=10)
             old, broke = (s.get_task(t["id"]) for t in listed[::-1])
@@ -194,6 +195,8 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
         "timeout": 30.5,
         "errors": [],
         "failures": 0,
+        "server": None,
+        "key": None,
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
 
 
@@ -471,9 +474,9 @@ def test_a_failed_statement_dooms_the_whole_transaction(sqlite_url: str) -> None
 def test_lifecycle_table() -> None:
     S = TaskStatus
     assert FINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
-    assert S.SCHEDULED in TRANSITIONS[S.RUNNING] and S.CANCELLED in TRANSITIONS[S.RUNNING]
-    assert TRANSITIONS[S.FAILED] == TRANSITIONS[S.CANCELLED] == {S.QUEUED}
-    assert TRANSITIONS[S.SUCCEEDED] == set()
+    assert S.SCHEDULED in NEXT[S.RUNNING] and S.CANCELLED in NEXT[S.RUNNING]
+    assert NEXT[S.FAILED] == NEXT[S.CANCELLED] == {S.QUEUED}
+    assert NEXT[S.SUCCEEDED] == set()
 
 
 def test_claim_highest_priority_first_then_oldest(store: Store) -> None:
@@ -754,9 +757,9 @@ def test_every_operation_from_every_state_follows_the_transitions_table(db_url: 
                         pass
                     after = TaskStatus(status(store, task_id))
                     if after != state:
-                        assert after in TRANSITIONS[state], f"{name} moved a {state.value} task to {after.value}"
+                        assert after in NEXT[state], f"{name} moved a {state.value} task to {after.value}"
                         seen.add((state, after))
     finally:
         store.close()
-    allowed = {(source, target) for source, targets in TRANSITIONS.items() for target in targets}
+    allowed = {(source, target) for source, targets in NEXT.items() for target in targets}
     assert seen == allowed, f"transitions in the table that no operation makes: {allowed - seen}"

@@ -1,0 +1,218 @@
+"""The tables (peewee models), their version, and the migrations that bring an older database up to it.
+
+Tables: ``task`` (every execution of a handler), ``recurring`` (schedules), ``server`` (the
+servers of a cluster and their leases), ``worker`` (the workers connected to each of them) and
+``meta`` (the schema version).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import peewee as pw
+
+from . import config, protocol
+from .db import redact
+from .errors import ConfigError
+from .status import sql_final
+
+log = logging.getLogger(__name__)
+
+#: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
+#: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT), 4 the cluster: the
+#: ``server`` and ``worker`` tables, each task's delivering ``server``, and the keys that make a
+#: submission idempotent (``idempotency_key``, ``request_key``).
+SCHEMA_VERSION = 4
+#: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
+SCHEMA_LOCK = 0x4D54_4E57_5343_4845
+#: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
+ERRORS_KEPT = 20
+#: Tasks whose ``key`` is still taken: a key is unique among these (a partial unique index).
+LIVE_KEY = f"idempotency_key IS NOT NULL AND status NOT IN ({sql_final()})"
+
+database = pw.DatabaseProxy()
+
+
+class _Model(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Task(_Model):
+    """One execution of a handler: the row ``status()`` returns."""
+
+    name = pw.CharField(max_length=255)
+    username = pw.CharField(max_length=255, null=True)
+    description = pw.TextField(null=True)
+    args = pw.TextField(default="{}")
+    status = pw.CharField(max_length=16)
+    progress = pw.FloatField(default=0.0)
+    progress_message = pw.TextField(null=True)
+    result = pw.TextField(null=True)
+    error = pw.TextField(null=True)
+    traceback = pw.TextField(null=True)
+    attempts = pw.IntegerField(default=0)
+    worker = pw.CharField(max_length=255, null=True)
+    created_at = pw.DoubleField()
+    run_at = pw.DoubleField()
+    started_at = pw.DoubleField(null=True)
+    finished_at = pw.DoubleField(null=True)
+    recurring_id = pw.IntegerField(null=True, index=True)
+    priority = pw.IntegerField(default=config.DEFAULT_PRIORITY)
+    retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
+    retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
+    timeout = pw.DoubleField(null=True)
+    errors = pw.TextField(null=True)  # JSON list of {attempt, error, at, worker}: the latest ERRORS_KEPT failures
+    # Every failure, also those no longer in errors; a DEFAULT in the schema too, for the raw INSERT of add_tasks.
+    failures = pw.IntegerField(default=0, constraints=[pw.SQL("DEFAULT 0")])
+    # The server that made the current delivery, and owns it while its lease is current.
+    server = pw.CharField(max_length=255, null=True)
+    # The submitter's ``key``: unique among tasks not yet final (LIVE_KEY).
+    idempotency_key = pw.CharField(max_length=255, null=True)
+    # The client's key of the request that created it: a request retried on another server creates nothing twice.
+    request_key = pw.CharField(max_length=255, null=True, unique=True)
+
+    class Meta:
+        # "next due" (scheduled by run_at) is a range scan of this index.
+        indexes = ((("status", "run_at", "id"), False),)
+
+
+# "next queued" (queued by priority, highest first, then run_at and id) is a range scan of this one.
+Task.add_index(
+    Task.index(Task.status, Task.priority.desc(), Task.run_at, Task.id, name="task_status_priority_run_at_id")
+)
+# `list --status S`, newest first, reads the newest rows of this one instead of sorting every task in S.
+Task.add_index(Task.index(Task.status, Task.id, name="task_status_id"))
+# The database, not Martinet, keeps a key to one live task, also between servers racing to insert it.
+Task.add_index(Task.index(Task.idempotency_key, unique=True, name="task_live_key", where=pw.SQL(LIVE_KEY)))
+
+
+class Recurring(_Model):
+    """A recurring schedule; the scheduler creates one Task per run."""
+
+    name = pw.CharField(max_length=255)
+    username = pw.CharField(max_length=255, null=True)
+    description = pw.TextField(null=True)
+    args = pw.TextField(default="{}")
+    interval = pw.CharField(max_length=255)
+    run_at = pw.CharField(max_length=255, null=True)
+    next_run_at = pw.DoubleField()
+    last_run_at = pw.DoubleField(null=True)
+    enabled = pw.BooleanField(default=True)
+    created_at = pw.DoubleField()
+    priority = pw.IntegerField(default=config.DEFAULT_PRIORITY)
+    retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
+    retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
+    timeout = pw.DoubleField(null=True)
+    request_key = pw.CharField(max_length=255, null=True, unique=True)
+
+    class Meta:
+        indexes = ((("enabled", "next_run_at"), False),)
+
+
+class Server(_Model):
+    """A ``martinet serve`` of the cluster: alive while ``lease_until`` is ahead of the clock."""
+
+    id = pw.CharField(max_length=255, primary_key=True)
+    host = pw.CharField(max_length=255)
+    pid = pw.IntegerField()
+    address = pw.CharField(max_length=255)  # where its ports are bound
+    started_at = pw.DoubleField()
+    lease_until = pw.DoubleField()
+
+
+class Worker(_Model):
+    """A worker as the server it is connected to last reported it (every heartbeat)."""
+
+    id = pw.CharField(max_length=255, primary_key=True)
+    server = pw.CharField(max_length=255, index=True)
+    host = pw.CharField(max_length=255)
+    pid = pw.IntegerField()
+    handlers = pw.TextField()  # JSON list of names
+    slots = pw.IntegerField()
+    prefetch = pw.IntegerField()
+    busy = pw.IntegerField()
+    last_seen = pw.DoubleField()
+    key_name = pw.CharField(max_length=255, null=True)  # the name of its CURVE key, on a server with keys
+
+
+class Meta(_Model):
+    """Key/value facts about the store itself (``schema_version``)."""
+
+    key = pw.CharField(max_length=64, primary_key=True)
+    value = pw.TextField()
+
+
+TABLES = (Task, Recurring, Server, Worker, Meta)
+
+
+def create_or_migrate(db: pw.Database, url: str) -> None:
+    """Create missing tables, bring an older schema up to SCHEMA_VERSION, refuse a newer one (in a transaction).
+
+    On PostgreSQL, under a lock held to the end of the transaction: servers starting together
+    on one database create or migrate the schema one after the other (without it, both try to
+    create the same tables and one fails on PostgreSQL's own catalog).
+    """
+    if isinstance(db, pw.PostgresqlDatabase):
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+    found = Meta.get_or_none(Meta.key == "schema_version") if db.table_exists("meta") else None
+    version = None if found is None else int(found.value)
+    if version is not None and version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"the database at {redact(url)} has schema version {version}, newer than this "
+            f"Martinet's {SCHEMA_VERSION}: upgrade Martinet"
+        )
+    if version is not None:
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            _MIGRATIONS[target](db)
+            log.info("migrated the database at %s to schema version %d", redact(url), target)
+    db.create_tables(TABLES, safe=True)
+    if found is None:
+        Meta.create(key="schema_version", value=str(SCHEMA_VERSION))
+    elif version != SCHEMA_VERSION:
+        Meta.update(value=str(SCHEMA_VERSION)).where(Meta.key == "schema_version").execute()
+
+
+def _add_columns(db: pw.Database, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+    """Add the ``(name, definition)`` columns ``table`` lacks; existing ones are kept."""
+    present = {column.name for column in db.get_columns(table)}
+    for name, definition in columns:
+        if name not in present:
+            db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "{name}" {definition}')
+
+
+def _add_policy_columns(db: pw.Database) -> None:
+    """Schema 1 -> 2: the policy columns of both tables (and the task's ``errors``)."""
+    double = "DOUBLE PRECISION" if isinstance(db, pw.PostgresqlDatabase) else "REAL"
+    policy = (
+        ("priority", f"INTEGER NOT NULL DEFAULT {config.DEFAULT_PRIORITY}"),
+        ("retries", f"INTEGER NOT NULL DEFAULT {config.DEFAULT_RETRIES}"),
+        ("retry_delay", f"{double} NOT NULL DEFAULT {config.DEFAULT_RETRY_DELAY!r}"),
+        ("timeout", double),
+    )
+    _add_columns(db, "task", (*policy, ("errors", "TEXT")))
+    _add_columns(db, "recurring", policy)
+
+
+def _add_failures(db: pw.Database) -> None:
+    """Schema 2 -> 3: ``failures``, counted from each task's ``errors`` (which until now kept every one)."""
+    _add_columns(db, "task", (("failures", "INTEGER NOT NULL DEFAULT 0"),))
+    for task_id, errors in db.execute_sql("SELECT id, errors FROM task WHERE errors IS NOT NULL").fetchall():
+        history = protocol.json_value(errors)
+        db.execute_sql(
+            f"UPDATE task SET failures = {db.param}, errors = {db.param} WHERE id = {db.param}",
+            (len(history), protocol.json_text(history[-ERRORS_KEPT:]), task_id),
+        )
+
+
+def _add_cluster(db: pw.Database) -> None:
+    """Schema 3 -> 4: each task's delivering ``server`` and the submission keys (the new tables and the
+    keys' indexes are created with the others)."""
+    text = "VARCHAR(255)"
+    _add_columns(db, "task", (("server", text), ("idempotency_key", text), ("request_key", text)))
+    _add_columns(db, "recurring", (("request_key", text),))
+
+
+#: Schema migrations: the function that brings a database from version N - 1 to N.
+_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster}
