@@ -247,10 +247,23 @@ class Cluster:
     def start_workers(self) -> None:
         self.workers = [self._spawn(f"worker{k + 1}", cmd) for k, cmd in enumerate(self.worker_cmds)]
 
+    def workers_listed(self) -> dict[str, int]:
+        """Worker id -> the index of the server it was started for (by its pid), of the workers listed now.
+
+        The union of every server's list: a server lists its own workers, or (since leases) every live server's.
+        """
+        index = {proc.pid: k for k, proc in enumerate(self.workers)}
+        found = {}
+        for m in self.clients:
+            with contextlib.suppress(Exception):
+                found |= {w["id"]: index[w["pid"]] for w in m.workers() if w.get("pid") in index}
+        return found
+
     def workers_connected(self) -> dict[str, int]:
-        """Worker id -> the index of the server it is connected to (each server's own list)."""
-        self._until(lambda: all(m.workers() for m in self.clients), 30, "every worker to connect")
-        return {w["id"]: k for k, m in enumerate(self.clients) for w in m.workers()}
+        """As workers_listed, once every worker is listed (at most 30 s)."""
+        everyone = set(range(len(self.workers)))
+        self._until(lambda: set(self.workers_listed().values()) == everyone, 30, "every worker to connect")
+        return self.workers_listed()
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of each server, and of each worker with its handler processes."""
@@ -369,7 +382,7 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     elapsed = after["at"] - before["at"]
     at_deadline = {} if complete else watch.counts()
     backends |= watch.backends()
-    worker_server = cluster.workers_connected() if complete else _connected(cluster)
+    worker_server = cluster.workers_connected() if complete else cluster.workers_listed()
     result = outcome(cluster, watch, owners, worker_server) | {"status_counts_at_deadline": at_deadline}
     done = (at_deadline or result["status_counts"]).get("succeeded", 0)
     starts = [json.loads(r[4]) for r in watch.tasks() if r[1] == "succeeded" and r[4] is not None]
@@ -436,15 +449,6 @@ def _latency(to_start: list[float]) -> dict:
         "start_max_ms": max(to_start),
         "start_over_100ms": sum(ms > 100 for ms in to_start),
     }
-
-
-def _connected(cluster: Cluster) -> dict[str, int]:
-    """As workers_connected, without waiting: whatever each server lists now."""
-    found = {}
-    for k, m in enumerate(cluster.clients):
-        with contextlib.suppress(Exception):
-            found |= {w["id"]: k for w in m.workers()}
-    return found
 
 
 def quiet(limit: float, patience: float) -> float:
