@@ -23,11 +23,15 @@ Martinet CPU. CPU seconds per 1,000 tasks over the timed phase, from /proc/PID/s
 system, with reaped children): each server; each worker with its handler processes; PostgreSQL as
 every process whose command name is ``postgres`` (the postmaster's reaped children included, so
 backends that end during the phase count); this script (the producer); and the machine's busy
-cores from /proc/stat. A run whose tasks do not all finish within ``--timeout`` seconds is
-reported as incomplete (with what it saw: tasks by status, server and worker log lines) and the
-benchmark goes on. Other people's work shares the machine: before each run the script waits (up to
---quiet-wait, 20 s) for it to be nearly idle (--quiet, 0.3 busy cores), and each run reports the busy
-cores its counted processes do not explain.
+cores from /proc/stat. From PostgreSQL's statistics (read 1.5 s after each phase, once every backend
+has reported): this database's transactions per task (this script's own queries left out), and the
+WAL records, bytes and syncs per task of the whole PostgreSQL cluster (other databases' too).
+
+A run whose tasks do not all finish within ``--timeout`` seconds is reported as incomplete (with
+what it saw: tasks by status, server and worker log lines) and the benchmark goes on. Other
+people's work shares the machine: before each run the script waits (up to --quiet-wait, 20 s) for
+it to be nearly idle (--quiet, 0.3 busy cores), and each run reports the busy cores its counted
+processes do not explain.
 
 The servers, workers and handler processes import HEAD's martinet_app, extracted with ``git archive``
 into a temporary folder put first on PYTHONPATH (--code tree: the working tree as it is), so the figures
@@ -65,6 +69,7 @@ MARTINET_PYTHON = str(ROOT / ".venv" / "bin" / "python")
 DATABASE = "bench_cluster"
 WATCH = 0.02  # seconds between completion checks on PostgreSQL
 UNFINISHED = ("scheduled", "queued", "running")
+STATS_FLUSH = 1.5  # seconds for backends to report their statistics (PostgreSQL 15: at most once a second)
 RESULTS = BENCH / "results"
 #: Where the servers, workers and handler processes run (and import martinet_app from, with --code head).
 CODE = {"cwd": ROOT}
@@ -140,9 +145,11 @@ class Watch:
 
     def __init__(self, base: str) -> None:
         self.conn = connect(base, DATABASE)
+        self.queries = 0  # each one a transaction (autocommit), counted in pg_stat_database
         self.pid = self.query("SELECT pg_backend_pid()")[0][0]
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        self.queries += 1
         with self.conn.cursor() as cur:
             cur.execute(sql, params)
             return cur.fetchall()
@@ -158,6 +165,18 @@ class Watch:
                 return False
             time.sleep(WATCH)
         return True
+
+    def counters(self) -> dict[str, float]:
+        """PostgreSQL's counters, after STATS_FLUSH s for every backend to report: this database's transactions,
+        and the cluster's WAL records, bytes and syncs (pg_stat_wal: every database's, someone else's too)."""
+        time.sleep(STATS_FLUSH)
+        own = self.queries
+        (xacts, records, size, syncs), *_ = self.query(
+            "SELECT d.xact_commit + d.xact_rollback, w.wal_records, w.wal_bytes, w.wal_sync"
+            " FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = %s",
+            (DATABASE,),
+        )
+        return {"xacts": xacts, "wal_records": records, "wal_bytes": float(size), "wal_syncs": syncs, "own": own}
 
     def counts(self) -> dict[str, int]:
         return dict(self.query("SELECT status, COUNT(*) FROM task GROUP BY status"))
@@ -344,6 +363,20 @@ def cpu_figures(before: dict, after: dict, watch: Watch, backends: dict[int, str
     }
 
 
+def counter_figures(before: dict, after: dict, done: int) -> dict:
+    """Per finished task: this database's transactions (less this script's own queries), the cluster's WAL."""
+    delta = {key: after[key] - before[key] for key in before}
+    per = 1 / max(done, 1)
+    return {
+        "postgres_per_task": {
+            "transactions": (delta["xacts"] - delta["own"]) * per,
+            "wal_records": delta["wal_records"] * per,
+            "wal_bytes": delta["wal_bytes"] * per,
+            "wal_syncs": delta["wal_syncs"] * per,
+        }
+    }
+
+
 def outcome(cluster: Cluster, watch: Watch, owners: dict[int, int], worker_server: dict[str, int]) -> dict:
     """What the store holds after a run: tasks by status, by worker's server, run via another server, redelivered."""
     rows = watch.tasks()
@@ -373,6 +406,7 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
         while len(ids) < share:
             ids += m.execute_many([(drive.NOOP, None)] * min(drive.CHUNK, share - len(ids)))
         owners.update(dict.fromkeys(ids, k))
+    counters = watch.counters()
     backends = watch.backends()
     before = snapshot(cluster)
     spawned = time.time()
@@ -382,6 +416,7 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     elapsed = after["at"] - before["at"]
     at_deadline = {} if complete else watch.counts()
     backends |= watch.backends()
+    counters_after = watch.counters()
     worker_server = cluster.workers_connected() if complete else cluster.workers_listed()
     result = outcome(cluster, watch, owners, worker_server) | {"status_counts_at_deadline": at_deadline}
     done = (at_deadline or result["status_counts"]).get("succeeded", 0)
@@ -393,6 +428,7 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
         "tasks_per_s": done / elapsed,
         "startup_s": min(starts) - spawned if starts else None,
         **cpu_figures(before, after, watch, backends, done),
+        **counter_figures(counters, counters_after, done),
         **result,
     }
 
@@ -405,6 +441,7 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     if not watch.wait_finished(60):
         raise RuntimeError(f"the warm-up tasks did not finish within 60 s: {watch.counts()}")
     warm = {row[0] for row in watch.tasks()}
+    counters = watch.counters()
     backends = watch.backends()
     owners: dict[int, int] = {}
     submitted: dict[int, float] = {}
@@ -421,6 +458,7 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     elapsed = after["at"] - before["at"]
     at_deadline = {} if complete else watch.counts()
     backends |= watch.backends()
+    counters_after = watch.counters()
     result = outcome(cluster, watch, owners, worker_server) | {"status_counts_at_deadline": at_deadline}
     done = (at_deadline or result["status_counts"]).get("succeeded", 0) - len(warm)
     to_start = [
@@ -436,6 +474,7 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
         "submit_per_s": count / submit_s,
         **_latency(to_start),
         **cpu_figures(before, after, watch, backends, done),
+        **counter_figures(counters, counters_after, done),
         **result,
     }
 
@@ -526,6 +565,9 @@ ROWS = [
     ("CPU s / 1000 tasks: PostgreSQL, ended backends and autovacuum (any database)",
      "postgres_split_per_1000.postmaster_and_reaped", ("drain", "stream")),
     ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", ("stream",)),
+    ("PostgreSQL transactions per task (this database)", "postgres_per_task.transactions", ("drain", "stream")),
+    ("WAL syncs per task (whole PostgreSQL cluster)", "postgres_per_task.wal_syncs", ("drain", "stream")),
+    ("WAL bytes per task (whole PostgreSQL cluster)", "postgres_per_task.wal_bytes", ("drain", "stream")),
     ("machine busy just before the run, cores", "busy_cores_before", ("drain", "stream")),
     ("machine busy, cores of 2", "machine_busy_cores", ("drain", "stream")),
     ("  of which outside the processes above, cores", "outside_busy_cores", ("drain", "stream")),
