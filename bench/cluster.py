@@ -530,7 +530,9 @@ def one_run(servers: int, workload: str, args: argparse.Namespace) -> dict:
 def fmt(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}" if abs(value) >= 0.1 or not value else f"{value:.3f}"
 
 
 def median(values: list[float]) -> float | None:
@@ -570,7 +572,7 @@ ROWS = [
     ("WAL bytes per task (whole PostgreSQL cluster)", "postgres_per_task.wal_bytes", ("drain", "stream")),
     ("machine busy just before the run, cores", "busy_cores_before", ("drain", "stream")),
     ("machine busy, cores of 2", "machine_busy_cores", ("drain", "stream")),
-    ("  of which outside the processes above, cores", "outside_busy_cores", ("drain", "stream")),
+    ("machine busy outside the processes above (others' load), cores", "outside_busy_cores", ("drain", "stream")),
 ]  # fmt: skip
 
 
