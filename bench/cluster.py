@@ -242,8 +242,14 @@ class Cluster:
         ]  # fmt: skip
         self.workers: list[subprocess.Popen] = []
         self.clients = [Martinet(host, self.ports[0], timeout=60) for host in self.hosts]
-        for k, m in enumerate(self.clients):
-            self._until(lambda m=m: _answers(m), 30, f"server {k + 1} to answer a ping")
+
+    def wait_ready(self) -> None:
+        """Wait (at most 30 s) until every server answers a ping."""
+        from martinet_app.client import Martinet
+
+        for k, host in enumerate(self.hosts):
+            with contextlib.closing(Martinet(host, self.ports[0], timeout=1)) as m:
+                self._until(lambda m=m: _answers(m), 30, f"server {k + 1} to answer a ping")
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         self.logs[name] = self.tmp / f"{name}.log"
@@ -509,6 +515,7 @@ def one_run(servers: int, workload: str, args: argparse.Namespace) -> dict:
         cluster = Cluster(servers, f"{args.pg}/{DATABASE}", args.slots, Path(tmp))
         watch = None
         try:
+            cluster.wait_ready()
             watch = Watch(args.pg)
             if workload == "drain":
                 return idle | drain(cluster, watch, args.drain_n, args.timeout)
