@@ -6,6 +6,11 @@ gevent loop is always free to heartbeat, and a task can be stopped on timeout or
 killing its process. Greenlets: one owns the DEALER socket (READY, TASK, CANCEL, HEARTBEAT,
 DISCONNECT), one drains status events into batched PUSH messages, and one per running task
 waits on its slot.
+
+Given several servers (sharing one database), the worker uses one at a time and moves to the
+next, wrapping, when it falls silent or drops the connection: both sockets are opened anew to
+that server, READY lists the running tasks, and the final status events sent in the last
+RESEND_LIVENESSES liveness periods are sent again, since the old PUSH pipe may have lost them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket as pysocket
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +33,7 @@ import gevent.queue
 import zmq.green as zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol, security
+from . import config, protocol, security, servers
 from .errors import ConfigError, HandlerError, ProtocolError
 from .registry import Handler, Registry
 from .security import PeerKeys
@@ -57,6 +63,13 @@ _DURATION_WEIGHT = 0.2
 #: forms while tasks average under half of PIPELINE_SECONDS.
 PIPELINE_SECONDS = 0.004
 PIPELINE_MAX = 32
+#: With several servers, final status events sent within this many liveness periods
+#: (``config.HEARTBEAT_LIVENESS`` heartbeats) are kept, at most RESEND_MAX of them and about
+#: RESEND_MAX_BYTES, and sent again to the next server after a move: the pipe to a server that
+#: died loses what it held. A server ignores an event whose delivery is no longer current.
+RESEND_LIVENESSES = 2
+RESEND_MAX = 10_000
+RESEND_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -72,7 +85,9 @@ class Worker:
     """Connects to a server and runs tasks with the handlers it was given.
 
     Args:
-        url: the server's host (``tcp://`` prefix optional).
+        url: the server's host (``tcp://`` prefix optional), or several sharing one database and
+            listening on the same ports: ``"h1,h2"`` or ``["h1", "h2"]``. The worker uses the first and
+            moves to the next, wrapping, when one falls silent or drops the connection.
         concurrency: tasks run at once (the slots declared in READY).
         prefetch: tasks held waiting for a slot beyond those running (declared in READY); None:
             automatic (PREFETCH_HORIZON), re-declared as task durations change.
@@ -84,11 +99,14 @@ class Worker:
         paths: folders put first on the handler processes' ``sys.path``.
         secret_key, server_key: this worker's ``NAME.key_secret`` and the server's public ``.key``,
             for a server with keys (both or neither); the worker's id then begins with its key's tag.
+
+    Raises:
+        ConfigError: ``url`` is not a list of servers (servers.parse), or a key file is unusable.
     """
 
     def __init__(
         self,
-        url: str = config.HOST,
+        url: str | Sequence[str] = config.HOST,
         worker_port: int = config.WORKER_PORT,
         status_port: int = config.STATUS_PORT,
         *,
@@ -102,18 +120,28 @@ class Worker:
         secret_key: str | None = None,
         server_key: str | None = None,
     ) -> None:
-        host = url.removeprefix("tcp://").rstrip("/")
-        self.worker_endpoint = f"tcp://{host}:{int(worker_port)}"
-        self.status_endpoint = f"tcp://{host}:{int(status_port)}"
+        self.servers = servers.parse(url)
+        self._ports = (int(worker_port), int(status_port))
+        self._server = 0
+        self.worker_endpoint = self.status_endpoint = ""
+        self._aim()
         self.concurrency = concurrency
         self.prefetch = prefetch
         # What READY declared last, and (automatic prefetch) what to declare next, if it differs enough.
         self._declared_prefetch = prefetch or 0
         self._wanted_prefetch: int | None = None
         self._task_seconds: float | None = None
-        # The DEALER socket to the server, and whether the server has answered on it since it connected.
+        # The DEALER socket to the server, and whether the server has answered on it since it connected;
+        # how many DEALERs were opened, and whether the latest one's connection dropped (several servers).
         self._sock: Any = None
         self._registered = False
+        self._generation = 0
+        self._dropped = False
+        # The PUSH socket to the server's sink; with several servers, the final events sent lately
+        # (when, event, estimated size) and their total size.
+        self._status: Any = None
+        self._sent_finals: deque[tuple[float, dict, int]] = deque()
+        self._sent_bytes = 0
         self.heartbeat = heartbeat
         self.grace = grace
         self.handlers_dir = handlers_dir
@@ -169,19 +197,17 @@ class Worker:
         """
         self._start_slots()
         context = zmq.Context()
-        status = self._socket(context, zmq.PUSH)
-        status.setsockopt(zmq.SNDHWM, 0)  # never block or drop a status event while the server is away
-        status.setsockopt(zmq.LINGER, int(STATUS_LINGER * 1000))
-        status.connect(self.status_endpoint)
+        self._status = self._status_socket(context)
         signals = [gevent.signal_handler(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)]
-        pusher = gevent.spawn(self._push_status, status)
+        pusher = gevent.spawn(self._push_status)
         self._slot_loops = [gevent.spawn(self._slot_loop, slot) for slot in self._slots]
         log.info(
-            "worker %s serving %s with %d slot(s) on %s",
+            "worker %s serving %s with %d slot(s) on %s%s",
             self.id,
             ", ".join(self.handler_names),
             self.concurrency,
             self.worker_endpoint,
+            f" (servers: {', '.join(self.servers)})" if len(self.servers) > 1 else "",
         )
         try:
             self._serve(context)
@@ -194,7 +220,7 @@ class Worker:
             self._closing = True
             self._outbox_ready.set()
             pusher.join(timeout=STATUS_LINGER)
-            status.close()
+            self._status.close()
             gevent.killall(self._watchers)
             context.term()
             log.info("worker %s stopped", self.id)
@@ -230,16 +256,55 @@ class Worker:
             if now >= next_beat:
                 self._send(sock, protocol.HEARTBEAT)
                 next_beat = now + self.heartbeat
-            if now - heard > liveness:
-                log.warning("server at %s silent for %g s: reconnecting", self.worker_endpoint, liveness)
-                sock = self._connect(context, sock)
+            if now - heard > liveness or self._dropped:
+                why = "dropped the connection" if self._dropped else f"silent for {liveness:g} s"
+                sock = self._move(context, sock, why)
                 heard = now
                 self._registered = False
         self._leave(sock)
 
+    def _aim(self) -> None:
+        """Point the endpoints at the server in use."""
+        host = self.servers[self._server]
+        self.worker_endpoint = f"tcp://{host}:{self._ports[0]}"
+        self.status_endpoint = f"tcp://{host}:{self._ports[1]}"
+
+    def _move(self, context: Any, sock: Any, why: str) -> Any:
+        """Leave a server that failed (``why``): reconnect to it if it is the only one, else move both
+        sockets to the next and send it again the final events sent lately. Returns the new DEALER."""
+        if len(self.servers) == 1:
+            log.warning("server at %s %s: reconnecting", self.worker_endpoint, why)
+            return self._connect(context, sock)
+        left = self.worker_endpoint
+        self._server = (self._server + 1) % len(self.servers)
+        self._aim()
+        log.warning("server at %s %s: moving to the server at %s", left, why, self.worker_endpoint)
+        self._status.close(linger=0)
+        self._status = self._status_socket(context)
+        horizon = time.monotonic() - RESEND_LIVENESSES * config.HEARTBEAT_LIVENESS * self.heartbeat
+        again = [(event, size) for sent_at, event, size in self._sent_finals if sent_at >= horizon]
+        self._sent_finals.clear()
+        self._sent_bytes = 0
+        if again:
+            log.info("sending %d final status event(s) again, to %s", len(again), self.status_endpoint)
+            self._outbox[:0] = again
+            self._outbox_ready.set()
+        return self._connect(context, sock)
+
+    def _status_socket(self, context: Any) -> Any:
+        """A PUSH socket to the sink of the server in use."""
+        status = self._socket(context, zmq.PUSH)
+        status.setsockopt(zmq.SNDHWM, 0)  # never block or drop a status event while the server is away
+        status.setsockopt(zmq.LINGER, int(STATUS_LINGER * 1000))
+        status.connect(self.status_endpoint)
+        return status
+
     def _connect(self, context: Any, old: Any) -> Any:
+        """A new DEALER to the server in use (closing ``old``), with READY sent on it."""
         if old is not None:
             old.close(linger=0)
+        self._generation += 1
+        self._dropped = False
         sock = self._sock = self._socket(context, zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
@@ -249,23 +314,34 @@ class Worker:
         return sock
 
     def _socket(self, context: Any, kind: int) -> Any:
-        """A socket to the server: with this worker's keys, and a greenlet logging its failed handshakes."""
+        """A socket to the server: with this worker's keys, and a greenlet watching its connection."""
         sock = context.socket(kind)
         if self.keys is not None:
             self.keys.apply(sock)
         self._watchers = [watcher for watcher in self._watchers if not watcher.dead]
-        self._watchers.append(gevent.spawn(self._watch_handshakes, security.monitor(sock)))
+        generation = self._generation if kind == zmq.DEALER and len(self.servers) > 1 else None
+        self._watchers.append(gevent.spawn(self._watch, servers.monitor(sock), self.worker_endpoint, generation))
         return sock
 
-    def _watch_handshakes(self, monitor: Any) -> None:
-        """Log why the server refused this worker (at most once a minute); it keeps trying, the key may be added."""
-        endpoint = self.worker_endpoint
+    def _watch(self, monitor: Any, endpoint: str, generation: int | None) -> None:
+        """Log why the server refused this worker (at most once a minute; it keeps trying, the key may be
+        added). With ``generation`` (a DEALER, several servers): flag a connection that was made and then
+        dropped, while that DEALER is the one in use, for the serve loop to move on."""
         next_log = 0.0
+        made = False
         try:
             while True:
                 event = parse_monitor_message(monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_MONITOR_STOPPED:  # its socket was closed
+                kind = event["event"]
+                if kind == zmq.EVENT_MONITOR_STOPPED:  # its socket was closed
                     return
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    made = True
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    if made and generation == self._generation:
+                        self._dropped = True
+                    made = False
+                    continue
                 failure = security.handshake_failure(event, endpoint, keyed=self.keys is not None)
                 if failure is not None and time.monotonic() >= next_log:
                     log.error("%s; retrying", failure.message)
@@ -505,8 +581,12 @@ class Worker:
         self._outbox.append((event_dict, _EVENT_BYTES + size))
         self._outbox_ready.set()
 
-    def _push_status(self, sock: Any) -> None:
-        """Send queued events, as many per message as fit; release held ``started`` events as they come due."""
+    def _push_status(self) -> None:
+        """Send queued events, as many per message as fit; release held ``started`` events as they come due.
+
+        With several servers, the final events sent are remembered for a while (:meth:`_remember`).
+        """
+        remember = len(self.servers) > 1
         while not self._closing or self._outbox:
             self._outbox_ready.wait(STARTED_HOLD if self._held else None)
             self._outbox_ready.clear()
@@ -518,18 +598,32 @@ class Worker:
             size = 0
             for event, event_size in events:
                 if batch and (len(batch) >= config.BATCH_MAX or size + event_size > config.MAX_RESULT_BYTES):
-                    sock.send_multipart(protocol.status_batch(self.id, batch))
+                    self._status.send_multipart(protocol.status_batch(self.id, batch))
                     batch, size = [], 0
                 batch.append(event)
                 size += event_size
             if batch:
-                sock.send_multipart(protocol.status_batch(self.id, batch))
+                self._status.send_multipart(protocol.status_batch(self.id, batch))
+            if remember:
+                self._remember(events)
+
+    def _remember(self, events: list[tuple[dict, int]]) -> None:
+        """Keep the final ones of ``events``, just sent, for RESEND_LIVENESSES liveness periods (bounded)."""
+        now = time.monotonic()
+        sent = self._sent_finals
+        for event, size in events:
+            if event["event"] in protocol.FINAL_EVENTS:
+                sent.append((now, event, size))
+                self._sent_bytes += size
+        horizon = now - RESEND_LIVENESSES * config.HEARTBEAT_LIVENESS * self.heartbeat
+        while sent and (sent[0][0] < horizon or len(sent) > RESEND_MAX or self._sent_bytes > RESEND_MAX_BYTES):
+            self._sent_bytes -= sent.popleft()[2]
 
 
 def run_worker(
     *,
     handlers_dir: str,
-    url: str = config.HOST,
+    url: str | Sequence[str] = config.HOST,
     worker_port: int = config.WORKER_PORT,
     status_port: int = config.STATUS_PORT,
     concurrency: int = config.CONCURRENCY,
@@ -541,6 +635,8 @@ def run_worker(
     server_key: str | None = None,
 ) -> int:
     """Load the handlers in ``handlers_dir`` and serve until stopped; returns the exit code.
+
+    ``url`` is one server's host or several (``"h1,h2"``), as :class:`Worker` takes it.
 
     ``paths`` are folders put first on ``sys.path`` of the handler processes, where handlers find
     extra packages (e.g. ``pip install --target DIR``): the executable bundles only Martinet's own.
