@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 import martinet_app
-from martinet_app import config, protocol
+from martinet_app import config, protocol, servers
 from martinet_app.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -102,7 +102,21 @@ def _setting(flag: str, *decls: str, **kwargs: Any) -> Callable[[Callable[..., A
     return click.option(flag, *decls, envvar=envvar, show_envvar=True, **kwargs)
 
 
-_url_option = _setting("--url", default=config.HOST, help="Host name or address of the server.")
+def _parse_url(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    """--url: one server's host, or several sharing a database, separated by commas (servers.parse)."""
+    try:
+        return servers.parse(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+_url_option = _setting(
+    "--url",
+    default=config.HOST,
+    callback=_parse_url,
+    help="Host name or address of the server, or of several sharing one database, separated by commas: "
+    "one is used at a time, the next when it fails.",
+)
 _client_port_option = _setting(
     "--client-port",
     type=click.IntRange(1, 65535),
@@ -181,7 +195,7 @@ def _client_command(func: Callable[..., None]) -> Callable[..., None]:
     @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of text.")
     @functools.wraps(func)
     def command(
-        url: str,
+        url: tuple[str, ...],
         client_port: int,
         timeout: float,
         max_message_bytes: int,
@@ -259,6 +273,13 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
 def _policy(retries: int | None, retry_delay: float | None, task_timeout: float | None, priority: int | None) -> dict:
     """The client's option arguments from the command line's (None: the server's default)."""
     return {"retries": retries, "retry_delay": retry_delay, "timeout": task_timeout, "priority": priority}
+
+
+_key_option = click.option(
+    "--key",
+    metavar="K",
+    help="Idempotency key: while a task with this key is not yet final, its id is printed instead of adding one.",
+)
 
 
 def _meta(**fields: str | None) -> dict:
@@ -362,6 +383,7 @@ def _finish(as_json: bool, record: dict) -> None:
 @main.command()
 @click.argument("name")
 @_task_options
+@_key_option
 @click.option("--wait", is_flag=True, help="Wait for the task to finish and print its record (alone, with --json).")
 @_wait_timeout_option
 @_client_command
@@ -372,12 +394,14 @@ def execute(
     args: dict,
     username: str | None,
     description: str | None,
+    key: str | None,
     wait: bool,
     wait_timeout: float,
     **policy: Any,
 ) -> None:
     """Queue task NAME to run now and print its id."""
-    task_id = client.execute(_meta(name=name, username=username, description=description), args, **_policy(**policy))
+    meta = _meta(name=name, username=username, description=description, key=key)
+    task_id = client.execute(meta, args, **_policy(**policy))
     if not (wait and as_json):
         _echo(as_json, {"task_id": task_id}, lambda reply: f"task {reply['task_id']} queued")
     if wait:
@@ -388,6 +412,7 @@ def execute(
 @click.argument("when")
 @click.argument("name")
 @_task_options
+@_key_option
 @_client_command
 def schedule(
     client: Martinet,
@@ -397,12 +422,12 @@ def schedule(
     args: dict,
     username: str | None,
     description: str | None,
+    key: str | None,
     **policy: Any,
 ) -> None:
     """Run task NAME once at WHEN ('in 20 minutes', '17:30', ISO 8601...) and print its id."""
-    task_id = client.schedule(
-        when, _meta(name=name, username=username, description=description), args, **_policy(**policy)
-    )
+    meta = _meta(name=name, username=username, description=description, key=key)
+    task_id = client.schedule(when, meta, args, **_policy(**policy))
     _echo(
         as_json,
         {"task_id": task_id},
@@ -717,7 +742,7 @@ def serve(
 @_log_level_option
 def work(
     handlers_dir: str,
-    url: str,
+    url: tuple[str, ...],
     worker_port: int,
     status_port: int,
     concurrency: int,

@@ -8,19 +8,20 @@ been monkey-patched by gevent, so it never blocks a gevent hub.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol, security
+from . import config, protocol, security, servers
 from .errors import (
     ConfigError,
     InvalidRequest,
@@ -32,6 +33,8 @@ from .errors import (
     from_wire,
 )
 from .security import PeerKeys
+
+log = logging.getLogger(__name__)
 
 #: Longest single poll of the socket, seconds: ZeroMQ takes whole milliseconds in a C long, so
 #: a longer timeout is waited out in steps of this.
@@ -53,6 +56,19 @@ def _options(**given: Any) -> dict | None:
     return {key: value for key, value in given.items() if value is not None} or None
 
 
+def _keyed(task: Any, key: str | None) -> Any:
+    """``task`` with ``key`` in it (a copy: the caller's dict stays as it is); ``task`` itself without one."""
+    if key is None:
+        return task
+    if not isinstance(task, dict):
+        return task  # the server says what is wrong with it
+    if task.get("key") not in (None, key):
+        raise InvalidRequest(
+            f"the task's metadata has key {task['key']!r:.80} and key= is {key!r:.80}: give the key once"
+        )
+    return {**task, "key": key}
+
+
 def _zmq_module() -> Any:
     """zmq.green under a gevent-patched process, plain zmq otherwise."""
     monkey = sys.modules.get("gevent.monkey")
@@ -64,12 +80,20 @@ def _zmq_module() -> Any:
 
 
 class Martinet:
-    """A connection to one Martinet server. Safe to reuse and to share between threads.
+    """A connection to a Martinet server, or to one of several sharing a database. Safe to reuse and to
+    share between threads.
+
+    With several servers the client talks to one at a time, starting with the first. When it gives
+    no reply within ``timeout``, or its connection drops, the same request (same id and
+    ``request_key``) goes to the next one, wrapping around, each server at most once per call; the
+    client then stays on the one that answered. Every request that changes something carries a
+    ``request_key`` unique to the call, so a server that already ran it answers with the first reply.
 
     Args:
-        martinet_url: host name or address of the server (``tcp://`` prefix optional).
+        martinet_url: host name or address of the server (``tcp://`` prefix optional), or several:
+            ``"h1,h2"`` or ``["h1", "h2"]``, all listening on the same ports.
         client_port: the server's client port.
-        timeout: seconds to wait for each reply before raising ServerUnavailable.
+        timeout: seconds to wait for each reply (from each server tried) before raising ServerUnavailable.
         max_request_bytes: largest request sent, encoded; a larger one raises RequestTooLarge
             without being sent. Keep it equal to the server's ``--max-message-bytes``.
         secret_key, server_key: this client's ``NAME.key_secret`` and the server's public ``.key``,
@@ -77,13 +101,13 @@ class Martinet:
             only, raise AuthenticationFailed at the first request.
 
     Raises:
-        ConfigError: ``timeout`` is not a finite number >= 0, ``max_request_bytes`` not an integer >= 1,
-            or a key file is missing or unusable.
+        ConfigError: ``martinet_url`` is not a list of servers (servers.parse), ``timeout`` is not a finite
+            number >= 0, ``max_request_bytes`` not an integer >= 1, or a key file is missing or unusable.
     """
 
     def __init__(
         self,
-        martinet_url: str = config.HOST,
+        martinet_url: str | Sequence[str] = config.HOST,
         client_port: int = config.CLIENT_PORT,
         *,
         timeout: float = config.CLIENT_TIMEOUT,
@@ -91,9 +115,11 @@ class Martinet:
         secret_key: str | None = None,
         server_key: str | None = None,
     ) -> None:
-        host = martinet_url.removeprefix("tcp://").rstrip("/")
         self._keys = PeerKeys.load(secret_key, server_key)
-        self.endpoint = f"tcp://{host}:{int(client_port)}"
+        #: The client endpoint of every server, in the order given, and the one in use.
+        self.endpoints = tuple(f"tcp://{host}:{int(client_port)}" for host in servers.parse(martinet_url))
+        self._current = 0
+        self.endpoint = self.endpoints[0]
         self.timeout = _seconds(timeout, "the client timeout", ConfigError)
         if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
             raise ConfigError(f"max_request_bytes must be an integer >= 1, got {max_request_bytes!r}")
@@ -106,7 +132,9 @@ class Martinet:
         self._poller: Any = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._prefix = uuid.uuid4().hex[:12]
+        # Request ids, also the request_key of requests that change something: unique to this client
+        # (122 random bits) and call.
+        self._prefix = uuid.uuid4().hex
         self._counter = itertools.count(1)
 
     # ------------------------------------------------------------ submitting
@@ -120,6 +148,7 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        key: str | None = None,
     ) -> int:
         """Queue a task to run now; returns its id once the server has committed it.
 
@@ -130,13 +159,18 @@ class Martinet:
         - ``timeout``: seconds the handler may run before its worker stops it and it fails;
         - ``priority``: higher runs first among queued tasks (default 0).
 
+        ``key`` (at most 255 characters; or ``task["key"]``) makes the task unique among those not yet
+        final: while a task with that key is scheduled, queued or running, another execute or schedule
+        with it returns that task's id instead of adding one.
+
         Raises:
-            InvalidRequest: ``args`` is not a dict or nests more than config.MAX_JSON_DEPTH levels.
+            InvalidRequest: ``args`` is not a dict or nests more than config.MAX_JSON_DEPTH levels, or
+                ``key`` differs from ``task["key"]``.
             RequestTooLarge: the request is larger than ``max_request_bytes``; nothing was sent.
         """
         args = protocol.check_args(args)
         options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
-        return self._request("execute", task=task, args=args, options=options)["task_id"]
+        return self._request("execute", task=_keyed(task, key), args=args, options=options)["task_id"]
 
     def execute_many(
         self,
@@ -149,8 +183,9 @@ class Martinet:
     ) -> list[int]:
         """Queue many tasks to run now in one request and one commit; returns their ids, in order.
 
-        ``tasks`` holds ``(metadata, args)`` pairs as :meth:`execute` takes them; the options
-        (as for :meth:`execute`) apply to every one. Nothing is stored if any entry is invalid.
+        ``tasks`` holds ``(metadata, args)`` pairs as :meth:`execute` takes them, each metadata
+        dict with its own ``key`` if it needs one; the options (as for :meth:`execute`) apply to
+        every one. Nothing is stored if any entry is invalid.
         """
         entries = [{"task": task, "args": args} for task, args in tasks]
         protocol.check_many(entries, config.SUBMIT_MANY_MAX)
@@ -167,13 +202,15 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        key: str | None = None,
     ) -> int:
         """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id.
 
-        The options are as for :meth:`execute`.
+        The options and ``key`` are as for :meth:`execute`.
         """
         args = protocol.check_args(args)
         options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
+        task = _keyed(task, key)
         return self._request("schedule", when=when, task=task, args=args, options=options)["task_id"]
 
     def every(
@@ -212,10 +249,7 @@ class Martinet:
         timeout = _seconds(timeout, "the wait timeout", InvalidRequest)
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
-            reply = self._request(
-                "wait", task_id=task_id, timeout=max(remaining, 0.0), _timeout=max(remaining, 0.0) + self.timeout
-            )
+            reply = self._request("wait", _deadline=deadline, task_id=task_id)
             task = reply["task"]
             if task["status"] in protocol.FINAL_STATUSES:
                 return task
@@ -318,13 +352,25 @@ class Martinet:
 
     # ------------------------------------------------------------ plumbing
 
-    def _request(self, op: str, _timeout: float | None = None, **params: Any) -> dict:
+    def _request(self, op: str, _deadline: float | None = None, **params: Any) -> dict:
+        """Send one request and return its reply, or raise the error the reply carries.
+
+        ``_deadline`` (``wait``): the request's ``timeout`` is the time left until then, also when
+        it is asked again on another server, and the reply is waited for that much longer.
+        """
+        if self._pid != os.getpid():
+            self._after_fork()
         params = {k: v for k, v in params.items() if v is not None}
         request_id = f"{self._prefix}-{next(self._counter)}"
+        if op in protocol.MUTATING_OPS:
+            params["request_key"] = request_id  # the same on every server the call is sent to
+        timeout = self.timeout
+        if _deadline is not None:
+            params["timeout"] = left = max(_deadline - time.monotonic(), 0.0)
+            timeout += left
         frames = self._encode(request_id, op, params)
-        timeout = self.timeout if _timeout is None else _timeout
         with self._lock:
-            reply = self._exchange(frames, request_id, timeout)
+            reply = self._exchange(frames, request_id, timeout, op, params, _deadline)
         if not reply.get("ok"):
             raise from_wire(reply.get("error") or {})
         return reply
@@ -349,69 +395,110 @@ class Martinet:
             )
         return frames
 
-    def _exchange(self, frames: list[bytes], request_id: str, timeout: float) -> dict:
-        socket = self._ensure_socket()
-        socket.send_multipart(frames)
-        deadline = time.monotonic() + timeout
+    def _exchange(
+        self, frames: list[bytes], request_id: str, timeout: float, op: str, params: dict, deadline: float | None
+    ) -> dict:
+        """The reply from the server in use; the next server is asked whenever one gives no reply within
+        ``timeout`` or drops the connection, until each was asked once (then ServerUnavailable)."""
+        failed: tuple[str, ...] = ()
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                # A late reply must not be read as the answer to the next request.
-                self._drop_socket()
-                raise ServerUnavailable(
-                    f"no reply from the Martinet server at {self.endpoint} within {timeout:g} s: "
-                    "is `martinet serve` running there, on that port?"
-                )
-            ready = dict(self._poller.poll(min(remaining, _POLL_STEP) * 1000))
-            if self._monitor in ready:
-                self._check_handshake()
-            if socket not in ready:
-                continue
-            try:
-                # A record holds what was submitted (up to max_request_bytes), a result, and texts.
-                reply_limit = 2 * self.max_request_bytes + config.MAX_RESULT_BYTES
-                reply = protocol.parse_reply(socket.recv_multipart(), reply_limit)
-            except ProtocolError as exc:
-                self._drop_socket()
-                raise ProtocolError(
-                    f"unreadable reply from {self.endpoint}: {exc.message}; for a large list, ask for fewer "
-                    "tasks (limit) or one at a time (status)"
-                ) from None
-            # Null: the server could not read this request's id. Replies to earlier requests cannot be
-            # waiting here: the socket is dropped whenever one is not read.
-            if reply.get("id") in (request_id, None):
-                return reply
+            socket = self._socket if self._socket is not None else self._open_socket()
+            socket.send_multipart(frames)
+            until = time.monotonic() + timeout
+            while True:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    why = f"gave no reply within {timeout:g} s"
+                    break
+                ready = dict(self._poller.poll(min(remaining, _POLL_STEP) * 1000))
+                if socket in ready:
+                    try:
+                        # A record holds what was submitted (up to max_request_bytes), a result, and texts.
+                        reply_limit = 2 * self.max_request_bytes + config.MAX_RESULT_BYTES
+                        reply = protocol.parse_reply(socket.recv_multipart(), reply_limit)
+                    except ProtocolError as exc:
+                        self._drop_socket()
+                        raise ProtocolError(
+                            f"unreadable reply from {self.endpoint}: {exc.message}; for a large list, ask for "
+                            "fewer tasks (limit) or one at a time (status)"
+                        ) from None
+                    # Null: the server could not read this request's id. Replies to earlier requests cannot
+                    # be waiting here: the socket is dropped whenever one is not read.
+                    if reply.get("id") in (request_id, None):
+                        return reply
+                elif self._monitor in ready and self._dropped():
+                    why = "dropped the connection"
+                    break
+            failed = self._fail_over(failed, why, timeout)
+            if deadline is not None:  # a wait: asked again for the time left
+                params["timeout"] = left = max(deadline - time.monotonic(), 0.0)
+                frames, timeout = self._encode(request_id, op, params), left + self.timeout
 
-    def _ensure_socket(self) -> Any:
-        if self._pid != os.getpid():
-            # Forked child: the parent's context and socket are not ours to use.
-            self._socket = None
-            self._context = self._zmq.Context()
-            self._pid = os.getpid()
-        if self._socket is None:
-            socket = self._context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            if self._keys is not None:
-                self._keys.apply(socket)
-            self._monitor = security.monitor(socket)
-            self._poller = self._zmq.Poller()
-            self._poller.register(socket, zmq.POLLIN)
-            self._poller.register(self._monitor, zmq.POLLIN)
-            socket.connect(self.endpoint)
-            self._socket = socket
-        return self._socket
+    def _fail_over(self, failed: tuple[str, ...], why: str, timeout: float) -> tuple[str, ...]:
+        """Leave the server in use, which failed (``why``), for the next; ServerUnavailable once each has failed.
 
-    def _check_handshake(self) -> None:
-        """Read the monitor's events; AuthenticationFailed (and a new socket next time) if a handshake failed."""
+        Returns the servers that failed so far, each with why.
+        """
+        # A late reply must not be read as the answer to the next request.
+        self._drop_socket()
+        if len(self.endpoints) == 1:
+            raise ServerUnavailable(
+                f"no reply from the Martinet server at {self.endpoint} within {timeout:g} s: "
+                "is `martinet serve` running there, on that port?"
+            )
+        failed = (*failed, f"{self.endpoint} {why}")
+        left = self.endpoint
+        self._current = (self._current + 1) % len(self.endpoints)
+        self.endpoint = self.endpoints[self._current]
+        if len(failed) == len(self.endpoints):
+            raise ServerUnavailable(
+                f"no Martinet server answered: {'; '.join(failed)}. Is `martinet serve` running on one of "
+                "them, on that port?"
+            )
+        log.warning("the Martinet server at %s %s: asking %s", left, why, self.endpoint)
+        return failed
+
+    def _after_fork(self) -> None:
+        """In a forked child: a context, socket and request ids of its own (the parent's are not its to use)."""
+        self._socket = self._monitor = self._poller = None
+        self._context = self._zmq.Context()
+        self._pid = os.getpid()
+        self._prefix = uuid.uuid4().hex
+        self._counter = itertools.count(1)
+
+    def _open_socket(self) -> Any:
+        """A socket to the server in use, and a poller for it and its monitor."""
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply(socket)
+        self._monitor = servers.monitor(socket)
+        self._poller = self._zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        socket.connect(self.endpoint)
+        self._socket = socket
+        return socket
+
+    def _dropped(self) -> bool:
+        """Read the monitor's events; whether the connection is down (dropped, not made again) and another
+        server can be asked. AuthenticationFailed (and a new socket next time) if a handshake failed."""
+        down = False
         while True:
             try:
                 event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                return
-            failure = security.handshake_failure(event, self.endpoint, keyed=self._keys is not None)
-            if failure is not None:
-                self._drop_socket()
-                raise failure
+                return down and len(self.endpoints) > 1
+            kind = event["event"]
+            if kind == zmq.EVENT_DISCONNECTED:
+                down = True
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                down = False
+            else:
+                failure = security.handshake_failure(event, self.endpoint, keyed=self._keys is not None)
+                if failure is not None:
+                    self._drop_socket()
+                    raise failure
 
     def _drop_socket(self) -> None:
         if self._socket is not None:
