@@ -216,7 +216,7 @@ def reset_postgres() -> None:
     conn = psycopg2.connect(PG_URL)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS task, recurring, meta CASCADE")
+        cur.execute("DROP TABLE IF EXISTS task, recurring, server, worker, meta CASCADE")
     conn.close()
 
 

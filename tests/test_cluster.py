@@ -1,0 +1,238 @@
+"""Several ``martinet serve`` on one PostgreSQL database: real servers, workers and clients (issue 12).
+
+Each server has its own ports on 127.0.0.1; they share the database ``test`` (or TEST_PG_URL).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from conftest import HEARTBEAT, PG_URL, ROOT, Process, Server, wait_until
+from martinet_app import Martinet, protocol
+
+pytestmark = pytest.mark.usefixtures("db_url")
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """PostgreSQL only: the cluster is a PostgreSQL feature (conftest's db_url, its "postgres" case)."""
+    from conftest import _postgres_available, reset_postgres
+
+    missing = _postgres_available()
+    if missing:
+        import os
+
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing} (CI=true: PostgreSQL tests must run, not skip)")
+        pytest.skip(missing)
+    reset_postgres()
+    return PG_URL
+
+
+class Servers:
+    """Servers sharing one database, their workers and clients; all stopped at teardown."""
+
+    def __init__(self, tmp_path: Path, count: int) -> None:
+        self.tmp_path = tmp_path
+        self.servers = [Server(PG_URL, tmp_path / f"server{i}.log") for i in range(count)]
+        self.workers: list[Process] = []
+        self.clients: list[Martinet] = []
+
+    def start(self) -> Servers:
+        for server in self.servers:
+            server.start()
+        for server in self.servers:
+            server.wait_ready()
+        return self
+
+    def client(self, index: int) -> Martinet:
+        client = self.servers[index].client(timeout=10)
+        self.clients.append(client)
+        return client
+
+    def start_worker(self, index: int, *extra: str) -> Process:
+        server = self.servers[index]
+        worker = Process(server.worker_args(ROOT / "tests" / "handlers", *extra),
+                         self.tmp_path / f"worker{len(self.workers)}.log").start()  # fmt: skip
+        self.workers.append(worker)
+        client = self.client(index)
+        wait_until(lambda: any(w["pid"] == worker.pid for w in client.workers()), what=f"worker {worker.pid}")
+        return worker
+
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        for proc in [*self.workers, *self.servers]:
+            if proc.running():
+                try:
+                    proc.terminate()
+                except BaseException:
+                    proc.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {p.log_path.name}\n{p.log()[-5000:]}" for p in [*self.servers, *self.workers])
+
+
+@pytest.fixture
+def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Servers]:
+    group = Servers(tmp_path, getattr(request, "param", 2))
+    try:
+        yield group.start()
+    finally:
+        group.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(group.logs())
+
+
+def ts(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+def test_task_submitted_on_b_runs_on_a_worker_at_once(servers: Servers) -> None:
+    servers.start_worker(0)
+    b = servers.client(1)
+    for _ in range(5):  # one at a time: each one must be woken across, not found by a poll
+        task = b.wait(b.execute({"name": "echo"}, {"n": 1}), timeout=10)
+        assert task["status"] == "succeeded"
+        assert task["server"] == servers.client(0).workers()[0]["server"], "delivered by A, the worker's server"
+        # The slow poll is CLUSTER_POLL (2 s): well under it means the NOTIFY woke A.
+        assert ts(task["started_at"]) - ts(task["created_at"]) < 1.0, task
+
+
+def test_wait_cancel_and_workers_through_any_server(servers: Servers, tmp_path: Path) -> None:
+    first = servers.start_worker(0)
+    second = servers.start_worker(1)
+    a, b = servers.client(0), servers.client(1)
+    for client in (a, b):  # another server's workers are listed once it has recorded them (its next heartbeat)
+        wait_until(lambda c=client: {w["pid"] for w in c.workers()} == {first.pid, second.pid}, what="both workers")
+        listed = {w["pid"]: w for w in client.workers()}
+        assert listed[first.pid]["server"] != listed[second.pid]["server"]
+        assert listed[first.pid]["busy"] == 0 and listed[first.pid]["slots"] == 4
+    # A task that runs on A's worker: submitted through A, waited for and cancelled through B.
+    done = a.execute({"name": "nap"}, {"seconds": 0.5})
+    assert b.wait(done, timeout=10)["status"] == "succeeded"
+    ledger = tmp_path / "ledger.txt"
+    running = a.execute({"name": "ledger"}, {"path": str(ledger), "seconds": 60})
+    wait_until(lambda: a.status(running)["status"] == "running", what="the long task to start")
+    worker_id = a.status(running)["worker"]
+    assert b.cancel(running)["status"] == "cancelled"
+    owner = first if worker_id.startswith(f"{_host()}-{first.pid}-") else second
+    wait_until(lambda: f"cancelling task {running} attempt 1" in owner.log(), what="the worker to be told")
+    assert a.status(running)["status"] == "cancelled"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+_RACE = """
+import sys, time
+from martinet_app import Martinet
+port, start, count = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+m = Martinet("127.0.0.1", port, timeout=20)
+time.sleep(max(0.0, start - time.time()))
+print(" ".join(str(m.execute({"name": "nap", "key": f"order-{i}"}, {"seconds": 30})) for i in range(count)))
+"""
+
+
+def test_same_key_racing_through_two_servers_gives_one_task(servers: Servers) -> None:
+    start = time.time() + 1.5
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE, str(server.client_port), str(start), "20"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for server in servers.servers
+    ]
+    outputs = [racer.communicate(timeout=60) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), outputs
+    first, second = ([int(i) for i in out.split()] for out, _ in outputs)
+    assert first == second, "each key gave both racers the same task"
+    assert len(set(first)) == 20
+    listed = servers.client(0).list(name="nap", limit=100)
+    assert sorted(t["id"] for t in listed) == sorted(first), "no second task for any key"
+    assert {t["key"] for t in listed} == {f"order-{i}" for i in range(20)}
+
+
+def test_superseded_delivery_event_through_another_server_changes_nothing(servers: Servers, tmp_path: Path) -> None:
+    servers.start_worker(0)
+    a, b = servers.client(0), servers.client(1)
+    ledger = tmp_path / "ledger.txt"
+    task_id = a.execute({"name": "ledger"}, {"path": str(ledger), "seconds": 2})
+    wait_until(lambda: a.status(task_id)["status"] == "running", what="the first delivery to start")
+    first = a.status(task_id)
+    # Cancelled and retried through B: the second delivery supersedes the first.
+    b.cancel(task_id)
+    b.retry(task_id)
+    wait_until(lambda: a.status(task_id)["attempts"] == 2 and a.status(task_id)["status"] == "running",
+               what="the second delivery to start")  # fmt: skip
+    # The first delivery's late success, and a success from a worker that holds no delivery, arrive at B,
+    # which made neither delivery.
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{servers.servers[1].status_port}")
+    stale = [(first["worker"], first["attempts"]), ("someone-else", 2)]
+    for worker, attempt in stale:
+        event = {"task_id": task_id, "attempt": attempt, "event": "succeeded", "result": "stale", "at": time.time()}
+        push.send_multipart(protocol.status_batch(worker, [event]))
+    wait_until(lambda: servers.servers[1].log().count(f"ignored stale succeeded event for task {task_id}") == 2,
+               what="B to decide both events")  # fmt: skip
+    push.close(linger=0)
+    context.term()
+    assert b.status(task_id)["status"] == "running"
+    finished = b.wait(task_id, timeout=15)
+    assert finished["status"] == "succeeded" and finished["attempts"] == 2, finished
+    assert finished["result"] != "stale" and "pid" in finished["result"]
+
+
+@pytest.mark.parametrize("servers", [3], indirect=True)
+def test_every_second_fires_each_planned_time_once_while_a_server_dies(servers: Servers) -> None:
+    a = servers.client(0)
+    for index in range(3):
+        servers.start_worker(index)
+    recurring_id = a.every("1 second", {"name": "echo"}, {})
+    wait_until(lambda: len(_runs(a, recurring_id)) >= 5, timeout=15, what="five runs")
+    servers.servers[1].kill()
+    wait_until(lambda: len(_runs(a, recurring_id)) >= 10, timeout=20, what="five more runs")
+    a.revoke(recurring_id)
+    runs = _runs(a, recurring_id)
+    planned = sorted(ts(t["run_at"]) for t in runs)
+    counts = collections.Counter(planned)
+    assert max(counts.values()) == 1, f"planned times that ran twice: {[p for p, c in counts.items() if c > 1]}"
+    steps = {round(later - earlier, 3) for earlier, later in zip(planned, planned[1:], strict=False)}
+    assert steps == {1.0}, f"every planned second in between ran (gaps: {sorted(steps)})"
+
+
+def _runs(client: Martinet, recurring_id: int) -> list[dict]:
+    return [t for t in client.list(name="echo", limit=1000) if t["recurring_id"] == recurring_id]
+
+
+def test_server_leases_are_in_the_database(servers: Servers) -> None:
+    import psycopg2
+
+    with psycopg2.connect(PG_URL) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, pid, lease_until FROM server")
+        rows = cur.fetchall()
+    pids = {server.pid for server in servers.servers}
+    live = [row for row in rows if row[2] > time.time()]
+    assert {row[1] for row in live} == pids, rows
+    assert all(row[2] - time.time() <= 5 * HEARTBEAT + 1 for row in live), "a lease lasts a liveness period"
+    servers.servers[0].terminate()
+    with psycopg2.connect(PG_URL) as conn, conn.cursor() as cur:
+        cur.execute("SELECT lease_until FROM server WHERE pid = %s", (servers.servers[0].pid,))
+        (ended,) = cur.fetchone()
+    assert ended <= time.time(), "a server that stops ends its lease"
