@@ -113,6 +113,10 @@ class Connection:
         """Send ``message`` on PostgreSQL's NOTIFY_CHANNEL when the current transaction commits (and only then)."""
         self._notices[message] = None
 
+    def withdraw(self, message: str) -> None:
+        """Do not send ``message`` after all (what it announced is over before the commit)."""
+        self._notices.pop(message, None)
+
     def _send_notices(self) -> None:
         # NOTIFY is transactional: listeners hear it once the commit is on disk, never for a rollback.
         self.db.execute_sql(

@@ -130,7 +130,10 @@ class Store:
     def _notice(self, kind: str, *parts: object) -> None:
         """Tell the other servers of the cluster, at commit, that ``kind`` happened (listener.py)."""
         if self.peers and self.conn.postgres:
-            self.conn.notify(" ".join((self.server_id, kind, *map(str, parts))))
+            self.conn.notify(self._notice_text(kind, *parts))
+
+    def _notice_text(self, kind: str, *parts: object) -> str:
+        return " ".join((self.server_id, kind, *map(str, parts)))
 
     def _notice_final(self, task_ids: Sequence[int]) -> None:
         for start in range(0, len(task_ids), _NOTICE_IDS):
@@ -348,6 +351,8 @@ class Store:
             return []
         with self.transaction():
             rows = self.db.execute_sql(self._sql.claim, (worker, self.server_id, now, limit)).fetchall()
+            if len(rows) < limit:  # nothing is left queued: the other servers need not look
+                self.conn.withdraw(self._notice_text("queued"))
         # RETURNING lists rows in no particular order: restore the queue's.
         rows.sort(key=lambda r: (-r[5], r[6], r[0]))
         return [
