@@ -763,3 +763,109 @@ def test_every_operation_from_every_state_follows_the_transitions_table(db_url: 
         store.close()
     allowed = {(source, target) for source, targets in NEXT.items() for target in targets}
     assert seen == allowed, f"transitions in the table that no operation makes: {allowed - seen}"
+
+
+# --- idempotency: a task's key, a request's key -----------------------------------------------------------------------
+
+
+def test_key_is_unique_among_tasks_not_yet_final(store: Store) -> None:
+    first = add(store, key="order-7")
+    assert add(store, key="order-7") == first, "a live task holds its key"
+    assert add(store, key="order-8") != first
+    store.claim("w1", 10, NOW)
+    store.apply_events([("w1", ev(first, 1, "succeeded", result=1))])
+    second = add(store, key="order-7")
+    assert second != first, "a final task frees its key"
+    assert store.get_task(second)["key"] == "order-7"
+
+
+def test_keys_within_one_submission(store: Store) -> None:
+    held = add(store, key="k1")
+    tasks = [({"name": "job", "key": key}, {"i": i}) for i, key in enumerate(["k1", None, "k2", "k2", None])]
+    ids = store.add_tasks(tasks, run_at=NOW, now=NOW)
+    assert ids[0] == held and ids[2] == ids[3], "a held key, and one key twice in one submission"
+    assert len({ids[1], ids[2], ids[4], held}) == 4
+    assert sorted(t["id"] for t in store.list_tasks(status=None, name="job", username=None, limit=10)) == sorted(
+        {held, *ids}
+    )
+
+
+def test_retry_refused_while_another_task_holds_the_key(store: Store) -> None:
+    first = add(store, key="nightly")
+    store.cancel(first, NOW)
+    second = add(store, key="nightly")
+    with pytest.raises(InvalidTransition, match=f"held by task {second}"):
+        store.retry(first, NOW)
+    assert status(store, first) == "cancelled"
+    store.cancel(second, NOW)
+    assert store.retry(first, NOW)["status"] == "queued"
+
+
+def test_a_repeated_request_creates_nothing_twice(store: Store) -> None:
+    tasks = [({"name": "job"}, {"i": i}) for i in range(3)]
+    ids = store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="req-1")
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="req-1") == ids
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="req-2") != ids
+    one = store.add_task({"name": "job"}, {}, run_at=NOW + 60, now=NOW, request_key="req-3")
+    assert store.add_task({"name": "job"}, {}, run_at=NOW + 60, now=NOW, request_key="req-3") == one
+    rec = store.add_recurring({"name": "job"}, {}, interval="1 hour", next_run_at=NOW, now=NOW, request_key="req-4")
+    again = store.add_recurring({"name": "job"}, {}, interval="1 hour", next_run_at=NOW, now=NOW, request_key="req-4")
+    assert again == rec and len(store.list_recurring()) == 1
+    assert len(store.list_tasks(status=None, name="job", username=None, limit=100)) == 7
+
+
+# --- the cluster: leases and who owns a delivery ---------------------------------------------------------------------
+
+
+def _as(store: Store, server_id: str) -> Store:
+    """The store acting for server ``server_id`` (one process plays several servers, one call at a time)."""
+    store.server_id = server_id
+    return store
+
+
+def test_a_server_requeues_only_its_own_lost_deliveries(store: Store) -> None:
+    mine, theirs = add(store), add(store)
+    _as(store, "A").claim("w1", 1, NOW)
+    _as(store, "B").claim("w1", 1, NOW)  # the same worker id through another server: its delivery is B's
+    assert _as(store, "A").requeue_worker("w1") == [mine]
+    assert status(store, theirs) == "running" and store.get_task(theirs)["server"] == "B"
+    assert [r["task_id"] for r in _as(store, "B").running()] == [theirs]
+
+
+def test_deliveries_of_an_expired_server_are_requeued_after_a_grace(store: Store) -> None:
+    _as(store, "A").join(host="h", pid=1, address="127.0.0.1", now=NOW, lease=5)
+    _as(store, "B").join(host="h", pid=2, address="127.0.0.2", now=NOW, lease=5)
+    task_id = add(store)
+    _as(store, "A").claim("w1", 1, NOW)
+    b = _as(store, "B")
+    assert b.renew(now=NOW + 1, lease=5, workers=[]) == 1, "A is B's live peer"
+    assert b.requeue_abandoned(now=NOW + 8, grace=5, unowned=True) == [], "A's lease ended 3 s ago: within the grace"
+    assert b.requeue_abandoned(now=NOW + 11, grace=5, unowned=True) == [task_id]
+    assert status(store, task_id) == "queued" and store.get_task(task_id)["server"] is None
+
+
+def test_a_worker_that_moved_brings_its_deliveries(store: Store) -> None:
+    task_id = add(store)
+    _as(store, "A").claim("w1", 1, NOW)
+    assert _as(store, "B").adopt("w1", [(task_id, 2)]) == [], "not the current delivery"
+    assert _as(store, "B").adopt("w9", [(task_id, 1)]) == [], "not that worker's"
+    assert _as(store, "B").adopt("w1", [(task_id, 1)]) == [task_id]
+    assert _as(store, "A").requeue_worker("w1") == [], "no longer A's to requeue"
+    b = _as(store, "B")
+    b.apply_events([("w1", ev(task_id, 1, "succeeded", result="moved"))])
+    assert store.get_task(task_id)["result"] == "moved"
+
+
+def test_workers_of_live_servers_are_listed_with_their_server(store: Store) -> None:
+    record = {"id": "w1", "host": "h", "pid": 7, "handlers": ["echo"], "slots": 4, "prefetch": 0, "busy": 1,
+              "last_seen": NOW, "key": None}  # fmt: skip
+    _as(store, "A").join(host="h", pid=1, address="127.0.0.1", now=NOW, lease=5)
+    store.renew(now=NOW, lease=5, workers=[record])
+    _as(store, "B").join(host="h", pid=2, address="127.0.0.2", now=NOW, lease=5)
+    listed = store.workers(NOW + 1)
+    assert [(w["id"], w["server"], w["server_address"], w["handlers"], w["busy"]) for w in listed] == [
+        ("w1", "A", "127.0.0.1", ["echo"], 1)
+    ]
+    assert store.workers(NOW + 6) == [], "A's lease ran out"
+    _as(store, "A").leave(NOW + 2)
+    assert _as(store, "B").workers(NOW + 2) == []
