@@ -472,7 +472,7 @@ class Martinet:
         socket.setsockopt(zmq.LINGER, 0)
         if self._keys is not None:
             self._keys.apply(socket)
-        self._monitor = servers.monitor(socket)
+        self._monitor = security.monitor(socket)
         self._poller = self._zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)

@@ -147,13 +147,16 @@ class Inbox:
 
 
 def monitor(sock: Any) -> Any:
-    """A PAIR socket reporting ``sock``'s handshakes, failed and succeeded (then MONITOR_STOPPED once it closes).
+    """A PAIR socket reporting ``sock``'s handshakes, failed (:func:`handshake_failure` reads them) and
+    succeeded, its dropped connections (EVENT_DISCONNECTED: a server list moves on), then
+    MONITOR_STOPPED once it is closed.
 
     A fresh address each time: pyzmq's own names it after the file descriptor, which the next socket
     may get while the old monitor is still being torn down.
     """
     address = f"inproc://martinet-monitor-{uuid.uuid4().hex}"
-    sock.monitor(address, _HANDSHAKE_FAILED | zmq.Event.HANDSHAKE_SUCCEEDED | zmq.Event.MONITOR_STOPPED)
+    events = _HANDSHAKE_FAILED | zmq.Event.HANDSHAKE_SUCCEEDED | zmq.Event.DISCONNECTED | zmq.Event.MONITOR_STOPPED
+    sock.monitor(address, events)
     pair = sock.context.socket(zmq.PAIR)
     pair.connect(address)
     return pair

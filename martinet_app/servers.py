@@ -8,9 +8,7 @@ next, wrapping, when it stops answering or drops the connection (client.py, work
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Sequence
-from typing import Any
 
 from .errors import ConfigError
 
@@ -50,28 +48,3 @@ def parse(value: str | Sequence[str]) -> tuple[str, ...]:
             raise ConfigError(f"{where} lists {host} a second time: list each server once")
         hosts.append(host)
     return tuple(hosts)
-
-
-def monitor(sock: Any) -> Any:
-    """A PAIR socket reporting ``sock``'s handshakes, failed (security.handshake_failure reads them) and
-    succeeded, its dropped connections (EVENT_DISCONNECTED), then MONITOR_STOPPED once it is closed.
-
-    A fresh address each time: pyzmq's own names it after the file descriptor, which the next socket
-    may get while the old monitor is still being torn down.
-    """
-    import zmq  # here, not at the top: the command line parses --url without loading zmq
-
-    events = zmq.Event
-    address = f"inproc://martinet-monitor-{uuid.uuid4().hex}"
-    sock.monitor(
-        address,
-        events.HANDSHAKE_FAILED_AUTH
-        | events.HANDSHAKE_FAILED_PROTOCOL
-        | events.HANDSHAKE_FAILED_NO_DETAIL
-        | events.HANDSHAKE_SUCCEEDED
-        | events.DISCONNECTED
-        | events.MONITOR_STOPPED,
-    )
-    pair = sock.context.socket(zmq.PAIR)
-    pair.connect(address)
-    return pair

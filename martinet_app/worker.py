@@ -320,7 +320,7 @@ class Worker:
             self.keys.apply(sock)
         self._watchers = [watcher for watcher in self._watchers if not watcher.dead]
         generation = self._generation if kind == zmq.DEALER and len(self.servers) > 1 else None
-        self._watchers.append(gevent.spawn(self._watch, servers.monitor(sock), self.worker_endpoint, generation))
+        self._watchers.append(gevent.spawn(self._watch, security.monitor(sock), self.worker_endpoint, generation))
         return sock
 
     def _watch(self, monitor: Any, endpoint: str, generation: int | None) -> None:
