@@ -199,6 +199,73 @@ class Cluster:
         return "\n".join(f"----- {p.log_path.name}\n{p.log()[-6000:]}" for p in [self.server, *self.workers])
 
 
+class HostServer(Server):
+    """``martinet serve --bind host``, on the ports of ``like`` if given (a server of the same list)."""
+
+    def __init__(self, db_url: str, log_path: Path, host: str, like: Server | None = None, *extra: str) -> None:
+        flags: list[str] = []
+        if like is not None:
+            ports = (like.client_port, like.worker_port, like.status_port)
+            for flag, port in zip(("--client-port", "--worker-port", "--status-port"), ports, strict=True):
+                flags += [flag, str(port)]
+        super().__init__(db_url, log_path, "--bind", host, *flags, *extra)  # the last of a repeated flag wins
+        self.host = host
+        if like is not None:
+            self.client_port, self.worker_port, self.status_port = ports
+
+    def client(self, timeout: float = 5.0) -> Martinet:
+        return Martinet(self.host, self.client_port, timeout=timeout)
+
+
+class Fleet:
+    """The servers and workers of one test, all stopped at teardown (stopped ones woken first)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[Process] = []
+        self.clients: list[Martinet] = []  # closed at teardown
+
+    def server(self, host: str, like: Server | None = None, db: str | None = None, *extra: str) -> HostServer:
+        db_url = db or f"sqlite:///{self.tmp_path / f'{host}.db'}"
+        server = HostServer(db_url, self.tmp_path / f"server-{host}-{len(self.procs)}.log", host, like, *extra)
+        self.procs.append(server)
+        server.start().wait_ready()
+        return server
+
+    def worker(self, server: Server, hosts: str, *extra: str) -> Process:
+        args = server.worker_args(TEST_HANDLERS, "--url", hosts, *extra)
+        worker = Process(args, self.tmp_path / f"worker{len(self.procs)}.log").start()
+        self.procs.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for client in self.clients:
+            client.close()
+        # Workers first, while their servers can still take what they hand back.
+        for proc in sorted(self.procs, key=lambda proc: isinstance(proc, Server)):
+            if proc.running():
+                os.kill(proc.pid, signal.SIGCONT)
+                try:
+                    proc.terminate()
+                except BaseException:
+                    proc.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {p.log_path.name}\n{p.log()[-6000:]}" for p in self.procs)
+
+
+@pytest.fixture
+def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(f.logs())
+
+
 def _postgres_available() -> str | None:
     """None if PostgreSQL answers, else why not."""
     try:

@@ -9,14 +9,14 @@ import collections
 import datetime
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
 
-from conftest import HEARTBEAT, PG_URL, ROOT, Process, Server, wait_until
+from conftest import HEARTBEAT, PG_URL, Fleet, Process, wait_until
 from martinet_app import Martinet, protocol
 
 pytestmark = pytest.mark.usefixtures("db_url")
@@ -38,60 +38,38 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return PG_URL
 
 
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
 class Servers:
-    """Servers sharing one database, their workers and clients; all stopped at teardown."""
+    """Servers on HOSTS sharing one database and ports (so one list names them all), their workers and clients."""
 
-    def __init__(self, tmp_path: Path, count: int) -> None:
-        self.tmp_path = tmp_path
-        self.servers = [Server(PG_URL, tmp_path / f"server{i}.log") for i in range(count)]
-        self.workers: list[Process] = []
-        self.clients: list[Martinet] = []
+    def __init__(self, fleet: Fleet, count: int, *extra: str) -> None:
+        self.fleet = fleet
+        first = fleet.server(HOSTS[0], None, PG_URL, *extra)
+        self.servers = [first, *(fleet.server(host, first, PG_URL, *extra) for host in HOSTS[1:count])]
+        self.hosts = ",".join(HOSTS[:count])
 
-    def start(self) -> Servers:
-        for server in self.servers:
-            server.start()
-        for server in self.servers:
-            server.wait_ready()
-        return self
-
-    def client(self, index: int) -> Martinet:
-        client = self.servers[index].client(timeout=10)
-        self.clients.append(client)
+    def client(self, index: int, timeout: float = 10.0) -> Martinet:
+        client = self.servers[index].client(timeout=timeout)
+        self.fleet.clients.append(client)
         return client
 
     def start_worker(self, index: int, *extra: str) -> Process:
-        server = self.servers[index]
-        worker = Process(server.worker_args(ROOT / "tests" / "handlers", *extra),
-                         self.tmp_path / f"worker{len(self.workers)}.log").start()  # fmt: skip
-        self.workers.append(worker)
+        """A worker of server ``index`` (first in its list, which goes on with the following servers)."""
+        hosts = ",".join(HOSTS[index : len(self.servers)] + HOSTS[:index])
+        worker = self.fleet.worker(self.servers[index], hosts, *extra)
         client = self.client(index)
         wait_until(lambda: any(w["pid"] == worker.pid for w in client.workers()), what=f"worker {worker.pid}")
         return worker
 
-    def stop(self) -> None:
-        for client in self.clients:
-            client.close()
-        for proc in [*self.workers, *self.servers]:
-            if proc.running():
-                try:
-                    proc.terminate()
-                except BaseException:
-                    proc.kill()
-
-    def logs(self) -> str:
-        return "\n".join(f"----- {p.log_path.name}\n{p.log()[-5000:]}" for p in [*self.servers, *self.workers])
+    def log(self, index: int) -> str:
+        return self.servers[index].log()
 
 
 @pytest.fixture
-def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Servers]:
-    group = Servers(tmp_path, getattr(request, "param", 2))
-    try:
-        yield group.start()
-    finally:
-        group.stop()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(group.logs())
+def servers(request: pytest.FixtureRequest, fleet: Fleet) -> Servers:
+    return Servers(fleet, getattr(request, "param", 2))
 
 
 def ts(iso: str) -> float:
@@ -184,12 +162,12 @@ def test_superseded_delivery_event_through_another_server_changes_nothing(server
     # which made neither delivery.
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{servers.servers[1].status_port}")
+    push.connect(f"tcp://{servers.servers[1].host}:{servers.servers[1].status_port}")
     stale = [(first["worker"], first["attempts"]), ("someone-else", 2)]
     for worker, attempt in stale:
         event = {"task_id": task_id, "attempt": attempt, "event": "succeeded", "result": "stale", "at": time.time()}
         push.send_multipart(protocol.status_batch(worker, [event]))
-    wait_until(lambda: servers.servers[1].log().count(f"ignored stale succeeded event for task {task_id}") == 2,
+    wait_until(lambda: servers.log(1).count(f"ignored stale succeeded event for task {task_id}") == 2,
                what="B to decide both events")  # fmt: skip
     push.close(linger=0)
     context.term()
@@ -236,3 +214,59 @@ def test_server_leases_are_in_the_database(servers: Servers) -> None:
         cur.execute("SELECT lease_until FROM server WHERE pid = %s", (servers.servers[0].pid,))
         (ended,) = cur.fetchone()
     assert ended <= time.time(), "a server that stops ends its lease"
+
+
+def _executions(ledger: Path) -> collections.Counter:
+    return (
+        collections.Counter(int(line) for line in ledger.read_text().split())
+        if ledger.exists()
+        else collections.Counter()
+    )
+
+
+def _succeeded(client: Martinet, ids: list[int]) -> bool:
+    done = {t["id"] for t in client.iter_tasks(status="succeeded", name="ledger")}
+    return done >= set(ids)
+
+
+@pytest.mark.parametrize("servers", [3], indirect=True)
+@pytest.mark.parametrize("victim", ["server", "worker"])
+def test_3000_tasks_on_3_servers_survive_a_kill(servers: Servers, tmp_path: Path, victim: str) -> None:
+    workers = [servers.start_worker(index) for index in range(3)]
+    ledger = tmp_path / "ledger.txt"
+    clients = [Martinet(",".join(servers.hosts.split(",")[i:] + servers.hosts.split(",")[:i]),
+                        servers.servers[0].client_port, timeout=10) for i in range(3)]  # fmt: skip
+    servers.fleet.clients.extend(clients)
+    ids: list[int] = []
+    for batch in range(60):  # round robin over the servers, 50 tasks a request
+        tasks = [({"name": "ledger"}, {"path": str(ledger), "seconds": 0.02, "n": batch * 50 + i}) for i in range(50)]
+        ids += clients[batch % 3].execute_many(tasks)
+        if batch == 30:
+            (servers.servers[1] if victim == "server" else workers[1]).kill()
+    killed_at = time.monotonic()
+    if victim == "server":
+        wait_until(lambda: time.monotonic() - killed_at > 3, what="a while without server B")
+        servers.servers[1].restart()
+    wait_until(lambda: _succeeded(clients[0], ids), timeout=120, what="every task to succeed")
+    assert len(ids) == len(set(ids)) == 3000
+    stored = list(clients[0].iter_tasks(name="ledger"))
+    assert len(stored) == 3000, "none created twice"
+    counts = _executions(ledger)
+    assert set(counts) == set(ids), "every task ran"
+    duplicates = sum(count - 1 for count in counts.values())
+    print(f"killed a {victim}: {duplicates} duplicate execution(s) of 3000 tasks")
+    assert all(t["status"] == "succeeded" for t in stored)
+
+
+def test_a_client_with_two_servers_submits_through_a_kill(servers: Servers) -> None:
+    servers.start_worker(1)
+    m = Martinet(servers.hosts, servers.servers[0].client_port, timeout=5)
+    servers.fleet.clients.append(m)
+    killer = threading.Timer(0.3, servers.servers[0].kill)
+    killer.start()
+    ids = [m.execute({"name": "echo"}, {"i": i}) for i in range(200)]
+    killer.join()
+    assert not servers.servers[0].running(), "A was killed while the calls went on"
+    assert len(set(ids)) == 200
+    stored = list(servers.client(1).iter_tasks(name="echo"))
+    assert sorted(t["id"] for t in stored) == sorted(ids), "each call's task exists, exactly once"
