@@ -33,14 +33,14 @@ people's work shares the machine: before each run the script waits (up to --quie
 it to be nearly idle (--quiet, 0.3 busy cores), and each run reports the busy cores its counted
 processes do not explain.
 
-The servers, workers and handler processes import HEAD's martinet_app, extracted with ``git archive``
-into a temporary folder put first on PYTHONPATH (--code tree: the working tree as it is), so the figures
-belong to a commit even while someone edits the working tree.
+The servers, workers and handler processes import HEAD's martinet_app (--code REV: another commit's),
+extracted with ``git archive`` into a temporary folder put first on PYTHONPATH (--code tree: the working
+tree as it is), so the figures belong to a commit even while someone edits the working tree.
 
 Prints a table of medians and writes every run as JSON to bench/results/cluster-<UTC time>.json.
 Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SERVERS ("1 2"), CLUSTER_WORKLOADS
 ("drain stream"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4),
-CLUSTER_CODE (head), CLUSTER_QUIET (0.3), CLUSTER_QUIET_WAIT (20).
+CLUSTER_CODE (HEAD), CLUSTER_QUIET (0.3), CLUSTER_QUIET_WAIT (20).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ WATCH = 0.02  # seconds between completion checks on PostgreSQL
 UNFINISHED = ("scheduled", "queued", "running")
 STATS_FLUSH = 1.5  # seconds for backends to report their statistics (PostgreSQL 15: at most once a second)
 RESULTS = BENCH / "results"
-#: Where the servers, workers and handler processes run (and import martinet_app from, with --code head).
+#: Where the servers, workers and handler processes run (and import martinet_app from, unless --code tree).
 CODE = {"cwd": ROOT}
 
 
@@ -645,13 +645,13 @@ def git(*cmd: str) -> str:
     return proc.stdout.strip()
 
 
-def use_head(tmp: Path) -> str:
-    """Extract HEAD's martinet_app/ into ``tmp`` and import it from there, in this process and its children.
+def use_commit(tmp: Path, rev: str) -> str:
+    """Extract ``rev``'s martinet_app/ into ``tmp`` and import it from there, in this process and its children.
 
     The working tree may hold someone's unfinished edits; the figures are for a commit. The editable
     install's finder comes after PYTHONPATH, so this copy wins; checked by asking a fresh interpreter.
     """
-    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD", "martinet_app"], cwd=ROOT,
+    archive = subprocess.run(["git", "archive", "--format=tar", rev, "martinet_app"], cwd=ROOT,
                              capture_output=True, check=True).stdout  # fmt: skip
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(tmp, filter="data")
@@ -661,8 +661,8 @@ def use_head(tmp: Path) -> str:
     probe = subprocess.run([MARTINET_PYTHON, "-c", "import martinet_app; print(martinet_app.__file__)"],
                            cwd="/", capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     if not probe.startswith(str(tmp)):
-        raise SystemExit(f"martinet_app still imports from {probe}, not from the copy of HEAD in {tmp}")
-    return git("rev-parse", "--short", "HEAD")
+        raise SystemExit(f"martinet_app still imports from {probe}, not from the copy of {rev} in {tmp}")
+    return git("rev-parse", "--short", rev)
 
 
 def main() -> None:
@@ -682,16 +682,17 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=float(env("CLUSTER_QUIET_WAIT", "20")),
                         help="...for at most this many seconds")  # fmt: skip
     parser.add_argument("--pg", default=env("CLUSTER_PG", "postgresql://postgres@127.0.0.1:5432"))
-    parser.add_argument("--code", choices=["head", "tree"], default=env("CLUSTER_CODE", "head"),
-                        help="run HEAD's martinet_app (a copy, so others' uncommitted edits stay out) "
-                        "or the working tree's as it is")  # fmt: skip
+    parser.add_argument("--code", default=env("CLUSTER_CODE", "HEAD"),
+                        help="a git revision whose martinet_app to run (a copy, so others' uncommitted edits "
+                        "stay out; default HEAD, e.g. an older commit to compare with), or 'tree': the "
+                        "working tree's as it is")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/cluster-TIME.json)")
     args = parser.parse_args()
     if not Path(MARTINET).exists():
         raise SystemExit(f"{MARTINET} is missing: run `make install`")
     with tempfile.TemporaryDirectory(prefix="martinet-cluster-code-") as code:
-        if args.code == "head":
-            commit = use_head(Path(code))
+        if args.code != "tree":
+            commit = use_commit(Path(code), args.code)
             dirty = ""
         else:
             commit = git("rev-parse", "--short", "HEAD")

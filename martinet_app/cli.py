@@ -347,7 +347,7 @@ def _tasks_text(tasks: list[dict]) -> str:
 
 
 def _workers_text(workers: list[dict]) -> str:
-    headers = ("ID", "KEY", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN")
+    headers = ("ID", "KEY", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN", "SERVER")
     rows = [
         [
             _cell(w.get("id")),
@@ -358,6 +358,7 @@ def _workers_text(workers: list[dict]) -> str:
             _cell(w.get("busy")),
             ",".join(w.get("handlers") or []) or "-",
             _cell(w.get("last_seen")),
+            _cell(w.get("server_address")),
         ]
         for w in workers
     ]
@@ -547,7 +548,7 @@ def revoke(client: Martinet, as_json: bool, recurring_id: int) -> None:
 @main.command()
 @_client_command
 def workers(client: Martinet, as_json: bool) -> None:
-    """List the workers connected now."""
+    """List the workers connected now, to this server and (in a cluster) to the others."""
     _echo(as_json, client.workers(), _workers_text)
 
 

@@ -230,9 +230,10 @@ def test_workers_shows_the_running_worker(sqlite_cluster: Cluster) -> None:
     assert ok(sqlite_cluster, "workers") == "no workers\n"
     worker = sqlite_cluster.start_worker()
     table = ok(sqlite_cluster, "workers").splitlines()
-    assert table[0].split() == ["ID", "KEY", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN"]
+    assert table[0].split() == ["ID", "KEY", "HOST", "PID", "SLOTS", "BUSY", "HANDLERS", "LAST_SEEN", "SERVER"]
     row = table[1].split()
     assert len(table) == 2 and (row[1], row[3]) == ("-", str(worker.pid)), "no key on an open server"
+    assert row[-1] == "127.0.0.1", "the server it is connected to"
     (info,) = ok_json(sqlite_cluster, "workers")
     assert info["pid"] == worker.pid
     assert {"echo", "steps", "explode", "nap", "ledger"} <= set(info["handlers"])
