@@ -313,7 +313,7 @@ class Broker:
         self.workers[worker_id] = worker
         # A worker that moved here from another server (dead, or out of its reach) brings its
         # deliveries along: this server owns them from now on.
-        adopted = self.store.adopt(worker_id, running)
+        adopted = self.store.adopt(worker_id, sorted(running))  # a copy: the set is the worker's inflight from now on
         if adopted:
             log.info("worker %s brought %d running task(s) from another server: %s", worker_id, len(adopted),
                      _ids(adopted))  # fmt: skip

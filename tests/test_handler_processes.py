@@ -171,8 +171,8 @@ def test_status_messages_stay_within_the_result_limit():
     worker = Worker(worker_id="w")
     worker._execute(slot, [_Delivery({"task_id": n, "attempt": 1, "name": "x", "args": {}}) for n in (1, 2, 3)])
     worker._closing = True
-    sock = _Recorder()
-    worker._push_status(sock)
+    sock = worker._status = _Recorder()
+    worker._push_status()
     assert max(map(len, sock.messages)) <= config.MAX_RESULT_BYTES + 1024 < config.MAX_MESSAGE_BYTES
     events = [e for frame in sock.messages for e in protocol.parse_status_batch([frame], config.MAX_MESSAGE_BYTES)[1]]
     one = ["started", *["progress"] * 300, "succeeded"]
