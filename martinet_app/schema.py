@@ -71,7 +71,7 @@ class Task(_Model):
     # The submitter's ``key``: unique among tasks not yet final (LIVE_KEY).
     idempotency_key = pw.CharField(max_length=255, null=True)
     # The client's key of the request that created it: a request retried on another server creates nothing twice.
-    request_key = pw.CharField(max_length=255, null=True, unique=True)
+    request_key = pw.CharField(max_length=255, null=True)
 
     class Meta:
         # "next due" (scheduled by run_at) is a range scan of this index.
@@ -86,6 +86,11 @@ Task.add_index(
 Task.add_index(Task.index(Task.status, Task.id, name="task_status_id"))
 # The database, not Martinet, keeps a key to one live task, also between servers racing to insert it.
 Task.add_index(Task.index(Task.idempotency_key, unique=True, name="task_live_key", where=pw.SQL(LIVE_KEY)))
+# Partial, so that the many tasks without a request key cost these indexes nothing: every UPDATE of a task
+# (claim, events) writes a new row version, and a full index would take an entry for each.
+Task.add_index(
+    Task.index(Task.request_key, unique=True, name="task_request_key", where=pw.SQL("request_key IS NOT NULL"))
+)
 
 
 class Recurring(_Model):
@@ -105,10 +110,17 @@ class Recurring(_Model):
     retries = pw.IntegerField(default=config.DEFAULT_RETRIES)
     retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
     timeout = pw.DoubleField(null=True)
-    request_key = pw.CharField(max_length=255, null=True, unique=True)
+    request_key = pw.CharField(max_length=255, null=True)
 
     class Meta:
         indexes = ((("enabled", "next_run_at"), False),)
+
+
+Recurring.add_index(
+    Recurring.index(
+        Recurring.request_key, unique=True, name="recurring_request_key", where=pw.SQL("request_key IS NOT NULL")
+    )
+)
 
 
 class Server(_Model):
