@@ -1,14 +1,19 @@
-"""Connections to the database: opening one from a URL, and the transactions the store runs on it.
+"""Connections to the database: opening them from a URL, and the transactions the store runs on them.
 
-The server is a single gevent process. A :class:`Connection` is one database connection with a
-gevent lock around every transaction, so no two greenlets ever interleave inside one (with
-PostgreSQL the driver yields to the hub while it waits on the socket). A transaction's state
-(its depth, whether a statement failed, what runs after the commit) belongs to the greenlet
-holding the lock while it runs.
+The server is a single gevent process. A :class:`Pool` holds its connections and gives each
+greenlet a :class:`Transaction` of its own (its depth, whether a statement failed, what runs
+after the commit or a rollback, what to NOTIFY). Transactions that write run one at a time,
+under the pool's writer lock: the broker's credit and the order of what runs after each commit
+stay as simple as with one connection, and SQLite takes one writer anyway. On PostgreSQL, reads
+outside a transaction (a ``status``, a ``list``, a heartbeat's look at running tasks) run at
+the same time on connections of their own, each greenlet on the one it checked out of the pool
+(at most POOL_SIZE), so a slow read never holds up a write. SQLite keeps one connection, and
+reads take the lock as writes do. The listener (listener.py) has a connection outside the pool.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -16,6 +21,9 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
+import gevent
+import gevent.event
+import gevent.local
 import gevent.lock
 import peewee as pw
 
@@ -27,138 +35,196 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT = 0.25
 #: The PostgreSQL channel the servers of a cluster wake each other on (listener.py).
 NOTIFY_CHANNEL = "martinet"
+#: Most PostgreSQL connections one server's pool opens (the writer's and the readers').
+POOL_SIZE = 8
 
 
-class Connection:
-    """One connection to the store's database and the transactions run on it."""
+@dataclasses.dataclass
+class Transaction:
+    """The state of one greenlet's transaction."""
+
+    after_commit: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    on_rollback: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    notices: dict[str, None] = dataclasses.field(default_factory=dict)  # in order, once each
+    doomed: Exception | None = None  # a statement failed and its caller carried on
+
+
+class Pool:
+    """The store's connections to its database, and the transactions run on them."""
 
     def __init__(self, database: pw.Database, url: str) -> None:
         self.db = database
         self.url = url
         self.postgres = isinstance(database, pw.PostgresqlDatabase)
-        self._lock = gevent.lock.RLock()
-        self._depth = 0  # 1 inside transaction(): nested calls join it
-        self._doomed: Exception | None = None  # a statement of the current transaction failed
-        self._after_commit: list[Callable[[], None]] = []
-        self._on_rollback: list[Callable[[], None]] = []
-        self._notices: dict[str, None] = {}  # in order, once each
+        #: Reads outside a transaction run beside the writer, on their own connections (PostgreSQL).
+        self.concurrent = isinstance(database, _PooledPostgresqlDatabase)
+        self._writer = gevent.lock.RLock()
+        self._local = gevent.local.local()
+        self._readers = 0
+        self._no_readers = gevent.event.Event()
+        self._no_readers.set()
 
     def close(self) -> None:
-        with self._lock:
-            if not self.db.is_closed():
-                self.db.close()
+        with self._writer:
+            self._release()
+            if isinstance(self.db, _PooledPostgresqlDatabase):
+                self.db.close_idle()
+
+    def _current(self) -> Transaction | None:
+        return getattr(self._local, "transaction", None)
 
     @contextmanager
     def exclusive(self, timeout: float) -> Iterator[bool]:
-        """Keep the connection for the calling greenlet: no other enters meanwhile, the others wait at their next call.
+        """Keep the store for the calling greenlet: no other greenlet is inside a transaction or a read
+        meanwhile, and the others wait at their next transaction.
 
         Yields True once held, or False if another greenlet was still inside after ``timeout``
         seconds (then nothing is held). Once held, a connection the driver has closed is dropped,
         so the next call opens a fresh one: psycopg2 closes it when a greenlet is killed in a query.
         """
-        if not self._lock.acquire(timeout=timeout):
+        if not self._writer.acquire(timeout=timeout):
             yield False
             return
         try:
+            if not self._no_readers.wait(timeout):
+                yield False
+                return
             if getattr(self.db._state.conn, "closed", False):  # psycopg2's; sqlite3 has no such attribute
                 self._discard()
             yield True
         finally:
-            self._lock.release()
+            self._writer.release()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One transaction for everything done inside, committed on exit (group commit).
+        """One transaction for everything the calling greenlet does inside, committed on exit (group commit).
 
         Calls made inside join it instead of committing on their own, so a loop turn's state
-        changes cost one commit. Raises StoreUnavailable as :meth:`read` does. See
-        :meth:`after_commit` and :meth:`on_rollback`.
+        changes cost one commit. Transactions run one at a time (the writer lock). Raises
+        StoreUnavailable as :meth:`read` does. See :meth:`after_commit` and :meth:`on_rollback`.
         """
-        with self.read():
-            if self._depth:
+        if self._current() is not None:
+            with self._joined():
                 yield
-                return
-            self._after_commit, self._on_rollback, self._notices = [], [], {}
+            return
+        with self._writer:
+            transaction = self._local.transaction = Transaction()
             try:
-                with self.db.atomic():
-                    self._depth, self._doomed = 1, None
-                    try:
+                with self._failures():
+                    with self.db.atomic():
                         yield
-                        if self._doomed is not None:
+                        if transaction.doomed is not None:
                             # A statement failed and its caller carried on: commit none of the turn.
-                            raise self._doomed
-                        if self._notices:
-                            self._send_notices()
-                    finally:
-                        self._depth = 0
+                            raise transaction.doomed
+                        if transaction.notices:
+                            self._send_notices(transaction.notices)
             except BaseException:
-                for undo in self._on_rollback:
+                for undo in transaction.on_rollback:
                     undo()
                 raise
-        for then in self._after_commit:
+            finally:
+                self._local.transaction = None
+                self._release()
+        for then in transaction.after_commit:
             try:
                 then()
             except Exception:  # the commit stands; the caller still has its own work to finish
                 log.exception("an action after a commit failed")
 
     def after_commit(self, then: Callable[[], None]) -> None:
-        """Run ``then`` once the current transaction has committed (outside the connection's lock)."""
-        self._after_commit.append(then)
+        """Run ``then`` once the calling greenlet's transaction has committed (outside the writer lock)."""
+        self._open().after_commit.append(then)
 
     def on_rollback(self, undo: Callable[[], None]) -> None:
-        """Run ``undo`` if the current transaction does not commit (in-memory state that assumed it would)."""
-        self._on_rollback.append(undo)
+        """Run ``undo`` if the calling greenlet's transaction does not commit (memory that assumed it would)."""
+        self._open().on_rollback.append(undo)
 
     def notify(self, message: str) -> None:
         """Send ``message`` on PostgreSQL's NOTIFY_CHANNEL when the current transaction commits (and only then)."""
-        self._notices[message] = None
+        self._open().notices[message] = None
 
     def withdraw(self, message: str) -> None:
         """Do not send ``message`` after all (what it announced is over before the commit)."""
-        self._notices.pop(message, None)
+        self._open().notices.pop(message, None)
 
-    def _send_notices(self) -> None:
+    def _open(self) -> Transaction:
+        transaction = self._current()
+        if transaction is None:
+            raise RuntimeError("not inside a transaction")
+        return transaction
+
+    def _send_notices(self, notices: dict[str, None]) -> None:
         # NOTIFY is transactional: listeners hear it once the commit is on disk, never for a rollback.
         self.db.execute_sql(
-            "SELECT pg_notify(%s, message) FROM unnest(%s::text[]) AS message", (NOTIFY_CHANNEL, list(self._notices))
+            "SELECT pg_notify(%s, message) FROM unnest(%s::text[]) AS message", (NOTIFY_CHANNEL, list(notices))
         )
 
     @contextmanager
     def read(self) -> Iterator[None]:
-        """Hold the connection's lock; on a connection error, drop the connection so the next call reconnects.
+        """Read (or, inside a transaction, do anything) on the calling greenlet's connection.
 
         Inside a :meth:`transaction`, a failed statement raises StoreUnavailable to its caller
         too, and dooms the transaction: the outermost call rolls it back and raises again.
+        Outside one, on PostgreSQL, the read runs beside the writer and the others on a pooled
+        connection, given back when it ends; on SQLite it takes the writer lock.
 
         Raises:
             StoreUnavailable: the database failed (connection lost, locked, disk full): nothing
                 was committed by this call.
         """
-        with self._lock:
-            if self._depth:
-                try:
-                    yield
-                except (pw.OperationalError, pw.InterfaceError) as exc:
-                    self._doomed = exc
-                    raise StoreUnavailable(f"the database is unavailable ({first_line(exc)}): try again") from exc
-                return
-            try:
+        if self._current() is not None:
+            with self._joined():
                 yield
-            except (pw.OperationalError, pw.InterfaceError) as exc:
-                self._discard()
-                # The first failure is the one to report: e.g. SQLite rolls back on its own when the
-                # disk is full, and peewee's ROLLBACK then fails with "no transaction is active".
-                cause: BaseException = exc
-                link = exc.__context__
-                while link is not None:
-                    if isinstance(link, pw.PeeweeException):
-                        cause = link
-                    link = link.__context__
-                reason = first_line(cause)
-                log.error("database error on %s: %s", redact(self.url), reason)
-                raise StoreUnavailable(
-                    f"the database is unavailable ({reason}): the request was not completed; try again"
-                ) from exc
+            return
+        if not self.concurrent:
+            with self._writer, self._failures():
+                yield
+            return
+        self._readers += 1
+        self._no_readers.clear()
+        try:
+            with self._failures():
+                yield
+        finally:
+            self._release()
+            self._readers -= 1
+            if not self._readers:
+                self._no_readers.set()
+
+    @contextmanager
+    def _joined(self) -> Iterator[None]:
+        """Inside the calling greenlet's transaction: a failed statement dooms it."""
+        try:
+            yield
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            self._open().doomed = exc
+            raise StoreUnavailable(f"the database is unavailable ({first_line(exc)}): try again") from exc
+
+    @contextmanager
+    def _failures(self) -> Iterator[None]:
+        """On a connection error, drop the connection (the next call opens another) and raise StoreUnavailable."""
+        try:
+            yield
+        except (pw.OperationalError, pw.InterfaceError) as exc:
+            self._discard()
+            # The first failure is the one to report: e.g. SQLite rolls back on its own when the
+            # disk is full, and peewee's ROLLBACK then fails with "no transaction is active".
+            cause: BaseException = exc
+            link = exc.__context__
+            while link is not None:
+                if isinstance(link, pw.PeeweeException):
+                    cause = link
+                link = link.__context__
+            reason = first_line(cause)
+            log.error("database error on %s: %s", redact(self.url), reason)
+            raise StoreUnavailable(
+                f"the database is unavailable ({reason}): the request was not completed; try again"
+            ) from exc
+
+    def _release(self) -> None:
+        """Give the calling greenlet's connection back to the pool (PostgreSQL; SQLite keeps its one)."""
+        if self.concurrent and not self.db.is_closed():
+            self.db.close()
 
     def _discard(self) -> None:
         conn = self.db._state.conn
@@ -167,8 +233,60 @@ class Connection:
                 conn.close()
         except Exception:  # noqa: BLE001 - it is broken already; we only want it gone
             pass
+        if isinstance(self.db, _PooledPostgresqlDatabase) and conn is not None:
+            self.db.forget(conn)
         # peewee keeps the failed transaction on its stack; start from a clean state.
         self.db._state.reset()
+
+
+class _GreenletState(pw._ConnectionState, gevent.local.local):
+    """peewee's connection state, one per greenlet: each greenlet works on the connection it checked out."""
+
+
+class _PooledPostgresqlDatabase(pw.PostgresqlDatabase):
+    """PostgreSQL with each greenlet on a connection of its own, taken from at most ``pool_size``.
+
+    peewee's own pool (playhouse.pool) waits with threading primitives, which would stop the
+    whole hub; this one waits on a gevent semaphore.
+    """
+
+    def __init__(self, *args: Any, pool_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._state = _GreenletState()
+        self._idle: list[Any] = []
+        self._slots = gevent.lock.BoundedSemaphore(pool_size)
+
+    def _connect(self) -> Any:
+        self._slots.acquire()
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+            return super()._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _close(self, conn: Any) -> None:
+        import psycopg2.extensions
+
+        try:
+            if conn.closed or conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                super()._close(conn)
+            else:
+                self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def forget(self, conn: Any) -> None:
+        """``conn`` (closed already) is no longer checked out."""
+        self._slots.release()
+
+    def close_idle(self) -> None:
+        """Close the connections no greenlet holds."""
+        while self._idle:
+            self._idle.pop().close()
 
 
 def first_line(exc: BaseException) -> str:
@@ -184,10 +302,11 @@ def redact(url: str) -> str:
     return url
 
 
-def connect(url: str, role: str = "server") -> pw.Database:
+def connect(url: str, role: str = "server", pool_size: int | None = POOL_SIZE) -> pw.Database:
     """A peewee database (not yet connected) for ``sqlite:///path`` or ``postgresql://user@host:port/db``.
 
-    ``role`` names the connection in PostgreSQL's ``pg_stat_activity`` (``martinet-ROLE-PID``).
+    ``role`` names the connections in PostgreSQL's ``pg_stat_activity`` (``martinet-ROLE-PID``);
+    ``pool_size``: at most that many, one per greenlet (None: one connection, not pooled).
     """
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
@@ -211,8 +330,10 @@ def connect(url: str, role: str = "server") -> pw.Database:
         _install_gevent_wait_callback()
         if not parsed.path.strip("/"):
             raise ConfigError(f"bad PostgreSQL URL {redact(url)!r}: expected postgresql://user@host:port/dbname")
-        return pw.PostgresqlDatabase(
+        pooled: dict[str, Any] = {} if pool_size is None else {"pool_size": pool_size}
+        return (pw.PostgresqlDatabase if pool_size is None else _PooledPostgresqlDatabase)(
             parsed.path.lstrip("/"),
+            **pooled,
             thread_safe=False,
             user=parsed.username,
             password=parsed.password,

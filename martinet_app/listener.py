@@ -47,7 +47,7 @@ class Listener:
             self.on_message(message.payload)
 
     def _listen(self) -> None:
-        database = connect(self.url, role="listener")
+        database = connect(self.url, role="listener", pool_size=None)
         database.connect()
         conn = database.connection()
         conn.autocommit = True

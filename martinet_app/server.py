@@ -107,7 +107,7 @@ def run_server(
 
     # Several servers may share a PostgreSQL database: each also looks at the store every CLUSTER_POLL
     # seconds, in case another server's wake-up (a NOTIFY) was lost.
-    shared = store.conn.postgres
+    shared = store.pool.postgres
     broker = Broker(
         workers,
         store,

@@ -25,7 +25,7 @@ from typing import Any
 import peewee as pw
 
 from . import config, protocol, schema
-from .db import Connection, connect
+from .db import Pool, connect
 from .errors import InvalidTransition, TaskNotFound
 from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, Worker
 from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
@@ -78,22 +78,20 @@ class Store:
     ``server_id`` names this server in the cluster: its lease, and the deliveries it makes.
     """
 
-    def __init__(
-        self, conn: Connection, *, retry_delay_max: float, max_deliveries: int, server_id: str = "local"
-    ) -> None:
-        self.conn = conn
-        self.db = conn.db
-        self.url = conn.url
+    def __init__(self, pool: Pool, *, retry_delay_max: float, max_deliveries: int, server_id: str = "local") -> None:
+        self.pool = pool
+        self.db = pool.db
+        self.url = pool.url
         self.retry_delay_max = retry_delay_max
         self.max_deliveries = max_deliveries
         self.server_id = server_id
         #: Other servers whose lease was current at the last heartbeat: none, no NOTIFY is worth sending.
         self.peers = 0
-        self.transaction: Callable[[], AbstractContextManager[None]] = conn.transaction
-        self.after_commit = conn.after_commit
-        self.on_rollback = conn.on_rollback
-        self.exclusive = conn.exclusive
-        self._read = conn.read
+        self.transaction: Callable[[], AbstractContextManager[None]] = pool.transaction
+        self.after_commit = pool.after_commit
+        self.on_rollback = pool.on_rollback
+        self.exclusive = pool.exclusive
+        self._read = pool.read
         self._sql = _Statements(self.db.param, skip_locked=bool(self.db.for_update))
 
     # ------------------------------------------------------------ opening
@@ -114,7 +112,7 @@ class Store:
         """
         database = connect(url)
         schema.database.initialize(database)
-        store = cls(Connection(database, url), retry_delay_max=retry_delay_max, max_deliveries=max_deliveries,
+        store = cls(Pool(database, url), retry_delay_max=retry_delay_max, max_deliveries=max_deliveries,
                     server_id=server_id)  # fmt: skip
         try:
             with store.transaction():
@@ -125,12 +123,12 @@ class Store:
         return store
 
     def close(self) -> None:
-        self.conn.close()
+        self.pool.close()
 
     def _notice(self, kind: str, *parts: object) -> None:
         """Tell the other servers of the cluster, at commit, that ``kind`` happened (listener.py)."""
-        if self.peers and self.conn.postgres:
-            self.conn.notify(self._notice_text(kind, *parts))
+        if self.peers and self.pool.postgres:
+            self.pool.notify(self._notice_text(kind, *parts))
 
     def _notice_text(self, kind: str, *parts: object) -> str:
         return " ".join((self.server_id, kind, *map(str, parts)))
@@ -352,7 +350,7 @@ class Store:
         with self.transaction():
             rows = self.db.execute_sql(self._sql.claim, (worker, self.server_id, now, limit)).fetchall()
             if len(rows) < limit:  # nothing is left queued: the other servers need not look
-                self.conn.withdraw(self._notice_text("queued"))
+                self.pool.withdraw(self._notice_text("queued"))
         # RETURNING lists rows in no particular order: restore the queue's.
         rows.sort(key=lambda r: (-r[5], r[6], r[0]))
         return [
@@ -596,10 +594,10 @@ class Store:
                 self._notice("schedule")
             cursor = self.db.cursor()
             # In this order: a started or progress event that applies always comes before its task's final one.
-            for kind, sql in self._sql.events.items():
+            for kind in self._sql.events:
                 if writes[kind]:
                     with pw.__exception_wrapper__:  # driver errors as peewee's, as execute_sql raises them
-                        cursor.executemany(sql, writes[kind])
+                        self._sql.write_events(cursor, kind, writes[kind])
         return applied
 
     def _event_targets(self, task_ids: set[int]) -> dict[int, _Target]:
@@ -827,12 +825,54 @@ class _Statements:
             ),
         }
 
+        # PostgreSQL: one statement per kind of event, UPDATE ... FROM (VALUES ...), where executemany
+        # would make a round trip per event. Each row's columns are those of the kind's executemany
+        # parameters, typed (an all-NULL column of VALUES would be text).
+        self._batched = {
+            kind: (
+                f"UPDATE task SET {assignments} FROM (VALUES %s) AS v({', '.join(name for name, _ in columns)}) "
+                f"WHERE task.id = v.id AND task.attempts = v.attempt AND task.worker = v.worker "
+                f"AND task.status = '{S.RUNNING.value}'",
+                "(" + ", ".join(f"%s::{kind_of}" for _, kind_of in columns) + ")",
+            )
+            for kind, assignments, columns in (
+                ("started", "started_at = v.at", (("at", "float8"), *_DELIVERY)),
+                ("progress", "progress = v.progress, progress_message = v.message",
+                 (("progress", "float8"), ("message", "text"), *_DELIVERY)),
+                ("succeeded", f"status = '{succeeded}', result = v.result, progress = 1.0, finished_at = v.at, "
+                 "started_at = COALESCE(v.started_at, task.started_at)",
+                 (("result", "text"), ("at", "float8"), ("started_at", "float8"), *_DELIVERY)),
+                ("retry", f"status = '{retried}', errors = v.errors, failures = v.failures, error = v.error, "
+                 "traceback = v.traceback, run_at = v.run_at, worker = NULL, server = NULL, progress = 0.0, "
+                 "progress_message = NULL", (*_FAILURE, ("run_at", "float8"), *_DELIVERY)),
+                ("failed", f"status = '{failed}', errors = v.errors, failures = v.failures, error = v.error, "
+                 "traceback = v.traceback, finished_at = v.at, started_at = COALESCE(v.started_at, task.started_at)",
+                 (*_FAILURE, ("at", "float8"), ("started_at", "float8"), *_DELIVERY)),
+            )
+        } if param == "%s" else None  # fmt: skip
+
+    def write_events(self, cursor: Any, kind: str, rows: list[tuple]) -> None:
+        """Apply the ``kind`` writes ``rows`` (parameters of ``events[kind]``, each ending with its delivery)."""
+        if self._batched is None:
+            cursor.executemany(self.events[kind], rows)
+            return
+        from psycopg2.extras import execute_values
+
+        # Several rows for one task would update it once, with any of them: keep the last, as executemany would.
+        latest = list({row[-3]: row for row in rows}.values())
+        sql, template = self._batched[kind]
+        execute_values(cursor, sql, latest, template=template, page_size=len(latest))
+
     def event_targets(self, count: int) -> str:
         return self._event_targets.format(", ".join([self.param] * count))
 
     def insert_tasks(self, count: int) -> str:
         return self._insert_tasks.format(", ".join([self._insert_row] * count))
 
+
+#: The last columns of every event write: the delivery it applies to (the fence), and a failure's first ones.
+_DELIVERY = (("id", "bigint"), ("attempt", "integer"), ("worker", "text"))
+_FAILURE = (("errors", "text"), ("failures", "integer"), ("error", "text"), ("traceback", "text"))
 
 #: Columns :meth:`Store.add_tasks` fills: the task's own, then the shared status and times, its policy, its keys.
 _INSERT_COLUMNS = (

@@ -869,3 +869,77 @@ def test_workers_of_live_servers_are_listed_with_their_server(store: Store) -> N
     assert store.workers(NOW + 6) == [], "A's lease ran out"
     _as(store, "A").leave(NOW + 2)
     assert _as(store, "B").workers(NOW + 2) == []
+
+
+# --- the pool: a transaction per greenlet; reads beside the writer on PostgreSQL -----------------------------------
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_read_runs_beside_an_open_transaction_on_its_own_connection(store: Store) -> None:
+    import gevent
+    import gevent.event
+
+    inside = gevent.event.Event()
+    go_on = gevent.event.Event()
+    order: list[str] = []
+
+    def writer() -> None:
+        with store.transaction():
+            add(store, "uncommitted")
+            inside.set()
+            go_on.wait(10)
+        order.append("committed")
+
+    def reader() -> None:
+        inside.wait(10)
+        seen = store.list_tasks(status=None, name="uncommitted", username=None, limit=10)
+        order.append(f"read {len(seen)}")
+        go_on.set()
+
+    gevent.joinall([gevent.spawn(writer), gevent.spawn(reader)], timeout=20, raise_error=True)
+    assert order == ["read 0", "committed"], "the read neither waited for the writer nor saw its uncommitted task"
+    assert len(store.list_tasks(status=None, name="uncommitted", username=None, limit=10)) == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_slow_read_does_not_hold_up_a_write_and_the_stop_waits_for_it(store: Store) -> None:
+    import gevent
+
+    order: list[str] = []
+
+    def slow_read() -> None:
+        with store._read():
+            store.db.execute_sql("SELECT pg_sleep(0.5)")
+        order.append("read")
+
+    def write() -> None:
+        gevent.sleep(0.05)  # let the read begin first
+        add(store)
+        order.append("write")
+
+    reading = gevent.spawn(slow_read)
+    gevent.joinall([gevent.spawn(write)], timeout=20, raise_error=True)
+    assert order == ["write"], "the write committed while the read went on"
+    with store.exclusive(10) as alone:
+        assert alone and order == ["write", "read"], "exclusive() waited for the read to end"
+    reading.join(10)
+
+
+def test_each_greenlet_has_its_own_transaction(store: Store) -> None:
+    import gevent
+
+    failures: list[BaseException] = []
+
+    def submit(n: int) -> None:
+        try:
+            with store.transaction():
+                for _ in range(n):
+                    add(store, f"g{n}")
+                    gevent.sleep(0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    gevent.joinall([gevent.spawn(submit, n) for n in (3, 5, 7)], timeout=20)
+    assert not failures
+    for n in (3, 5, 7):
+        assert len(store.list_tasks(status=None, name=f"g{n}", username=None, limit=100)) == n
