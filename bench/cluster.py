@@ -16,6 +16,8 @@ started.
   submits N tasks one ``execute`` at a time, round-robin over one client per server; the time runs
   from the first submit until no task is left unfinished. Also submit -> handler start, p50/p99,
   from each task's submit time and its result (read afterwards, outside the timed phase).
+- cross (2 servers or more): stream with one worker only, on server 1, and the producer submitting
+  to the last server: every task is woken across servers (NOTIFY) before it starts.
 
 Completion is watched on PostgreSQL itself (an EXISTS query every 20 ms on this script's own
 connection, whose backend is left out of PostgreSQL's CPU figures), so the watching costs no
@@ -39,7 +41,7 @@ tree as it is), so the figures belong to a commit even while someone edits the w
 
 Prints a table of medians and writes every run as JSON to bench/results/cluster-<UTC time>.json.
 Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SERVERS ("1 2"), CLUSTER_WORKLOADS
-("drain stream"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4),
+("drain stream cross"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4),
 CLUSTER_CODE (HEAD), CLUSTER_QUIET (0.3), CLUSTER_QUIET_WAIT (20).
 """
 
@@ -269,8 +271,9 @@ class Cluster:
             (f"worker{k + 1}", p) for k, p in enumerate(self.workers)
         ]
 
-    def start_workers(self) -> None:
-        self.workers = [self._spawn(f"worker{k + 1}", cmd) for k, cmd in enumerate(self.worker_cmds)]
+    def start_workers(self, count: int | None = None) -> None:
+        """Start the workers of the first ``count`` servers (None: of every server)."""
+        self.workers = [self._spawn(f"worker{k + 1}", cmd) for k, cmd in enumerate(self.worker_cmds[:count])]
 
     def workers_listed(self) -> dict[str, int]:
         """Worker id -> the index of the server it was started for (by its pid), of the workers listed now.
@@ -439,8 +442,10 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     }
 
 
-def stream(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
-    cluster.start_workers()
+def stream(cluster: Cluster, watch: Watch, count: int, timeout: float, cross: bool = False) -> dict:
+    """One producer, one execute at a time, round-robin over the servers; ``cross``: one worker, on server 1,
+    and every submit to the last server."""
+    cluster.start_workers(1 if cross else None)
     worker_server = cluster.workers_connected()
     for m in cluster.clients:  # warm-up: one task through each server, outside the timing
         m.execute(drive.NOOP)
@@ -451,13 +456,13 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     backends = watch.backends()
     owners: dict[int, int] = {}
     submitted: dict[int, float] = {}
-    clients = cluster.clients
+    clients = cluster.clients[-1:] if cross else cluster.clients
     before = snapshot(cluster)
     for i in range(count):
         k = i % len(clients)
         at = time.time()
         task_id = clients[k].execute(drive.NOOP)
-        submitted[task_id], owners[task_id] = at, k
+        submitted[task_id], owners[task_id] = at, len(cluster.clients) - 1 if cross else k
     submit_s = time.perf_counter() - before["at"]
     complete = watch.wait_finished(timeout)
     after = snapshot(cluster)
@@ -519,7 +524,7 @@ def one_run(servers: int, workload: str, args: argparse.Namespace) -> dict:
             watch = Watch(args.pg)
             if workload == "drain":
                 return idle | drain(cluster, watch, args.drain_n, args.timeout)
-            return idle | stream(cluster, watch, args.stream_n, args.timeout)
+            return idle | stream(cluster, watch, args.stream_n, args.timeout, cross=workload == "cross")
         except Exception as exc:  # a run that breaks is reported, and the benchmark goes on
             seen = {"logs": cluster.log_tail(10)}
             with contextlib.suppress(Exception):
@@ -555,31 +560,33 @@ def pick(run: dict, path: str) -> Any:
     return value
 
 
+#: The workloads a row of the table applies to.
+ALL, STREAMS = ("drain", "stream", "cross"), ("stream", "cross")
 ROWS = [
     # (label, path in a run's figures, workloads it applies to)
-    ("tasks/s (median)", "tasks_per_s", ("drain", "stream")),
-    ("submits/s", "submit_per_s", ("stream",)),
+    ("tasks/s (median)", "tasks_per_s", ALL),
+    ("submits/s", "submit_per_s", STREAMS),
     ("worker start-up (spawn to first handler start), s", "startup_s", ("drain",)),
-    ("submit -> handler start p50, ms", "start_p50_ms", ("stream",)),
-    ("submit -> handler start p99, ms", "start_p99_ms", ("stream",)),
-    ("submit -> handler start max, ms", "start_max_ms", ("stream",)),
-    ("CPU s / 1000 tasks: server 1", "cpu_s_per_1000.server1", ("drain", "stream")),
-    ("CPU s / 1000 tasks: server 2", "cpu_s_per_1000.server2", ("drain", "stream")),
-    ("CPU s / 1000 tasks: worker 1 + its handler processes", "cpu_s_per_1000.worker1", ("drain", "stream")),
-    ("CPU s / 1000 tasks: worker 2 + its handler processes", "cpu_s_per_1000.worker2", ("drain", "stream")),
-    ("CPU s / 1000 tasks: all Martinet processes", "cpu_s_per_1000.martinet", ("drain", "stream")),
-    ("CPU s / 1000 tasks: PostgreSQL (all postgres processes)", "cpu_s_per_1000.postgres", ("drain", "stream")),
+    ("submit -> handler start p50, ms", "start_p50_ms", STREAMS),
+    ("submit -> handler start p99, ms", "start_p99_ms", STREAMS),
+    ("submit -> handler start max, ms", "start_max_ms", STREAMS),
+    ("CPU s / 1000 tasks: server 1", "cpu_s_per_1000.server1", ALL),
+    ("CPU s / 1000 tasks: server 2", "cpu_s_per_1000.server2", ALL),
+    ("CPU s / 1000 tasks: worker 1 + its handler processes", "cpu_s_per_1000.worker1", ALL),
+    ("CPU s / 1000 tasks: worker 2 + its handler processes", "cpu_s_per_1000.worker2", ALL),
+    ("CPU s / 1000 tasks: all Martinet processes", "cpu_s_per_1000.martinet", ALL),
+    ("CPU s / 1000 tasks: PostgreSQL (all postgres processes)", "cpu_s_per_1000.postgres", ALL),
     ("CPU s / 1000 tasks: PostgreSQL, Martinet's connections", "postgres_split_per_1000.bench_backends",
-     ("drain", "stream")),
+     ALL),
     ("CPU s / 1000 tasks: PostgreSQL, ended backends and autovacuum (any database)",
-     "postgres_split_per_1000.postmaster_and_reaped", ("drain", "stream")),
-    ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", ("stream",)),
-    ("PostgreSQL transactions per task (this database)", "postgres_per_task.transactions", ("drain", "stream")),
-    ("WAL syncs per task (whole PostgreSQL cluster)", "postgres_per_task.wal_syncs", ("drain", "stream")),
-    ("WAL bytes per task (whole PostgreSQL cluster)", "postgres_per_task.wal_bytes", ("drain", "stream")),
-    ("machine busy just before the run, cores", "busy_cores_before", ("drain", "stream")),
-    ("machine busy, cores of 2", "machine_busy_cores", ("drain", "stream")),
-    ("machine busy outside the processes above (others' load), cores", "outside_busy_cores", ("drain", "stream")),
+     "postgres_split_per_1000.postmaster_and_reaped", ALL),
+    ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", STREAMS),
+    ("PostgreSQL transactions per task (this database)", "postgres_per_task.transactions", ALL),
+    ("WAL syncs per task (whole PostgreSQL cluster)", "postgres_per_task.wal_syncs", ALL),
+    ("WAL bytes per task (whole PostgreSQL cluster)", "postgres_per_task.wal_bytes", ALL),
+    ("machine busy just before the run, cores", "busy_cores_before", ALL),
+    ("machine busy, cores of 2", "machine_busy_cores", ALL),
+    ("machine busy outside the processes above (others' load), cores", "outside_busy_cores", ALL),
 ]  # fmt: skip
 
 
@@ -672,7 +679,7 @@ def main() -> None:
     parser.add_argument("--drain-n", type=int, default=int(env("DRAIN_N", "20000")))
     parser.add_argument("--stream-n", type=int, default=int(env("STREAM_N", "3000")))
     parser.add_argument("--servers", type=int, nargs="+", default=[int(s) for s in env("SERVERS", "1 2").split()])
-    parser.add_argument("--workloads", nargs="+", default=env("CLUSTER_WORKLOADS", "drain stream").split(),
+    parser.add_argument("--workloads", nargs="+", default=env("CLUSTER_WORKLOADS", "drain stream cross").split(),
                         choices=["drain", "stream"])  # fmt: skip
     parser.add_argument("--timeout", type=float, default=float(env("CLUSTER_TIMEOUT", "120")),
                         help="seconds a run's tasks may take to finish before it is reported incomplete")  # fmt: skip
@@ -714,13 +721,13 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
     }
     print(f"{meta['date']} at {meta['commit']}" + (" (martinet_app has uncommitted changes)" if dirty else ""),
           file=sys.stderr)  # fmt: skip
-    configs = [(w, s) for w in args.workloads for s in args.servers]
+    configs = [(w, s) for w in args.workloads for s in args.servers if w != "cross" or s > 1]
     runs: list[dict] = []
     started = time.monotonic()
     for rep in range(args.reps):
         for workload in args.workloads:
             order = args.servers[rep % len(args.servers) :] + args.servers[: rep % len(args.servers)]
-            for servers in order:
+            for servers in [s for s in order if (workload, s) in configs]:
                 result = {"workload": workload, "servers": servers, "rep": rep + 1} | one_run(servers, workload, args)
                 runs.append(result)
                 note = "" if result["complete"] else f" INCOMPLETE {result.get('error', '')}"
