@@ -19,23 +19,8 @@ import zmq
 from conftest import HEARTBEAT, PG_URL, Fleet, Process, wait_until
 from martinet_app import Martinet, protocol
 
-pytestmark = pytest.mark.usefixtures("db_url")
-
-
-@pytest.fixture
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """PostgreSQL only: the cluster is a PostgreSQL feature (conftest's db_url, its "postgres" case)."""
-    from conftest import _postgres_available, reset_postgres
-
-    missing = _postgres_available()
-    if missing:
-        import os
-
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing} (CI=true: PostgreSQL tests must run, not skip)")
-        pytest.skip(missing)
-    reset_postgres()
-    return PG_URL
+# The cluster is a PostgreSQL feature: conftest's db_url, its "postgres" case only (tables dropped first).
+pytestmark = pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -44,10 +29,10 @@ HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 class Servers:
     """Servers on HOSTS sharing one database and ports (so one list names them all), their workers and clients."""
 
-    def __init__(self, fleet: Fleet, count: int, *extra: str) -> None:
+    def __init__(self, fleet: Fleet, count: int, db_url: str) -> None:
         self.fleet = fleet
-        first = fleet.server(HOSTS[0], None, PG_URL, *extra)
-        self.servers = [first, *(fleet.server(host, first, PG_URL, *extra) for host in HOSTS[1:count])]
+        first = fleet.server(HOSTS[0], None, db_url)
+        self.servers = [first, *(fleet.server(host, first, db_url) for host in HOSTS[1:count])]
         self.hosts = ",".join(HOSTS[:count])
 
     def client(self, index: int, timeout: float = 10.0) -> Martinet:
@@ -68,8 +53,8 @@ class Servers:
 
 
 @pytest.fixture
-def servers(request: pytest.FixtureRequest, fleet: Fleet) -> Servers:
-    return Servers(fleet, getattr(request, "param", 2))
+def servers(request: pytest.FixtureRequest, fleet: Fleet, db_url: str) -> Servers:
+    return Servers(fleet, getattr(request, "param", 2), db_url)
 
 
 def ts(iso: str) -> float:
