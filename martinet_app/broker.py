@@ -154,11 +154,11 @@ class Broker:
             self.cancel(worker_id, refs)
 
     def sweep_orphans(self) -> None:
-        """Re-queue tasks running in the store that no connected worker has held for a liveness period.
+        """Re-queue this server's deliveries that no connected worker has held for a liveness period.
 
-        That covers tasks left by a previous server whose worker never came back, and tasks
-        of a worker that left without reporting them. The grace lets a worker re-register
-        after a server restart, and a claim in progress finish.
+        That covers tasks of a worker that left without reporting them; the grace lets a claim in
+        progress finish. Deliveries of a server that is gone (a previous start of this one, or
+        another of the cluster) are the cluster beat's (cluster.py), once that server's lease ran out.
         """
         now = time.monotonic()
         held = {ref for worker in self.workers.values() for ref in worker.inflight}

@@ -106,7 +106,7 @@ class ClientEndpoint:
             "status": lambda r, _: {"task": self.store.get_task(protocol.check_id(r.get("task_id"), "task_id"))},
             "wait": self._wait,
             "list": self._list,
-            "workers": lambda r, _: {"workers": self.broker.snapshot() + self.store.workers(time.time())},
+            "workers": self._workers,
             "cancel": self._cancel,
             "retry": self._retry,
             "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
@@ -317,6 +317,13 @@ class ClientEndpoint:
     def _options(self, request: dict) -> dict:
         """The request's task options, the server's defaults filling in those not given."""
         return {**self.defaults, **protocol.check_options(request.get("options"))}
+
+    def _workers(self, request: dict, envelope: list[bytes]) -> dict:
+        """This server's workers as they are now, then the other live servers' as they last recorded them
+        (a worker that just moved here may still be in its old server's record: this one's wins)."""
+        here = self.broker.snapshot()
+        ids = {worker["id"] for worker in here}
+        return {"workers": here + [w for w in self.store.workers(time.time()) if w["id"] not in ids]}
 
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
         task = self.store.cancel(protocol.check_id(request.get("task_id"), "task_id"), time.time())
