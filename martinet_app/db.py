@@ -13,11 +13,11 @@ reads take the lock as writes do. The listener (listener.py) has a connection ou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -47,6 +47,7 @@ class Transaction:
     on_rollback: list[Callable[[], None]] = dataclasses.field(default_factory=list)
     notices: dict[str, None] = dataclasses.field(default_factory=dict)  # in order, once each
     doomed: Exception | None = None  # a statement failed and its caller carried on
+    read_only: bool = False  # reads only, beside the writer (PostgreSQL)
 
 
 class Pool:
@@ -73,7 +74,7 @@ class Pool:
     def _current(self) -> Transaction | None:
         return getattr(self._local, "transaction", None)
 
-    @contextmanager
+    @contextlib.contextmanager
     def exclusive(self, timeout: float) -> Iterator[bool]:
         """Keep the store for the calling greenlet: no other greenlet is inside a transaction or a read
         meanwhile, and the others wait at their next transaction.
@@ -95,36 +96,42 @@ class Pool:
         finally:
             self._writer.release()
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
+    @contextlib.contextmanager
+    def transaction(self, read_only: bool = False) -> Iterator[None]:
         """One transaction for everything the calling greenlet does inside, committed on exit (group commit).
 
         Calls made inside join it instead of committing on their own, so a loop turn's state
-        changes cost one commit. Transactions run one at a time (the writer lock). Raises
-        StoreUnavailable as :meth:`read` does. See :meth:`after_commit` and :meth:`on_rollback`.
+        changes cost one commit. Transactions run one at a time (the writer lock). ``read_only``:
+        nothing inside writes, so on PostgreSQL it runs beside the writer, as :meth:`read` does
+        (each statement sees what is committed when it runs); :meth:`after_commit` and
+        :meth:`on_rollback` work the same. Raises StoreUnavailable as :meth:`read` does.
         """
-        if self._current() is not None:
+        current = self._current()
+        if current is not None:
+            if current.read_only and not read_only:
+                raise RuntimeError("a write inside a read-only transaction")
             with self._joined():
                 yield
             return
-        with self._writer:
-            transaction = self._local.transaction = Transaction()
-            try:
-                with self._failures():
-                    with self.db.atomic():
+        transaction = Transaction(read_only=read_only)
+        try:
+            with self._reading() if read_only else self._writer:
+                self._local.transaction = transaction
+                try:
+                    with self._failures(), contextlib.nullcontext() if read_only else self.db.atomic():
                         yield
                         if transaction.doomed is not None:
                             # A statement failed and its caller carried on: commit none of the turn.
                             raise transaction.doomed
                         if transaction.notices:
                             self._send_notices(transaction.notices)
-            except BaseException:
-                for undo in transaction.on_rollback:
-                    undo()
-                raise
-            finally:
-                self._local.transaction = None
-                self._release()
+                finally:
+                    self._local.transaction = None
+                    self._release()
+        except BaseException:
+            for undo in transaction.on_rollback:
+                undo()
+            raise
         for then in transaction.after_commit:
             try:
                 then()
@@ -159,7 +166,7 @@ class Pool:
             "SELECT pg_notify(%s, message) FROM unnest(%s::text[]) AS message", (NOTIFY_CHANNEL, list(notices))
         )
 
-    @contextmanager
+    @contextlib.contextmanager
     def read(self) -> Iterator[None]:
         """Read (or, inside a transaction, do anything) on the calling greenlet's connection.
 
@@ -176,22 +183,31 @@ class Pool:
             with self._joined():
                 yield
             return
+        with self._reading():
+            try:
+                with self._failures():
+                    yield
+            finally:
+                self._release()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Beside the writer and the other readers on PostgreSQL (counted, for :meth:`exclusive`); under the
+        writer lock on SQLite."""
         if not self.concurrent:
-            with self._writer, self._failures():
+            with self._writer:
                 yield
             return
         self._readers += 1
         self._no_readers.clear()
         try:
-            with self._failures():
-                yield
+            yield
         finally:
-            self._release()
             self._readers -= 1
             if not self._readers:
                 self._no_readers.set()
 
-    @contextmanager
+    @contextlib.contextmanager
     def _joined(self) -> Iterator[None]:
         """Inside the calling greenlet's transaction: a failed statement dooms it."""
         try:
@@ -200,7 +216,7 @@ class Pool:
             self._open().doomed = exc
             raise StoreUnavailable(f"the database is unavailable ({first_line(exc)}): try again") from exc
 
-    @contextmanager
+    @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
         """On a connection error, drop the connection (the next call opens another) and raise StoreUnavailable."""
         try:

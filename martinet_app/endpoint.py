@@ -2,8 +2,9 @@
 
 Every request that creates something is committed to the store before the reply is
 sent: the requests readable at once share one transaction (group commit), and the tasks
-they queue are claimed for free worker slots in that same transaction, once per turn. A ``wait`` request is parked
-until its task becomes final or its timeout passes, without blocking other clients.
+they queue are claimed for free worker slots in that same transaction, once per turn. A turn
+that only reads runs beside the store's writer (db.Pool). A ``wait`` request is parked until its
+task becomes final or its timeout passes, without blocking other clients.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class _Waiter:
     envelope: list[bytes]
     request_id: Any
     timer: gevent.Greenlet | None = None
+    answered: bool = False  # its reply is sent (or being sent)
 
 
 class ClientEndpoint:
@@ -147,8 +149,10 @@ class ClientEndpoint:
             _Unexpected: a request failed unexpectedly; the transaction was rolled back.
         """
         replies: list[tuple[_Request, dict | None, dict | None]] = []
+        # A turn that only reads (status, list, wait...) runs beside the writer on PostgreSQL.
+        read_only = all(request.body is None or request.body["op"] not in protocol.MUTATING_OPS for request in requests)
         try:
-            with self.store.transaction():
+            with self.store.transaction(read_only=read_only):
                 for request in requests:
                     reply = self._answer(request)
                     if reply is not None:
@@ -217,9 +221,11 @@ class ClientEndpoint:
             waiters = self._waiters.pop(task_id, None)
             if not waiters:
                 continue
+            for waiter in waiters:
+                waiter.answered = True
+                waiter.timer.kill(block=False)
             task = self.store.get_task(task_id)
             for waiter in waiters:
-                waiter.timer.kill(block=False)
                 self._send(protocol.reply(waiter.envelope, waiter.request_id, {"task": task}))
 
     # ------------------------------------------------------------ operations
@@ -274,22 +280,44 @@ class ClientEndpoint:
         timeout = request.get("timeout", 0)
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
             raise InvalidRequest(f"wait timeout must be a number of seconds >= 0, got {timeout!r}")
-        task = self.store.get_task(task_id)
-        if task["status"] in protocol.FINAL_STATUSES or timeout == 0:
+        if timeout == 0:
+            return {"task": self.store.get_task(task_id)}
+        # Parked before the task is read: a finish committed after the read then finds the waiter.
+        waiter = _Waiter(envelope, request.get("id"))
+        self._park(task_id, waiter, timeout)
+        self.store.on_rollback(functools.partial(self._unpark, task_id, waiter))
+        try:
+            task = self.store.get_task(task_id)
+        except MartinetError:
+            self._unpark(task_id, waiter)
+            raise
+        if waiter.answered:  # the finish came meanwhile and answered it
+            return None
+        if task["status"] in protocol.FINAL_STATUSES:
+            self._unpark(task_id, waiter)
             return {"task": task}
-        self.store.after_commit(functools.partial(self._park, task_id, _Waiter(envelope, request.get("id")), timeout))
         return None
 
     def _park(self, task_id: int, waiter: _Waiter, timeout: float) -> None:
-        """Hold a ``wait`` until its task is final or ``timeout`` passes (once its turn has committed)."""
+        """Hold a ``wait`` until its task is final or ``timeout`` passes."""
         waiter.timer = gevent.spawn_later(min(timeout, WAIT_MAX), self._expire_wait, task_id, waiter)
         self._waiters.setdefault(task_id, []).append(waiter)
+
+    def _unpark(self, task_id: int, waiter: _Waiter) -> None:
+        """Forget a parked ``wait`` that is answered otherwise (or whose turn did not commit)."""
+        waiters = self._waiters.get(task_id, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._waiters.pop(task_id, None)
+        waiter.timer.kill(block=False)
 
     def _expire_wait(self, task_id: int, waiter: _Waiter) -> None:
         """The parked ``wait`` timed out: answer it with the task as it is now."""
         waiters = self._waiters.get(task_id, [])
         if waiter in waiters:
             waiters.remove(waiter)
+            waiter.answered = True
             self._send(protocol.reply(waiter.envelope, waiter.request_id, {"task": self.store.get_task(task_id)}))
         if not waiters:
             self._waiters.pop(task_id, None)

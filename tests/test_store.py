@@ -943,3 +943,30 @@ def test_each_greenlet_has_its_own_transaction(store: Store) -> None:
     assert not failures
     for n in (3, 5, 7):
         assert len(store.list_tasks(status=None, name=f"g{n}", username=None, limit=100)) == n
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store: Store) -> None:
+    import gevent
+    import gevent.event
+
+    inside = gevent.event.Event()
+    order: list[str] = []
+
+    def writer() -> None:
+        with store.transaction():
+            add(store, "slow")
+            inside.set()
+            store.db.execute_sql("SELECT pg_sleep(0.3)")
+        order.append("write committed")
+
+    def reader() -> None:
+        inside.wait(10)
+        with store.transaction(read_only=True):
+            store.after_commit(lambda: order.append("after the read"))
+            order.append(f"read {len(store.list_tasks(status=None, name='slow', username=None, limit=10))}")
+
+    gevent.joinall([gevent.spawn(writer), gevent.spawn(reader)], timeout=20, raise_error=True)
+    assert order == ["read 0", "after the read", "write committed"]
+    with pytest.raises(RuntimeError, match="read-only"), store.transaction(read_only=True):
+        add(store)
