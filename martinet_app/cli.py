@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 import martinet_app
-from martinet_app import config, protocol, servers
+from martinet_app import config, logs, protocol, servers
 from martinet_app.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -146,6 +146,12 @@ _log_level_option = _setting(
     type=click.Choice(_LOG_LEVELS, case_sensitive=False),
     default="INFO",
     help="Log messages of this level and above to stderr.",
+)
+_log_format_option = _setting(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    help="text: time, level, logger and message; json: one JSON object per line, for log shippers.",
 )
 _wait_timeout_option = click.option(
     "--wait-timeout", type=_Seconds(0), default=30.0, help="Seconds to wait for the task to finish."
@@ -586,17 +592,6 @@ def keygen(name: str, directory: str) -> None:
 # ---------------------------------------------------------------- server and worker
 
 
-def _setup_logging(level: str) -> None:
-    """Log records of ``level`` and above to stderr, with time, level and logger name."""
-    import logging
-
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # peewee logs every SQL statement at DEBUG: far too much for a server's debug log.
-    logging.getLogger("peewee").setLevel(max(logging.INFO, logging.getLogger().level))
-
-
 @main.command()
 @_setting("--bind", default=config.HOST, help="Address to listen on.")
 @_client_port_option
@@ -653,6 +648,7 @@ def _setup_logging(level: str) -> None:
     help="Serve without keys on an address off loopback, open to whoever reaches the ports, on purpose.",
 )
 @_log_level_option
+@_log_format_option
 def serve(
     bind: str,
     client_port: int,
@@ -672,9 +668,10 @@ def serve(
     worker_keys: str | None,
     insecure: bool,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the server: store tasks, schedule them and dispatch them to workers."""
-    _setup_logging(log_level)
+    logs.setup(log_level, log_format)
     from martinet_app.server import run_server
 
     sys.exit(
@@ -741,6 +738,7 @@ def serve(
 @_secret_key_option
 @_server_key_option
 @_log_level_option
+@_log_format_option
 def work(
     handlers_dir: str,
     url: tuple[str, ...],
@@ -754,9 +752,10 @@ def work(
     secret_key: str | None,
     server_key: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run a worker: load the handlers and run the tasks the server sends."""
-    _setup_logging(log_level)
+    logs.setup(log_level, log_format)
     from martinet_app.worker import run_worker
 
     sys.exit(
