@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 import martinet_app
-from martinet_app import config, logs, protocol, servers
+from martinet_app import config, logs, protocol, servers, timespec
 from martinet_app.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -100,6 +100,16 @@ def _setting(flag: str, *decls: str, **kwargs: Any) -> Callable[[Callable[..., A
     """A click option that can also be set by its environment variable: ``--client-port``, MARTINET_CLIENT_PORT."""
     envvar = "MARTINET_" + flag.lstrip("-").replace("-", "_").upper()
     return click.option(flag, *decls, envvar=envvar, show_envvar=True, **kwargs)
+
+
+def _parse_keep(value: str, param: click.Parameter) -> float | None:
+    """--keep-succeeded, --keep-failed: an age in seconds (timespec.parse_age), or None for 'forever'."""
+    if value.strip().lower() == "forever":
+        return None
+    try:
+        return timespec.parse_age(value)
+    except MartinetError as exc:
+        raise click.BadParameter(f"{exc.message}, or 'forever'", param=param) from None
 
 
 def _parse_url(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -552,6 +562,26 @@ def revoke(client: Martinet, as_json: bool, recurring_id: int) -> None:
 
 
 @main.command()
+@click.option(
+    "--status",
+    "status",
+    type=click.Choice(sorted(protocol.FINAL_STATUSES)),
+    required=True,
+    help="Delete tasks in this final status.",
+)
+@click.option(
+    "--older-than",
+    required=True,
+    help="...that finished at least this long ago: '1d', '12 hours', '0s' (all of them).",
+)
+@_client_command
+def purge(client: Martinet, as_json: bool, status: str, older_than: str) -> None:
+    """Delete finished tasks now, in small batches, and print how many."""
+    deleted = client.purge(status, timespec.parse_age(older_than))
+    _echo(as_json, {"deleted": deleted}, lambda reply: f"deleted {deleted} {status} task(s)")
+
+
+@main.command()
 @_client_command
 def workers(client: Martinet, as_json: bool) -> None:
     """List the workers connected now, to this server and (in a cluster) to the others."""
@@ -630,6 +660,18 @@ def keygen(name: str, directory: str) -> None:
     default=config.MAX_DELIVERIES,
     help="Deliveries lost with their worker after which a task fails instead of being delivered again.",
 )
+@_setting(
+    "--keep-succeeded",
+    default="7d",
+    callback=lambda ctx, param, value: _parse_keep(value, param),
+    help="Delete succeeded tasks this long after they finished ('7d', '12 hours'), or 'forever' to keep them.",
+)
+@_setting(
+    "--keep-failed",
+    default="30d",
+    callback=lambda ctx, param, value: _parse_keep(value, param),
+    help="The same for failed and cancelled tasks.",
+)
 @_max_message_bytes_option
 @_secret_key_option
 @_setting(
@@ -667,6 +709,8 @@ def serve(
     client_keys: str | None,
     worker_keys: str | None,
     insecure: bool,
+    keep_succeeded: float | None,
+    keep_failed: float | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -693,6 +737,8 @@ def serve(
             client_keys=client_keys,
             worker_keys=worker_keys,
             insecure=insecure,
+            keep_succeeded=keep_succeeded,
+            keep_failed=keep_failed,
         )
     )
 

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol, security, servers
+from . import config, protocol, security, servers, timespec
 from .errors import (
     ConfigError,
     InvalidRequest,
@@ -332,6 +332,21 @@ class Martinet:
     def revoke(self, recurring_id: int) -> dict:
         """Stop a recurring schedule; tasks it already created stay in history."""
         return self._request("revoke", recurring_id=recurring_id)["recurring"]
+
+    def purge(self, status: str, older_than: float | str, *, batch: int = config.PURGE_BATCH) -> int:
+        """Delete the tasks in final ``status`` (succeeded, failed or cancelled) that finished at least
+        ``older_than`` ago (seconds, or an age such as ``"1d"``); returns how many.
+
+        The server deletes ``batch`` per request, each in its own short transaction, so that the work
+        going on meanwhile is never held up for long.
+        """
+        seconds = timespec.parse_age(older_than) if isinstance(older_than, str) else older_than
+        deleted = 0
+        while True:
+            done = self._request("purge", status=status, older_than=seconds, limit=batch)["deleted"]
+            deleted += done
+            if done < batch:
+                return deleted
 
     def close(self) -> None:
         """Close the socket; the next call opens a new one."""

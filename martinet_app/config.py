@@ -72,3 +72,12 @@ MAX_ID = 2**63 - 1
 SUBMIT_MANY_MAX = 10_000
 #: Most status events or queued tasks handled in one loop turn (one transaction).
 BATCH_MAX = 500
+#: Finished tasks are deleted this long after they finished, seconds: succeeded ones
+#: (MARTINET_KEEP_SUCCEEDED), failed and cancelled ones (MARTINET_KEEP_FAILED); None keeps them.
+KEEP_SUCCEEDED: float | None = 7 * 86400.0
+KEEP_FAILED: float | None = 30 * 86400.0
+#: Most tasks one purge deletes in one transaction (a ``purge`` request, or a retention batch).
+PURGE_BATCH = 500
+PURGE_BATCH_MAX = 10_000
+#: Longest the server waits between two retention passes, seconds.
+RETENTION_INTERVAL = 60.0

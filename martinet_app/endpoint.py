@@ -112,6 +112,7 @@ class ClientEndpoint:
             "cancel": self._cancel,
             "retry": self._retry,
             "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
+            "purge": self._purge,
             "revoke": lambda r, _: {
                 "recurring": self.store.revoke(protocol.check_id(r.get("recurring_id"), "recurring_id"))
             },
@@ -364,6 +365,21 @@ class ClientEndpoint:
 
     def _retry(self, request: dict, envelope: list[bytes]) -> dict:
         return {"task": self.store.retry(protocol.check_id(request.get("task_id"), "task_id"), time.time())}
+
+    def _purge(self, request: dict, envelope: list[bytes]) -> dict:
+        """Delete up to ``limit`` finished tasks of ``status`` that finished ``older_than`` seconds ago or more."""
+        status = request.get("status")
+        if status not in protocol.FINAL_STATUSES:
+            raise InvalidRequest(
+                f"purge takes a final status ({', '.join(sorted(protocol.FINAL_STATUSES))}), got {status!r:.80}"
+            )
+        older_than = request.get("older_than")
+        if not isinstance(older_than, (int, float)) or isinstance(older_than, bool) or not 0 <= older_than < 1e12:
+            raise InvalidRequest(f"purge older_than must be a number of seconds >= 0, got {older_than!r:.80}")
+        limit = request.get("limit", config.PURGE_BATCH)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= config.PURGE_BATCH_MAX:
+            raise InvalidRequest(f"purge limit must be an integer from 1 to {config.PURGE_BATCH_MAX}, got {limit!r}")
+        return {"deleted": self.store.purge([status], finished_before=time.time() - older_than, limit=limit)}
 
     def _send(self, frames: list[bytes]) -> None:
         try:

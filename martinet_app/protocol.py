@@ -50,7 +50,7 @@ FINAL_STATUSES = frozenset(s.value for s in status.FINAL)
 # Client operations and the request fields each one accepts (besides v, id, op).
 #: Requests that change the store: each may carry a ``request_key``, and a second request with the same
 #: key (a client retrying on another server after a timeout) gets the first one's reply instead of running again.
-MUTATING_OPS = frozenset({"execute", "execute_many", "schedule", "every", "cancel", "retry", "revoke"})
+MUTATING_OPS = frozenset({"execute", "execute_many", "schedule", "every", "cancel", "retry", "revoke", "purge"})
 CLIENT_OPS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
     "execute": frozenset({"task", "args", "options"}),
@@ -65,6 +65,7 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
     "retry": frozenset({"task_id"}),
     "recurring": frozenset(),
     "revoke": frozenset({"recurring_id"}),
+    "purge": frozenset({"status", "older_than", "limit"}),
 }
 CLIENT_OPS = {op: fields | {"request_key"} if op in MUTATING_OPS else fields for op, fields in CLIENT_OPS.items()}
 

@@ -25,6 +25,7 @@ from .endpoint import ClientEndpoint
 from .errors import ConfigError, MartinetError
 from .listener import Listener
 from .loops import forever
+from .retention import Retention
 from .scheduler import Scheduler
 from .security import CLIENT_DOMAIN, WORKER_DOMAIN, Inbox
 from .sink import StatusSink
@@ -62,6 +63,8 @@ def run_server(
     client_keys: str | None = None,
     worker_keys: str | None = None,
     insecure: bool = False,
+    keep_succeeded: float | None = config.KEEP_SUCCEEDED,
+    keep_failed: float | None = config.KEEP_FAILED,
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code.
 
@@ -69,6 +72,9 @@ def run_server(
     caps the backoff between retries. A larger message than ``max_message_bytes`` on any
     socket is refused (ZeroMQ drops the connection that sent it). A task whose worker is lost
     ``max_deliveries`` times fails instead of being delivered again.
+
+    Finished tasks are deleted ``keep_succeeded`` seconds after they succeeded, ``keep_failed`` after they
+    failed or were cancelled (None: kept; retention.py).
 
     ``secret_key`` (the server's ``*.key_secret``) makes every socket a CURVE server: the client
     port takes the public keys in ``client_keys``, the worker and status ports those in
@@ -191,6 +197,7 @@ def run_server(
             ("heartbeat", broker.heartbeat_once),
             ("status sink", sink.loop_once),
             ("cluster", cluster.beat_once),
+            ("retention", Retention(store, keep_succeeded=keep_succeeded, keep_failed=keep_failed).loop_once),
         )
     }
     listener = Listener(db_url, cluster.hear, on_gap=cluster.caught_up) if shared else None

@@ -737,6 +737,22 @@ class Store:
             raise InvalidTransition(f"task {task_id} is {task['status']}: only {_names(M.RETRY)} tasks can be retried")
         return task
 
+    def purge(self, statuses: Sequence[str], *, finished_before: float, limit: int) -> int:
+        """Delete at most ``limit`` tasks in ``statuses`` (final ones only) that finished before ``finished_before``,
+        oldest ids first, in one transaction; returns how many. Callers delete in small batches, so that no
+        transaction holds the writer long."""
+        wanted = [status for status in statuses if TaskStatus(status) in FINAL]
+        if not wanted or limit < 1:
+            return 0
+        with self.transaction():
+            doomed = (
+                Task.select(Task.id)
+                .where(Task.status.in_(wanted) & (Task.finished_at < finished_before))
+                .order_by(Task.id)
+                .limit(limit)
+            )
+            return Task.delete().where(Task.id.in_(doomed)).execute()
+
     def list_recurring(self) -> list[dict]:
         """Every recurring schedule, enabled or revoked, oldest first."""
         with self._read():

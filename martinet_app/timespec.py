@@ -267,6 +267,20 @@ class Interval:
         return run(k)
 
 
+def parse_age(text: str) -> float:
+    """Seconds of an age such as '7d', '12 hours', '1h30m' (how long finished tasks are kept); BadTimeSpec otherwise."""
+    try:
+        seconds = _parse_duration(_normalise(text))
+    except _Reject as exc:
+        raise BadTimeSpec(_message(f"age {text!r}", exc, _AGE_FORMS)) from None
+    if seconds is None:
+        raise BadTimeSpec(_message(f"age {text!r}", "", _AGE_FORMS))
+    return float(seconds)
+
+
+_AGE_FORMS = "a duration such as '7d', '12 hours', '1h30m' or '0s'"
+
+
 def parse_interval(text: str) -> Interval:
     """Parse a recurring interval ('30 minutes', 'every 1h30m', 'daily', '2 weeks', 'monday'...)."""
     try:

@@ -24,6 +24,7 @@ VERBS = (
     "retry",
     "recurring",
     "revoke",
+    "purge",
     "workers",
     "ping",
     "serve",
