@@ -84,6 +84,10 @@ Task.add_index(
 )
 # `list --status S`, newest first, reads the newest rows of this one instead of sorting every task in S.
 Task.add_index(Task.index(Task.status, Task.id, name="task_status_id"))
+# Retention's "finished before T" is a range scan of this one; partial, so only a finished row version costs it.
+Task.add_index(
+    Task.index(Task.status, Task.finished_at, name="task_status_finished_at", where=pw.SQL("finished_at IS NOT NULL"))
+)
 # The database, not Martinet, keeps a key to one live task, also between servers racing to insert it.
 Task.add_index(Task.index(Task.idempotency_key, unique=True, name="task_live_key", where=pw.SQL(LIVE_KEY)))
 # Partial, so that the many tasks without a request key cost these indexes nothing: every UPDATE of a task

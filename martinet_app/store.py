@@ -739,8 +739,8 @@ class Store:
 
     def purge(self, statuses: Sequence[str], *, finished_before: float, limit: int) -> int:
         """Delete at most ``limit`` tasks in ``statuses`` (final ones only) that finished before ``finished_before``,
-        oldest ids first, in one transaction; returns how many. Callers delete in small batches, so that no
-        transaction holds the writer long."""
+        the earliest finished first, in one transaction; returns how many. Callers delete in small batches, so
+        that no transaction holds the writer long; finding them is a range scan of ``task_status_finished_at``."""
         wanted = [status for status in statuses if TaskStatus(status) in FINAL]
         if not wanted or limit < 1:
             return 0
@@ -748,7 +748,7 @@ class Store:
             doomed = (
                 Task.select(Task.id)
                 .where(Task.status.in_(wanted) & (Task.finished_at < finished_before))
-                .order_by(Task.id)
+                .order_by(Task.finished_at)
                 .limit(limit)
             )
             return Task.delete().where(Task.id.in_(doomed)).execute()
