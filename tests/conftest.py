@@ -261,9 +261,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.stop()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(f.logs())
+        print_if_failed(request, f.logs)
 
 
 def _postgres_available() -> str | None:
@@ -325,9 +323,14 @@ def _cluster(request: pytest.FixtureRequest, tmp_path: Path, url: str) -> Iterat
         yield c
     finally:
         c.stop()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(c.logs())
+        print_if_failed(request, c.logs)
+
+
+def print_if_failed(request: pytest.FixtureRequest, logs: Callable[[], str]) -> None:
+    """Print the processes' logs after a test that failed (pytest shows them with the failure)."""
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(logs())
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Server, free_port, wait_until
+from conftest import ROOT, Server, free_port, print_if_failed, wait_until
 from martinet_app import Martinet
 from martinet_app.errors import ServerUnavailable
 
@@ -116,9 +116,7 @@ def make_runs(request: pytest.FixtureRequest) -> Iterator[list[MakeRun]]:
     yield runs
     for run in runs:
         run.kill_all()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(f"----- make run\n{run.log()[-6000:]}")
+        print_if_failed(request, lambda run=run: f"----- make run\n{run.log()[-6000:]}")
 
 
 def registered_workers(run: MakeRun, client: Martinet) -> list[dict]:

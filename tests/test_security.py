@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import TEST_HANDLERS, Cluster, Process, Server, free_port, martinet_cmd, wait_until
+from conftest import TEST_HANDLERS, Cluster, Process, Server, free_port, martinet_cmd, print_if_failed, wait_until
 from martinet_app import Martinet, keys, protocol, security
 from martinet_app.errors import AuthenticationFailed
 
@@ -77,8 +77,7 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path, curve: Keys) -> Iter
         yield cluster
     finally:
         cluster.stop()
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            print(cluster.logs())
+        print_if_failed(request, cluster.logs)
 
 
 def _answers(m: Martinet) -> bool:
