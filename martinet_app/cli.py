@@ -685,9 +685,23 @@ def keygen(name: str, directory: str) -> None:
     help="Directory of the public keys (*.key) allowed on the worker and status ports; with --secret-key.",
 )
 @_setting(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=config.HTTP_PORT,
+    help="Port of the dashboard, the HTTP API and /metrics, on the --bind address; 0 turns it off.",
+)
+@_setting(
+    "--http-token",
+    help="Token the HTTP port asks for (a bearer header, or the dashboard's login); needed off loopback.",
+)
+@_setting(
+    "--http-read-token",
+    help="A second token that may read the HTTP port but take no action; with --http-token.",
+)
+@_setting(
     "--insecure",
     is_flag=True,
-    help="Serve without keys on an address off loopback, open to whoever reaches the ports, on purpose.",
+    help="Serve without keys or HTTP token on an address off loopback, open to whoever reaches the ports, on purpose.",
 )
 @_log_level_option
 @_log_format_option
@@ -708,6 +722,9 @@ def serve(
     secret_key: str | None,
     client_keys: str | None,
     worker_keys: str | None,
+    http_port: int,
+    http_token: str | None,
+    http_read_token: str | None,
     insecure: bool,
     keep_succeeded: float | None,
     keep_failed: float | None,
@@ -736,6 +753,9 @@ def serve(
             secret_key=secret_key,
             client_keys=client_keys,
             worker_keys=worker_keys,
+            http_port=http_port,
+            http_token=http_token,
+            http_read_token=http_read_token,
             insecure=insecure,
             keep_succeeded=keep_succeeded,
             keep_failed=keep_failed,

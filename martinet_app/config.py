@@ -14,6 +14,8 @@ CLIENT_PORT = 8008
 WORKER_PORT = 8009
 #: PULL port workers push status events to (MARTINET_STATUS_PORT).
 STATUS_PORT = 18009
+#: HTTP port of the dashboard, the JSON API and /metrics, on the bind address; 0 turns it off (MARTINET_HTTP_PORT).
+HTTP_PORT = 8010
 #: Database URL (MARTINET_DB).
 DB_URL = "sqlite:///martinet.db"
 #: Tasks a worker runs at once (MARTINET_CONCURRENCY).

@@ -21,7 +21,7 @@ from typing import Any
 import gevent
 import zmq.green as zmq
 
-from . import __version__, config, protocol, timespec
+from . import __version__, config, errors, protocol, timespec
 from .broker import Broker
 from .errors import InvalidRequest, MartinetError, ProtocolError
 from .scheduler import Scheduler
@@ -163,6 +163,24 @@ class ClientEndpoint:
         except MartinetError as exc:
             return [(request, None, exc.to_wire()) for request in requests]
         return replies
+
+    def call(self, request: dict, size: int = 0) -> dict:
+        """Run one request from inside the server (the HTTP API) as a ZeroMQ one runs: checked the same way
+        (``size``: its encoded bytes), in its own transaction, committed before this returns. Its result, or
+        the typed error it failed with.
+
+        ``wait`` is not taken here (it parks on a socket): the API reads the task instead.
+        """
+        if request.get("op") == "wait":
+            raise InvalidRequest("wait is not available inside the server: read the task instead")
+        protocol.check_client_request(request, size, self.max_bytes)
+        try:
+            ((_, result, error),) = self._alone(_Request([], None, body=request))
+        except ValueError:
+            raise InvalidRequest(f"{request['op']} gave no reply") from None
+        if error is not None:
+            raise errors.from_wire(error)
+        return result
 
     def _alone(self, request: _Request) -> list[tuple[_Request, dict | None, dict | None]]:
         """Run one request in its own transaction; an unexpected failure is its own reply."""

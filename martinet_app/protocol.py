@@ -167,9 +167,18 @@ def clip(text: str, max_chars: int) -> str:
 
 
 def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
-    """Decode one JSON object frame, or raise ProtocolError saying what was wrong (None: no size limit)."""
+    """Decode one JSON object frame of this protocol version, or raise ProtocolError saying what was wrong
+    (None: no size limit)."""
     if max_bytes is not None and len(data) > max_bytes:
         raise ProtocolError(f"{what}: message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    obj = json_object(data, what)
+    if obj.get("v") != VERSION:
+        raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}, expected {VERSION}")
+    return obj
+
+
+def json_object(data: bytes, what: str) -> dict:
+    """Decode a JSON object as strictly as every message is (no NaN or Infinity), or raise ProtocolError."""
     try:
         obj = json_value(data)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -178,8 +187,6 @@ def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
         raise ProtocolError(f"{what}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
-    if obj.get("v") != VERSION:
-        raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}, expected {VERSION}")
     return obj
 
 

@@ -86,7 +86,7 @@ def bound_to_key(worker_id: str, user_id: str | None) -> bool:
 
 def check_bind(bind: str, secured: bool, insecure: bool) -> None:
     """Refuse to serve off loopback without keys (ConfigError), unless ``insecure`` says it is on purpose."""
-    if secured or insecure or _loopback(bind):
+    if secured or insecure or is_loopback(bind):
         return
     raise ConfigError(
         f"refusing to serve on {bind} without keys: anyone who reaches its ports could submit tasks, pose as a "
@@ -96,7 +96,8 @@ def check_bind(bind: str, secured: bool, insecure: bool) -> None:
     )
 
 
-def _loopback(bind: str) -> bool:
+def is_loopback(bind: str) -> bool:
+    """Whether every address ``bind`` stands for is a loopback one (a host name is resolved)."""
     try:
         return ipaddress.ip_address(bind).is_loopback
     except ValueError:  # a host name, or * for every interface

@@ -15,8 +15,10 @@ from typing import IO, Any
 import gevent
 import gevent.event
 import zmq.green as zmq
+from gevent.pywsgi import WSGIServer
 
-from . import __version__, config, keys, protocol, security, timespec
+from . import __version__, access, api, config, dashboard, keys, protocol, security, timespec, web
+from .access import Access
 from .auth import Authenticator
 from .broker import Broker
 from .cluster import Cluster, new_server_id
@@ -62,6 +64,9 @@ def run_server(
     secret_key: str | None = None,
     client_keys: str | None = None,
     worker_keys: str | None = None,
+    http_port: int = 0,
+    http_token: str | None = None,
+    http_read_token: str | None = None,
     insecure: bool = False,
     keep_succeeded: float | None = config.KEEP_SUCCEEDED,
     keep_failed: float | None = config.KEEP_FAILED,
@@ -79,9 +84,13 @@ def run_server(
     ``secret_key`` (the server's ``*.key_secret``) makes every socket a CURVE server: the client
     port takes the public keys in ``client_keys``, the worker and status ports those in
     ``worker_keys`` (security.py). Without it, a ``bind`` off loopback is refused unless ``insecure``.
+
+    ``http_port`` (0: none) serves the dashboard, the HTTP API and /metrics (web.py); off loopback it
+    needs ``http_token`` unless ``insecure`` (access.py). ``http_read_token`` may only read.
     """
     try:
         security.check_bind(bind, secured=secret_key is not None, insecure=insecure)
+        access.check_http(bind, http_port, http_token, http_read_token, insecure)
         curve = _server_keys(secret_key, client_keys, worker_keys)
         tzinfo = timespec.parse_tz(tz)
         alone = _serve_alone(db_url)
@@ -154,10 +163,17 @@ def run_server(
         store, broker, endpoint, scheduler, heartbeat=heartbeat, liveness=config.HEARTBEAT_LIVENESS, address=bind
     )
     try:
+        http = _serve_http(bind, http_port, endpoint, Access(http_token, http_read_token))
+    except OSError as exc:
+        log.error("cannot bind HTTP on %s:%d: %s (choose another --http-port, or 0 for none)", bind, http_port, exc)
+        _close(sockets, context, auth)
+        store.close()
+        return EXIT_BIND
+    try:
         cluster.join()
     except MartinetError as exc:
         log.error("cannot start: %s", exc.message)
-        _close(sockets, context, auth)
+        _close(sockets, context, auth, http)
         store.close()
         return EXIT_CONFIG
 
@@ -174,6 +190,13 @@ def run_server(
         redact(db_url),
         tzinfo,
     )
+    if http is not None:
+        log.info(
+            "dashboard, HTTP API and /metrics on http://%s:%d/ (%s)",
+            bind,
+            http_port,
+            "token" if http_token else "open: no token",
+        )
     if auth is None:
         log.info("no keys: anyone who can reach the ports can use them (%s)", "--insecure" if insecure else "loopback")
     else:
@@ -213,6 +236,8 @@ def run_server(
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopping: no new requests or dispatches; writing the status events in hand")
+    if http is not None:  # its requests in progress end first, and none begins
+        http.stop(timeout=STOP_TIMEOUT)
     _stop(loops, store, sink, cluster)
     if listener is not None:
         listener.close()
@@ -355,7 +380,17 @@ def _bind(
     return socket
 
 
-def _close(sockets: list[Any], context: Any, auth: Authenticator | None) -> None:
+def _serve_http(bind: str, port: int, endpoint: ClientEndpoint, access: Access) -> WSGIServer | None:
+    """The HTTP port's server, started; None when ``port`` is 0. OSError if it cannot bind."""
+    if port == 0:
+        return None
+    routes = [*api.routes(endpoint), *dashboard.routes(access)]
+    return web.serve(web.WebApp(routes, access), bind, port)
+
+
+def _close(sockets: list[Any], context: Any, auth: Authenticator | None, http: WSGIServer | None = None) -> None:
+    if http is not None:
+        http.stop(timeout=STOP_TIMEOUT)
     for socket in sockets:
         socket.close(linger=0)
     if auth is not None:

@@ -70,11 +70,12 @@ class Process:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Process:
-        """Start with the test's environment (minus MARTINET_* settings) plus ``env``, or ``env`` alone."""
+        """Start with the test's environment (minus MARTINET_* settings, and with no HTTP port unless asked)
+        plus ``env``, or ``env`` alone."""
         env = dict(self.env)
         if self.inherit_env:
             inherited = {k: v for k, v in os.environ.items() if not k.startswith("MARTINET_")}
-            env = {**inherited, "PYTHONUNBUFFERED": "1", **env}
+            env = {**inherited, "PYTHONUNBUFFERED": "1", "MARTINET_HTTP_PORT": "0", **env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
@@ -110,11 +111,14 @@ class Process:
 
 
 class Server(Process):
-    """``martinet serve`` on free ports."""
+    """``martinet serve`` on free ports; ``http``: with its HTTP port too (``http_url``)."""
 
-    def __init__(self, db_url: str, log_path: Path, *extra: str) -> None:
+    def __init__(self, db_url: str, log_path: Path, *extra: str, http: bool = False) -> None:
         self.db_url = db_url
         self.client_port, self.worker_port, self.status_port = free_port(), free_port(), free_port()
+        self.http_port = free_port() if http else 0
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        extra = ("--http-port", str(self.http_port), *extra) if http else extra
         super().__init__(
             martinet_cmd(
                 "serve", "--bind", "127.0.0.1", "--client-port", str(self.client_port),
@@ -159,7 +163,7 @@ class Cluster:
 
     def __init__(self, tmp_path: Path, db_url: str) -> None:
         self.tmp_path = tmp_path
-        self.server = Server(db_url, tmp_path / "server.log")
+        self.server = Server(db_url, tmp_path / "server.log", http=True)
         self.workers: list[Process] = []
         self._client: Martinet | None = None
 

@@ -1,0 +1,131 @@
+"""The JSON API under ``/api/v1``: the client's verbs over HTTP, for any language.
+
+Each route builds the same request a ZeroMQ client sends and runs it through the client endpoint
+(:meth:`ClientEndpoint.call`), so it is checked, committed and answered exactly as there: every
+accepted task is committed before the response, and errors carry the same types and messages
+(web.STATUS_OF gives their HTTP statuses). An ``Idempotency-Key`` header on a request that
+changes something is its ``request_key``: sent again, it creates nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol
+from .access import Role
+from .endpoint import ClientEndpoint
+from .errors import InvalidRequest, TaskNotFound
+from .web import Request, Response, Route, json_response
+
+#: Fields of a task submission (POST /api/v1/tasks) and of a schedule (POST /api/v1/recurring).
+_TASK_BODY = frozenset({"name", "args", "username", "description", "key", "options", "when"})
+_RECURRING_BODY = frozenset({"name", "args", "username", "description", "options", "interval", "run_at"})
+_LIST_QUERY = ("status", "name", "username")
+
+
+def routes(endpoint: ClientEndpoint) -> list[Route]:
+    """The API's routes over ``endpoint``."""
+
+    def call(request: Request, op: str, **fields: Any) -> dict:
+        body = {"op": op, **{key: value for key, value in fields.items() if value is not None}}
+        key = request.header("Idempotency-Key")
+        if key is not None and op in protocol.MUTATING_OPS:
+            body["request_key"] = key
+        return endpoint.call(body, int(request.environ.get("CONTENT_LENGTH") or 0))
+
+    def on_task(op: str) -> Callable[[Request], Response]:
+        return lambda request: json_response(call(request, op, task_id=_id(request.params["id"])))
+
+    def submit(request: Request) -> Response:
+        body = _fields(request.json(), _TASK_BODY, "a task")
+        meta = {key: body.get(key) for key in ("name", "username", "description", "key")}
+        fields = {"task": meta, "args": body.get("args"), "options": body.get("options")}
+        if "when" in body:
+            return json_response(call(request, "schedule", when=body["when"], **fields), 201)
+        return json_response(call(request, "execute", **fields), 201)
+
+    def submit_many(request: Request) -> Response:
+        body = _fields(request.json(), frozenset({"tasks", "options"}), "a batch")
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise InvalidRequest(f"'tasks' must be a list of {{name, args, ...}} objects, got {tasks!r:.80}")
+        entries = [_entry(index, task) for index, task in enumerate(tasks)]
+        return json_response(call(request, "execute_many", tasks=entries, options=body.get("options")), 201)
+
+    def list_tasks(request: Request) -> Response:
+        query = request.query
+        fields: dict[str, Any] = {key: query.get(key) for key in _LIST_QUERY}
+        for key in ("limit", "before"):
+            if key in query:
+                fields[key] = _int(query[key], key)
+        return json_response(call(request, "list", **fields))
+
+    def every(request: Request) -> Response:
+        body = _fields(request.json(), _RECURRING_BODY, "a schedule")
+        meta = {key: body.get(key) for key in ("name", "username", "description", "run_at")}
+        fields = {"task": meta, "args": body.get("args"), "options": body.get("options")}
+        return json_response(call(request, "every", interval=body.get("interval"), **fields), 201)
+
+    def revoke(request: Request) -> Response:
+        return json_response(call(request, "revoke", recurring_id=_id(request.params["id"])))
+
+    def run_now(request: Request) -> Response:
+        """One run of a schedule now, with its name, args and options: a task like its planned runs."""
+        recurring_id = _id(request.params["id"])
+        found = [r for r in call(request, "recurring")["recurring"] if r["id"] == recurring_id]
+        if not found:
+            raise TaskNotFound(f"no recurring schedule with id {recurring_id}; GET /api/v1/recurring lists them")
+        schedule = found[0]
+        meta = {key: schedule[key] for key in ("name", "username", "description")}
+        options = {key: schedule[key] for key in protocol.TASK_OPTION_KEYS}
+        return json_response(call(request, "execute", task=meta, args=schedule["args"], options=options), 201)
+
+    def simple(op: str) -> Callable[[Request], Response]:
+        return lambda request: json_response(call(request, op))
+
+    return [
+        Route("GET", "/api/v1/ping", simple("ping")),
+        Route("POST", "/api/v1/tasks", submit, Role.ADMIN),
+        Route("POST", "/api/v1/tasks/batch", submit_many, Role.ADMIN),
+        Route("GET", "/api/v1/tasks", list_tasks),
+        Route("GET", "/api/v1/tasks/{id}", on_task("status")),
+        Route("POST", "/api/v1/tasks/{id}/cancel", on_task("cancel"), Role.ADMIN),
+        Route("POST", "/api/v1/tasks/{id}/retry", on_task("retry"), Role.ADMIN),
+        Route("GET", "/api/v1/recurring", simple("recurring")),
+        Route("POST", "/api/v1/recurring", every, Role.ADMIN),
+        Route("POST", "/api/v1/recurring/{id}/revoke", revoke, Role.ADMIN),
+        Route("POST", "/api/v1/recurring/{id}/run", run_now, Role.ADMIN),
+        Route("GET", "/api/v1/workers", simple("workers")),
+    ]
+
+
+def _fields(body: dict, allowed: frozenset[str], what: str) -> dict:
+    """``body``, refused (InvalidRequest) if it has a field not in ``allowed``."""
+    unknown = set(body) - allowed
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) in {what}: {', '.join(sorted(unknown)):.200}; accepted: {', '.join(sorted(allowed))}"
+        )
+    return body
+
+
+def _entry(index: int, task: Any) -> dict:
+    """One task of a batch, as execute_many's ``{task, args}``."""
+    if not isinstance(task, dict):
+        raise InvalidRequest(f"tasks[{index}]: expected an object with a 'name', got {task!r:.80}")
+    _fields(task, frozenset({"name", "args", "username", "description", "key"}), f"tasks[{index}]")
+    return {"task": {key: value for key, value in task.items() if key != "args"}, "args": task.get("args")}
+
+
+def _id(text: str) -> int | str:
+    """A path's id: an int when it is digits, else the text itself, which the request check then refuses."""
+    return int(text) if text.isdigit() and len(text) < 20 else text
+
+
+def _int(text: str, what: str) -> int:
+    """A query parameter that must be an integer (its range is the request check's)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidRequest(f"{what} must be an integer, got {text[:80]!r}") from None

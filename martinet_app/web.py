@@ -1,0 +1,218 @@
+"""The HTTP port: a small WSGI app on the server's own gevent hub (gevent.pywsgi).
+
+It serves the dashboard's pages and assets (dashboard.py), the JSON API under ``/api/v1``
+(api.py) and ``/metrics`` (metrics.py). Each of those modules gives a list of :class:`Route`;
+this module matches a request to one, checks access (access.py) and turns a typed
+:class:`~martinet_app.errors.MartinetError` into a JSON error with a fitting HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIServer
+
+from . import protocol
+from .access import Access, Denied, Role
+from .errors import (
+    AuthenticationFailed,
+    BadTimeSpec,
+    InvalidRequest,
+    InvalidTransition,
+    MartinetError,
+    ProtocolError,
+    RequestTooLarge,
+    StoreUnavailable,
+    TaskNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+#: Most HTTP requests served at once; more wait for a free place (each is a greenlet of the hub).
+MAX_CONNECTIONS = 64
+#: Largest request body read, bytes (a task's args travel in it).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+#: HTTP status of each typed error; a MartinetError not listed here is a 500.
+STATUS_OF: dict[type[MartinetError], int] = {
+    RequestTooLarge: 413,
+    BadTimeSpec: 400,
+    InvalidRequest: 400,
+    TaskNotFound: 404,
+    InvalidTransition: 409,
+    StoreUnavailable: 503,
+    AuthenticationFailed: 401,
+}
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    303: "See Other",
+    304: "Not Modified",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_SECURITY_HEADERS = [
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "same-origin"),
+    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+]
+
+
+@dataclass
+class Response:
+    """What a route answers."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    """One HTTP request, with the path parameters of the route it matched and the caller's role."""
+
+    environ: dict
+    method: str
+    path: str
+    params: dict[str, str]
+    role: Role
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query string, the first value of each name."""
+        return {name: values[0] for name, values in parse_qs(self.environ.get("QUERY_STRING", "")).items()}
+
+    def header(self, name: str) -> str | None:
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+    def body(self) -> bytes:
+        """The request body, at most MAX_BODY_BYTES (RequestTooLarge beyond)."""
+        try:
+            length = int(self.environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise InvalidRequest("Content-Length is not a number") from None
+        if length > MAX_BODY_BYTES:
+            raise RequestTooLarge(f"the request body has {length} bytes; at most {MAX_BODY_BYTES} are accepted")
+        return self.environ["wsgi.input"].read(length) if length > 0 else b""
+
+    def json(self) -> dict:
+        """The body as a JSON object, parsed as strictly as a ZeroMQ request (InvalidRequest otherwise)."""
+        kind = (self.environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise InvalidRequest(f"send the body as JSON with Content-Type: application/json, not {kind or 'none'!r}")
+        try:
+            return protocol.json_object(self.body(), "request body")
+        except ProtocolError as exc:
+            raise InvalidRequest(exc.message) from None
+
+
+Handler = Callable[[Request], Response]
+
+
+@dataclass(frozen=True)
+class Route:
+    """``pattern`` is a path with ``{name}`` parts (one path segment each); ``role`` the least role it needs."""
+
+    method: str
+    pattern: str
+    handler: Handler
+    role: Role = Role.READ
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(protocol.dumps(obj), status)
+
+
+def error_response(exc: MartinetError) -> Response:
+    """A typed error as the body ``{"error": {"type", "message"}}``, the same object as a ZeroMQ reply's."""
+    status = exc.status if isinstance(exc, Denied) else _status_of(exc)
+    return json_response({"error": exc.to_wire()}, status)
+
+
+def _status_of(exc: MartinetError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return 500
+
+
+class WebApp:
+    """The WSGI callable: routing, access and errors for every route."""
+
+    def __init__(self, routes: Iterable[Route], access: Access) -> None:
+        self.access = access
+        self._routes = [(route, _compile(route.pattern)) for route in routes]
+
+    def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
+        response = self._respond(environ)
+        headers = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
+        headers += _SECURITY_HEADERS + response.headers
+        start_response(f"{response.status} {_REASONS.get(response.status, 'Unknown')}", headers)
+        return [response.body] if environ["REQUEST_METHOD"] != "HEAD" else []
+
+    def _respond(self, environ: dict) -> Response:
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("PATH_INFO") or "/"
+        allowed: list[str] = []
+        for route, regex in self._routes:
+            match = regex.fullmatch(path)
+            if match is None:
+                continue
+            if route.method != method and not (route.method == "GET" and method == "HEAD"):
+                allowed.append(route.method)
+                continue
+            try:
+                role = self.access.check(environ, route.role, page=not path.startswith(("/api/", "/metrics")))
+                return route.handler(Request(environ, method, path, match.groupdict(), role))
+            except MartinetError as exc:
+                if isinstance(exc, Denied) and exc.status == 401 and self.access.wants_login(environ, path):
+                    return Response(b"", 303, "text/plain", [("Location", "/login?next=" + path)])
+                return error_response(exc)
+            except Exception as exc:
+                log.exception("HTTP %s %s failed unexpectedly", method, path)
+                return error_response(MartinetError(f"server error: {type(exc).__name__}; see the server log"))
+        if allowed:
+            response = error_response(InvalidRequest(f"{method} is not allowed on {path}: use {', '.join(allowed)}"))
+            response.status = 405
+            response.headers.append(("Allow", ", ".join(sorted(set(allowed)))))
+            return response
+        return error_response(TaskNotFound(f"no such page or API path: {path}"))
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(pattern)))
+
+
+def serve(app: WebApp, host: str, port: int) -> WSGIServer:
+    """Start serving ``app`` on ``host:port`` in a greenlet of the hub; OSError if the port cannot be bound."""
+    server = WSGIServer((host, port), app, spawn=Pool(MAX_CONNECTIONS), log=None, error_log=_ErrorLog())
+    server.start()
+    return server
+
+
+class _ErrorLog:
+    """gevent.pywsgi's error log, into ours (a client that hangs up is not worth a traceback)."""
+
+    def write(self, text: str) -> None:
+        text = text.strip()
+        if text:
+            log.debug("http: %s", text)
+
+    def flush(self) -> None:
+        return None
