@@ -388,7 +388,7 @@ class ClientEndpoint:
     def _purge(self, request: dict, envelope: list[bytes]) -> dict:
         """Delete up to ``limit`` finished tasks of ``status`` that finished ``older_than`` seconds ago or more."""
         status = request.get("status")
-        if status not in protocol.FINAL_STATUSES:
+        if not isinstance(status, str) or status not in protocol.FINAL_STATUSES:
             raise InvalidRequest(
                 f"purge takes a final status ({', '.join(sorted(protocol.FINAL_STATUSES))}), got {status!r:.80}"
             )
