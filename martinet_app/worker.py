@@ -570,6 +570,8 @@ class Worker:
         ref = (task_id, attempt)
         event_dict = {"task_id": task_id, "attempt": attempt, "event": event, "at": time.time(), **fields}
         if event == protocol.STARTED:
+            if not self._held:  # the sender may be waiting for events with no timeout: it must release this one
+                self._outbox_ready.set()
             self._held[ref] = event_dict
             return
         started = self._held.pop(ref, None)
