@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
@@ -61,6 +62,8 @@ class Pool:
         self.url = url
         #: Writes a transaction's tally inside it, just before the commit (the store sets it).
         self.write_tally: Callable[[Tally], None] | None = None
+        #: Given the seconds each commit took, the COMMIT itself: an fsync on SQLite (the store sets it).
+        self.observe_commit: Callable[[float], None] = lambda seconds: None
         self.postgres = isinstance(database, pw.PostgresqlDatabase)
         #: Reads outside a transaction run beside the writer, on their own connections (PostgreSQL).
         self.concurrent = isinstance(database, _PooledPostgresqlDatabase)
@@ -132,6 +135,9 @@ class Pool:
                             self.write_tally(transaction.tally)
                         if transaction.notices:
                             self._send_notices(transaction.notices)
+                        committing = time.perf_counter()
+                    if not read_only:
+                        self.observe_commit(time.perf_counter() - committing)
                 finally:
                     self._local.transaction = None
                     self._release()

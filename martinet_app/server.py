@@ -17,7 +17,7 @@ import gevent.event
 import zmq.green as zmq
 from gevent.pywsgi import WSGIServer
 
-from . import __version__, access, api, config, dashboard, keys, protocol, security, timespec, web
+from . import __version__, access, api, config, dashboard, keys, metrics, protocol, security, timespec, web
 from .access import Access
 from .auth import Authenticator
 from .broker import Broker
@@ -27,6 +27,7 @@ from .endpoint import ClientEndpoint
 from .errors import ConfigError, MartinetError
 from .listener import Listener
 from .loops import forever
+from .metrics import Metrics
 from .retention import Retention
 from .scheduler import Scheduler
 from .security import CLIENT_DOMAIN, WORKER_DOMAIN, Inbox
@@ -96,7 +97,14 @@ def run_server(
         alone = _serve_alone(db_url)
         defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
         server_id = new_server_id()
-        store = Store.open(db_url, retry_delay_max=retry_delay_max, max_deliveries=max_deliveries, server_id=server_id)
+        measured = Metrics()
+        store = Store.open(
+            db_url,
+            retry_delay_max=retry_delay_max,
+            max_deliveries=max_deliveries,
+            server_id=server_id,
+            metrics=measured,
+        )
     except MartinetError as exc:
         log.error("cannot start: %s", exc.message)
         return EXIT_CONFIG
@@ -159,11 +167,12 @@ def run_server(
         inbox=Inbox(status, auth, WORKER_DOMAIN),
     )
     broker.on_finished = endpoint.notify_finished
+    measured.collect_from(store, broker)
     cluster = Cluster(
         store, broker, endpoint, scheduler, heartbeat=heartbeat, liveness=config.HEARTBEAT_LIVENESS, address=bind
     )
     try:
-        http = _serve_http(bind, http_port, endpoint, Access(http_token, http_read_token))
+        http = _serve_http(bind, http_port, endpoint, Access(http_token, http_read_token), measured)
     except OSError as exc:
         log.error("cannot bind HTTP on %s:%d: %s (choose another --http-port, or 0 for none)", bind, http_port, exc)
         _close(sockets, context, auth)
@@ -380,11 +389,11 @@ def _bind(
     return socket
 
 
-def _serve_http(bind: str, port: int, endpoint: ClientEndpoint, access: Access) -> WSGIServer | None:
+def _serve_http(bind: str, port: int, endpoint: ClientEndpoint, access: Access, measured: Metrics) -> WSGIServer | None:
     """The HTTP port's server, started; None when ``port`` is 0. OSError if it cannot bind."""
     if port == 0:
         return None
-    routes = [*api.routes(endpoint), *dashboard.routes(access)]
+    routes = [*api.routes(endpoint), *dashboard.routes(access), *metrics.routes(measured)]
     return web.serve(web.WebApp(routes, access), bind, port)
 
 

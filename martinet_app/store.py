@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +29,7 @@ import peewee as pw
 from . import config, protocol, schema
 from .db import Pool, connect
 from .errors import InvalidTransition, TaskNotFound
+from .metrics import Metrics, Observed
 from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, TaskMinute, Worker
 from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
 from .tally import Tally
@@ -77,11 +79,17 @@ class Store:
     """The database behind one server. Open with :meth:`open`; close with :meth:`close`.
 
     The models are bound to the store opened last: one store per process (the server's).
-    ``server_id`` names this server in the cluster: its lease, and the deliveries it makes.
+    ``server_id`` names this server in the cluster: its lease, and the deliveries it makes. ``metrics``
+    counts what its transactions did once they commit: tasks finished, run times, queue waits, the
+    scheduler's lateness, commit times.
     """
 
-    def __init__(self, pool: Pool, *, retry_delay_max: float, max_deliveries: int, server_id: str = "local") -> None:
+    def __init__(
+        self, pool: Pool, *, retry_delay_max: float, max_deliveries: int, metrics: Metrics, server_id: str = "local"
+    ) -> None:
         self.pool = pool
+        self.metrics = metrics
+        pool.observe_commit = metrics.observe_commit
         self.db = pool.db
         self.url = pool.url
         self.retry_delay_max = retry_delay_max
@@ -108,16 +116,18 @@ class Store:
         retry_delay_max: float = config.RETRY_DELAY_MAX,
         max_deliveries: int = config.MAX_DELIVERIES,
         server_id: str = "local",
+        metrics: Metrics | None = None,
     ) -> Store:
         """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db``; create or migrate the schema.
 
         ``retry_delay_max`` caps the backoff between retries of a failing task, seconds;
-        ``max_deliveries`` is how many lost deliveries a task may have (:meth:`give_up_lost`).
+        ``max_deliveries`` is how many lost deliveries a task may have (:meth:`give_up_lost`);
+        ``metrics``: the server's (None: metrics of this store's own).
         """
         database = connect(url)
         schema.database.initialize(database)
         store = cls(Pool(database, url), retry_delay_max=retry_delay_max, max_deliveries=max_deliveries,
-                    server_id=server_id)  # fmt: skip
+                    metrics=metrics or Metrics(), server_id=server_id)  # fmt: skip
         try:
             with store.transaction():
                 schema.create_or_migrate(database, url)
@@ -140,6 +150,11 @@ class Store:
     def _notice_final(self, task_ids: Sequence[int]) -> None:
         for start in range(0, len(task_ids), _NOTICE_IDS):
             self._notice("final", *task_ids[start : start + _NOTICE_IDS])
+
+    def _count(self, observed: Observed) -> None:
+        """Have the metrics count ``observed`` once the current transaction commits (never if it rolls back)."""
+        if observed:
+            self.after_commit(functools.partial(self.metrics.record, observed))
 
     # ------------------------------------------------------------ accepting
 
@@ -293,11 +308,13 @@ class Store:
     def promote_due(self, now: float) -> int:
         """scheduled -> queued for every task whose run_at has come. Returns how many moved."""
         with self.transaction():
-            moved = Task.update(status=target(M.DUE).value).where(_in(M.DUE) & (Task.run_at <= now)).execute()
-            self._tally().move(S.SCHEDULED, target(M.DUE), moved)
-            if moved:
+            due = Task.update(status=target(M.DUE).value).where(_in(M.DUE) & (Task.run_at <= now))
+            planned = [run_at for (run_at,) in due.returning(Task.run_at).tuples().execute()]
+            self._tally().move(S.SCHEDULED, target(M.DUE), len(planned))
+            if planned:
                 self._notice("queued")
-            return moved
+                self._count(Observed(late=[now - run_at for run_at in planned]))
+            return len(planned)
 
     def due_recurring(self, now: float) -> list[dict]:
         """Enabled schedules whose next_run_at has come."""
@@ -312,6 +329,7 @@ class Store:
         A schedule revoked or already advanced meanwhile is skipped. Returns the new task ids.
         """
         ids = []
+        observed = Observed()
         with self.transaction():
             for recurring_id, planned, next_run_at in runs:
                 advanced = (
@@ -339,9 +357,11 @@ class Store:
                         **{key: getattr(rec, key) for key in OPTION_FIELDS},
                     ).execute()
                 )
+                observed.late.append(now - planned)
             self._tally().move(None, S.QUEUED, len(ids))
             if ids:
                 self._notice("queued")
+            self._count(observed)
         return ids
 
     # ------------------------------------------------------------ dispatching
@@ -612,12 +632,13 @@ class Store:
         applied = Applied()
         if not batch:
             return applied
+        observed = Observed()
         with self.transaction():
             targets = self._event_targets({event["task_id"] for _, event in batch})
             writes: dict[str, list[tuple]] = {kind: [] for kind in self._sql.events}
             for worker, event in batch:
                 target = targets.get(event["task_id"])
-                outcome = None if target is None else self._apply_event(target, worker, event, writes)
+                outcome = None if target is None else self._apply_event(target, worker, event, writes, observed)
                 if outcome is None:
                     log.debug(
                         "ignored stale %s event for task %s attempt %s from %s",
@@ -632,10 +653,11 @@ class Store:
                 elif outcome in FINAL:
                     applied.finished.append(event["task_id"])
                     self._tally().move(S.RUNNING, outcome)
-                    self._tally().end(target.name, outcome, _ran(event))
+                    self._tally().end(target.name, outcome, _ran(event, target.started_at))
             self._notice_final(applied.finished)
             if applied.retrying:
                 self._notice("schedule")
+            self._count(observed)
             cursor = self.db.cursor()
             # In this order: a started or progress event that applies always comes before its task's final one.
             for kind in self._sql.events:
@@ -650,17 +672,19 @@ class Store:
         ids = sorted(task_ids)
         for start in range(0, len(ids), _INSERT_CHUNK):
             chunk = ids[start : start + _INSERT_CHUNK]
-            for task_id, name, status, worker, attempts, retries, retry_delay, errors, failures in self.db.execute_sql(
-                self._sql.event_targets(len(chunk)), chunk
-            ):
+            for row in self.db.execute_sql(self._sql.event_targets(len(chunk)), chunk):
+                task_id, name, status, worker, attempts, retries, retry_delay, errors, failures, *times = row
                 history = protocol.json_value(errors) if errors else []
                 found[task_id] = _Target(
-                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures
+                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures, *times
                 )
         return found
 
-    def _apply_event(self, task: _Target, worker: str, event: dict, writes: dict[str, list[tuple]]) -> S | None:
-        """Decide what ``event`` does to ``task`` (updated in place) and queue the write; None if stale.
+    def _apply_event(
+        self, task: _Target, worker: str, event: dict, writes: dict[str, list[tuple]], observed: Observed
+    ) -> S | None:
+        """Decide what ``event`` does to ``task`` (updated in place), queue the write and note the delivery's
+        queue wait and run time for the metrics; None if stale.
 
         The rules are :meth:`apply_events`'; events are decided in batch order against the
         state the earlier ones left.
@@ -672,11 +696,18 @@ class Store:
         delivery = (task.id, attempt, worker)
         if kind == protocol.STARTED:
             writes["started"].append((at, *delivery))
+            observed.wait.append((task.name, at - task.run_at))
+            task.started_at = at
             return S.RUNNING
         if kind == protocol.PROGRESS:
             writes["progress"].append((event["progress"], event.get("message"), *delivery))
             return S.RUNNING
         started_at = event.get("started_at")
+        if started_at is not None:  # the worker held its started event back: the start comes with the end
+            observed.wait.append((task.name, started_at - task.run_at))
+        ran = _ran(event, task.started_at)
+        if ran is not None:
+            observed.run.append((task.name, ran))
         if kind == protocol.SUCCEEDED:
             task.status = decide(task.status, M.SUCCEED)
             writes["succeeded"].append((protocol.json_text(event.get("result")), at, started_at, *delivery))
@@ -821,7 +852,10 @@ class Store:
     # ------------------------------------------------------------ counts
 
     def _write_tally(self, tally: Tally) -> None:
-        """Add a transaction's changes to this server's rows of the count tables (db.Pool, before the commit)."""
+        """Add a transaction's changes to this server's rows of the count tables (db.Pool, before the commit);
+        the metrics count the tasks it made final once it has committed."""
+        if tally.outcomes:
+            self.after_commit(functools.partial(self.metrics.finished, tally.outcomes))
         p = self.db.param
         rows = [(self.server_id, status, change) for status, change in tally.statuses.items() if change]
         if rows:
@@ -909,6 +943,8 @@ class _Target:
     retry_delay: float
     errors: list[dict]
     failures: int
+    run_at: float
+    started_at: float | None
 
 
 class _Statements:
@@ -929,7 +965,7 @@ class _Statements:
             "RETURNING id, name, args, attempts, timeout, priority, run_at"
         )
         self._event_targets = (
-            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures "
+            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures, run_at, started_at "
             "FROM task WHERE id IN ({})" + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = (
@@ -1042,10 +1078,13 @@ def _row_key(request_key: str | None, index: int, count: int) -> str | None:
     return request_key if count == 1 else f"{request_key}/{index}"
 
 
-def _ran(event: dict) -> float | None:
-    """How long a final event's run took, seconds, if it says when it started."""
-    started = event.get("started_at")
-    return None if started is None else event["at"] - started
+def _ran(event: dict, started_at: float | None) -> float | None:
+    """How long the delivery a final event ends ran, seconds: from the start the event carries, else from
+    ``started_at`` (the task's: its started event's, or its claim's); None if neither is known."""
+    start = event.get("started_at")
+    if start is None:
+        start = started_at
+    return None if start is None else event["at"] - start
 
 
 def _kept(errors: list[dict], failure: dict) -> list[dict]:

@@ -1,0 +1,166 @@
+"""The server's Prometheus metrics, and ``GET /metrics``, which serves them in Prometheus' text format.
+
+prometheus_client keeps and formats them (the official exposition format, which its parser reads back
+in the tests), in a registry of this server's own, not the library's global one. What the server does
+is counted once it is committed (``Store.after_commit``), so a transaction rolled back counts nothing:
+the tasks made final (from the transaction's tally, tally.py), the run times and queue waits of
+deliveries, and the scheduler's lateness. The pool times each commit (db.Pool). A scrape reads no
+table: tasks by status come from ``Store.counts()``, workers and slots from the broker's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from . import __version__
+from .access import Role
+from .status import TaskStatus
+from .web import Request, Response, Route
+
+if TYPE_CHECKING:
+    from .broker import Broker
+    from .store import Store
+
+#: How a task can finish (the ``outcome`` label).
+OUTCOMES = ("succeeded", "failed", "cancelled")
+#: Task names that get series of their own; the tasks of any further name are counted as OTHER_NAME, so
+#: that a client submitting ever new names cannot make the metrics grow without bound.
+MAX_NAMES = 1000
+OTHER_NAME = "_other"
+#: Histogram buckets, seconds: task run times and queue waits, the scheduler's lateness, commits.
+_TASK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+_LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+@dataclasses.dataclass
+class Observed:
+    """What one transaction did that the histograms count, recorded once it has committed (:meth:`Metrics.record`)."""
+
+    #: (name, seconds from its start to its worker's final event) of each delivery that ran to the end.
+    run: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    #: (name, seconds from its run_at to its start) of each delivery that started.
+    wait: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    #: Seconds after its planned time that the scheduler queued each due task or fired each recurring run.
+    late: list[float] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.run or self.wait or self.late)
+
+
+@dataclasses.dataclass
+class _Named:
+    """The series of one task name: its finished counters by outcome, its run time and queue wait histograms."""
+
+    finished: dict[str, Any]
+    run: Any
+    wait: Any
+
+
+class Metrics:
+    """Every metric of one server, in its own registry (``registry``)."""
+
+    def __init__(self) -> None:
+        # The _created series (when each series began) would double the series, for no use here.
+        prometheus_client.disable_created_metrics()
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self._finished = Counter(
+            "martinet_tasks_finished", "Tasks this server made final, by name and outcome", ["name", "outcome"],
+            registry=registry,
+        )  # fmt: skip
+        self._run = Histogram(
+            "martinet_task_run_seconds", "Run time of each delivery, from its start to its worker's final event",
+            ["name"], buckets=_TASK_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self._wait = Histogram(
+            "martinet_task_queue_wait_seconds", "Queue wait of each delivery, from its task's due time to its start",
+            ["name"], buckets=_TASK_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self._late = Histogram(
+            "martinet_scheduler_lateness_seconds",
+            "How long after their planned time the scheduler queued due tasks and fired recurring runs",
+            buckets=_LATENESS_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self._commit = Histogram(
+            "martinet_store_commit_seconds", "Time each store transaction took to commit",
+            buckets=_COMMIT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self._info = Info("martinet_server", "This server: its version, id and database", registry=registry)
+        #: Time one commit took, seconds (db.Pool calls it).
+        self.observe_commit: Callable[[float], None] = self._commit.observe
+        self._named: dict[str, _Named] = {}
+
+    def collect_from(self, store: Store, broker: Broker) -> None:
+        """Read at each scrape: tasks by status from ``store`` (cluster-wide), this server's workers from
+        ``broker``; and this server's info."""
+        backend = "postgresql" if store.pool.postgres else "sqlite"
+        self._info.info({"version": __version__, "server_id": store.server_id, "backend": backend})
+        self.registry.register(_Scraped(store, broker))
+
+    def finished(self, outcomes: dict[tuple[str, str], list[float]]) -> None:
+        """Count the tasks a committed transaction made final: a tally's outcomes, (name, outcome) -> [count, ...]."""
+        for (name, outcome), (count, _) in outcomes.items():
+            self._series(name).finished[outcome].inc(count)
+
+    def record(self, observed: Observed) -> None:
+        """Count what a committed transaction did. Times below 0 (a worker's clock behind the server's) count as 0."""
+        for name, seconds in observed.run:
+            self._series(name).run.observe(max(seconds, 0.0))
+        for name, seconds in observed.wait:
+            self._series(name).wait.observe(max(seconds, 0.0))
+        for seconds in observed.late:
+            self._late.observe(max(seconds, 0.0))
+
+    def _series(self, name: str) -> _Named:
+        """The series of task ``name`` (those of OTHER_NAME past MAX_NAMES names), made at its first sight."""
+        if name not in self._named and len(self._named) >= MAX_NAMES:
+            name = OTHER_NAME
+        series = self._named.get(name)
+        if series is None:
+            finished = {outcome: self._finished.labels(name, outcome) for outcome in OUTCOMES}
+            series = self._named[name] = _Named(finished, self._run.labels(name), self._wait.labels(name))
+        return series
+
+
+class _Scraped:
+    """The metrics read when scraped: tasks by status, and this server's workers and slots."""
+
+    def __init__(self, store: Store, broker: Broker) -> None:
+        self.store = store
+        self.broker = broker
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.store.counts()
+        tasks = GaugeMetricFamily(
+            "martinet_tasks", "Tasks in the store by status (the whole cluster's)", labels=["status"]
+        )
+        for status in TaskStatus:
+            tasks.add_metric([status.value], counts.get(status.value, 0))
+        yield tasks
+        workers = self.broker.records()
+        # A worker's deliveries beyond its slots wait in its memory (prefetch): they keep no slot busy.
+        busy = [min(worker["busy"], worker["slots"]) for worker in workers]
+        for name, text, value in (
+            ("martinet_workers", "Workers connected to this server", len(workers)),
+            ("martinet_workers_busy", "Workers connected to this server running at least one task",
+             sum(1 for slots in busy if slots)),
+            ("martinet_slots", "Slots of the workers connected to this server", sum(w["slots"] for w in workers)),
+            ("martinet_slots_busy", "Slots of the workers connected to this server running a task", sum(busy)),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(name, text, value=value)
+
+
+def routes(metrics: Metrics) -> list[Route]:
+    """``GET /metrics``: the server's metrics in Prometheus' text format."""
+
+    def scrape(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    return [Route("GET", "/metrics", scrape, Role.READ)]

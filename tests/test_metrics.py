@@ -1,0 +1,130 @@
+"""/metrics: what a real server serves, read with prometheus_client's own parser, agrees with the store
+and with the workload that ran (real server and worker processes, on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Cluster, wait_until
+from martinet_app import __version__
+from martinet_app.status import TaskStatus
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(url: str, token: str | None = None) -> Samples:
+    """Every sample of GET /metrics, by (sample name, labels)."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers), timeout=5) as response:
+        assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, sample: str, **labels: str) -> float:
+    """The sample named ``sample`` with exactly ``labels``; KeyError if /metrics has none."""
+    return samples[sample, frozenset(labels.items())]
+
+
+def scrape_until(url: str, done: Callable[[Samples], bool], what: str) -> Samples:
+    """Scrape until ``done`` holds for what /metrics says (failing the test after conftest.TIMEOUT)."""
+    return wait_until(lambda: done(samples := scrape(url)) and samples, what=what)
+
+
+def labelled(samples: Samples, name: str) -> list[dict[str, str]]:
+    """The label sets of every sample named ``name``."""
+    return [dict(labels) for sample, labels in samples if sample == name]
+
+
+def epoch(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+def test_metrics_agree_with_the_store_after_a_known_workload(cluster: Cluster) -> None:
+    m = cluster.client
+    url = cluster.server.http_url
+    cluster.start_worker("--concurrency", "2")
+    ran = [m.wait(m.execute({"name": "echo"}, {"n": n})) for n in range(3)]
+    ran += [m.wait(m.execute({"name": "explode"})) for _ in range(2)]
+    ran.append(m.wait(m.schedule("in 1 second", {"name": "echo"}), timeout=20))
+    m.every("1 hour", {"name": "echo"})  # its first run is due now
+    ran.append(wait_until(lambda: [t for t in m.list(status="succeeded") if t["recurring_id"]], what="the run")[0])
+    assert [t["status"] for t in ran] == ["succeeded"] * 3 + ["failed"] * 2 + ["succeeded"] * 2
+    m.cancel(m.schedule("in 1 hour", {"name": "echo"}))
+
+    # A running task: its start is counted, and it holds a slot until cancelled.
+    nap = m.execute({"name": "nap"}, {"seconds": 30})
+    during = scrape_until(
+        url, lambda s: s.get(("martinet_task_queue_wait_seconds_count", frozenset({("name", "nap")}))) == 1, "its start"
+    )
+    workers = m.workers()
+    assert value(during, "martinet_slots_busy") == sum(min(w["busy"], w["slots"]) for w in workers) == 1
+    assert value(during, "martinet_workers_busy") == 1
+    assert value(during, "martinet_tasks", status="running") == 1
+    m.cancel(nap)
+    wait_until(lambda: not any(w["busy"] for w in m.workers()), what="the cancelled nap's slot to be free")
+
+    samples = scrape(url)
+
+    # Tasks by status: every status, equal to what the store lists.
+    assert sorted(labels["status"] for labels in labelled(samples, "martinet_tasks")) == sorted(
+        s.value for s in TaskStatus
+    )
+    for status in TaskStatus:
+        assert value(samples, "martinet_tasks", status=status.value) == len(m.list(status=status.value, limit=1000))
+    assert value(samples, "martinet_tasks", status="succeeded") == 5
+    assert value(samples, "martinet_tasks", status="cancelled") == 2
+
+    finished = {
+        (labels["name"], labels["outcome"]): samples["martinet_tasks_finished_total", frozenset(labels.items())]
+        for labels in labelled(samples, "martinet_tasks_finished_total")
+    }
+    assert {key: count for key, count in finished.items() if count} == {
+        ("echo", "succeeded"): 5, ("explode", "failed"): 2, ("echo", "cancelled"): 1, ("nap", "cancelled"): 1
+    }  # fmt: skip
+    assert finished["echo", "failed"] == 0  # every outcome of a name is there from its first task
+
+    # Run time: each delivery that ran to its final event (not the cancelled nap's), as long as the store says.
+    records = [m.status(t["id"]) for t in ran] + [m.status(nap)]
+    for name in ("echo", "explode"):
+        mine = [r for r in records if r["name"] == name]
+        assert value(samples, "martinet_task_run_seconds_count", name=name) == len(mine)
+        expected = sum(epoch(r["finished_at"]) - epoch(r["started_at"]) for r in mine)
+        assert value(samples, "martinet_task_run_seconds_sum", name=name) == pytest.approx(
+            expected, abs=0.002 * len(mine)
+        )
+    assert value(samples, "martinet_task_run_seconds_count", name="nap") == 0
+    # Queue wait: each delivery that started, the nap too, from its due time.
+    for name in ("echo", "explode", "nap"):
+        mine = [r for r in records if r["name"] == name]
+        assert value(samples, "martinet_task_queue_wait_seconds_count", name=name) == len(mine)
+        expected = sum(epoch(r["started_at"]) - epoch(r["run_at"]) for r in mine)
+        assert value(samples, "martinet_task_queue_wait_seconds_sum", name=name) == pytest.approx(
+            expected, abs=0.002 * len(mine)
+        )
+    assert value(samples, "martinet_task_queue_wait_seconds_bucket", name="nap", le="+Inf") == 1
+
+    # The scheduler fired the task due in 1 second and the schedule's first run, each a little late.
+    assert value(samples, "martinet_scheduler_lateness_seconds_count") == 2
+    assert 0 <= value(samples, "martinet_scheduler_lateness_seconds_sum") < 5
+
+    workers = m.workers()
+    assert value(samples, "martinet_workers") == len(workers) == 1
+    assert value(samples, "martinet_slots") == sum(w["slots"] for w in workers) == 2
+    assert value(samples, "martinet_slots_busy") == value(samples, "martinet_workers_busy") == 0
+    assert value(samples, "martinet_store_commit_seconds_count") >= len(records)
+
+    backend = "sqlite" if cluster.server.db_url.startswith("sqlite") else "postgresql"
+    [info] = labelled(samples, "martinet_server_info")
+    assert info == {"version": __version__, "server_id": workers[0]["server"], "backend": backend}
+    assert m.ping()["version"] == __version__
