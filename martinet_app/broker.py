@@ -84,11 +84,13 @@ class Broker:
         max_bytes: int,
         batch_max: int,
         inbox: Inbox | None = None,
+        rejected: Callable[[str], None],
         poll: float | None = None,
         address: str = "",
     ) -> None:
-        """``poll``: longest the dispatcher sleeps without looking at the queue (None: until woken), the
-        safety net for a lost wake-up from another server; ``address``: where this server is bound."""
+        """``rejected`` counts a message refused, by reason (metrics.Metrics.rejected); ``poll``: longest the
+        dispatcher sleeps without looking at the queue (None: until woken), the safety net for a lost
+        wake-up from another server; ``address``: where this server is bound."""
         self.socket = socket
         self.inbox = inbox or Inbox(socket)
         self.inbox.on_refused = self._key_refused
@@ -100,7 +102,7 @@ class Broker:
         self.poll = poll
         self.address = address
         self.workers: OrderedDict[str, WorkerInfo] = OrderedDict()
-        self.rejections = protocol.Rejections(log, "worker socket")
+        self.rejections = protocol.Rejections(log, "worker socket", rejected)
         self._wakeup = gevent.event.Event()
         #: Called with the ids of tasks the broker made final (given up after too many lost deliveries).
         self.on_finished: Callable[[list[int]], None] = lambda task_ids: None
@@ -257,9 +259,11 @@ class Broker:
         identity = frames[0]
         try:
             command, body = protocol.parse_worker_message(frames[1:], protocol.WORKER_COMMANDS, self.max_bytes)
-            worker_id = identity.decode()
+            worker_id = _worker_id(identity)
             if not security.bound_to_key(worker_id, user_id):
-                raise ProtocolError(f"worker {worker_id!r} is not the worker of the key that sent it")
+                raise ProtocolError(
+                    f"worker {worker_id!r} is not the worker of the key that sent it", "unauthenticated"
+                )
             if command == protocol.READY:
                 self._ready(worker_id, protocol.check_ready(body), user_id)
                 return
@@ -277,12 +281,12 @@ class Broker:
                 credit = protocol.check_credit(body)
                 worker.slots, worker.prefetch = credit["slots"], credit["prefetch"]
                 self.wake()
-        except (ProtocolError, UnicodeDecodeError) as exc:
+        except ProtocolError as exc:
             self.rejections.reject(exc)
 
     def _ready(self, worker_id: str, body: dict, user_id: str | None = None) -> None:
         if body["worker"] != worker_id:
-            raise ProtocolError(f"READY: worker {body['worker']!r} does not match routing id {worker_id!r}")
+            raise ProtocolError(f"READY: worker {body['worker']!r} does not match routing id {worker_id!r}", "bad_body")
         known = self.workers.get(worker_id)
         running = {(r["task_id"], r["attempt"]) for r in body["running"]}
         worker = WorkerInfo(
@@ -376,6 +380,14 @@ class Broker:
             # EHOSTUNREACH (ROUTER_MANDATORY: the peer is gone) or EAGAIN (its pipe is full).
             log.debug("cannot send %s to %r: %s", command.decode(), identity, exc)
             return False
+
+
+def _worker_id(identity: bytes) -> str:
+    """A worker's routing id as text; ProtocolError if it is not UTF-8."""
+    try:
+        return identity.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"worker socket: routing id {identity[:32]!r} is not UTF-8") from None
 
 
 def _ids(ids: list[int], shown: int = 20) -> str:

@@ -85,8 +85,10 @@ class ClientEndpoint:
         max_bytes: int,
         list_limit_max: int,
         batch_max: int,
+        rejected: Callable[[str], None],
         inbox: Inbox | None = None,
     ) -> None:
+        """``rejected`` counts a message refused, by reason (metrics.Metrics.rejected)."""
         self.socket = socket
         self.inbox = inbox or Inbox(socket)
         self.store = store
@@ -97,7 +99,7 @@ class ClientEndpoint:
         self.max_bytes = max_bytes
         self.list_limit_max = list_limit_max
         self.batch_max = batch_max
-        self.rejections = protocol.Rejections(log, "client socket")
+        self.rejections = protocol.Rejections(log, "client socket", rejected)
         self._waiters: dict[int, list[_Waiter]] = {}
         self._ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
             "ping": self._ping,

@@ -58,7 +58,17 @@ class WaitTimeout(MartinetError, TimeoutError):
 
 
 class ProtocolError(MartinetError):
-    """Raised when a peer sends a message that does not follow docs/PROTOCOL.md."""
+    """Raised when a peer sends a message that does not follow docs/PROTOCOL.md.
+
+    ``reason`` says what was wrong in a word of a fixed vocabulary (metrics.REJECTED), which the
+    server counts: ``malformed`` (frames, JSON), ``too_large``, ``bad_version``, ``unknown_command``,
+    ``bad_body`` (a command's fields), ``bad_event`` (a status event's) or ``unauthenticated`` (a
+    key no longer allowed, or not the key of the worker it speaks for).
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class HandlerError(MartinetError):

@@ -4,8 +4,9 @@ prometheus_client keeps and formats them (the official exposition format, which 
 in the tests), in a registry of this server's own, not the library's global one. What the server does
 is counted once it is committed (``Store.after_commit``), so a transaction rolled back counts nothing:
 the tasks made final (from the transaction's tally, tally.py), the run times and queue waits of
-deliveries, and the scheduler's lateness. The pool times each commit (db.Pool). A scrape reads no
-table: tasks by status come from ``Store.counts()``, workers and slots from the broker's memory.
+deliveries, and the scheduler's lateness. The pool times each commit (db.Pool); every port counts the
+messages it rejects, by a reason from a fixed vocabulary (REJECTED), never the error's text. A scrape
+reads no table: tasks by status come from ``Store.counts()``, workers and slots from the broker's memory.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ OUTCOMES = ("succeeded", "failed", "cancelled")
 #: that a client submitting ever new names cannot make the metrics grow without bound.
 MAX_NAMES = 1000
 OTHER_NAME = "_other"
+#: Why each port rejects a message (the ``reason`` label): ProtocolError.reason on the ZeroMQ ports,
+#: web.py's refusals on the HTTP port.
+REJECTED: dict[str, tuple[str, ...]] = {
+    "client": ("malformed", "bad_version", "unauthenticated"),
+    "worker": ("malformed", "too_large", "bad_version", "unknown_command", "bad_body", "unauthenticated"),
+    "status": ("malformed", "too_large", "bad_version", "bad_body", "bad_event", "unauthenticated"),
+    "http": ("unauthenticated", "forbidden", "unknown_path", "bad_method", "malformed", "too_large"),
+}
 #: Histogram buckets, seconds: task run times and queue waits, the scheduler's lateness, commits.
 _TASK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 _LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -88,6 +97,10 @@ class Metrics:
             "How long after their planned time the scheduler queued due tasks and fired recurring runs",
             buckets=_LATENESS_BUCKETS, registry=registry,
         )  # fmt: skip
+        self._rejected = Counter(
+            "martinet_rejected_messages", "Messages refused on each port, by reason", ["port", "reason"],
+            registry=registry,
+        )  # fmt: skip
         self._commit = Histogram(
             "martinet_store_commit_seconds", "Time each store transaction took to commit",
             buckets=_COMMIT_BUCKETS, registry=registry,
@@ -96,6 +109,10 @@ class Metrics:
         #: Time one commit took, seconds (db.Pool calls it).
         self.observe_commit: Callable[[float], None] = self._commit.observe
         self._named: dict[str, _Named] = {}
+        # Every known reason shows from the start, at 0, so that a rate over it has a beginning.
+        for port, reasons in REJECTED.items():
+            for reason in reasons:
+                self._rejected.labels(port, reason)
 
     def collect_from(self, store: Store, broker: Broker) -> None:
         """Read at each scrape: tasks by status from ``store`` (cluster-wide), this server's workers from
@@ -103,6 +120,11 @@ class Metrics:
         backend = "postgresql" if store.pool.postgres else "sqlite"
         self._info.info({"version": __version__, "server_id": store.server_id, "backend": backend})
         self.registry.register(_Scraped(store, broker))
+
+    def rejected(self, port: str) -> Callable[[str], None]:
+        """What counts a message ``port`` rejects, called with the reason (one of REJECTED[port])."""
+        children = {reason: self._rejected.labels(port, reason) for reason in REJECTED[port]}
+        return lambda reason: children[reason].inc()
 
     def finished(self, outcomes: dict[tuple[str, str], list[float]]) -> None:
         """Count the tasks a committed transaction made final: a tally's outcomes, (name, outcome) -> [count, ...]."""

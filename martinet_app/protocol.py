@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import config, status
@@ -171,10 +172,10 @@ def loads_object(data: bytes, max_bytes: int | None, what: str) -> dict:
     """Decode one JSON object frame of this protocol version, or raise ProtocolError saying what was wrong
     (None: no size limit)."""
     if max_bytes is not None and len(data) > max_bytes:
-        raise ProtocolError(f"{what}: message of {len(data)} bytes exceeds the limit of {max_bytes}")
+        raise ProtocolError(f"{what}: message of {len(data)} bytes exceeds the limit of {max_bytes}", "too_large")
     obj = json_object(data, what)
     if obj.get("v") != VERSION:
-        raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}, expected {VERSION}")
+        raise ProtocolError(f"{what}: unsupported protocol version {obj.get('v')!r}, expected {VERSION}", "bad_version")
     return obj
 
 
@@ -416,7 +417,7 @@ def parse_worker_message(frames: list[bytes], commands: frozenset[bytes], max_by
     if header != WORKER_HEADER:
         raise ProtocolError(f"worker socket: bad protocol header {header[:16]!r}, expected {WORKER_HEADER!r}")
     if command not in commands:
-        raise ProtocolError(f"worker socket: unknown command {command[:32]!r}")
+        raise ProtocolError(f"worker socket: unknown command {command[:32]!r}", "unknown_command")
     return command, loads_object(body, max_bytes, command.decode())
 
 
@@ -442,7 +443,8 @@ def check_ready(body: dict) -> dict:
     )
     if not ok:
         raise ProtocolError(
-            "READY: body must have worker, host, pid, handlers, slots, heartbeat and running (prefetch optional)"
+            "READY: body must have worker, host, pid, handlers, slots, heartbeat and running (prefetch optional)",
+            "bad_body",
         )
     return body
 
@@ -450,7 +452,7 @@ def check_ready(body: dict) -> dict:
 def check_credit(body: dict) -> dict:
     """Validate a CREDIT body: the worker's new slots and prefetch."""
     if not all(_is_int(body.get(key)) and body[key] >= 0 for key in ("slots", "prefetch")):
-        raise ProtocolError("CREDIT: body must have slots and prefetch, integers >= 0")
+        raise ProtocolError("CREDIT: body must have slots and prefetch, integers >= 0", "bad_body")
     return body
 
 
@@ -458,7 +460,7 @@ def check_task_refs(body: dict, key: str) -> list[dict]:
     """A list of ``{"task_id": int, "attempt": int}`` under ``key`` (DISCONNECT's ``running``)."""
     refs = body.get(key, [])
     if not isinstance(refs, list) or not all(_is_task_ref(r) for r in refs):
-        raise ProtocolError(f"{key!r} must be a list of {{task_id, attempt}} objects")
+        raise ProtocolError(f"{key!r} must be a list of {{task_id, attempt}} objects", "bad_body")
     return refs
 
 
@@ -478,7 +480,8 @@ def parse_status_batch(frames: list[bytes], max_bytes: int) -> tuple[str, list[d
     worker, events = batch.get("worker"), batch.get("events")
     if not _is_name(worker) or not isinstance(events, list):
         raise ProtocolError(
-            f"status: body must have a worker id (1 to {config.MAX_NAME_CHARS} characters) and an events list"
+            f"status: body must have a worker id (1 to {config.MAX_NAME_CHARS} characters) and an events list",
+            "bad_body",
         )
     for event in events:
         _check_event(event)
@@ -487,24 +490,24 @@ def parse_status_batch(frames: list[bytes], max_bytes: int) -> tuple[str, list[d
 
 def _check_event(event: Any) -> None:
     if not isinstance(event, dict) or not _is_task_ref(event) or not isinstance(event.get("event"), str):
-        raise ProtocolError("status: each event needs task_id, attempt and a known event name")
+        raise ProtocolError("status: each event needs task_id, attempt and a known event name", "bad_event")
     if event["event"] not in EVENTS:
-        raise ProtocolError("status: each event needs task_id, attempt and a known event name")
+        raise ProtocolError("status: each event needs task_id, attempt and a known event name", "bad_event")
     if not _is_number(event.get("at")):
-        raise ProtocolError("status: each event needs a numeric 'at' timestamp")
+        raise ProtocolError("status: each event needs a numeric 'at' timestamp", "bad_event")
     kind = event["event"]
     if kind == PROGRESS:
         fraction = event.get("progress")
         if not _is_number(fraction) or not 0.0 <= fraction <= 1.0:
-            raise ProtocolError("status: progress must be a number from 0 to 1")
+            raise ProtocolError("status: progress must be a number from 0 to 1", "bad_event")
         if event.get("message") is not None and not isinstance(event["message"], str):
-            raise ProtocolError("status: progress message must be a string")
+            raise ProtocolError("status: progress message must be a string", "bad_event")
     if kind == FAILED and not isinstance(event.get("error"), str):
-        raise ProtocolError("status: a failed event needs an error string")
+        raise ProtocolError("status: a failed event needs an error string", "bad_event")
     if kind == FAILED and event.get("traceback") is not None and not isinstance(event["traceback"], str):
-        raise ProtocolError("status: a traceback must be a string")
+        raise ProtocolError("status: a traceback must be a string", "bad_event")
     if kind in FINAL_EVENTS and event.get("started_at") is not None and not _is_number(event["started_at"]):
-        raise ProtocolError("status: started_at must be a numeric timestamp")
+        raise ProtocolError("status: started_at must be a numeric timestamp", "bad_event")
     _make_safe(event)
 
 
@@ -559,27 +562,35 @@ def _is_name(value: Any) -> bool:
 
 
 class Rejections:
-    """Counts malformed messages on one socket and logs them without flooding the log.
+    """Counts the messages one socket rejects and logs them without flooding the log.
 
-    The first rejection in each ``every`` seconds is a WARNING carrying the count since
-    the last one; the rest go to DEBUG.
+    ``count`` is given each rejection's reason (ProtocolError.reason: metrics.Metrics.rejected). The
+    first rejection in each ``every`` seconds is a WARNING carrying the count since the last one; the
+    rest go to DEBUG.
     """
 
-    def __init__(self, log: logging.Logger, socket_name: str, every: float = 5.0) -> None:
+    def __init__(self, log: logging.Logger, socket_name: str, count: Callable[[str], None], every: float = 5.0) -> None:
         self.log = log
         self.socket_name = socket_name
+        self.count = count
         self.every = every
         self._since_warning = 0
         self._next_warning = 0.0
 
-    def reject(self, error: Exception) -> None:
+    def reject(self, error: ProtocolError) -> None:
+        """Count and log one rejected message; ``error`` says why."""
+        self.count(error.reason)
         self._since_warning += 1
         now = time.monotonic()
         if now >= self._next_warning:
             self.log.warning(
-                "%s: rejected %d malformed message(s), latest: %s", self.socket_name, self._since_warning, error
+                "%s: rejected %d malformed message(s), latest (%s): %s",
+                self.socket_name,
+                self._since_warning,
+                error.reason,
+                error,
             )
             self._since_warning = 0
             self._next_warning = now + self.every
         else:
-            self.log.debug("%s: rejected malformed message: %s", self.socket_name, error)
+            self.log.debug("%s: rejected malformed message (%s): %s", self.socket_name, error.reason, error)

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
-from .errors import AuthenticationFailed, ConfigError
+from .errors import AuthenticationFailed, ConfigError, ProtocolError
 from .protocol import Rejections
 
 log = logging.getLogger(__name__)
@@ -120,16 +120,19 @@ def serve_curve(sock: Any, secret: bytes, domain: str) -> None:
 class Inbox:
     """The messages of one server socket, each with the public key (z85) that sent it: None on an open server.
 
-    A message whose key is no longer allowed in the socket's domain is dropped and counted (a
-    warning at most every 5 s), and ``on_refused`` is called with the key.
+    A message whose key is no longer allowed in the socket's domain is dropped and counted
+    (``rejected``, with the reason ``unauthenticated``; a warning at most every 5 s), and
+    ``on_refused`` is called with the key.
     """
 
-    def __init__(self, sock: Any, auth: Any = None, domain: str = "") -> None:
+    def __init__(
+        self, sock: Any, auth: Any = None, domain: str = "", rejected: Callable[[str], None] = lambda reason: None
+    ) -> None:
         self.socket = sock
         self.auth = auth
         self.domain = domain
         self.on_refused: Callable[[str], None] = lambda user_id: None
-        self._refusals = Rejections(log, f"{domain} keys")
+        self._refusals = Rejections(log, f"{domain} keys", rejected)
 
     def recv(self, flags: int = 0) -> tuple[list[bytes], str | None]:
         """The next message allowed in, and its key; raises zmq.Again with NOBLOCK when none is waiting."""
@@ -143,7 +146,9 @@ class Inbox:
                 user_id = ""
             if self.auth.allowed(self.domain, user_id):
                 return [part.bytes for part in parts], user_id
-            self._refusals.reject(AuthenticationFailed(f"a message from a key no longer allowed: {user_id}"))
+            self._refusals.reject(
+                ProtocolError(f"a message from a key no longer allowed: {user_id}", "unauthenticated")
+            )
             self.on_refused(user_id)
 
 

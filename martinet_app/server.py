@@ -138,7 +138,8 @@ def run_server(
         liveness=config.HEARTBEAT_LIVENESS,
         max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
-        inbox=Inbox(workers, auth, WORKER_DOMAIN),
+        rejected=measured.rejected("worker"),
+        inbox=Inbox(workers, auth, WORKER_DOMAIN, measured.rejected("worker")),
         poll=config.CLUSTER_POLL if shared else None,
         address=bind,
     )
@@ -154,7 +155,8 @@ def run_server(
         max_bytes=max_message_bytes,
         list_limit_max=config.LIST_LIMIT_MAX,
         batch_max=config.BATCH_MAX,
-        inbox=Inbox(client, auth, CLIENT_DOMAIN),
+        rejected=measured.rejected("client"),
+        inbox=Inbox(client, auth, CLIENT_DOMAIN, measured.rejected("client")),
     )
     sink = StatusSink(
         status,
@@ -164,7 +166,8 @@ def run_server(
         endpoint.notify_finished,
         max_bytes=max_message_bytes,
         batch_max=config.BATCH_MAX,
-        inbox=Inbox(status, auth, WORKER_DOMAIN),
+        rejected=measured.rejected("status"),
+        inbox=Inbox(status, auth, WORKER_DOMAIN, measured.rejected("status")),
     )
     broker.on_finished = endpoint.notify_finished
     measured.collect_from(store, broker)
@@ -394,7 +397,7 @@ def _serve_http(bind: str, port: int, endpoint: ClientEndpoint, access: Access, 
     if port == 0:
         return None
     routes = [*api.routes(endpoint), *dashboard.routes(access), *metrics.routes(measured)]
-    return web.serve(web.WebApp(routes, access), bind, port)
+    return web.serve(web.WebApp(routes, access, measured.rejected("http")), bind, port)
 
 
 def _close(sockets: list[Any], context: Any, auth: Authenticator | None, http: WSGIServer | None = None) -> None:

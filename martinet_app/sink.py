@@ -37,8 +37,10 @@ class StatusSink:
         *,
         max_bytes: int,
         batch_max: int,
+        rejected: Callable[[str], None],
         inbox: Inbox | None = None,
     ) -> None:
+        """``rejected`` counts a message refused, by reason (metrics.Metrics.rejected)."""
         self.socket = socket
         self.inbox = inbox or Inbox(socket)
         self.store = store
@@ -47,7 +49,7 @@ class StatusSink:
         self.on_finished = on_finished
         self.max_bytes = max_bytes
         self.batch_max = batch_max
-        self.rejections = protocol.Rejections(log, "status socket")
+        self.rejections = protocol.Rejections(log, "status socket", rejected)
         # Events received but not yet written: kept across a failed write, so none is lost.
         self._pending: list[tuple[str, dict]] = []
 
@@ -142,7 +144,9 @@ class StatusSink:
         try:
             worker, events = protocol.parse_status_batch(frames, self.max_bytes)
             if not security.bound_to_key(worker, user_id):
-                raise ProtocolError(f"status: worker {worker!r} is not the worker of the key that sent it")
+                raise ProtocolError(
+                    f"status: worker {worker!r} is not the worker of the key that sent it", "unauthenticated"
+                )
         except ProtocolError as exc:
             self.rejections.reject(exc)
             return

@@ -85,13 +85,17 @@ class Response:
 
 @dataclass
 class Request:
-    """One HTTP request, with the path parameters of the route it matched and the caller's role."""
+    """One HTTP request, with the path parameters of the route it matched and the caller's role.
+
+    ``rejected`` counts a body refused as it is read, by reason (``too_large``, ``malformed``).
+    """
 
     environ: dict
     method: str
     path: str
     params: dict[str, str]
     role: Role
+    rejected: Callable[[str], None]
 
     @property
     def query(self) -> dict[str, str]:
@@ -108,6 +112,7 @@ class Request:
         except ValueError:
             raise InvalidRequest("Content-Length is not a number") from None
         if length > MAX_BODY_BYTES:
+            self.rejected("too_large")
             raise RequestTooLarge(f"the request body has {length} bytes; at most {MAX_BODY_BYTES} are accepted")
         return self.environ["wsgi.input"].read(length) if length > 0 else b""
 
@@ -115,10 +120,12 @@ class Request:
         """The body as a JSON object, parsed as strictly as a ZeroMQ request (InvalidRequest otherwise)."""
         kind = (self.environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
         if kind != "application/json":
+            self.rejected("malformed")
             raise InvalidRequest(f"send the body as JSON with Content-Type: application/json, not {kind or 'none'!r}")
         try:
             return protocol.json_object(self.body(), "request body")
         except ProtocolError as exc:
+            self.rejected("malformed")
             raise InvalidRequest(exc.message) from None
 
 
@@ -153,10 +160,15 @@ def _status_of(exc: MartinetError) -> int:
 
 
 class WebApp:
-    """The WSGI callable: routing, access and errors for every route."""
+    """The WSGI callable: routing, access and errors for every route.
 
-    def __init__(self, routes: Iterable[Route], access: Access) -> None:
+    ``rejected`` counts the requests refused, by reason: ``unauthenticated`` (401), ``forbidden`` (403),
+    ``unknown_path`` (404: no route), ``bad_method`` (405), and bodies ``too_large`` or ``malformed``.
+    """
+
+    def __init__(self, routes: Iterable[Route], access: Access, rejected: Callable[[str], None]) -> None:
         self.access = access
+        self.rejected = rejected
         self._routes = [(route, _compile(route.pattern)) for route in routes]
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
@@ -179,8 +191,10 @@ class WebApp:
                 continue
             try:
                 role = self.access.check(environ, route.role, page=not path.startswith(("/api/", "/metrics")))
-                return route.handler(Request(environ, method, path, match.groupdict(), role))
+                return route.handler(Request(environ, method, path, match.groupdict(), role, self.rejected))
             except MartinetError as exc:
+                if isinstance(exc, Denied):
+                    self.rejected("unauthenticated" if exc.status == 401 else "forbidden")
                 if isinstance(exc, Denied) and exc.status == 401 and self.access.wants_login(environ, path):
                     return Response(b"", 303, "text/plain", [("Location", "/login?next=" + path)])
                 return error_response(exc)
@@ -188,10 +202,12 @@ class WebApp:
                 log.exception("HTTP %s %s failed unexpectedly", method, path)
                 return error_response(MartinetError(f"server error: {type(exc).__name__}; see the server log"))
         if allowed:
+            self.rejected("bad_method")
             response = error_response(InvalidRequest(f"{method} is not allowed on {path}: use {', '.join(allowed)}"))
             response.status = 405
             response.headers.append(("Allow", ", ".join(sorted(set(allowed)))))
             return response
+        self.rejected("unknown_path")
         return error_response(TaskNotFound(f"no such page or API path: {path}"))
 
 

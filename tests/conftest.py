@@ -8,17 +8,20 @@ except under CI=true, where they fail: CI never passes by skipping.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from martinet_app import Martinet
 from martinet_app.errors import ServerUnavailable
@@ -109,6 +112,35 @@ class Process:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class RawClient:
+    """A DEALER on the client port that sends requests as given and reads replies by id."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def send(self, body: bytes) -> None:
+        self.sock.send_multipart([b"", body])
+
+    def request(self, op: str, request_id: Any = None, **fields: Any) -> None:
+        self.send(json.dumps({"v": 1, "id": request_id or uuid.uuid4().hex, "op": op, **fields}).encode())
+
+    def replies(self, count: int, timeout: float = 10.0) -> list[dict]:
+        out = []
+        for _ in range(count):
+            assert self.sock.poll(timeout * 1000), f"no reply after {len(out)} of {count}"
+            out.append(json.loads(self.sock.recv_multipart()[-1]))
+        return out
+
+    def ask(self, op: str, **fields: Any) -> dict:
+        self.request(op, **fields)
+        return self.replies(1)[0]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Server(Process):

@@ -11,14 +11,13 @@ import os
 import random
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import zmq
 
-from conftest import PG_URL, Cluster, wait_until
+from conftest import PG_URL, Cluster, RawClient, wait_until
 from martinet_app import config, protocol
 from martinet_app.errors import InvalidRequest, MartinetError, TaskNotFound
 
@@ -30,35 +29,6 @@ def unexpected(log: str) -> list[str]:
 
 def final(m, task_id: int) -> dict:
     return m.wait(task_id, timeout=20)
-
-
-class RawClient:
-    """A DEALER on the client port that sends requests as given and reads replies by id."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(f"tcp://127.0.0.1:{port}")
-
-    def send(self, body: bytes) -> None:
-        self.sock.send_multipart([b"", body])
-
-    def request(self, op: str, request_id: Any = None, **fields: Any) -> None:
-        self.send(json.dumps({"v": 1, "id": request_id or uuid.uuid4().hex, "op": op, **fields}).encode())
-
-    def replies(self, count: int, timeout: float = 10.0) -> list[dict]:
-        out = []
-        for _ in range(count):
-            assert self.sock.poll(timeout * 1000), f"no reply after {len(out)} of {count}"
-            out.append(json.loads(self.sock.recv_multipart()[-1]))
-        return out
-
-    def ask(self, op: str, **fields: Any) -> dict:
-        self.request(op, **fields)
-        return self.replies(1)[0]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

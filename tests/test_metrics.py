@@ -4,15 +4,18 @@ and with the workload that ran (real server and worker processes, on SQLite and 
 from __future__ import annotations
 
 import datetime
+import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import zmq
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Cluster, wait_until
-from martinet_app import __version__
+from conftest import Cluster, RawClient, Server, wait_until
+from martinet_app import __version__, protocol
 from martinet_app.status import TaskStatus
 
 Samples = dict[tuple[str, frozenset], float]
@@ -74,7 +77,23 @@ def test_metrics_agree_with_the_store_after_a_known_workload(cluster: Cluster) -
     m.cancel(nap)
     wait_until(lambda: not any(w["busy"] for w in m.workers()), what="the cancelled nap's slot to be free")
 
-    samples = scrape(url)
+    # Rejected messages, by port and reason: a client request that is not JSON, a status event of no known kind.
+    raw = RawClient(cluster.server.client_port)
+    try:
+        raw.send(b"not json")
+        assert raw.replies(1)[0]["error"]["type"] == "InvalidRequest"
+    finally:
+        raw.close()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(f"tcp://127.0.0.1:{cluster.server.status_port}")
+    push.send_multipart(protocol.status_batch("w1", [{"task_id": 1, "attempt": 1, "event": "exploded", "at": 0}]))
+    push.close()
+    samples = scrape_until(
+        url, lambda s: value(s, "martinet_rejected_messages_total", port="status", reason="bad_event") == 1, "it"
+    )
+    assert value(samples, "martinet_rejected_messages_total", port="client", reason="malformed") == 1
+    assert value(samples, "martinet_rejected_messages_total", port="http", reason="unknown_path") == 0
 
     # Tasks by status: every status, equal to what the store lists.
     assert sorted(labels["status"] for labels in labelled(samples, "martinet_tasks")) == sorted(
@@ -128,3 +147,25 @@ def test_metrics_agree_with_the_store_after_a_known_workload(cluster: Cluster) -
     [info] = labelled(samples, "martinet_server_info")
     assert info == {"version": __version__, "server_id": workers[0]["server"], "backend": backend}
     assert m.ping()["version"] == __version__
+
+
+def test_metrics_need_the_token_when_the_server_has_one(tmp_path: Path) -> None:
+    token, read_token = "metrics-admin-token", "metrics-read-token"
+    server = Server(
+        f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "server.log", "--http-token", token, "--http-read-token",
+        read_token, http=True,
+    )  # fmt: skip
+    server.start().wait_ready()
+    try:
+        for wrong in (None, "not-the-token"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                scrape(server.http_url, wrong)
+            assert refused.value.code == 401
+        assert value(scrape(server.http_url, read_token), "martinet_rejected_messages_total", port="http",
+                     reason="unauthenticated") == 2  # fmt: skip
+        assert value(scrape(server.http_url, token), "martinet_tasks", status="queued") == 0
+    except BaseException:
+        print(server.log())
+        raise
+    finally:
+        server.terminate()
