@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 import pytest
 import zmq
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from martinet_app import Martinet
 from martinet_app.errors import ServerUnavailable
@@ -57,6 +60,27 @@ def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT, interval:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(url: str, token: str | None = None) -> Samples:
+    """Every sample of GET /metrics, by (sample name, labels)."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers), timeout=5) as response:
+        assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, sample: str, **labels: str) -> float:
+    """The sample named ``sample`` with exactly ``labels``; KeyError if /metrics has none."""
+    return samples[sample, frozenset(labels.items())]
 
 
 def martinet_cmd(*args: str) -> list[str]:

@@ -5,38 +5,15 @@ from __future__ import annotations
 
 import datetime
 import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import zmq
-from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Cluster, RawClient, Server, wait_until
+from conftest import Cluster, RawClient, Samples, Server, scrape, value, wait_until
 from martinet_app import __version__, protocol
 from martinet_app.status import TaskStatus
-
-Samples = dict[tuple[str, frozenset], float]
-
-
-def scrape(url: str, token: str | None = None) -> Samples:
-    """Every sample of GET /metrics, by (sample name, labels)."""
-    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers), timeout=5) as response:
-        assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, sample: str, **labels: str) -> float:
-    """The sample named ``sample`` with exactly ``labels``; KeyError if /metrics has none."""
-    return samples[sample, frozenset(labels.items())]
 
 
 def scrape_until(url: str, done: Callable[[Samples], bool], what: str) -> Samples:

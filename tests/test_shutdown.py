@@ -13,7 +13,7 @@ import gevent
 import gevent.event
 import pytest
 
-from conftest import PG_URL, Cluster, Server, wait_until
+from conftest import PG_URL, Cluster, Server, scrape, wait_until
 from martinet_app import Martinet
 from martinet_app.errors import MartinetError, StoreUnavailable
 from martinet_app.loops import forever
@@ -102,6 +102,10 @@ def test_a_loop_stuck_in_a_query_is_stopped_there_and_the_events_in_hand_are_sti
     m = cluster.client
     task_id = m.execute({"name": "nap"}, {"seconds": 0.5})
     wait_until(lambda: m.status(task_id)["status"] == "running", what="the task to start")
+    # Its started event written first (then only the result is left to write).
+    url = cluster.server.http_url
+    started = ("martinet_task_queue_wait_seconds_count", frozenset({("name", "nap")}))
+    wait_until(lambda: scrape(url).get(started) == 1, what="its started event to be written")
     blocker = psycopg2.connect(PG_URL)
     try:
         # The server's next query waits on this lock inside the store: a loop is stuck there, and the
