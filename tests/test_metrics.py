@@ -109,6 +109,18 @@ def test_metrics_agree_with_the_store_after_a_known_workload(cluster: Cluster) -
             expected, abs=0.002 * len(mine)
         )
     assert value(samples, "martinet_task_queue_wait_seconds_bucket", name="nap", le="+Inf") == 1
+    # Every histogram's buckets are cumulative, and its +Inf bucket is its count.
+    buckets: dict[tuple[str, frozenset], list[tuple[float, float]]] = {}
+    for (sample, labels), count in samples.items():
+        if sample.endswith("_bucket"):
+            le = dict(labels)["le"]
+            series = (sample.removesuffix("_bucket"), frozenset(pair for pair in labels if pair[0] != "le"))
+            buckets.setdefault(series, []).append((float(le), count))
+    assert len(buckets) == 2 * 3 + 2  # run time and queue wait of echo, explode and nap; lateness; commits
+    for (histogram, labels), counts in buckets.items():
+        counts.sort()
+        assert [count for _, count in counts] == sorted(count for _, count in counts), histogram
+        assert counts[-1] == (float("inf"), samples[f"{histogram}_count", labels]), histogram
 
     # The scheduler fired the task due in 1 second and the schedule's first run, each a little late.
     assert value(samples, "martinet_scheduler_lateness_seconds_count") == 2
