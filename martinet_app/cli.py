@@ -28,6 +28,7 @@ from martinet_app.errors import (
     ServerUnavailable,
     TaskNotFound,
 )
+from martinet_app.status import TaskStatus
 
 if TYPE_CHECKING:
     from martinet_app.client import Martinet
@@ -387,6 +388,27 @@ def _recurring_text(schedules: list[dict]) -> str:
     return _table(headers, [[_cell(s.get(key)) for key in keys] for s in schedules], "no recurring schedules")
 
 
+def _stats_text(stats: dict) -> str:
+    """Tasks by status, the queue lag, and per name what finished in the last hour."""
+    counts = [[status.value, _cell(stats["counts"].get(status.value, 0))] for status in TaskStatus]
+    lag = stats["queue_lag"]
+    rows = []
+    for entry in stats["names"]:
+        outcomes = [entry[key] for key in ("succeeded", "failed", "cancelled")]
+        ran = outcomes[0] + outcomes[1]  # cancelled tasks add no run time: most never started
+        mean = f"{entry['run_seconds'] / ran:.3f}s" if ran else "-"
+        rows.append([_cell(entry["name"]), *map(str, outcomes), f"{sum(outcomes) / 60:.2f}", mean])
+    return "\n".join(
+        [
+            _table(("STATUS", "TASKS"), counts, ""),
+            f"queue lag: {'-' if lag is None else f'{lag:.1f}s'}",
+            "",
+            "finished in the last hour:",
+            _table(("NAME", "SUCCEEDED", "FAILED", "CANCELLED", "PER_MIN", "MEAN_RUN"), rows, "no task finished"),
+        ]
+    )
+
+
 def _exit_for(records: Iterable[dict]) -> None:
     """End as ``wait`` and ``watch`` do: EXIT_TASK_FAILED if any of the tasks ended failed or cancelled."""
     if any(record.get("status") in _UNSUCCESSFUL for record in records):
@@ -545,6 +567,14 @@ def watch_tasks(
     if not records and not as_json:
         click.echo("no tasks to watch")
     _exit_for(records)
+
+
+@main.command()
+@_client_command
+def stats(client: Martinet, as_json: bool) -> None:
+    """Print tasks by status, the queue lag and, per task name, what finished in the last hour: how many
+    succeeded, failed and were cancelled, tasks per minute and the mean run time (of those that ran)."""
+    _echo(as_json, client.stats(), _stats_text)
 
 
 @main.command("list")

@@ -69,6 +69,11 @@ def _keyed(task: Any, key: str | None) -> Any:
     return {**task, "key": key}
 
 
+def _result(reply: dict) -> dict:
+    """A reply's result fields, without its envelope (``v``, ``id``, ``ok``)."""
+    return {key: value for key, value in reply.items() if key not in ("v", "id", "ok")}
+
+
 def _zmq_module() -> Any:
     """zmq.green under a gevent-patched process, plain zmq otherwise."""
     monkey = sys.modules.get("gevent.monkey")
@@ -314,10 +319,15 @@ class Martinet:
         """Recurring schedules, with their next_run_at."""
         return self._request("recurring")["recurring"]
 
+    def stats(self) -> dict:
+        """Task counts from the server's running tallies (no scan), as docs/PROTOCOL.md describes: ``counts`` by
+        status, per minute (``minutes``) and per name (``names``) the tasks that ended in the last hour, the
+        ``queue_lag`` (seconds the oldest queued task has waited, or None) and the server's time ``at``."""
+        return _result(self._request("stats"))
+
     def ping(self) -> dict:
         """The server's version and protocol version; raises ServerUnavailable if none answers."""
-        reply = self._request("ping")
-        return {key: value for key, value in reply.items() if key not in ("v", "id", "ok")}
+        return _result(self._request("ping"))
 
     # ------------------------------------------------------------ stopping
 

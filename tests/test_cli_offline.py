@@ -27,6 +27,7 @@ VERBS = (
     "revoke",
     "purge",
     "workers",
+    "stats",
     "ping",
     "serve",
     "work",
@@ -177,7 +178,7 @@ def test_args_at_the_depth_limit_reach_the_server() -> None:
     assert f":{port}" in proc.stderr
 
 
-@pytest.mark.parametrize("verb", [("ping",), ("status", "1"), ("list", "--json"), ("watch", "1")])
+@pytest.mark.parametrize("verb", [("ping",), ("status", "1"), ("list", "--json"), ("watch", "1"), ("stats",)])
 def test_unreachable_server_exits_3_with_one_line(verb: tuple[str, ...]) -> None:
     port = free_port()
     proc = run(*verb, "--client-port", str(port), "--timeout", "0.3")

@@ -1,4 +1,4 @@
-"""``martinet watch`` runs as real subprocesses against a real server and worker."""
+"""``martinet watch`` and ``martinet stats`` run as real subprocesses against a real server and worker."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_e2e_cli import ok, one_line_error, run
+from test_e2e_cli import ok, ok_json, one_line_error, run
 
 from conftest import ROOT, TIMEOUT, Cluster, martinet_cmd, wait_until
 
@@ -215,3 +215,55 @@ def test_watch_usage_errors(sqlite_cluster: Cluster) -> None:
         assert proc.returncode == 2 and "give task ids, or --name and/or --status, not both" in proc.stderr
     proc = run(sqlite_cluster, "watch", "--status", "succeeded")
     assert proc.returncode == 2 and "'succeeded' is not one of 'scheduled', 'queued', 'running'" in proc.stderr
+
+
+# ---------------------------------------------------------------- stats
+
+
+def test_stats_counts_a_known_workload(cluster: Cluster) -> None:
+    client = cluster.client
+    cluster.start_worker("--concurrency", "4")
+    finished = [submit(cluster, "echo") for _ in range(3)] + [submit(cluster, "explode") for _ in range(2)]
+    finished.append(client.schedule("in 1 hour", {"name": "nap"}))
+    client.cancel(finished[-1])
+    client.schedule("in 1 hour", {"name": "echo"})
+    for task_id in finished:
+        client.wait(task_id, TIMEOUT)
+
+    stats = ok_json(cluster, "stats")
+    assert stats["counts"] == {
+        "scheduled": 1, "queued": 0, "running": 0, "succeeded": 3, "failed": 2, "cancelled": 1,
+    }  # fmt: skip
+    names = {entry["name"]: entry for entry in stats["names"]}
+    assert set(names) == {"echo", "explode", "nap"}
+    outcomes = ("succeeded", "failed", "cancelled")
+    assert {name: tuple(entry[key] for key in outcomes) for name, entry in names.items()} == {
+        "echo": (3, 0, 0),
+        "explode": (0, 2, 0),
+        "nap": (0, 0, 1),
+    }
+    assert names["nap"]["run_seconds"] == 0 and names["echo"]["run_seconds"] >= 0
+    assert [sum(minute[key] for minute in stats["minutes"]) for key in outcomes] == [3, 2, 1]
+    assert len(stats["minutes"]) == 60 and stats["queue_lag"] is None
+    assert set(stats) == set(client.stats()) == {"counts", "minutes", "names", "queue_lag", "at"}
+
+    text = ok(cluster, "stats").splitlines()
+    assert text[0].split() == ["STATUS", "TASKS"]
+    assert [row.split() for row in text[1:7]] == [
+        ["scheduled", "1"], ["queued", "0"], ["running", "0"], ["succeeded", "3"], ["failed", "2"], ["cancelled", "1"],
+    ]  # fmt: skip
+    assert text[7:10] == ["queue lag: -", "", "finished in the last hour:"]
+    assert text[10].split() == ["NAME", "SUCCEEDED", "FAILED", "CANCELLED", "PER_MIN", "MEAN_RUN"]
+    rows = {row.split()[0]: row.split()[1:] for row in text[11:]}
+    assert rows["echo"][:4] == ["3", "0", "0", "0.05"] and re.fullmatch(r"\d+\.\d{3}s", rows["echo"][4])
+    assert rows["explode"][:4] == ["0", "2", "0", "0.03"]
+    assert rows["nap"] == ["0", "0", "1", "0.02", "-"], "a cancelled task that never ran has no run time"
+
+
+def test_stats_with_queued_tasks_shows_the_queue_lag(sqlite_cluster: Cluster) -> None:
+    assert "no task finished" in ok(sqlite_cluster, "stats")
+    submit(sqlite_cluster, "echo")  # no worker: it waits
+    wait_until(lambda: (ok_json(sqlite_cluster, "stats")["queue_lag"] or 0) > 0.3, what="the queue lag to grow")
+    text = ok(sqlite_cluster, "stats")
+    assert re.search(r"^queue lag: \d+\.\ds$", text, re.MULTILINE), text
+    assert re.search(r"^queued +1$", text, re.MULTILINE), text
