@@ -632,7 +632,7 @@ class Store:
                 elif outcome in FINAL:
                     applied.finished.append(event["task_id"])
                     self._tally().move(S.RUNNING, outcome)
-                    self._tally().end(target.name, outcome, _ran(event))
+                    self._tally().end(target.name, outcome, event["at"] - target.started_at)
             self._notice_final(applied.finished)
             if applied.retrying:
                 self._notice("schedule")
@@ -650,12 +650,21 @@ class Store:
         ids = sorted(task_ids)
         for start in range(0, len(ids), _INSERT_CHUNK):
             chunk = ids[start : start + _INSERT_CHUNK]
-            for task_id, name, status, worker, attempts, retries, retry_delay, errors, failures in self.db.execute_sql(
-                self._sql.event_targets(len(chunk)), chunk
-            ):
+            for (
+                task_id,
+                name,
+                status,
+                worker,
+                attempts,
+                retries,
+                retry_delay,
+                errors,
+                failures,
+                started,
+            ) in self.db.execute_sql(self._sql.event_targets(len(chunk)), chunk):
                 history = protocol.json_value(errors) if errors else []
                 found[task_id] = _Target(
-                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures
+                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures, started
                 )
         return found
 
@@ -672,18 +681,27 @@ class Store:
         delivery = (task.id, attempt, worker)
         if kind == protocol.STARTED:
             writes["started"].append((at, *delivery))
+            task.started_at = at
             return S.RUNNING
         if kind == protocol.PROGRESS:
             writes["progress"].append((event["progress"], event.get("message"), *delivery))
             return S.RUNNING
         started_at = event.get("started_at")
+        if started_at is not None:
+            task.started_at = started_at
         if kind == protocol.SUCCEEDED:
             task.status = decide(task.status, M.SUCCEED)
             writes["succeeded"].append((protocol.json_text(event.get("result")), at, started_at, *delivery))
             return task.status
         task.failures += 1
-        failure = {"attempt": attempt, "error": event["error"], "at": at, "worker": worker, "started_at": started_at}
-        task.errors = _kept(task.errors, failure)
+        failed = {
+            "attempt": attempt,
+            "error": event["error"],
+            "at": at,
+            "worker": worker,
+            "started_at": task.started_at,
+        }
+        task.errors = _kept(task.errors, failed)
         failure = (protocol.json_text(task.errors), task.failures, event["error"], event.get("traceback"))
         if task.failures <= task.retries:
             task.status = decide(task.status, M.RETRY_LATER)
@@ -910,6 +928,7 @@ class _Target:
     retry_delay: float
     errors: list[dict]
     failures: int
+    started_at: float  # the claim's time, until the worker says when the handler started
 
 
 class _Statements:
@@ -930,7 +949,7 @@ class _Statements:
             "RETURNING id, name, args, attempts, timeout, priority, run_at"
         )
         self._event_targets = (
-            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures "
+            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures, started_at "
             "FROM task WHERE id IN ({})" + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = (
@@ -1041,12 +1060,6 @@ def _row_key(request_key: str | None, index: int, count: int) -> str | None:
     if request_key is None:
         return None
     return request_key if count == 1 else f"{request_key}/{index}"
-
-
-def _ran(event: dict) -> float | None:
-    """How long a final event's run took, seconds, if it says when it started."""
-    started = event.get("started_at")
-    return None if started is None else event["at"] - started
 
 
 def _kept(errors: list[dict], failure: dict) -> list[dict]:

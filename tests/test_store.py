@@ -539,7 +539,7 @@ def test_failures_are_retried_with_backoff_then_fail(store: Store) -> None:
             "error": f"E{attempt}",
             "at": iso(at),
             "worker": f"w{attempt}",
-            "started_at": None,
+            "started_at": iso(at - 1),  # the claim's time: no started event
         }
         expected_errors.append(failure)
         t = store.get_task(task_id)
@@ -552,7 +552,9 @@ def test_failures_are_retried_with_backoff_then_fail(store: Store) -> None:
     store.claim("w3", 1, NOW + 24)
     applied = store.apply_events([("w3", ev(task_id, 3, "failed", at=NOW + 30, error="E3", traceback="tb3"))])
     assert applied == Applied(finished=[task_id], retrying=[])
-    expected_errors.append({"attempt": 3, "error": "E3", "at": iso(NOW + 30), "worker": "w3", "started_at": None})
+    expected_errors.append(
+        {"attempt": 3, "error": "E3", "at": iso(NOW + 30), "worker": "w3", "started_at": iso(NOW + 24)}
+    )
     t = store.get_task(task_id)
     assert [t[f] for f in ("status", "attempts", "worker", "error", "traceback", "errors", "finished_at")] == [
         "failed", 3, "w3", "E3", "tb3", expected_errors, iso(NOW + 30)
@@ -594,7 +596,7 @@ def test_retry_requeues_failed_and_cancelled_tasks(store: Store) -> None:
     assert [task[f] for f in fields] == ["queued", iso(NOW + 9), 1, None, None, 0.0, None, None]
     assert (task["worker"], task["started_at"], task["finished_at"]) == (None, None, None)
     assert task["errors"] == [
-        {"attempt": 1, "error": "E", "at": iso(NOW + 7), "worker": "w1", "started_at": None}
+        {"attempt": 1, "error": "E", "at": iso(NOW + 7), "worker": "w1", "started_at": iso(NOW)}
     ]  # history kept
     assert store.retry(cancelled, NOW + 9)["status"] == "queued"
     assert [(t["task_id"], t["attempt"]) for t in store.claim("w2", 5, NOW + 10)] == [(failed, 2), (cancelled, 1)]
@@ -1003,15 +1005,17 @@ def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store
 
 
 def test_outcomes_are_kept_per_minute_and_name_with_their_run_time(store: Store) -> None:
-    ok, bad, gone = add(store, "a"), add(store, "b", options={"retries": 1}), add(store, "a")
-    store.claim("w1", 2, NOW)
+    ok, bad, plain, gone = add(store, "a"), add(store, "b", options={"retries": 1}), add(store, "c"), add(store, "a")
+    store.claim("w1", 3, NOW)
     store.apply_events([("w1", ev(ok, 1, "succeeded", at=NOW + 3, result=1, started_at=NOW + 1))])
+    store.apply_events([("w1", ev(plain, 1, "started", at=NOW + 2)), ("w1", ev(plain, 1, "succeeded", at=NOW + 6))])
     store.apply_events([("w1", ev(bad, 1, "failed", error="E", started_at=NOW))])  # a retry is no outcome
     store.cancel(gone, NOW)
     before = time.time()
     outcomes = store.outcomes(before - 60)
     assert {(name, outcome): (n, run) for _, name, outcome, n, run in outcomes} == {
         ("a", "succeeded"): (1, 2.0),
+        ("c", "succeeded"): (1, 4.0),  # from its started event: the final one does not say
         ("a", "cancelled"): (1, 0.0),
     }
     assert {minute for minute, *_ in outcomes} <= {int(before // 60 * 60), int(before // 60 * 60) - 60}
