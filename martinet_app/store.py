@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -26,7 +26,7 @@ import peewee as pw
 
 from . import config, protocol, schema
 from .db import Pool, connect
-from .errors import InvalidTransition, TaskNotFound
+from .errors import InvalidTransition, MartinetError, TaskNotFound
 from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, Worker
 from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
 
@@ -659,17 +659,29 @@ class Store:
         return task_dict(row)
 
     def list_tasks(
-        self, *, status: str | None, name: str | None, username: str | None, limit: int, before: int | None = None
+        self,
+        *,
+        status: str | None,
+        name: str | None,
+        username: str | None,
+        limit: int,
+        before: int | None = None,
+        search: str | None = None,
     ) -> list[dict]:
-        """Summaries (SUMMARY_FIELDS) of tasks newest first, filtered by the given fields; ``before``: ids below it."""
-        query = Task.select(*(getattr(Task, _column(f)) for f in SUMMARY_FIELDS)).order_by(Task.id.desc()).limit(limit)
-        for field, value in ((Task.status, status), (Task.name, name), (Task.username, username)):
-            if value is not None:
-                query = query.where(field == value)
-        if before is not None and before <= config.MAX_ID:
-            query = query.where(Task.id < before)
+        """Summaries (SUMMARY_FIELDS) of tasks newest first, filtered by the given fields; ``before``: ids below it;
+        ``search``: a substring of the description, in any case (only ASCII letters fold on SQLite)."""
+        columns = [getattr(Task, _column(f)) for f in SUMMARY_FIELDS]
+        query = _filtered(Task.select(*columns), status, name, username, search, limit, before)
         with self._read():
             return [task_summary(row) for row in query]
+
+    def task_ids(
+        self, *, status: str | None, name: str | None, username: str | None, search: str | None, limit: int
+    ) -> list[int]:
+        """The ids of the tasks :meth:`list_tasks` lists for these filters, newest first."""
+        query = _filtered(Task.select(Task.id), status, name, username, search, limit)
+        with self._read():
+            return [task_id for (task_id,) in query.tuples()]
 
     def cancel(self, task_id: int, now: float) -> dict:
         """scheduled|queued|running -> cancelled; returns the record. InvalidTransition for a final task.
@@ -680,21 +692,31 @@ class Store:
         """
         _check_id(task_id, _no_task)
         with self.transaction():
-            changed = (
-                Task.update(status=target(M.CANCEL).value, finished_at=now)
-                .where((Task.id == task_id) & _in(M.CANCEL))
-                .execute()
-            )
-            task = self.get_task(task_id)
-            if changed:
-                self._notice_final([task_id])
-                if task["worker"] is not None:
-                    self._notice("cancel", task["worker"], task_id, task["attempts"])
-        if not changed:
-            raise InvalidTransition(
-                f"task {task_id} is {task['status']}: only {_names(M.CANCEL)} tasks can be cancelled"
-            )
-        return task
+            _, refused = self.cancel_many([task_id], now)
+            if refused:
+                raise refused[task_id]
+            return self.get_task(task_id)
+
+    def cancel_many(self, task_ids: Sequence[int], now: float) -> tuple[list[dict], dict[int, MartinetError]]:
+        """:meth:`cancel` of each of ``task_ids``, in one transaction and a statement per 500: the tasks
+        cancelled as ``{id, worker, attempts}`` (``worker`` not null: it was running), and why each other
+        was not (InvalidTransition, TaskNotFound)."""
+        moved: dict[int, dict] = {}
+        with self.transaction():
+            for chunk in _chunks(task_ids):
+                query = (
+                    Task.update(status=target(M.CANCEL).value, finished_at=now)
+                    .where(Task.id.in_(chunk) & _in(M.CANCEL))
+                    .returning(Task.id, Task.worker, Task.attempts)
+                )
+                moved.update((i, {"id": i, "worker": w, "attempts": a}) for i, w, a in query.tuples().execute())
+            if moved:
+                self._notice_final(list(moved))
+                for task in moved.values():
+                    if task["worker"] is not None:
+                        self._notice("cancel", task["worker"], task["id"], task["attempts"])
+            refused = self._refusals(task_ids, set(moved), M.CANCEL, "cancelled")
+        return [moved[task_id] for task_id in _in_order(moved, task_ids)], refused
 
     def retry(self, task_id: int, now: float) -> dict:
         """failed|cancelled -> queued, due now; returns the record. InvalidTransition for any other state,
@@ -705,37 +727,71 @@ class Store:
         """
         _check_id(task_id, _no_task)
         with self.transaction():
+            _, refused = self.retry_many([task_id], now)
+            if refused:
+                raise refused[task_id]
+            return self.get_task(task_id)
+
+    def retry_many(self, task_ids: Sequence[int], now: float) -> tuple[list[int], dict[int, MartinetError]]:
+        """:meth:`retry` of each of ``task_ids``, in one transaction and a statement per 500: the ids
+        retried, and why each other was not (InvalidTransition, TaskNotFound)."""
+        with self.transaction():
             try:
-                with self.db.atomic():  # a savepoint: a key taken meanwhile leaves the transaction usable
-                    changed = (
-                        Task.update(
-                            status=target(M.RETRY).value,
-                            run_at=now,
-                            result=None,
-                            error=None,
-                            traceback=None,
-                            progress=0.0,
-                            progress_message=None,
-                            started_at=None,
-                            finished_at=None,
-                            worker=None,
-                            server=None,
+                with self.db.atomic():  # a savepoint: a key taken leaves the transaction usable
+                    moved = [task_id for chunk in _chunks(task_ids) for task_id in self._retry_rows(chunk, now)]
+                taken: dict[int, MartinetError] = {}
+            except pw.IntegrityError:  # a key held by a task not yet final: one at a time, to find whose
+                moved, taken = [], {}
+                for task_id in task_ids:
+                    try:
+                        with self.db.atomic():
+                            moved += self._retry_rows([task_id], now)
+                    except pw.IntegrityError:
+                        holder = next(iter(self._existing([(self.get_task(task_id)["key"], None)]).values()), "?")
+                        taken[task_id] = InvalidTransition(
+                            f"task {task_id} cannot be retried: its key is held by task {holder}, which is not final "
+                            "yet; wait for it, or cancel it first"
                         )
-                        .where((Task.id == task_id) & _in(M.RETRY))
-                        .execute()
-                    )
-            except pw.IntegrityError:
-                holder = self._existing([(self.get_task(task_id)["key"], None)])
-                raise InvalidTransition(
-                    f"task {task_id} cannot be retried: its key is held by task {next(iter(holder.values()), '?')}, "
-                    "which is not final yet; wait for it, or cancel it first"
-                ) from None
-            task = self.get_task(task_id)
-            if changed:
+            if moved:
                 self._notice("queued")
-        if not changed:
-            raise InvalidTransition(f"task {task_id} is {task['status']}: only {_names(M.RETRY)} tasks can be retried")
-        return task
+            refused = self._refusals(task_ids, {*moved, *taken}, M.RETRY, "retried")
+        return _in_order(moved, task_ids), {**taken, **refused}
+
+    def _retry_rows(self, task_ids: Sequence[int], now: float) -> list[int]:
+        """The UPDATE of a retry, for those of ``task_ids`` that may move: their ids."""
+        query = (
+            Task.update(
+                status=target(M.RETRY).value,
+                run_at=now,
+                result=None,
+                error=None,
+                traceback=None,
+                progress=0.0,
+                progress_message=None,
+                started_at=None,
+                finished_at=None,
+                worker=None,
+                server=None,
+            )
+            .where(Task.id.in_(list(task_ids)) & _in(M.RETRY))
+            .returning(Task.id)
+        )
+        return [task_id for (task_id,) in query.tuples().execute()]
+
+    def _refusals(self, task_ids: Sequence[int], moved: set[int], move: Move, done: str) -> dict[int, MartinetError]:
+        """Why each of ``task_ids`` not in ``moved`` did not move: its status (InvalidTransition), or TaskNotFound."""
+        rest = [task_id for task_id in task_ids if task_id not in moved]
+        statuses: dict[int, str] = {}
+        for chunk in _chunks(rest):
+            statuses.update(Task.select(Task.id, Task.status).where(Task.id.in_(chunk)).tuples())
+        return {
+            task_id: InvalidTransition(
+                f"task {task_id} is {statuses[task_id]}: only {_names(move)} tasks can be {done}"
+            )
+            if task_id in statuses
+            else _no_task(task_id)
+            for task_id in rest
+        }
 
     def purge(self, statuses: Sequence[str], *, finished_before: float, limit: int) -> int:
         """Delete at most ``limit`` tasks in ``statuses`` (final ones only) that finished before ``finished_before``,
@@ -901,6 +957,38 @@ def _names(move: Move) -> str:
     """The statuses ``move`` applies to, for a message: ``scheduled, queued or running``."""
     names = [s.value for s in sources(move)]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _filtered(
+    query: Any,
+    status: str | None,
+    name: str | None,
+    username: str | None,
+    search: str | None,
+    limit: int,
+    before: int | None = None,
+) -> Any:
+    """``query`` of tasks, newest first, at most ``limit``, narrowed by the filters of a ``list``."""
+    for field, value in ((Task.status, status), (Task.name, name), (Task.username, username)):
+        if value is not None:
+            query = query.where(field == value)
+    if search:
+        query = query.where(Task.description.contains(search))  # ILIKE (LIKE on SQLite), % and _ escaped
+    if before is not None and before <= config.MAX_ID:
+        query = query.where(Task.id < before)
+    return query.order_by(Task.id.desc()).limit(limit)
+
+
+def _in_order(ids: Iterable[int], task_ids: Sequence[int]) -> list[int]:
+    """``ids`` (some of ``task_ids``) in the order of ``task_ids``: RETURNING gives rows in any order."""
+    position = {task_id: index for index, task_id in enumerate(task_ids)}
+    return sorted(ids, key=position.__getitem__)
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    """``ids`` a statement's worth at a time (SQLite takes 32,766 parameters per statement)."""
+    for start in range(0, len(ids), _INSERT_CHUNK):
+        yield list(ids[start : start + _INSERT_CHUNK])
 
 
 def _in(move: Move) -> Any:
