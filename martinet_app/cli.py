@@ -503,6 +503,7 @@ def wait(client: Martinet, as_json: bool, task_id: int, wait_timeout: float) -> 
 @click.option("--status", help="Only tasks in this status (scheduled, queued, running, succeeded...).")
 @click.option("--name", help="Only tasks with this handler name.")
 @click.option("--username", help="Only tasks run for this user.")
+@click.option("--search", metavar="TEXT", help="Only tasks whose description contains TEXT, in any case.")
 @click.option("--limit", type=click.IntRange(1, config.LIST_LIMIT_MAX), default=config.LIST_LIMIT, help="Most rows.")
 @click.option(
     "--before",
