@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -1007,10 +1008,14 @@ def _requeued() -> dict:
 
 
 def _row_key(request_key: str | None, index: int, count: int) -> str | None:
-    """The request key of the ``index``-th of ``count`` tasks a request submits."""
-    if request_key is None:
-        return None
-    return request_key if count == 1 else f"{request_key}/{index}"
+    """The request key of the ``index``-th of ``count`` tasks a request submits: ``KEY/INDEX``, a key too long
+    for that in the column's 255 characters replaced by its SHA-256 (the same on every server)."""
+    if request_key is None or count == 1:
+        return request_key
+    suffix = f"/{index}"
+    if len(request_key) + len(suffix) > config.MAX_NAME_CHARS:
+        request_key = "sha256:" + hashlib.sha256(request_key.encode()).hexdigest()
+    return request_key + suffix
 
 
 def _fail_running(row: Task, attempt: int, worker: str | None, *, at: float, error: str) -> None:

@@ -801,6 +801,14 @@ def test_retry_refused_while_another_task_holds_the_key(store: Store) -> None:
     assert store.retry(first, NOW)["status"] == "queued"
 
 
+def test_a_repeated_request_with_the_longest_key_creates_nothing_twice(store: Store) -> None:
+    tasks = [({"name": "job"}, {"i": i}) for i in range(12)]
+    key = "k" * 255  # the longest a request_key may be: KEY/11 would not fit the column
+    ids = store.add_tasks(tasks, run_at=NOW, now=NOW, request_key=key)
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key=key) == ids and len(set(ids)) == 12
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="k" * 254) != ids
+
+
 def test_search_finds_a_substring_of_the_description_in_any_case_wildcards_literal(store: Store) -> None:
     ids = {text: add(store, description=text) for text in ("Backup 50% DONE", "backup 50 done", "a_b", "axb", "c\\d")}
     add(store)  # no description
