@@ -385,7 +385,7 @@ def document(routes: Iterable[Route]) -> dict:
             "description": "The client's verbs over HTTP: submit, list, cancel and retry tasks, manage schedules, "
             'see workers. Errors are `{"error": {"type", "message"}}` with the client\'s error types. With no '
             "--http-token (loopback only) no token is needed, but a change request without an Authorization "
-            "header must be sent as JSON from the same origin.",
+            "header must be sent as JSON from the same origin. No string may hold NUL (U+0000).",
         },
         "paths": paths,
         "components": {
