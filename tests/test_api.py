@@ -366,9 +366,9 @@ SCHEMATHESIS_EXAMPLES = 12
 
 
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(
-    request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str
+    request: pytest.FixtureRequest, tmp_path: Path, db_url: str
 ) -> None:
-    server = Server(sqlite_url, tmp_path / "server.log", "--http-token", TOKEN, http=True)
+    server = Server(db_url, tmp_path / "server.log", "--http-token", TOKEN, http=True)
     server.start().wait_ready()
     worker = Process(server.worker_args(), tmp_path / "worker.log").start()
     report = tmp_path / "schemathesis.xml"
