@@ -581,6 +581,7 @@ def stats(client: Martinet, as_json: bool) -> None:
 @click.option("--status", help="Only tasks in this status (scheduled, queued, running, succeeded...).")
 @click.option("--name", help="Only tasks with this handler name.")
 @click.option("--username", help="Only tasks run for this user.")
+@click.option("--search", metavar="TEXT", help="Only tasks whose description contains TEXT, in any case.")
 @click.option("--limit", type=click.IntRange(1, config.LIST_LIMIT_MAX), default=config.LIST_LIMIT, help="Most rows.")
 @click.option(
     "--before",

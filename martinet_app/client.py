@@ -271,14 +271,16 @@ class Martinet:
         username: str | None = None,
         limit: int = config.LIST_LIMIT,
         before: int | None = None,
+        search: str | None = None,
     ) -> list[dict]:
-        """Summaries of up to ``limit`` tasks, newest first, optionally filtered by status, name and username.
+        """Summaries of up to ``limit`` tasks, newest first, optionally filtered by status, name and username,
+        and by ``search``: a substring of the description, in any case.
 
         ``before`` keeps tasks with a smaller id: the next page. A summary is a task's record
         without ``args``, ``result``, ``traceback`` and ``errors`` (``error`` may be shortened);
         :meth:`status` gives the whole record.
         """
-        return self.list_page(status, name, username, limit, before)[0]
+        return self.list_page(status, name, username, limit, before, search)[0]
 
     def list_page(
         self,
@@ -287,9 +289,12 @@ class Martinet:
         username: str | None = None,
         limit: int = config.LIST_LIMIT,
         before: int | None = None,
+        search: str | None = None,
     ) -> tuple[list[dict], int | None]:
         """One page of :meth:`list` and the ``before`` of the next page, None on the last page."""
-        reply = self._request("list", status=status, name=name, username=username, limit=limit, before=before)
+        reply = self._request(
+            "list", status=status, name=name, username=username, search=search, limit=limit, before=before
+        )
         return reply["tasks"], reply.get("next_before")
 
     def iter_tasks(
@@ -298,6 +303,7 @@ class Martinet:
         name: str | None = None,
         username: str | None = None,
         page: int = _PAGE_SIZE,
+        search: str | None = None,
     ) -> Iterator[dict]:
         """Summaries of every matching task, newest first, fetched ``page`` at a time (see :meth:`list`).
 
@@ -306,7 +312,7 @@ class Martinet:
         """
         before = None
         while True:
-            tasks, before = self.list_page(status, name, username, page, before)
+            tasks, before = self.list_page(status, name, username, page, before, search)
             yield from tasks
             if before is None:
                 return
@@ -338,6 +344,27 @@ class Martinet:
     def retry(self, task_id: int) -> dict:
         """Queue a failed or cancelled task to run again now; returns its record (``errors`` keeps its history)."""
         return self._request("retry", task_id=task_id)["task"]
+
+    def bulk(
+        self,
+        action: str,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        username: str | None = None,
+        search: str | None = None,
+        limit: int = config.BULK_LIMIT,
+    ) -> dict:
+        """``action`` (``"cancel"`` or ``"retry"``) on every task the filters select (as :meth:`list`'s, newest
+        first, at most ``limit``), in one transaction on the server; running tasks' workers are told to stop them.
+
+        Returns ``{"done": [ids], "failed": [{"id", "error": {"type", "message"}}]}``: a task that cannot
+        move (retry of a succeeded one) is in ``failed`` and costs the others nothing.
+        """
+        reply = self._request(
+            "bulk", action=action, status=status, name=name, username=username, search=search, limit=limit
+        )
+        return {"done": reply["done"], "failed": reply["failed"]}
 
     def revoke(self, recurring_id: int) -> dict:
         """Stop a recurring schedule; tasks it already created stay in history."""

@@ -830,6 +830,58 @@ def test_retry_refused_while_another_task_holds_the_key(store: Store) -> None:
     assert store.retry(first, NOW)["status"] == "queued"
 
 
+def test_a_repeated_request_with_the_longest_key_creates_nothing_twice(store: Store) -> None:
+    tasks = [({"name": "job"}, {"i": i}) for i in range(12)]
+    key = "k" * 255  # the longest a request_key may be: KEY/11 would not fit the column
+    ids = store.add_tasks(tasks, run_at=NOW, now=NOW, request_key=key)
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key=key) == ids and len(set(ids)) == 12
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="k" * 254) != ids
+
+
+def test_search_finds_a_substring_of_the_description_in_any_case_wildcards_literal(store: Store) -> None:
+    ids = {text: add(store, description=text) for text in ("Backup 50% DONE", "backup 50 done", "a_b", "axb", "c\\d")}
+    add(store)  # no description
+
+    def found(search: str) -> set[str]:
+        rows = store.list_tasks(status=None, name=None, username=None, search=search, limit=50)
+        return {text for text, task_id in ids.items() if task_id in {row["id"] for row in rows}}
+
+    assert found("BACKUP") == {"Backup 50% DONE", "backup 50 done"}
+    assert found("50%") == {"Backup 50% DONE"}, "% is a character, not a wildcard"
+    assert found("a_b") == {"a_b"}, "_ is a character, not a wildcard"
+    assert found("c\\d") == {"c\\d"}
+    assert found("") == set(ids) and found("nothing like it") == set()
+    assert store.task_ids(status="queued", name=None, username=None, search="done", limit=1) == [ids["backup 50 done"]]
+
+
+def test_cancel_many_and_retry_many_move_what_can_move_and_say_why_not_for_the_rest(store: Store) -> None:
+    running, done, scheduled, queued = add(store), add(store), add(store, run_at=NOW + 60), add(store)
+    assert [t["task_id"] for t in store.claim("w1", 1, NOW) + store.claim("w2", 1, NOW)] == [running, done]
+    store.apply_events([("w2", ev(done, 1, "succeeded", result=None))])
+    order = [done, queued, 999_999, running, scheduled]
+    cancelled, refused = store.cancel_many(order, NOW + 1)
+    assert cancelled == [
+        {"id": queued, "worker": None, "attempts": 0},
+        {"id": running, "worker": "w1", "attempts": 1},
+        {"id": scheduled, "worker": None, "attempts": 0},
+    ], "in the order asked, a running one with its delivery"
+    why = "only scheduled, queued or running tasks can be cancelled"
+    assert refused[done].message == f"task {done} is succeeded: {why}"
+    assert isinstance(refused[999_999], TaskNotFound) and set(refused) == {done, 999_999}
+    retried, refused = store.retry_many(order, NOW + 2)
+    assert retried == [queued, running, scheduled] and set(refused) == {done, 999_999}
+    assert {status(store, task_id) for task_id in retried} == {"queued"}
+
+
+def test_retry_many_refuses_only_the_tasks_whose_key_is_held(store: Store) -> None:
+    first, free = add(store, key="nightly"), add(store)
+    store.cancel_many([first, free], NOW)
+    holder = add(store, key="nightly")
+    retried, refused = store.retry_many([first, free], NOW)
+    assert retried == [free] and list(refused) == [first]
+    assert f"held by task {holder}" in refused[first].message and status(store, first) == "cancelled"
+
+
 def test_a_repeated_request_creates_nothing_twice(store: Store) -> None:
     tasks = [({"name": "job"}, {"i": i}) for i in range(3)]
     ids = store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="req-1")
