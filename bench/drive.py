@@ -38,7 +38,7 @@ a run may wait).
   (execute call) p50/p99/max of each phase (quiet_*, polled_*), and the polls' time (poll_*).
 - purge (Martinet only, in `make bench-scale`): PURGE_N tasks that succeeded two days ago written
   into a fresh store; with a worker, one producer's executes for PHASE_S seconds (quiet_*), then
-  while a second client purges them all (`purge('succeeded', '1d')`, 500 per request) (purging_*);
+  while a second client purges them all (`purge('succeeded', '1d')`, 100 per request) (purging_*);
   purge_s is how long the purge took.
 - scale (Martinet only, not in `make bench`: `make bench-scale`): SCALE_N tasks scheduled over the
   next 3 days, written into a fresh SQLite file with Store.add_tasks in chunks of 10,000 (one
@@ -483,7 +483,7 @@ def fill_finished(path: str, count: int) -> None:
 
 def purge() -> dict:
     """PURGE_N tasks that finished two days ago; one producer's executes for PHASE_S seconds, then while another
-    client purges them all (``purge('succeeded', '1d')``, 500 per request): the submit figures of each phase,
+    client purges them all (``purge('succeeded', '1d')``, 100 per request): the submit figures of each phase,
     and how long the purge took."""
     from martinet_app.client import Martinet
 
