@@ -97,6 +97,7 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
         Route("POST", "/api/v1/recurring/{id}/revoke", revoke, Role.ADMIN),
         Route("POST", "/api/v1/recurring/{id}/run", run_now, Role.ADMIN),
         Route("GET", "/api/v1/workers", simple("workers")),
+        Route("GET", "/api/v1/stats", simple("stats")),
     ]
 
 

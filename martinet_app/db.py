@@ -28,6 +28,7 @@ import gevent.lock
 import peewee as pw
 
 from .errors import ConfigError, StoreUnavailable
+from .tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Transaction:
     notices: dict[str, None] = dataclasses.field(default_factory=dict)  # in order, once each
     doomed: Exception | None = None  # a statement failed and its caller carried on
     read_only: bool = False  # reads only, beside the writer (PostgreSQL)
+    #: What the transaction changes in the task counts (tally.py), written just before it commits.
+    tally: Tally = dataclasses.field(default_factory=lambda: Tally())
 
 
 class Pool:
@@ -56,6 +59,8 @@ class Pool:
     def __init__(self, database: pw.Database, url: str) -> None:
         self.db = database
         self.url = url
+        #: Writes a transaction's tally inside it, just before the commit (the store sets it).
+        self.write_tally: Callable[[Tally], None] | None = None
         self.postgres = isinstance(database, pw.PostgresqlDatabase)
         #: Reads outside a transaction run beside the writer, on their own connections (PostgreSQL).
         self.concurrent = isinstance(database, _PooledPostgresqlDatabase)
@@ -123,6 +128,8 @@ class Pool:
                         if transaction.doomed is not None:
                             # A statement failed and its caller carried on: commit none of the turn.
                             raise transaction.doomed
+                        if transaction.tally and self.write_tally is not None:
+                            self.write_tally(transaction.tally)
                         if transaction.notices:
                             self._send_notices(transaction.notices)
                 finally:
@@ -145,6 +152,10 @@ class Pool:
     def on_rollback(self, undo: Callable[[], None]) -> None:
         """Run ``undo`` if the calling greenlet's transaction does not commit (memory that assumed it would)."""
         self._open().on_rollback.append(undo)
+
+    def tally(self) -> Tally:
+        """The calling greenlet's transaction's changes to the task counts (tally.py)."""
+        return self._open().tally
 
     def notify(self, message: str) -> None:
         """Send ``message`` on PostgreSQL's NOTIFY_CHANNEL when the current transaction commits (and only then)."""

@@ -21,7 +21,7 @@ from typing import Any
 import gevent
 import zmq.green as zmq
 
-from . import __version__, config, errors, protocol, timespec
+from . import __version__, config, errors, protocol, stats, timespec
 from .broker import Broker
 from .errors import InvalidRequest, MartinetError, ProtocolError
 from .scheduler import Scheduler
@@ -113,6 +113,7 @@ class ClientEndpoint:
             "retry": self._retry,
             "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
             "purge": self._purge,
+            "stats": lambda r, _: stats.summary(self.store, time.time()),
             "revoke": lambda r, _: {
                 "recurring": self.store.revoke(protocol.check_id(r.get("recurring_id"), "recurring_id"))
             },

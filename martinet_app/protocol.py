@@ -66,6 +66,7 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
     "recurring": frozenset(),
     "revoke": frozenset({"recurring_id"}),
     "purge": frozenset({"status", "older_than", "limit"}),
+    "stats": frozenset(),
 }
 CLIENT_OPS = {op: fields | {"request_key"} if op in MUTATING_OPS else fields for op, fields in CLIENT_OPS.items()}
 

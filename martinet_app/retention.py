@@ -1,4 +1,5 @@
-"""Retention: the server deletes finished tasks once they are older than it keeps them, a small batch at a time."""
+"""Retention: the server deletes finished tasks once they are older than it keeps them, a small batch at a time,
+and the per-minute outcomes (tally.py) once they are older than stats.KEEP_OUTCOMES."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import gevent
 
-from . import config
+from . import config, stats
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -40,3 +41,4 @@ class Retention:
                 gevent.sleep(0)  # the other loops go first between batches
             if deleted:
                 log.info("deleted %d %s task(s) finished more than %g s ago", deleted, "/".join(statuses), keep)
+        self.store.forget_outcomes(time.time() - stats.KEEP_OUTCOMES)

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 #: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
 #: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT), 4 the cluster: the
 #: ``server`` and ``worker`` tables, each task's delivering ``server``, and the keys that make a
-#: submission idempotent (``idempotency_key``, ``request_key``).
-SCHEMA_VERSION = 4
+#: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``).
+SCHEMA_VERSION = 5
 #: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
 SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
@@ -153,6 +153,32 @@ class Worker(_Model):
     key_name = pw.CharField(max_length=255, null=True)  # the name of its CURVE key, on a server with keys
 
 
+class TaskCount(_Model):
+    """How many tasks are in each status, as the sum over servers of each one's changes (tally.py)."""
+
+    server = pw.CharField(max_length=255)
+    status = pw.CharField(max_length=16)
+    n = pw.BigIntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("server", "status")
+
+
+class TaskMinute(_Model):
+    """Tasks of ``name`` that ended in ``outcome`` (a final status) during the minute starting at ``minute``
+    (epoch seconds), as each server recorded them, with their total run time (tally.py)."""
+
+    minute = pw.BigIntegerField()
+    server = pw.CharField(max_length=255)
+    name = pw.CharField(max_length=255)
+    outcome = pw.CharField(max_length=16)
+    n = pw.BigIntegerField()
+    run_seconds = pw.DoubleField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("minute", "server", "name", "outcome")
+
+
 class Meta(_Model):
     """Key/value facts about the store itself (``schema_version``)."""
 
@@ -160,7 +186,7 @@ class Meta(_Model):
     value = pw.TextField()
 
 
-TABLES = (Task, Recurring, Server, Worker, Meta)
+TABLES = (Task, Recurring, Server, Worker, TaskCount, TaskMinute, Meta)
 
 
 def create_or_migrate(db: pw.Database, url: str) -> None:
@@ -230,5 +256,21 @@ def _add_cluster(db: pw.Database) -> None:
     _add_columns(db, "recurring", (("request_key", text),))
 
 
+def recount(db: pw.Database, server: str) -> None:
+    """Set ``task_count`` to the tasks in the store, counted (a scan), as ``server``'s rows: at a start with no
+    other server running, and when schema 5 brings the table. Outcomes of the past are not recounted."""
+    db.execute_sql("DELETE FROM task_count")
+    db.execute_sql(
+        f"INSERT INTO task_count (server, status, n) SELECT {db.param}, status, COUNT(*) FROM task GROUP BY status",
+        (server,),
+    )
+
+
+def _add_counts(db: pw.Database) -> None:
+    """Schema 4 -> 5: the count tables, and the tasks there are counted."""
+    db.create_tables([TaskCount, TaskMinute], safe=True)
+    recount(db, "migrated")
+
+
 #: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster}
+_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -27,8 +28,9 @@ import peewee as pw
 from . import config, protocol, schema
 from .db import Pool, connect
 from .errors import InvalidTransition, TaskNotFound
-from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, Worker
+from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, TaskMinute, Worker
 from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
+from .tally import Tally
 
 __all__ = ["FINAL", "SCHEMA_VERSION", "Applied", "Store", "TaskStatus", "backoff"]
 
@@ -92,6 +94,8 @@ class Store:
         self.on_rollback = pool.on_rollback
         self.exclusive = pool.exclusive
         self._read = pool.read
+        self._tally = pool.tally
+        pool.write_tally = self._write_tally
         self._sql = _Statements(self.db.param, skip_locked=bool(self.db.for_update))
 
     # ------------------------------------------------------------ opening
@@ -178,6 +182,7 @@ class Store:
         """Insert ``rows`` (one statement); the ids in row order, a conflicting row's the existing task's."""
         params = [value for row in rows for value in row]
         inserted = sorted(self.db.execute_sql(self._sql.insert_tasks(len(rows)), params).fetchall())
+        self._tally().move(None, S(rows[0][_INSERT_COLUMNS.index("status")]), len(inserted))
         # One INSERT takes increasing ids in row order (RETURNING lists them in any order): the
         # inserted rows are, in order, those whose keys match the next inserted id's.
         ids: list[int | None] = []
@@ -289,6 +294,7 @@ class Store:
         """scheduled -> queued for every task whose run_at has come. Returns how many moved."""
         with self.transaction():
             moved = Task.update(status=target(M.DUE).value).where(_in(M.DUE) & (Task.run_at <= now)).execute()
+            self._tally().move(S.SCHEDULED, target(M.DUE), moved)
             if moved:
                 self._notice("queued")
             return moved
@@ -333,6 +339,7 @@ class Store:
                         **{key: getattr(rec, key) for key in OPTION_FIELDS},
                     ).execute()
                 )
+            self._tally().move(None, S.QUEUED, len(ids))
             if ids:
                 self._notice("queued")
         return ids
@@ -349,6 +356,7 @@ class Store:
             return []
         with self.transaction():
             rows = self.db.execute_sql(self._sql.claim, (worker, self.server_id, now, limit)).fetchall()
+            self._tally().move(S.QUEUED, target(M.CLAIM), len(rows))
             if len(rows) < limit:  # nothing is left queued: the other servers need not look
                 self.pool.withdraw(self._notice_text("queued"))
         # RETURNING lists rows in no particular order: restore the queue's.
@@ -374,6 +382,7 @@ class Store:
                     .where(_delivery(task_id, attempt))
                     .execute()
                 )
+            self._tally().move(S.RUNNING, target(M.REQUEUE), count)
             if count:
                 self._notice("queued")
         return count
@@ -389,6 +398,7 @@ class Store:
             for task_id, attempt in refs:
                 if Task.update(**_requeued()).where(_delivery(task_id, attempt)).execute():
                     ids.append(task_id)
+            self._tally().move(S.RUNNING, target(M.REQUEUE), len(ids))
             if ids:
                 self._notice("queued")
         return ids
@@ -402,7 +412,7 @@ class Store:
         wanted = set(refs)
         failed = []
         with self.transaction():
-            query = Task.select(Task.id, Task.attempts, Task.worker, Task.errors, Task.failures).where(
+            query = Task.select(Task.id, Task.name, Task.attempts, Task.worker, Task.errors, Task.failures).where(
                 _in(M.FAIL) & (Task.attempts >= self.max_deliveries)
             )
             if worker is not None:
@@ -414,8 +424,8 @@ class Store:
                     f"delivered {row.attempts} times and its worker was lost each time (it died or went silent): "
                     "not delivered again; `martinet retry` runs it once more"
                 )
-                _fail_running(row, row.attempts, row.worker, at=now, error=error)
-                failed.append(row.id)
+                if self._fail_running(row, row.attempts, row.worker, at=now, error=error):
+                    failed.append(row.id)
             self._notice_final(failed)
         return failed
 
@@ -424,11 +434,35 @@ class Store:
         and no retry (its worker's own final event could not be stored). Whether it applied."""
         with self.transaction():
             row = Task.get_or_none(_delivery(task_id, attempt) & (Task.worker == worker))
-            if row is None:
+            if row is None or not self._fail_running(row, attempt, worker, at=at, error=error, started=row.started_at):
                 return False
-            _fail_running(row, attempt, worker, at=at, error=error)
             self._notice_final([task_id])
         return True
+
+    def _fail_running(
+        self, row: Task, attempt: int, worker: str | None, *, at: float, error: str, started: float | None = None
+    ) -> bool:
+        """running -> failed for good (no retry), ``error`` recorded as the delivery's failure (inside a
+        transaction). Whether it applied (the task was still running)."""
+        history = protocol.json_value(row.errors) if row.errors else []
+        errors = _kept(history, {"attempt": attempt, "error": error, "at": at, "worker": worker})
+        failed = decide(S.RUNNING, M.FAIL)
+        changed = (
+            Task.update(
+                status=failed.value,
+                error=error,
+                traceback=None,
+                errors=protocol.json_text(errors),
+                failures=row.failures + 1,
+                finished_at=at,
+            )
+            .where((Task.id == row.id) & (Task.status == S.RUNNING.value))
+            .execute()
+        )
+        if changed:
+            self._tally().move(S.RUNNING, failed)
+            self._tally().end(row.name, failed, None if started is None else at - started)
+        return bool(changed)
 
     def requeue_worker(self, worker: str) -> list[int]:
         """running -> queued for every delivery this server made to a worker it declared lost.
@@ -440,7 +474,8 @@ class Store:
             mine = _in(M.REQUEUE) & (Task.worker == worker) & (Task.server == self.server_id)
             ids = [row.id for row in Task.select(Task.id).where(mine).order_by(Task.id)]
             if ids:
-                Task.update(**_requeued()).where(Task.id.in_(ids) & mine).execute()
+                moved = Task.update(**_requeued()).where(Task.id.in_(ids) & mine).execute()
+                self._tally().move(S.RUNNING, target(M.REQUEUE), moved)
                 self._notice("queued")
         return ids
 
@@ -464,8 +499,14 @@ class Store:
     # ------------------------------------------------------------ the cluster
 
     def join(self, *, host: str, pid: int, address: str, now: float, lease: float) -> None:
-        """Record this server and its first lease of ``lease`` seconds (its id is new at every start)."""
+        """Record this server and its first lease of ``lease`` seconds (its id is new at every start).
+
+        With no other server running, the tasks are counted afresh (a scan, once): the count table then
+        holds this server's rows only, whatever changed the store while no server ran.
+        """
         with self.transaction():
+            if not Server.select().where((Server.lease_until > now) & (Server.id != self.server_id)).exists():
+                schema.recount(self.db, self.server_id)
             Server.insert(
                 id=self.server_id, host=host, pid=pid, address=address, started_at=now, lease_until=now + lease
             ).on_conflict(conflict_target=[Server.id], preserve=[Server.lease_until]).execute()
@@ -587,8 +628,11 @@ class Store:
                     )
                 elif outcome == S.SCHEDULED:
                     applied.retrying.append(event["task_id"])
+                    self._tally().move(S.RUNNING, outcome)
                 elif outcome in FINAL:
                     applied.finished.append(event["task_id"])
+                    self._tally().move(S.RUNNING, outcome)
+                    self._tally().end(target.name, outcome, _ran(event))
             self._notice_final(applied.finished)
             if applied.retrying:
                 self._notice("schedule")
@@ -606,11 +650,13 @@ class Store:
         ids = sorted(task_ids)
         for start in range(0, len(ids), _INSERT_CHUNK):
             chunk = ids[start : start + _INSERT_CHUNK]
-            for task_id, status, worker, attempts, retries, retry_delay, errors, failures in self.db.execute_sql(
+            for task_id, name, status, worker, attempts, retries, retry_delay, errors, failures in self.db.execute_sql(
                 self._sql.event_targets(len(chunk)), chunk
             ):
                 history = protocol.json_value(errors) if errors else []
-                found[task_id] = _Target(task_id, S(status), worker, attempts, retries, retry_delay, history, failures)
+                found[task_id] = _Target(
+                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures
+                )
         return found
 
     def _apply_event(self, task: _Target, worker: str, event: dict, writes: dict[str, list[tuple]]) -> S | None:
@@ -680,6 +726,7 @@ class Store:
         """
         _check_id(task_id, _no_task)
         with self.transaction():
+            before = self._locked(task_id)
             changed = (
                 Task.update(status=target(M.CANCEL).value, finished_at=now)
                 .where((Task.id == task_id) & _in(M.CANCEL))
@@ -687,6 +734,8 @@ class Store:
             )
             task = self.get_task(task_id)
             if changed:
+                self._tally().move(before, target(M.CANCEL))
+                self._tally().end(task["name"], target(M.CANCEL))
                 self._notice_final([task_id])
                 if task["worker"] is not None:
                     self._notice("cancel", task["worker"], task_id, task["attempts"])
@@ -705,6 +754,7 @@ class Store:
         """
         _check_id(task_id, _no_task)
         with self.transaction():
+            before = self._locked(task_id)
             try:
                 with self.db.atomic():  # a savepoint: a key taken meanwhile leaves the transaction usable
                     changed = (
@@ -732,6 +782,7 @@ class Store:
                 ) from None
             task = self.get_task(task_id)
             if changed:
+                self._tally().move(before, target(M.RETRY))
                 self._notice("queued")
         if not changed:
             raise InvalidTransition(f"task {task_id} is {task['status']}: only {_names(M.RETRY)} tasks can be retried")
@@ -745,13 +796,78 @@ class Store:
         if not wanted or limit < 1:
             return 0
         with self.transaction():
-            doomed = (
+            query = (
                 Task.select(Task.id)
                 .where(Task.status.in_(wanted) & (Task.finished_at < finished_before))
                 .order_by(Task.finished_at)
                 .limit(limit)
             )
-            return Task.delete().where(Task.id.in_(doomed)).execute()
+            doomed = [row.id for row in query]
+            if not doomed:
+                return 0
+            marks = ", ".join([self.db.param] * len(doomed))
+            gone = self.db.execute_sql(f"DELETE FROM task WHERE id IN ({marks}) RETURNING status", doomed).fetchall()
+            for (status,) in gone:
+                self._tally().move(S(status), None)
+            return len(gone)
+
+    def _locked(self, task_id: int) -> S | None:
+        """The task's status, its row locked to the end of the transaction on PostgreSQL (so that a change
+        made next is counted from the status it changed); None if there is no such task."""
+        lock = " FOR UPDATE" if self.pool.postgres else ""
+        row = self.db.execute_sql(f"SELECT status FROM task WHERE id = {self.db.param}{lock}", (task_id,)).fetchone()
+        return None if row is None else S(row[0])
+
+    # ------------------------------------------------------------ counts
+
+    def _write_tally(self, tally: Tally) -> None:
+        """Add a transaction's changes to this server's rows of the count tables (db.Pool, before the commit)."""
+        p = self.db.param
+        rows = [(self.server_id, status, change) for status, change in tally.statuses.items() if change]
+        if rows:
+            self.db.execute_sql(
+                f"INSERT INTO task_count (server, status, n) VALUES {', '.join([f'({p}, {p}, {p})'] * len(rows))} "
+                "ON CONFLICT (server, status) DO UPDATE SET n = task_count.n + excluded.n",
+                [value for row in rows for value in row],
+            )
+        if tally.outcomes:
+            minute = int(time.time() // 60 * 60)
+            outcomes = [(minute, self.server_id, *key, n, run) for key, (n, run) in tally.outcomes.items()]
+            self.db.execute_sql(
+                "INSERT INTO task_minute (minute, server, name, outcome, n, run_seconds) VALUES "
+                + ", ".join([f"({p}, {p}, {p}, {p}, {p}, {p})"] * len(outcomes))
+                + " ON CONFLICT (minute, server, name, outcome) DO UPDATE SET n = task_minute.n + excluded.n, "
+                "run_seconds = task_minute.run_seconds + excluded.run_seconds",
+                [value for row in outcomes for value in row],
+            )
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks are in each status (every status, 0 included), from the count table: never a scan."""
+        with self._read():
+            rows = self.db.execute_sql("SELECT status, SUM(n) FROM task_count GROUP BY status").fetchall()
+        found = {status: int(n) for status, n in rows}
+        return {status.value: found.get(status.value, 0) for status in S}
+
+    def outcomes(self, since: float) -> list[tuple[int, str, str, int, float]]:
+        """``(minute, name, outcome, count, run_seconds)`` of the tasks that ended from the minute of ``since`` on,
+        summed over servers, by minute."""
+        with self._read():
+            rows = self.db.execute_sql(
+                "SELECT minute, name, outcome, SUM(n), SUM(run_seconds) FROM task_minute WHERE minute >= "
+                f"{self.db.param} GROUP BY minute, name, outcome ORDER BY minute",
+                (int(since // 60 * 60),),
+            ).fetchall()
+        return [(int(minute), name, outcome, int(n), float(run)) for minute, name, outcome, n, run in rows]
+
+    def oldest_queued(self) -> float | None:
+        """The earliest ``run_at`` of a queued task (a range scan of the (status, run_at) index)."""
+        with self._read():
+            return Task.select(pw.fn.MIN(Task.run_at)).where(Task.status == S.QUEUED.value).scalar()
+
+    def forget_outcomes(self, before: float) -> int:
+        """Delete the per-minute outcomes older than ``before``; returns how many rows went."""
+        with self.transaction():
+            return TaskMinute.delete().where(TaskMinute.minute < before).execute()
 
     def list_recurring(self) -> list[dict]:
         """Every recurring schedule, enabled or revoked, oldest first."""
@@ -785,6 +901,7 @@ class _Target:
     """A task as :meth:`Store.apply_events` needs it, updated as the batch's events are decided."""
 
     id: int
+    name: str
     status: TaskStatus
     worker: str | None
     attempts: int
@@ -812,8 +929,8 @@ class _Statements:
             "RETURNING id, name, args, attempts, timeout, priority, run_at"
         )
         self._event_targets = (
-            "SELECT id, status, worker, attempts, retries, retry_delay, errors, failures FROM task WHERE id IN ({})"
-            + (" FOR UPDATE" if skip_locked else "")
+            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures "
+            "FROM task WHERE id IN ({})" + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = (
             f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} ON CONFLICT DO NOTHING "
@@ -925,18 +1042,10 @@ def _row_key(request_key: str | None, index: int, count: int) -> str | None:
     return request_key if count == 1 else f"{request_key}/{index}"
 
 
-def _fail_running(row: Task, attempt: int, worker: str | None, *, at: float, error: str) -> None:
-    """running -> failed for good (no retry), ``error`` recorded as the delivery's failure (inside a transaction)."""
-    history = protocol.json_value(row.errors) if row.errors else []
-    errors = _kept(history, {"attempt": attempt, "error": error, "at": at, "worker": worker})
-    Task.update(
-        status=S.FAILED.value,
-        error=error,
-        traceback=None,
-        errors=protocol.json_text(errors),
-        failures=row.failures + 1,
-        finished_at=at,
-    ).where((Task.id == row.id) & (Task.status == S.RUNNING.value)).execute()
+def _ran(event: dict) -> float | None:
+    """How long a final event's run took, seconds, if it says when it started."""
+    started = event.get("started_at")
+    return None if started is None else event["at"] - started
 
 
 def _kept(errors: list[dict], failure: dict) -> list[dict]:

@@ -22,6 +22,7 @@ import pytest
 
 from martinet_app import Martinet
 from martinet_app.errors import ServerUnavailable
+from martinet_app.schema import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_HANDLERS = Path(__file__).resolve().parent / "handlers"
@@ -285,7 +286,7 @@ def reset_postgres() -> None:
     conn = psycopg2.connect(PG_URL)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS task, recurring, server, worker, meta CASCADE")
+        cur.execute(f"DROP TABLE IF EXISTS {', '.join(table._meta.table_name for table in TABLES)} CASCADE")
     conn.close()
 
 

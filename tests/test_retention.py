@@ -47,6 +47,7 @@ def test_purge_deletes_only_finished_tasks_of_that_status_older_than_the_cutoff(
                 store.get_task(task_id)
         assert [store.get_task(i)["status"] for i in recent] == ["succeeded"] * 2
         assert store.get_task(queued)["status"] == "queued"
+        assert store.counts() == {**dict.fromkeys(store.counts(), 0), "succeeded": 2, "queued": 1}, "purged uncounted"
     finally:
         store.close()
 

@@ -6,6 +6,7 @@ No mocks, no sleeps: every call that needs a clock gets an explicit ``now``.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -27,11 +28,19 @@ def iso(ts: float) -> str:
 
 @pytest.fixture
 def store(db_url: str) -> Iterator[Store]:
+    """A store on each backend; after each test, the counts it kept (tally.py) must be the tasks it holds."""
     s = Store.open(db_url)
     try:
         yield s
+        assert s.counts() == counted(s), "the count table drifted from the tasks in the store"
     finally:
         s.close()
+
+
+def counted(store: Store) -> dict[str, int]:
+    """The tasks in each status, counted by a scan."""
+    found = dict(store.db.execute_sql("SELECT status, COUNT(*) FROM task GROUP BY status").fetchall())
+    return {s.value: found.get(s.value, 0) for s in TaskStatus}
 
 
 def add(
@@ -118,7 +127,8 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         s = Store.open(db_url)
         try:
             rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [4]
+            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [5]
+            assert s.counts() == {**dict.fromkeys(s.counts(), 0), "queued": 1, "failed": 1}  # counted in migrating
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
             listed = s.list_tasks(status=None, name=None, username=None, limit=10)
             old, broke = (s.get_task(t["id"]) for t in listed[::-1])
@@ -139,6 +149,7 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         high = add(s, options={"priority": 9, "retries": 1})
         assert [t["task_id"] for t in s.claim("w1", 2, NOW)] == [high, old["id"]]
         assert s.retry(broke["id"], NOW)["status"] == "queued"
+        assert s.counts() == counted(s)
     finally:
         s.close()
 
@@ -970,3 +981,45 @@ def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store
     assert order == ["read 0", "after the read", "write committed"]
     with pytest.raises(RuntimeError, match="read-only"), store.transaction(read_only=True):
         add(store)
+
+
+# --- counts (tally.py) --------------------------------------------------------------------------------------------
+
+
+def test_outcomes_are_kept_per_minute_and_name_with_their_run_time(store: Store) -> None:
+    ok, bad, gone = add(store, "a"), add(store, "b", options={"retries": 1}), add(store, "a")
+    store.claim("w1", 2, NOW)
+    store.apply_events([("w1", ev(ok, 1, "succeeded", at=NOW + 3, result=1, started_at=NOW + 1))])
+    store.apply_events([("w1", ev(bad, 1, "failed", error="E", started_at=NOW))])  # a retry is no outcome
+    store.cancel(gone, NOW)
+    before = time.time()
+    outcomes = store.outcomes(before - 60)
+    assert {(name, outcome): (n, run) for _, name, outcome, n, run in outcomes} == {
+        ("a", "succeeded"): (1, 2.0),
+        ("a", "cancelled"): (1, 0.0),
+    }
+    assert {minute for minute, *_ in outcomes} <= {int(before // 60 * 60), int(before // 60 * 60) - 60}
+    assert store.outcomes(before + 120) == []
+    assert store.forget_outcomes(before + 120) == len(outcomes)
+    assert store.outcomes(0) == []
+
+
+def test_a_server_starting_alone_counts_the_tasks_afresh(db_url: str) -> None:
+    first = Store.open(db_url, server_id="one")
+    try:
+        add(first), add(first), add(first, run_at=NOW + 60)
+        first.db.execute_sql("UPDATE task_count SET n = n + 40")  # as if another version had left it wrong
+        assert first.counts()["queued"] == 42
+        first.join(host="h", pid=1, address="127.0.0.1", now=time.time(), lease=5.0)
+        assert first.counts() == counted(first) == {**dict.fromkeys(counted(first), 0), "queued": 2, "scheduled": 1}
+        second = Store.open(db_url, server_id="two")
+        try:  # with "one" alive, "two" keeps the counts as they are and adds its own changes
+            second.join(host="h", pid=2, address="127.0.0.2", now=time.time(), lease=5.0)
+            add(second)
+            assert second.counts() == counted(second)
+            rows = second.db.execute_sql("SELECT DISTINCT server FROM task_count ORDER BY server").fetchall()
+            assert [server for (server,) in rows] == ["one", "two"]
+        finally:
+            second.close()
+    finally:
+        first.close()
