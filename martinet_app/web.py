@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from . import protocol
 from .access import Access, Denied, Role
@@ -201,9 +202,40 @@ def _compile(pattern: str) -> re.Pattern:
 
 def serve(app: WebApp, host: str, port: int) -> WSGIServer:
     """Start serving ``app`` on ``host:port`` in a greenlet of the hub; OSError if the port cannot be bound."""
-    server = WSGIServer((host, port), app, spawn=Pool(MAX_CONNECTIONS), log=None, error_log=_ErrorLog())
+    server = _Server((host, port), app, spawn=Pool(MAX_CONNECTIONS), log=None, error_log=_ErrorLog())
     server.start()
     return server
+
+
+class _Server(WSGIServer):
+    """A WSGIServer whose stop closes the connections waiting for their next request at once.
+
+    A browser keeps its connection open between the dashboard's polls; without this, stopping
+    would wait its whole timeout for those connections, which send nothing more.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, handler_class=_Handler, **kwargs)
+        self.idle: set[Any] = set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.close()
+        for connection in list(self.idle):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+        super().stop(timeout)
+
+
+class _Handler(WSGIHandler):
+    def read_requestline(self) -> str:
+        connection = self.socket
+        self.server.idle.add(connection)
+        try:
+            return super().read_requestline()
+        finally:
+            self.server.idle.discard(connection)
 
 
 class _ErrorLog:
