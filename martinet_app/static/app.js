@@ -71,6 +71,7 @@
   function duration(seconds) {
     if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "—";
     seconds = Math.max(0, seconds);
+    if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
     if (seconds < 10) return `${seconds.toFixed(1)} s`;
     if (seconds < 60) return `${Math.round(seconds)} s`;
     const m = Math.floor(seconds / 60);
@@ -85,7 +86,9 @@
     if (at === null) return "—";
     const delta = at - now();
     if (Math.abs(delta) < 1) return "just now";
-    return delta > 0 ? `in ${duration(delta)}` : `${duration(-delta)} ago`;
+    const rounded = Math.abs(delta) < 60 ? Math.round(Math.abs(delta)) : Math.abs(delta);
+    const text = rounded < 60 ? `${rounded} s` : duration(rounded);
+    return delta > 0 ? `in ${text}` : `${text} ago`;
   }
 
   function localTime(iso) {
@@ -107,6 +110,7 @@
   }
 
   function taskDuration(task) {
+    if (task.status === "scheduled") return h("span", { class: "subtle" }, "starts ", when(task.run_at));
     if (!task.started_at) return h("span", { class: "faint" }, "—");
     if (task.finished_at) return duration(epoch(task.finished_at) - epoch(task.started_at));
     if (task.status === "running") return h("span", { dataset: { since: task.started_at } }, duration(now() - epoch(task.started_at)));
@@ -121,6 +125,7 @@
     return h("div", { class: `bar st-${status}${big ? " big" : ""}`, role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": Math.round((fraction || 0) * 100) }, fillEl);
   }
 
+  const capital = (word) => word[0].toUpperCase() + word.slice(1);
   const pct = (fraction) => `${Math.round((fraction || 0) * 100)}%`;
   const json = (value) => JSON.stringify(value, null, 2);
 
@@ -307,6 +312,7 @@
     return page(async () => {
       const [stats, fleet] = await Promise.all([api("/api/v1/stats"), api("/api/v1/workers")]);
       fill(problem);
+      delete problem.dataset.drawn;
       draw(cards, stats.counts, statusCards);
       const slots = fleet.workers.reduce((sum, w) => sum + w.slots, 0);
       const busy = fleet.workers.reduce((sum, w) => sum + w.busy, 0);
@@ -323,7 +329,7 @@
   function statusCards(counts) {
     return STATUSES.map((status) =>
       h("a", { class: `card st-${status}`, href: `/tasks?status=${status}`, dataset: { count: status } },
-        h("span", { class: "label" }, status[0].toUpperCase() + status.slice(1)),
+        h("span", { class: "label" }, capital(status)),
         h("span", { class: `count${counts[status] ? " nonzero" : ""}` }, fmt(counts[status] || 0))));
   }
 
@@ -345,10 +351,10 @@
         h("span", { class: "label" }, "Busy slots"),
         h("span", { class: "count" }, `${fmt(busy)} / ${fmt(slots)}`),
         h("span", { class: "note" }, n === 0 ? "no worker connected" : `on ${n} worker${n === 1 ? "" : "s"}`)),
-      h("a", { class: `card${failRate > 0.1 ? " bad" : ""}`, href: "/tasks?status=failed", dataset: { metric: "hour" } },
+      h("a", { class: "card", href: "/tasks?status=failed", dataset: { metric: "hour" } },
         h("span", { class: "label" }, "Finished, last hour"),
         h("span", { class: "count" }, fmt(finished)),
-        h("span", { class: "note" }, finished ? `${(failRate * 100).toFixed(failRate && failRate < 0.01 ? 2 : 1)}% failed` : "nothing finished yet")),
+        h("span", { class: `note${failRate > 0.1 ? " bad" : ""}` }, finished ? `${(failRate * 100).toFixed(failRate && failRate < 0.01 ? 2 : 1)}% failed` : "nothing finished yet")),
     ];
   }
 
@@ -410,11 +416,15 @@
     return svg;
   }
 
-  function niceCeiling(value) {
-    if (value <= 4) return 4;
-    const magnitude = 10 ** Math.floor(Math.log10(value));
-    for (const f of [1, 2, 2.5, 4, 5, 8, 10]) if (f * magnitude >= value) return f * magnitude;
-    return 10 * magnitude;
+  // The top of the y axis: four whole, round steps (1 to 8 times a power of ten) over the peak.
+  function niceCeiling(peak) {
+    const rough = Math.max(1, peak / 4);
+    const magnitude = 10 ** Math.floor(Math.log10(rough));
+    for (const f of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) {
+      const step = f * magnitude;
+      if (step >= rough && Number.isInteger(step)) return 4 * step;
+    }
+    return 40 * magnitude;
   }
 
   function compact(value) {
@@ -484,7 +494,7 @@
     const drawChips = () => fill(chips, ["", ...STATUSES].map((status) =>
       h("a", { class: `chip${filters.status === status ? " active" : ""}`, href: tasksUrl({ status }), role: "tab", dataset: { filter: status || "all" },
         onclick: (e) => { e.preventDefault(); filters.status = status; before = ""; newer.length = 0; drawBulk(); syncUrl(); poller.now(); } },
-        status ? h("span", { class: `dot st-${status}` }) : null, status || "All")));
+        status ? h("span", { class: `dot st-${status}` }) : null, status ? capital(status) : "All")));
 
     let typing = null;
     const input = (key, placeholder, type) => h("input", {
@@ -572,7 +582,9 @@
             t.description ? h("div", { class: "cell-sub", title: t.description }, t.description) : null,
             t.error ? h("div", { class: "cell-err", title: t.error }, t.error) : null),
           h("td", {}, badge(t.status)),
-          h("td", {}, t.status === "running" || t.progress ? h("div", { class: "bar-line" }, progressBar(t.progress, t.status), h("span", { class: "pct" }, pct(t.progress))) : h("span", { class: "faint" }, "—")),
+          h("td", {}, t.status === "running" || (t.progress && t.status !== "succeeded")
+            ? h("div", { class: "bar-line" }, progressBar(t.progress, t.status), h("span", { class: "pct" }, pct(t.progress)))
+            : h("span", { class: "faint" }, "—")),
           h("td", {}, t.username || h("span", { class: "faint" }, "—")),
           h("td", { class: "nowrap" }, when(t.created_at)),
           h("td", { class: "num nowrap" }, taskDuration(t)),
@@ -591,8 +603,9 @@
     const payload = h("div", { class: "grid" });
     const failure = h("div", {});
     const attempts = h("div", {});
-    const body = h("div", {},
-      h("section", { class: "panel progress-panel" }, h("div", { class: "panel-body" }, h("div", { class: "bar-line" }, bar, pctEl), message)),
+    const progressPanel = h("section", { class: "panel progress-panel" }, h("div", { class: "panel-body" }, h("div", { class: "bar-line" }, bar, pctEl), message));
+    const body = h("div", { class: "stack" },
+      progressPanel,
       h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", {}, "Details")), facts),
       payload, failure,
       h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", {}, "Attempts")), attempts));
@@ -615,12 +628,14 @@
       bar.setAttribute("aria-valuenow", Math.round((task.progress || 0) * 100));
       pctEl.textContent = pct(task.progress);
       message.textContent = task.progress_message || progressNote(task);
+      // A task that ended without reporting progress has no bar to show.
+      progressPanel.hidden = FINAL.has(task.status) && !task.progress && !task.progress_message;
       draw(facts, factsValue(task), () => taskFacts(task));
       draw(payload, [task.args, task.result, task.status], () => [
         h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", {}, "Arguments")), h("div", { class: "panel-body" }, h("pre", { class: "code", dataset: { role: "args" } }, json(task.args)))),
         h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", {}, "Result")), h("div", { class: "panel-body" },
           task.result === null || task.result === undefined
-            ? h("span", { class: "faint" }, task.status === "succeeded" ? "null" : "No result yet.")
+            ? h("span", { class: "faint" }, task.status === "succeeded" ? "null" : task.status === "failed" ? "None: the task failed." : task.status === "cancelled" ? "None: the task was cancelled." : "No result yet.")
             : h("pre", { class: "code", dataset: { role: "result" } }, json(task.result)))),
       ]);
       draw(failure, [task.error, task.traceback], () => (task.error || task.traceback

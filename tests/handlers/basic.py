@@ -13,7 +13,9 @@ def echo(task_id, data, progress):
 
 @task("steps")
 def report_progress(task_id, data, progress):
+    """data["steps"] progress reports, data.get("pause", 0) seconds apart."""
     for step in range(1, data["steps"] + 1):
+        time.sleep(data.get("pause", 0))
         progress(step / data["steps"], f"step {step}")
     return {"done": data["steps"]}
 
