@@ -192,6 +192,27 @@ def final(cluster: Cluster, ids: list[int]) -> None:
         assert cluster.client.wait(task_id, timeout=20)["status"] in ("succeeded", "failed", "cancelled")
 
 
+def test_pages_and_assets_over_http(sqlite_cluster: Cluster):
+    """What the browser is sent: every page path gets the app, whose assets are cached by their content hash."""
+    url = sqlite_cluster.server.http_url
+    for path in ("/", "/tasks", "/tasks/7", "/recurring", "/workers"):
+        status, headers, body = request(url + path)
+        assert (status, headers["Content-Type"]) == (200, "text/html; charset=utf-8"), path
+        assert headers["Cache-Control"] == "no-cache", "the page names the assets' hashes: always revalidated"
+    assert request(url + "/", headers={"If-None-Match": headers["ETag"]})[0] == 304
+    kinds = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+    for asset in sorted(set(re.findall(r'"(/static/[^"]+\?v=\w+)"', body.decode()))):
+        status, headers, _ = request(url + asset)
+        assert status == 200 and headers["Cache-Control"] == "public, max-age=31536000, immutable", asset
+        assert headers["Content-Type"] == kinds[re.search(r"\.\w+(?=\?)", asset).group()]
+        assert request(url + asset, headers={"If-None-Match": headers["ETag"]})[0] == 304
+        assert request(url + asset.split("?")[0])[1]["Cache-Control"] == "no-cache", "an old or no hash: revalidate"
+    assert request(url + "/static/nothing.js")[0] == 404
+    status, _, body = request(url + "/api/v1/whoami")
+    assert (status, json.loads(body)) == (200, {"role": "admin", "open": True})
+    assert request(url + "/login")[1]["Location"] == "/", "no token: no login"
+
+
 def test_overview_shows_the_counts(cluster: Cluster, page: Page):
     worker = cluster.start_worker("--concurrency", "3")
     client = cluster.client

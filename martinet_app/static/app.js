@@ -580,7 +580,8 @@
           h("td", {},
             h("a", { class: "cell-main", href }, t.name),
             t.description ? h("div", { class: "cell-sub", title: t.description }, t.description) : null,
-            t.error ? h("div", { class: "cell-err", title: t.error }, t.error) : null),
+            t.error && t.status === "failed" ? h("div", { class: "cell-err", title: t.error }, t.error) : null,
+            t.error && !FINAL.has(t.status) ? h("div", { class: "cell-sub", title: t.error }, `retrying after: ${t.error}`) : null),
           h("td", {}, badge(t.status)),
           h("td", {}, t.status === "running" || (t.progress && t.status !== "succeeded")
             ? h("div", { class: "bar-line" }, progressBar(t.progress, t.status), h("span", { class: "pct" }, pct(t.progress)))
@@ -628,8 +629,8 @@
       bar.setAttribute("aria-valuenow", Math.round((task.progress || 0) * 100));
       pctEl.textContent = pct(task.progress);
       message.textContent = task.progress_message || progressNote(task);
-      // A task that ended without reporting progress has no bar to show.
-      progressPanel.hidden = FINAL.has(task.status) && !task.progress && !task.progress_message;
+      // A task that ended without a word of progress has nothing to show there.
+      progressPanel.hidden = FINAL.has(task.status) && !task.progress_message;
       draw(facts, factsValue(task), () => taskFacts(task));
       draw(payload, [task.args, task.result, task.status], () => [
         h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", {}, "Arguments")), h("div", { class: "panel-body" }, h("pre", { class: "code", dataset: { role: "args" } }, json(task.args)))),
@@ -638,8 +639,9 @@
             ? h("span", { class: "faint" }, task.status === "succeeded" ? "null" : task.status === "failed" ? "None: the task failed." : task.status === "cancelled" ? "None: the task was cancelled." : "No result yet.")
             : h("pre", { class: "code", dataset: { role: "result" } }, json(task.result)))),
       ]);
-      draw(failure, [task.error, task.traceback], () => (task.error || task.traceback
-        ? h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", {}, "Error")), h("div", { class: "panel-body" },
+      draw(failure, [task.error, task.traceback, task.status], () => (task.error || task.traceback
+        ? h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", {}, task.status === "failed" ? "Error" : "Latest failure"),
+            task.status === "failed" ? null : h("span", { class: "subtle" }, `an earlier attempt failed; the task is ${task.status} now`)), h("div", { class: "panel-body" },
             task.error ? h("p", { class: "error-text", dataset: { role: "error" } }, task.error) : null,
             task.traceback ? h("pre", { class: "code error", dataset: { role: "traceback" } }, task.traceback) : null))
         : null));
