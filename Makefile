@@ -45,9 +45,10 @@ $(BENCH_STAMP): bench/requirements.txt
 bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/compare.py
 
-# Martinet with SCALE_N (1,000,000) scheduled tasks in its store against an empty one (bench/drive.py), once.
+# Martinet with SCALE_N (1,000,000) scheduled tasks in its store against an empty one, and PURGE_N (1,000,000)
+# finished tasks purged while a producer submits (bench/drive.py), once.
 bench-scale: $(STAMP)
-	WORKLOADS=scale REPS=$${REPS:-1} $(BIN)/python bench/compare.py
+	WORKLOADS="scale purge" REPS=$${REPS:-1} $(BIN)/python bench/compare.py
 
 # What one synchronous producer can get on this machine: ZeroMQ round trips, a durable SQLite commit, the
 # fastest durable submit, and Martinet's ping and execute (bench/floors.py).

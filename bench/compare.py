@@ -34,8 +34,8 @@ SYSTEMS = {
     "huey-sqlite": BENCH / ".venv" / "bin" / "python",
     "huey-redis": BENCH / ".venv" / "bin" / "python",
 }
-WORKLOADS = os.environ.get("WORKLOADS", "drain stream bulk latency timing-spread timing-burst").split()
-MARTINET_ONLY = {"bulk", "scale"}
+WORKLOADS = os.environ.get("WORKLOADS", "drain stream bulk latency timing-spread timing-burst monitor").split()
+MARTINET_ONLY = {"bulk", "scale", "monitor", "purge"}
 #: Workloads Martinet also runs with CURVE keys on every socket (the keys' cost, beside the run without).
 CURVE_WORKLOADS = {"drain", "latency"}
 # (label, workload, key, scale, higher is better)
@@ -61,6 +61,16 @@ ROWS = [
     ("peak RSS server / Huey consumer, MB (stream)", "stream", "main_rss_kb", 1 / 1024, False),
     ("peak RSS worker, MB (stream)", "stream", "worker_rss_kb", 1 / 1024, False),
     (f"peak RSS {drive.SLOTS} handler processes, MB total (stream)", "stream", "slots_rss_kb", 1 / 1024, False),
+    ("monitor, submit p50, ms", "monitor", "quiet_submit_p50_ms", 1, False),
+    ("monitor, submit p99, ms", "monitor", "quiet_submit_p99_ms", 1, False),
+    ("monitor, submit p50 while the overview is polled every second, ms", "monitor", "polled_submit_p50_ms", 1, False),
+    ("monitor, submit p99 while the overview is polled every second, ms", "monitor", "polled_submit_p99_ms", 1, False),
+    ("monitor, one overview poll (stats + workers), p50, ms", "monitor", "poll_p50_ms", 1, False),
+    (f"purge {drive.PURGE_N} finished tasks, s", "purge", "purge_s", 1, False),
+    ("purge, submit p50 before it, ms", "purge", "quiet_submit_p50_ms", 1, False),
+    ("purge, submit p99 before it, ms", "purge", "quiet_submit_p99_ms", 1, False),
+    ("purge, submit p50 while it runs, ms", "purge", "purging_submit_p50_ms", 1, False),
+    ("purge, submit p99 while it runs, ms", "purge", "purging_submit_p99_ms", 1, False),
 ]
 # (label, key, scale) of the scale table, whose columns are the empty store and the backlog.
 SCALE_ROWS = [
@@ -76,6 +86,11 @@ SCALE_ROWS = [
     ("list(status='scheduled', limit=50) p99, ms", "list_scheduled_p99_ms", 1),
     ("list(status='queued', limit=50) p50, ms", "list_queued_p50_ms", 1),
     ("list(status='queued', limit=50) p99, ms", "list_queued_p99_ms", 1),
+    ("overview data (stats + workers) over HTTP p50, ms", "overview_p50_ms", 1),
+    ("overview data (stats + workers) over HTTP p99, ms", "overview_p99_ms", 1),
+    ("/metrics p50, ms", "metrics_p50_ms", 1),
+    ("/metrics p99, ms", "metrics_p99_ms", 1),
+    ("dashboard page p99, ms", "page_p99_ms", 1),
     ("one due task: handler start after due, p50, ms", "lateness_p50_ms", 1),
     ("one due task: handler start after due, p99, ms", "lateness_p99_ms", 1),
     ("server CPU per fired task, with the 0.3 s idle between them, ms", "server_cpu_ms_per_task", 1),

@@ -5,15 +5,16 @@
     python bench/drive.py huey-sqlite WORKLOAD (bench/.venv)
     python bench/drive.py huey-redis WORKLOAD  (bench/.venv)
 
-WORKLOAD is drain, stream, bulk (Martinet only), latency, timing-spread, timing-burst or scale
-(Martinet only). Each run starts its own server and worker (or consumer) as subprocesses, on free
+WORKLOAD is drain, stream, bulk (Martinet only), latency, timing-spread, timing-burst, monitor,
+purge or scale (the last three Martinet only). Each run starts its own server and worker (or consumer) as subprocesses, on free
 ports and a fresh temporary SQLite file (or a fresh Redis queue name), and stops them before it
 prints one JSON object on stdout. The no-op task returns time.time() taken as its handler starts,
 so the driver sees when each handler started (the same clock: everything runs on one machine).
 
 Settings (environment): N (2000, stream), DRAIN_N (20000, drain and bulk), LATENCY_N (300),
-TIMING_N (500), SCALE_N (1000000), CONCURRENCY (16: Huey's greenlets), SLOTS (4: Martinet's handler
-processes, its default; its prefetch is left automatic), BENCH_TIMEOUT (600 s a run may wait).
+TIMING_N (500), SCALE_N (1000000), PURGE_N (1000000), PHASE_S (10), CONCURRENCY (16: Huey's greenlets),
+SLOTS (4: Martinet's handler processes, its default; its prefetch is left automatic), BENCH_TIMEOUT (600 s
+a run may wait).
 
 - drain, stream, bulk: tasks/s, and CPU seconds per 1,000 tasks (drain, stream) of the server,
   the worker and its handler processes (Huey: the consumer) during the timed phase, from
@@ -30,12 +31,21 @@ processes, its default; its prefetch is left automatic), BENCH_TIMEOUT (600 s a 
   consumer moves due tasks out of its schedule once a second (its minimum, -s 1), counted from its
   start; a run starts right after the consumer's first task, so the burst falls due just after one
   of those checks and Huey's burst lateness is near its ~1 s worst case (spread shows the range).
+- monitor (Martinet only): one producer's executes, one call at a time with a worker running, for
+  PHASE_S seconds; then as long again while a thread fetches the dashboard overview's data
+  (GET /api/v1/stats and /api/v1/workers) every second, as a browser showing it does. The submit
+  (execute call) p50/p99/max of each phase (quiet_*, polled_*), and the polls' time (poll_*).
+- purge (Martinet only, in `make bench-scale`): PURGE_N tasks that succeeded two days ago written
+  into a fresh store; with a worker, one producer's executes for PHASE_S seconds (quiet_*), then
+  while a second client purges them all (`purge('succeeded', '1d')`, 500 per request) (purging_*);
+  purge_s is how long the purge took.
 - scale (Martinet only, not in `make bench`: `make bench-scale`): SCALE_N tasks scheduled over the
   next 3 days, written into a fresh SQLite file with Store.add_tasks in chunks of 10,000 (one
   run_at each); fill_s and rows/s. Then, for that store and for an empty one: server start-up
   (spawn to the first answered ping; ZeroMQ retries the connection every 100 ms), server RSS and
   VmHWM after start-up and at the end, p50/p99 (of 20 calls, so p99 is the slowest) of status(id),
-  list(limit=50), list(status='scheduled'|'queued', limit=50) (backlog only), and, with a worker,
+  list(limit=50), list(status='scheduled'|'queued', limit=50) (backlog only), of the dashboard
+  overview's data, /metrics and the dashboard page over HTTP (both stores), and, with a worker,
   20 tasks scheduled one at a time 0.3 s ahead: lateness of the handler start after the due time,
   and the server's CPU per such task (schedule, fire, dispatch, record, wait and the idle time
   between them).
@@ -53,6 +63,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -75,6 +86,11 @@ TIMING_LEAD = 2.0  # seconds from a timing run's start to its tasks' due times
 SCALE_DAYS = 3
 SCALE_CALLS = 20  # calls per query, and tasks fired, in the scale workload
 FIRE_LEAD = 0.3  # seconds ahead each fired task of the scale workload is due
+PHASE_S = float(os.environ.get("PHASE_S", "10"))  # seconds of each submit phase of monitor and purge
+POLL_EVERY = 1.0  # seconds between two polls of the dashboard's overview (monitor)
+#: What the dashboard's overview fetches at each poll.
+OVERVIEW = ("/api/v1/stats", "/api/v1/workers")
+PURGE_N = int(os.environ.get("PURGE_N", "1000000"))
 NOOP = {"name": "noop"}
 HUEY_CONSUMER = (
     "from gevent import monkey; monkey.patch_all(); from huey.bin.huey_consumer import consumer_main; consumer_main()"
@@ -201,6 +217,7 @@ class MartinetSide:
         from martinet_app.client import Martinet
 
         self.ports = [free_port() for _ in range(3)]
+        self.http = f"http://127.0.0.1:{free_port()}"
         self.path = f"{tmp}/martinet.db"
         python = str(ROOT / ".venv" / "bin" / "python")
         client, worker, status = (str(p) for p in self.ports)
@@ -209,7 +226,8 @@ class MartinetSide:
         spawned = time.perf_counter()
         self.server = subprocess.Popen(
             [python, "-m", "martinet_app", "serve", "--client-port", client, "--worker-port", worker,
-             "--status-port", status, "--db", f"sqlite:///{self.path}", "--log-level", "warning", *server_flags],
+             "--status-port", status, "--http-port", self.http.rsplit(":", 1)[1], "--db", f"sqlite:///{self.path}",
+             "--log-level", "warning", *server_flags],
             cwd=ROOT,
         )  # fmt: skip
         self.worker_cmd = [
@@ -316,6 +334,8 @@ def _keys(tmp: Path) -> tuple[dict, list[str], list[str]]:
 def martinet(workload: str, *, curve: bool = False) -> dict:
     if workload == "scale":
         return scale()
+    if workload == "purge":
+        return purge()
     with tempfile.TemporaryDirectory(prefix="martinet-bench-") as tmp:
         side = MartinetSide(tmp, curve=curve)
         try:
@@ -370,6 +390,8 @@ def run_martinet(side: MartinetSide, workload: str) -> dict:
         result = submit_and_finish(side, DRAIN_N, lambda: side.submit_many(DRAIN_N, BULK_CHUNK), side.wait_all)
         side.check(DRAIN_N + 1)
         return result
+    if workload == "monitor":
+        return monitor(side)
     if workload == "latency":
         to_result, to_start = [], []
         for _ in range(LATENCY_N):
@@ -379,6 +401,114 @@ def run_martinet(side: MartinetSide, workload: str) -> dict:
             to_start.append((start - submitted) * 1000)
         return latency_figures(to_result, to_start)
     return timing(workload, lambda due: m.schedule(iso_utc(due), NOOP), side.handler_start)
+
+
+def submits(m: Any, until_done: Callable[[], bool]) -> dict:
+    """One producer's executes, one call at a time, until ``until_done()``: p50/p99/max of each call (submit to
+    its committed reply) and their count."""
+    times = []
+    while not until_done():
+        started = time.perf_counter()
+        m.execute(NOOP)
+        times.append((time.perf_counter() - started) * 1000)
+    return {"submits": len(times), **{f"submit_{q}_ms": percentile(times, v) for q, v in (("p50", 0.5), ("p99", 0.99))},
+            "submit_max_ms": max(times)}  # fmt: skip
+
+
+def for_seconds(seconds: float) -> Callable[[], bool]:
+    deadline = time.perf_counter() + seconds
+    return lambda: time.perf_counter() >= deadline
+
+
+def get_ms(url: str) -> float:
+    """Fetch ``url`` (it must answer 200); how long it took, ms."""
+    import urllib.request
+
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as response:
+        response.read()
+    return (time.perf_counter() - started) * 1000
+
+
+class Poller(threading.Thread):
+    """Fetches ``paths`` every ``every`` seconds until stopped, as a browser showing the overview does."""
+
+    def __init__(self, base: str, paths: tuple[str, ...], every: float) -> None:
+        super().__init__(daemon=True)
+        self.base, self.paths, self.every = base, paths, every
+        self.times: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            started = time.perf_counter()
+            self.times.append(sum(get_ms(self.base + path) for path in self.paths))
+            self.done.wait(max(0.0, self.every - (time.perf_counter() - started)))
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join()
+        return {"polls": len(self.times), "poll_p50_ms": percentile(self.times, 0.5), "poll_max_ms": max(self.times)}
+
+
+def monitor(side: MartinetSide) -> dict:
+    """One producer's executes for PHASE_S seconds, then as long again while the overview is polled every
+    POLL_EVERY seconds (OVERVIEW): the submit figures of each phase, and the polls' own."""
+    quiet = submits(side.m, for_seconds(PHASE_S))
+    poller = Poller(side.http, OVERVIEW, POLL_EVERY)
+    poller.start()
+    polled = submits(side.m, for_seconds(PHASE_S))
+    return {**prefixed("quiet", quiet), **prefixed("polled", polled), **poller.stop()}
+
+
+def prefixed(prefix: str, figures: dict) -> dict:
+    return {f"{prefix}_{key}": value for key, value in figures.items()}
+
+
+def fill_finished(path: str, count: int) -> None:
+    """Write ``count`` tasks that succeeded two days ago into a new store (the server counts them at its start)."""
+    from martinet_app.store import Store
+
+    store = Store.open(f"sqlite:///{path}")
+    try:
+        for k in range(-(-count // BULK_CHUNK)):
+            store.add_tasks([(NOOP, {})] * min(BULK_CHUNK, count - k * BULK_CHUNK), run_at=0.0, now=0.0)
+    finally:
+        store.close()
+    ago = time.time() - 2 * 86400
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE task SET status = 'succeeded', attempts = 1, started_at = ?, finished_at = ?", (ago, ago))
+
+
+def purge() -> dict:
+    """PURGE_N tasks that finished two days ago; one producer's executes for PHASE_S seconds, then while another
+    client purges them all (``purge('succeeded', '1d')``, 500 per request): the submit figures of each phase,
+    and how long the purge took."""
+    from martinet_app.client import Martinet
+
+    with tempfile.TemporaryDirectory(prefix="martinet-bench-") as tmp:
+        fill_finished(f"{tmp}/martinet.db", PURGE_N)
+        side = MartinetSide(tmp)
+        try:
+            side.worker_ready()
+            quiet = submits(side.m, for_seconds(PHASE_S))
+            purger = Martinet("127.0.0.1", side.ports[0], timeout=60)
+            outcome: dict[str, float] = {}
+
+            def run() -> None:
+                started = time.perf_counter()
+                outcome["deleted"] = purger.purge("succeeded", "1d")
+                outcome["purge_s"] = time.perf_counter() - started
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            purging = submits(side.m, lambda: not thread.is_alive())
+            purger.close()
+            if outcome.get("deleted") != PURGE_N:
+                raise SystemExit(f"purge deleted {outcome.get('deleted')} tasks, expected {PURGE_N}")
+            return {"purge_n": PURGE_N, **outcome, **prefixed("quiet", quiet), **prefixed("purging", purging)}
+        finally:
+            side.close()
 
 
 def fill(path: str, count: int) -> int:
@@ -417,6 +547,15 @@ def query_times(m: Any, task_id: int) -> dict:
     return figures
 
 
+def http_times(base: str) -> dict:
+    """p50/p99 ms of SCALE_CALLS fetches of the overview's data, of /metrics and of the dashboard's page."""
+    figures = {}
+    for name, path in (("overview", None), ("metrics", "/metrics"), ("page", "/")):
+        times = [sum(get_ms(base + p) for p in (OVERVIEW if path is None else (path,))) for _ in range(SCALE_CALLS)]
+        figures |= {f"{name}_p50_ms": percentile(times, 0.5), f"{name}_p99_ms": percentile(times, 0.99)}
+    return figures
+
+
 def fire_due(side: MartinetSide) -> dict:
     """With a worker: SCALE_CALLS tasks, one at a time, each due FIRE_LEAD s ahead; lateness and server CPU."""
     side.worker_ready()
@@ -436,6 +575,7 @@ def measure_store(tmp: str, task_id: int | None) -> dict:
         figures = {"startup_s": side.startup_s, **side.server_memory("start")}
         if task_id is not None:
             figures |= query_times(side.m, task_id)
+        figures |= http_times(side.http)
         figures |= fire_due(side)
         return figures | side.server_memory("end")
     finally:

@@ -134,6 +134,16 @@ class ClientEndpoint:
             except zmq.Again:
                 break
         requests = [request for request in map(self._parse, frames) if request is not None]
+        # A purge deletes a batch of tasks: it goes last, in a turn of its own, so that the requests read
+        # with it are answered first instead of waiting for its deletes.
+        purges = [request for request in requests if request.body is not None and request.body["op"] == "purge"]
+        others = [request for request in requests if request.body is None or request.body["op"] != "purge"]
+        for turn in (others, *([purge] for purge in purges)):
+            if turn:
+                self._answer_turn(turn)
+
+    def _answer_turn(self, requests: list[_Request]) -> None:
+        """Run ``requests`` in one transaction (:meth:`loop_once`) and send their replies."""
         try:
             replies = self._turn(requests)
         except _Unexpected as failure:
@@ -388,7 +398,7 @@ class ClientEndpoint:
     def _purge(self, request: dict, envelope: list[bytes]) -> dict:
         """Delete up to ``limit`` finished tasks of ``status`` that finished ``older_than`` seconds ago or more."""
         status = request.get("status")
-        if status not in protocol.FINAL_STATUSES:
+        if not isinstance(status, str) or status not in protocol.FINAL_STATUSES:
             raise InvalidRequest(
                 f"purge takes a final status ({', '.join(sorted(protocol.FINAL_STATUSES))}), got {status!r:.80}"
             )

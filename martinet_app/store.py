@@ -445,7 +445,7 @@ class Store:
         """running -> failed for good (no retry), ``error`` recorded as the delivery's failure (inside a
         transaction). Whether it applied (the task was still running)."""
         history = protocol.json_value(row.errors) if row.errors else []
-        errors = _kept(history, {"attempt": attempt, "error": error, "at": at, "worker": worker})
+        errors = _kept(history, {"attempt": attempt, "error": error, "at": at, "worker": worker, "started_at": started})
         failed = decide(S.RUNNING, M.FAIL)
         changed = (
             Task.update(
@@ -682,7 +682,8 @@ class Store:
             writes["succeeded"].append((protocol.json_text(event.get("result")), at, started_at, *delivery))
             return task.status
         task.failures += 1
-        task.errors = _kept(task.errors, {"attempt": attempt, "error": event["error"], "at": at, "worker": worker})
+        failure = {"attempt": attempt, "error": event["error"], "at": at, "worker": worker, "started_at": started_at}
+        task.errors = _kept(task.errors, failure)
         failure = (protocol.json_text(task.errors), task.failures, event["error"], event.get("traceback"))
         if task.failures <= task.retries:
             task.status = decide(task.status, M.RETRY_LATER)
@@ -1081,7 +1082,10 @@ def task_dict(row: Task) -> dict:
         if field in ("args", "result"):
             value = None if value is None else protocol.json_value(value)
         elif field == "errors":
-            value = [{**error, "at": iso(error["at"])} for error in (protocol.json_value(value) if value else [])]
+            value = [
+                {**error, "at": iso(error["at"]), "started_at": iso(error.get("started_at"))}
+                for error in (protocol.json_value(value) if value else [])
+            ]
         elif field in _TASK_TIMES:
             value = iso(value)
         out[field] = value

@@ -72,6 +72,8 @@ if [ "$signals" -eq 0 ]; then
     "$martinet" work --handlers "$handlers" --url "$host" </dev/null &
     worker=$!
     set +m
+    http=${MARTINET_HTTP_PORT:-8010}
+    [ "$http" = 0 ] || say "dashboard on http://$host:$http/ ; Ctrl-C stops the worker, then the server"
 fi
 while alive "$worker" && alive "$server"; do sleep 0.1; done
 

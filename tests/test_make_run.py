@@ -9,12 +9,14 @@ session id and none can outlive the test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +57,7 @@ class MakeRun:
 
     def __init__(self, tmp_path: Path, ports: tuple[int, int, int] | None = None) -> None:
         self.client_port, self.worker_port, self.status_port = ports or (free_port(), free_port(), free_port())
+        self.http_port = free_port()
         self.db_url = f"sqlite:///{tmp_path / 'martinet.db'}"
         self.log_path = tmp_path / "make-run.log"
         # Nothing from the caller's settings, nor from a make that runs the tests (`make test`).
@@ -65,6 +68,7 @@ class MakeRun:
             MARTINET_CLIENT_PORT=str(self.client_port),
             MARTINET_WORKER_PORT=str(self.worker_port),
             MARTINET_STATUS_PORT=str(self.status_port),
+            MARTINET_HTTP_PORT=str(self.http_port),
             MARTINET_DB=self.db_url,
             MARTINET_CONCURRENCY="1",
         )
@@ -136,6 +140,9 @@ def test_a_stop_signal_lets_the_running_task_finish_and_report_before_the_server
     client = run.client(timeout=0.5)
     wait_until(lambda: registered_workers(run, client), what="make run's worker to register")
     client.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{run.http_port}/api/v1/workers", timeout=10) as response:
+        assert len(json.load(response)["workers"]) == 1, "the dashboard's API sees the worker"
+    assert f"make run: dashboard on http://127.0.0.1:{run.http_port}/" in run.log()
 
     with run.client() as client:
         task_id = client.execute({"name": "sleep"}, {"seconds": 1.5})

@@ -3,6 +3,7 @@ SQLite takes one server."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -52,3 +53,18 @@ def test_the_sqlite_lock_goes_with_a_killed_server(sqlite_url: str, tmp_path: Pa
         wait_until(lambda: second.running() and "serving" in second.log(), what="the second server to serve")
     finally:
         assert second.terminate() == 0
+
+
+def test_a_taken_http_port_stops_the_start_with_exit_3(sqlite_url: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = Server(sqlite_url, tmp_path / "server.log", "--http-port", str(port)).start()
+        try:
+            assert server.proc.wait(timeout=20) == 3
+        finally:
+            server.terminate()
+    assert f"cannot bind HTTP on 127.0.0.1:{port}" in server.log() and "--http-port" in server.log()
+    restarted = Server(sqlite_url, tmp_path / "again.log").start().wait_ready()  # the SQLite lock went with it
+    assert restarted.terminate() == 0

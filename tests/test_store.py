@@ -338,14 +338,21 @@ def test_succeeded_and_failed_are_stored(store: Store) -> None:
     store.claim("w1", 2, NOW)
     done = store.apply_events([
         ("w1", ev(ok, 1, "succeeded", at=NOW + 7, result={"rows": [1, 2]})),
-        ("w1", ev(bad, 1, "failed", at=NOW + 8, error="ValueError: boom", traceback="Traceback ...")),
+        ("w1", ev(bad, 1, "failed", at=NOW + 8, error="ValueError: boom", traceback="Traceback ...",
+                  started_at=NOW + 2)),
     ])  # fmt: skip
     assert done == Applied(finished=[ok, bad], retrying=[])
     fields = ("status", "result", "progress", "finished_at", "error", "traceback", "errors")
     t = store.get_task(ok)
     assert [t[f] for f in fields] == ["succeeded", {"rows": [1, 2]}, 1.0, iso(NOW + 7), None, None, []]
     t = store.get_task(bad)
-    failure = {"attempt": 1, "error": "ValueError: boom", "at": iso(NOW + 8), "worker": "w1"}
+    failure = {
+        "attempt": 1,
+        "error": "ValueError: boom",
+        "at": iso(NOW + 8),
+        "worker": "w1",
+        "started_at": iso(NOW + 2),
+    }
     assert [t[f] for f in fields] == ["failed", None, 0.0, iso(NOW + 8), "ValueError: boom", "Traceback ...", [failure]]
     assert store.running() == []
 
@@ -527,7 +534,14 @@ def test_failures_are_retried_with_backoff_then_fail(store: Store) -> None:
         store.apply_events([(f"w{attempt}", ev(task_id, attempt, "progress", progress=0.5, message="half"))])
         applied = store.apply_events([(f"w{attempt}", ev(task_id, attempt, "failed", at=at, error=f"E{attempt}"))])
         assert applied == Applied(finished=[], retrying=[task_id])
-        expected_errors.append({"attempt": attempt, "error": f"E{attempt}", "at": iso(at), "worker": f"w{attempt}"})
+        failure = {
+            "attempt": attempt,
+            "error": f"E{attempt}",
+            "at": iso(at),
+            "worker": f"w{attempt}",
+            "started_at": None,
+        }
+        expected_errors.append(failure)
         t = store.get_task(task_id)
         assert [t[f] for f in ("status", "run_at", "worker", "error", "errors", "progress", "finished_at")] == [
             "scheduled", iso(retry_at), None, f"E{attempt}", expected_errors, 0.0, None
@@ -538,7 +552,7 @@ def test_failures_are_retried_with_backoff_then_fail(store: Store) -> None:
     store.claim("w3", 1, NOW + 24)
     applied = store.apply_events([("w3", ev(task_id, 3, "failed", at=NOW + 30, error="E3", traceback="tb3"))])
     assert applied == Applied(finished=[task_id], retrying=[])
-    expected_errors.append({"attempt": 3, "error": "E3", "at": iso(NOW + 30), "worker": "w3"})
+    expected_errors.append({"attempt": 3, "error": "E3", "at": iso(NOW + 30), "worker": "w3", "started_at": None})
     t = store.get_task(task_id)
     assert [t[f] for f in ("status", "attempts", "worker", "error", "traceback", "errors", "finished_at")] == [
         "failed", 3, "w3", "E3", "tb3", expected_errors, iso(NOW + 30)
@@ -579,7 +593,9 @@ def test_retry_requeues_failed_and_cancelled_tasks(store: Store) -> None:
     fields = ("status", "run_at", "attempts", "error", "traceback", "progress", "progress_message", "result")
     assert [task[f] for f in fields] == ["queued", iso(NOW + 9), 1, None, None, 0.0, None, None]
     assert (task["worker"], task["started_at"], task["finished_at"]) == (None, None, None)
-    assert task["errors"] == [{"attempt": 1, "error": "E", "at": iso(NOW + 7), "worker": "w1"}]  # history kept
+    assert task["errors"] == [
+        {"attempt": 1, "error": "E", "at": iso(NOW + 7), "worker": "w1", "started_at": None}
+    ]  # history kept
     assert store.retry(cancelled, NOW + 9)["status"] == "queued"
     assert [(t["task_id"], t["attempt"]) for t in store.claim("w2", 5, NOW + 10)] == [(failed, 2), (cancelled, 1)]
     store.apply_events([("w2", ev(failed, 2, "succeeded", result="second time"))])
