@@ -270,6 +270,29 @@ def test_cancel_from_the_task_page_stops_it(sqlite_cluster: Cluster, page: Page)
     page.shot("task-cancelled")
 
 
+def test_failed_task_page_shows_every_attempt_and_retries(sqlite_cluster: Cluster, page: Page):
+    worker = sqlite_cluster.start_worker()
+    client = sqlite_cluster.client
+    task_id = client.execute({"name": "explode"}, {"message": "bad input"}, retries=1, retry_delay=0.1)
+    assert client.wait(task_id, timeout=20)["status"] == "failed"
+    page.open(f"{sqlite_cluster.server.http_url}/tasks/{task_id}")
+    page.wait_text("[data-role=error]", "ValueError: bad input")
+    assert 'raise ValueError(data.get("message", "boom"))' in page.text("[data-role=traceback]")
+    attempts = "tr[data-attempt]"
+    assert page.texts(f"{attempts} .badge") == ["failed", "failed"], "newest first"
+    worker_id = client.workers()[0]["id"]
+    assert page.texts(f"{attempts} td.mono") == [worker_id, worker_id]
+    assert "—" not in page.texts(f"{attempts} time"), "each failed attempt's start and end"
+    assert len(page.texts(f"{attempts} time")) == 4
+    page.shot("task-failed")
+
+    page.click("[data-action=retry]")
+    wait_until(lambda: len(page.texts(attempts)) == 3, what="the third attempt on the page")
+    assert client.wait(task_id, timeout=20)["attempts"] == 3
+    page.wait_text(".title-line .badge", "failed")
+    assert worker.running() and page.not_reloaded()
+
+
 def test_filters_narrow_the_list(sqlite_cluster: Cluster, page: Page):
     sqlite_cluster.start_worker()
     client = sqlite_cluster.client

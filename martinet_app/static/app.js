@@ -104,6 +104,15 @@
     return h("time", { datetime: iso, title: localTime(iso), dataset: { ago: iso } }, relative(iso));
   }
 
+  // A time to the millisecond (and its date unless today), as the attempts table shows them: their gaps matter.
+  function exact(iso) {
+    if (!iso) return h("span", { class: "faint" }, "—");
+    const d = new Date(iso);
+    const time = `${localTime(iso).slice(11)}.${String(d.getMilliseconds()).padStart(3, "0")}`;
+    const today = d.toDateString() === new Date().toDateString();
+    return h("time", { datetime: iso, title: localTime(iso) }, today ? time : `${localTime(iso).slice(0, 10)} ${time}`);
+  }
+
   function refreshTimes() {
     for (const el of document.querySelectorAll("[data-ago]")) el.textContent = relative(el.dataset.ago);
     for (const el of document.querySelectorAll("[data-since]")) el.textContent = duration(now() - epoch(el.dataset.since));
@@ -703,8 +712,8 @@
       fact("Server", t.server ? h("span", { class: "mono" }, t.server) : null));
   }
 
-  // One row per delivery, newest first: failed ones from errors[] (the latest 20 failures are kept), the
-  // current one from the record, and the next one when a failed task waits for its retry.
+  // One row per delivery, newest first: failed ones from errors[] (the latest 20 failures are kept, each with
+  // its worker and times), the current one from the record, and the next one when a failed task awaits its retry.
   function attemptTable(task) {
     if (!task.attempts) return h("div", { class: "panel-empty" }, task.status === "cancelled" ? "Cancelled before any delivery." : "Not delivered to a worker yet.");
     const failed = new Map((task.errors || []).map((e) => [e.attempt, e]));
@@ -725,8 +734,8 @@
         h("td", { class: "num" }, n),
         h("td", {}, outcome),
         h("td", { class: "mono" }, (e ? e.worker : current ? task.worker : null) || none()),
-        h("td", { class: "nowrap" }, current || (e && n === task.attempts && task.status === "failed") ? when(task.started_at) : none()),
-        h("td", { class: "nowrap" }, e ? when(e.at) : current ? when(task.finished_at) : none()),
+        h("td", { class: "nowrap" }, e ? exact(e.started_at) : current ? exact(task.started_at) : none()),
+        h("td", { class: "nowrap" }, e ? exact(e.at) : current ? exact(task.finished_at) : none()),
         h("td", {}, e ? h("div", { class: "cell-err", title: e.error }, e.error) : null)));
     }
     return h("div", { class: "table-wrap" }, h("table", {},
