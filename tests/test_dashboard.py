@@ -347,6 +347,11 @@ def test_pages_through_the_list(sqlite_cluster: Cluster, page: Page):
     page.click("[data-page=newer]")
     wait_rows(page, newest_first[:50], "the first page again")
 
+    page.click("a[data-nav=overview]")  # with no worker, the oldest queued task is waiting: the queue's lag
+    page.wait_text("[data-count=queued] .count", "55")
+    page.wait_text("[data-metric=lag] .count", re.compile(r"^\d+(\.\d)? m?s$"))
+    assert page.text("[data-metric=slots] .note") == "no worker connected"
+
 
 def _bulk_supported(url: str) -> bool:
     body = json.dumps({"action": "retry", "name": "no task is named so"}).encode()
