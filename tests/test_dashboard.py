@@ -475,5 +475,7 @@ _FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def _log_in(page: Page, token: str) -> None:
+    ready = "return document.readyState === 'complete' && !!document.getElementById('token')"
+    wait_until(lambda: page.driver.execute_script(ready), what="the login form")  # not the page it replaces
     page.type("#token", token)
     page.driver.find_element(By.CSS_SELECTOR, ".login-card button[type=submit]").click()

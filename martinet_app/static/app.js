@@ -73,9 +73,11 @@
     seconds = Math.max(0, seconds);
     if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
     if (seconds < 10) return `${seconds.toFixed(1)} s`;
-    if (seconds < 60) return `${Math.round(seconds)} s`;
-    const m = Math.floor(seconds / 60);
-    if (m < 60) return `${m} min ${Math.round(seconds % 60)} s`;
+    const total = Math.round(seconds);
+    if (total < 60) return `${total} s`;
+    const m = Math.floor(total / 60);
+    if (m < 10) return `${m} min ${total % 60} s`;
+    if (m < 60) return `${m} min`;
     const hrs = Math.floor(m / 60);
     if (hrs < 48) return `${hrs} h ${m % 60} min`;
     return `${Math.floor(hrs / 24)} d ${hrs % 24} h`;
@@ -86,8 +88,7 @@
     if (at === null) return "—";
     const delta = at - now();
     if (Math.abs(delta) < 1) return "just now";
-    const rounded = Math.abs(delta) < 60 ? Math.round(Math.abs(delta)) : Math.abs(delta);
-    const text = rounded < 60 ? `${rounded} s` : duration(rounded);
+    const text = Math.abs(delta) < 10 ? `${Math.round(Math.abs(delta))} s` : duration(Math.abs(delta));
     return delta > 0 ? `in ${text}` : `${text} ago`;
   }
 
