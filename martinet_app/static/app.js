@@ -151,7 +151,7 @@
   async function api(path, options = {}) {
     let response;
     try {
-      response = await fetch(path, { credentials: "same-origin", headers: { Accept: "application/json", ...options.headers }, ...options });
+      response = await fetch(path, { credentials: "same-origin", ...options, headers: { Accept: "application/json", ...options.headers } });
     } catch (err) {
       throw new ApiError(`cannot reach the Martinet server (${err.message})`, 0);
     }
@@ -264,10 +264,11 @@
   });
 
   // Redraw ``el`` from ``value`` only when the value changed, so selections and hovers survive a poll.
+  const drawn = new WeakMap();
   function draw(el, value, render) {
     const key = JSON.stringify(value);
-    if (el.dataset.drawn === key) return;
-    el.dataset.drawn = key;
+    if (drawn.get(el) === key) return;
+    drawn.set(el, key);
     fill(el, render(value));
   }
 
@@ -282,7 +283,7 @@
   // Show an error of the API in ``el`` (and redraw it on the next success).
   const errorInto = (el) => (err) => {
     fill(el, h("div", { class: "notice" }, err.message));
-    delete el.dataset.drawn;
+    drawn.delete(el);
   };
 
   function head(title, ...rest) {
@@ -322,7 +323,6 @@
     return page(async () => {
       const [stats, fleet] = await Promise.all([api("/api/v1/stats"), api("/api/v1/workers")]);
       fill(problem);
-      delete problem.dataset.drawn;
       draw(cards, stats.counts, statusCards);
       const slots = fleet.workers.reduce((sum, w) => sum + w.slots, 0);
       const busy = fleet.workers.reduce((sum, w) => sum + w.busy, 0);
