@@ -63,7 +63,7 @@ def driver(chromium: None) -> Iterator[webdriver.Chrome]:
     options.binary_location = str(CHROMIUM)
     for argument in (
         "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size={WIDTH},{HEIGHT}",
-        "--force-device-scale-factor=1", "--lang=en-US", "--disable-extensions", "--no-first-run",
+        "--force-device-scale-factor=1", "--lang=en-US", "--disable-extensions", "--no-first-run", "--hide-scrollbars",
     ):  # fmt: skip
         options.add_argument(argument)
     browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)

@@ -330,7 +330,7 @@
       draw(metrics, { lag: stats.queue_lag, slots, busy, n: fleet.workers.length, lastHour }, metricCards);
       draw(legend, lastHour, legendOf);
       draw(chart, { minutes: stats.minutes, at: Math.floor(stats.at / 60), width: chart.clientWidth }, () => minuteChart(stats, chart.clientWidth));
-      draw(workers, fleet.workers, workerSummary);
+      draw(workers, byHost(fleet.workers), workerSummary);
       draw(names, stats.names || [], nameTable);
       stamp(stampEl);
     }, errorInto(problem));
@@ -447,6 +447,9 @@
     const d = new Date(epochSeconds * 1000);
     return `${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`;
   }
+
+  // Workers in a steady order (the API's may change between polls).
+  const byHost = (workers) => [...workers].sort((a, b) => a.host.localeCompare(b.host) || a.pid - b.pid || a.id.localeCompare(b.id));
 
   function slotsBar(worker) {
     const fraction = worker.slots ? Math.min(1, worker.busy / worker.slots) : 0;
@@ -782,7 +785,7 @@
     root.append(head("Workers", h("span", { class: "spacer" }), stampEl), h("section", { class: "panel" }, list));
     return page(async () => {
       const { workers } = await api("/api/v1/workers");
-      draw(list, workers, workerTable);
+      draw(list, byHost(workers), workerTable);
       stamp(stampEl);
     }, errorInto(list));
   }
