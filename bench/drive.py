@@ -6,8 +6,9 @@
     python bench/drive.py huey-redis WORKLOAD  (bench/.venv)
 
 WORKLOAD is drain, stream, bulk (Martinet only), latency, timing-spread, timing-burst, monitor,
-purge or scale (the last three Martinet only). Each run starts its own server and worker (or consumer) as subprocesses, on free
-ports and a fresh temporary SQLite file (or a fresh Redis queue name), and stops them before it
+purge or scale (the last three Martinet only). Each run starts its own server and worker (or
+consumer) as subprocesses, on free ports and a fresh temporary SQLite file (or a fresh Redis queue
+name), and stops them before it
 prints one JSON object on stdout. The no-op task returns time.time() taken as its handler starts,
 so the driver sees when each handler started (the same clock: everything runs on one machine).
 

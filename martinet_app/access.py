@@ -81,14 +81,14 @@ class Access:
         """The caller's role, if it is at least ``needed``; Denied otherwise, or for a cross-site change."""
         bearer = _bearer(environ)
         role = Role.ADMIN if self.open else self._caller(environ, bearer)
-        if environ["REQUEST_METHOD"] not in _SAFE_METHODS and bearer is None and needed > Role.PUBLIC:
-            _same_site(environ)
-        if role >= needed:
-            return role
-        if role == Role.PUBLIC:
+        if role < needed and role == Role.PUBLIC:
             how = "log in" if page else "send Authorization: Bearer TOKEN"
             raise Denied(f"this needs the HTTP token (--http-token or --http-read-token): {how}", 401)
-        raise Denied("the read-only token cannot do this: it needs the token given with --http-token", 403)
+        if environ["REQUEST_METHOD"] not in _SAFE_METHODS and bearer is None and needed > Role.PUBLIC:
+            _same_site(environ)
+        if role < needed:
+            raise Denied("the read-only token cannot do this: it needs the token given with --http-token", 403)
+        return role
 
     def wants_login(self, environ: dict, path: str) -> bool:
         """Whether a refused request is a browser's page load, which goes to the login form instead."""

@@ -4,7 +4,8 @@ Each route builds the same request a ZeroMQ client sends and runs it through the
 (:meth:`ClientEndpoint.call`), so it is checked, committed and answered exactly as there: every
 accepted task is committed before the response, and errors carry the same types and messages
 (web.STATUS_OF gives their HTTP statuses). An ``Idempotency-Key`` header on a request that
-changes something is its ``request_key``: sent again, it creates nothing twice.
+changes something is its ``request_key``: sent again, it creates nothing twice. The OpenAPI document
+of every route (openapi.py) is served at ``OPENAPI_PATH``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol
+from . import openapi, protocol
 from .access import Role
 from .endpoint import ClientEndpoint
 from .errors import InvalidRequest, TaskNotFound
@@ -21,7 +22,13 @@ from .web import Request, Response, Route, json_response
 #: Fields of a task submission (POST /api/v1/tasks) and of a schedule (POST /api/v1/recurring).
 _TASK_BODY = frozenset({"name", "args", "username", "description", "key", "options", "when"})
 _RECURRING_BODY = frozenset({"name", "args", "username", "description", "options", "interval", "run_at"})
-_LIST_QUERY = ("status", "name", "username")
+#: Fields of a bulk action (POST /api/v1/tasks/bulk): the action and the filters of the tasks it moves.
+_BULK_BODY = frozenset({"action", "status", "name", "username", "search", "limit"})
+#: Query parameters of GET /api/v1/tasks: text filters, and integers.
+_LIST_QUERY = ("status", "name", "username", "search")
+_LIST_NUMBERS = ("limit", "before")
+#: Where the API's OpenAPI document is served.
+OPENAPI_PATH = "/api/v1/openapi.json"
 
 
 def routes(endpoint: ClientEndpoint) -> list[Route]:
@@ -56,10 +63,13 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
     def list_tasks(request: Request) -> Response:
         query = request.query
         fields: dict[str, Any] = {key: query.get(key) for key in _LIST_QUERY}
-        for key in ("limit", "before"):
+        for key in _LIST_NUMBERS:
             if key in query:
                 fields[key] = _int(query[key], key)
         return json_response(call(request, "list", **fields))
+
+    def bulk(request: Request) -> Response:
+        return json_response(call(request, "bulk", **_fields(request.json(), _BULK_BODY, "a bulk action")))
 
     def every(request: Request) -> Response:
         body = _fields(request.json(), _RECURRING_BODY, "a schedule")
@@ -84,10 +94,11 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
     def simple(op: str) -> Callable[[Request], Response]:
         return lambda request: json_response(call(request, op))
 
-    return [
+    table = [
         Route("GET", "/api/v1/ping", simple("ping")),
         Route("POST", "/api/v1/tasks", submit, Role.ADMIN),
         Route("POST", "/api/v1/tasks/batch", submit_many, Role.ADMIN),
+        Route("POST", "/api/v1/tasks/bulk", bulk, Role.ADMIN),
         Route("GET", "/api/v1/tasks", list_tasks),
         Route("GET", "/api/v1/tasks/{id}", on_task("status")),
         Route("POST", "/api/v1/tasks/{id}/cancel", on_task("cancel"), Role.ADMIN),
@@ -99,6 +110,9 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
         Route("GET", "/api/v1/workers", simple("workers")),
         Route("GET", "/api/v1/stats", simple("stats")),
     ]
+    table.append(Route("GET", OPENAPI_PATH, lambda request: Response(document)))
+    document = protocol.dumps(openapi.document(table))  # of every route, its own too; built once
+    return table
 
 
 def _fields(body: dict, allowed: frozenset[str], what: str) -> dict:

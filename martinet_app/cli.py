@@ -12,14 +12,14 @@ import json
 import math
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 import martinet_app
-from martinet_app import config, logs, protocol, servers, timespec
+from martinet_app import config, logs, protocol, servers, timespec, watch
 from martinet_app.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -28,6 +28,7 @@ from martinet_app.errors import (
     ServerUnavailable,
     TaskNotFound,
 )
+from martinet_app.status import TaskStatus
 
 if TYPE_CHECKING:
     from martinet_app.client import Martinet
@@ -387,11 +388,37 @@ def _recurring_text(schedules: list[dict]) -> str:
     return _table(headers, [[_cell(s.get(key)) for key in keys] for s in schedules], "no recurring schedules")
 
 
+def _stats_text(stats: dict) -> str:
+    """Tasks by status, the queue lag, and per name what finished in the last hour."""
+    counts = [[status.value, _cell(stats["counts"].get(status.value, 0))] for status in TaskStatus]
+    lag = stats["queue_lag"]
+    rows = []
+    for entry in stats["names"]:
+        outcomes = [entry[key] for key in ("succeeded", "failed", "cancelled")]
+        ran = outcomes[0] + outcomes[1]  # cancelled tasks add no run time: most never started
+        mean = f"{entry['run_seconds'] / ran:.3f}s" if ran else "-"
+        rows.append([_cell(entry["name"]), *map(str, outcomes), f"{sum(outcomes) / 60:.2f}", mean])
+    return "\n".join(
+        [
+            _table(("STATUS", "TASKS"), counts, ""),
+            f"queue lag: {'-' if lag is None else f'{lag:.1f}s'}",
+            "",
+            "finished in the last hour:",
+            _table(("NAME", "SUCCEEDED", "FAILED", "CANCELLED", "PER_MIN", "MEAN_RUN"), rows, "no task finished"),
+        ]
+    )
+
+
+def _exit_for(records: Iterable[dict]) -> None:
+    """End as ``wait`` and ``watch`` do: EXIT_TASK_FAILED if any of the tasks ended failed or cancelled."""
+    if any(record.get("status") in _UNSUCCESSFUL for record in records):
+        sys.exit(EXIT_TASK_FAILED)
+
+
 def _finish(as_json: bool, record: dict) -> None:
     """Print a finished task's record; exit EXIT_TASK_FAILED if it failed or was cancelled."""
     _echo(as_json, record, _record_text)
-    if record.get("status") in _UNSUCCESSFUL:
-        sys.exit(EXIT_TASK_FAILED)
+    _exit_for([record])
 
 
 # ---------------------------------------------------------------- client verbs
@@ -499,10 +526,62 @@ def wait(client: Martinet, as_json: bool, task_id: int, wait_timeout: float) -> 
     _finish(as_json, client.wait(task_id, wait_timeout))
 
 
+@main.command("watch")
+@click.argument("task_ids", metavar="[ID]...", nargs=-1, type=click.IntRange(min=1))
+@click.option("--name", help="Follow the tasks of this handler name, also those that come while it runs.")
+@click.option(
+    "--status",
+    type=click.Choice(watch.WATCHABLE_STATUSES),
+    help="Follow the tasks in this status (with --name: of that name), also those that come to it. "
+    "Default with --name: queued and running.",
+)
+@click.option(
+    "--wait-timeout",
+    type=_Seconds(0),
+    metavar="S",
+    help="Give up (exit 1) if the tasks are not all finished after S seconds. Default: no limit.",
+)
+@_client_command
+def watch_tasks(
+    client: Martinet,
+    as_json: bool,
+    task_ids: tuple[int, ...],
+    name: str | None,
+    status: str | None,
+    wait_timeout: float | None,
+) -> None:
+    """Show tasks' progress live until they finish; exit 5 if any failed or was cancelled, as wait does.
+
+    Follow tasks ID..., or those --name and --status select: asked again at every poll (about every
+    0.3 s), so that matching tasks that come meanwhile join, until no matching task is left unfinished.
+    Progress bars with message, elapsed time and ETA on a terminal; else (and with --json, as JSON)
+    one line each time a task's status, progress or message changes.
+    """
+    if bool(task_ids) == bool(name or status):
+        raise click.UsageError("give task ids, or --name and/or --status, not both")
+    if as_json:
+        display: watch.Display = watch.Changes(watch.json_line)
+    else:
+        display = watch.Bars() if sys.stdout.isatty() else watch.Changes(watch.plain_line)
+    records = watch.Watch(client, task_ids, name, status).run(display, wait_timeout)
+    if not records and not as_json:
+        click.echo("no tasks to watch")
+    _exit_for(records)
+
+
+@main.command()
+@_client_command
+def stats(client: Martinet, as_json: bool) -> None:
+    """Print tasks by status, the queue lag and, per task name, what finished in the last hour: how many
+    succeeded, failed and were cancelled, tasks per minute and the mean run time (of those that ran)."""
+    _echo(as_json, client.stats(), _stats_text)
+
+
 @main.command("list")
 @click.option("--status", help="Only tasks in this status (scheduled, queued, running, succeeded...).")
 @click.option("--name", help="Only tasks with this handler name.")
 @click.option("--username", help="Only tasks run for this user.")
+@click.option("--search", metavar="TEXT", help="Only tasks whose description contains TEXT, in any case.")
 @click.option("--limit", type=click.IntRange(1, config.LIST_LIMIT_MAX), default=config.LIST_LIMIT, help="Most rows.")
 @click.option(
     "--before",

@@ -69,6 +69,11 @@ def _keyed(task: Any, key: str | None) -> Any:
     return {**task, "key": key}
 
 
+def _result(reply: dict) -> dict:
+    """A reply's result fields, without its envelope (``v``, ``id``, ``ok``)."""
+    return {key: value for key, value in reply.items() if key not in ("v", "id", "ok")}
+
+
 def _zmq_module() -> Any:
     """zmq.green under a gevent-patched process, plain zmq otherwise."""
     monkey = sys.modules.get("gevent.monkey")
@@ -266,14 +271,16 @@ class Martinet:
         username: str | None = None,
         limit: int = config.LIST_LIMIT,
         before: int | None = None,
+        search: str | None = None,
     ) -> list[dict]:
-        """Summaries of up to ``limit`` tasks, newest first, optionally filtered by status, name and username.
+        """Summaries of up to ``limit`` tasks, newest first, optionally filtered by status, name and username,
+        and by ``search``: a substring of the description, in any case.
 
         ``before`` keeps tasks with a smaller id: the next page. A summary is a task's record
         without ``args``, ``result``, ``traceback`` and ``errors`` (``error`` may be shortened);
         :meth:`status` gives the whole record.
         """
-        return self.list_page(status, name, username, limit, before)[0]
+        return self.list_page(status, name, username, limit, before, search)[0]
 
     def list_page(
         self,
@@ -282,9 +289,12 @@ class Martinet:
         username: str | None = None,
         limit: int = config.LIST_LIMIT,
         before: int | None = None,
+        search: str | None = None,
     ) -> tuple[list[dict], int | None]:
         """One page of :meth:`list` and the ``before`` of the next page, None on the last page."""
-        reply = self._request("list", status=status, name=name, username=username, limit=limit, before=before)
+        reply = self._request(
+            "list", status=status, name=name, username=username, search=search, limit=limit, before=before
+        )
         return reply["tasks"], reply.get("next_before")
 
     def iter_tasks(
@@ -293,6 +303,7 @@ class Martinet:
         name: str | None = None,
         username: str | None = None,
         page: int = _PAGE_SIZE,
+        search: str | None = None,
     ) -> Iterator[dict]:
         """Summaries of every matching task, newest first, fetched ``page`` at a time (see :meth:`list`).
 
@@ -301,7 +312,7 @@ class Martinet:
         """
         before = None
         while True:
-            tasks, before = self.list_page(status, name, username, page, before)
+            tasks, before = self.list_page(status, name, username, page, before, search)
             yield from tasks
             if before is None:
                 return
@@ -314,10 +325,15 @@ class Martinet:
         """Recurring schedules, with their next_run_at."""
         return self._request("recurring")["recurring"]
 
+    def stats(self) -> dict:
+        """Task counts from the server's running tallies (no scan), as docs/PROTOCOL.md describes: ``counts`` by
+        status, per minute (``minutes``) and per name (``names``) the tasks that ended in the last hour, the
+        ``queue_lag`` (seconds the oldest queued task has waited, or None) and the server's time ``at``."""
+        return _result(self._request("stats"))
+
     def ping(self) -> dict:
         """The server's version and protocol version; raises ServerUnavailable if none answers."""
-        reply = self._request("ping")
-        return {key: value for key, value in reply.items() if key not in ("v", "id", "ok")}
+        return _result(self._request("ping"))
 
     # ------------------------------------------------------------ stopping
 
@@ -328,6 +344,27 @@ class Martinet:
     def retry(self, task_id: int) -> dict:
         """Queue a failed or cancelled task to run again now; returns its record (``errors`` keeps its history)."""
         return self._request("retry", task_id=task_id)["task"]
+
+    def bulk(
+        self,
+        action: str,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        username: str | None = None,
+        search: str | None = None,
+        limit: int = config.BULK_LIMIT,
+    ) -> dict:
+        """``action`` (``"cancel"`` or ``"retry"``) on every task the filters select (as :meth:`list`'s, newest
+        first, at most ``limit``), in one transaction on the server; running tasks' workers are told to stop them.
+
+        Returns ``{"done": [ids], "failed": [{"id", "error": {"type", "message"}}]}``: a task that cannot
+        move (retry of a succeeded one) is in ``failed`` and costs the others nothing.
+        """
+        reply = self._request(
+            "bulk", action=action, status=status, name=name, username=username, search=search, limit=limit
+        )
+        return {"done": reply["done"], "failed": reply["failed"]}
 
     def revoke(self, recurring_id: int) -> dict:
         """Stop a recurring schedule; tasks it already created stay in history."""

@@ -55,6 +55,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Default and maximum row counts for ``list``.
 LIST_LIMIT = 50
 LIST_LIMIT_MAX = 10_000
+#: Default and maximum tasks one ``bulk`` request cancels or retries (in one transaction).
+BULK_LIMIT = 1_000
+BULK_LIMIT_MAX = 10_000
 #: Largest JSON result a handler may return, bytes; a larger one fails the task (keep it well
 #: under MAX_MESSAGE_BYTES: results travel to the server in status messages).
 MAX_RESULT_BYTES = 4 * 1024 * 1024

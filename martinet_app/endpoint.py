@@ -35,7 +35,9 @@ _STATUSES = frozenset(s.value for s in TaskStatus)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
 #: Requests that may queue tasks: a turn that has any hands the queue to free slots once, at its end.
-_QUEUING_OPS = frozenset({"execute", "execute_many", "retry"})
+_QUEUING_OPS = frozenset({"execute", "execute_many", "retry", "bulk"})
+#: What a ``bulk`` request may do to each task it selects.
+_BULK_ACTIONS = frozenset({"cancel", "retry"})
 
 
 class _Unexpected(Exception):
@@ -111,6 +113,7 @@ class ClientEndpoint:
             "workers": self._workers,
             "cancel": self._cancel,
             "retry": self._retry,
+            "bulk": self._bulk,
             "recurring": lambda r, _: {"recurring": self.store.list_recurring()},
             "purge": self._purge,
             "stats": lambda r, _: stats.summary(self.store, time.time()),
@@ -353,17 +356,11 @@ class ClientEndpoint:
             self._waiters.pop(task_id, None)
 
     def _list(self, request: dict, envelope: list[bytes]) -> dict:
-        status = request.get("status")
-        if status is not None and (not isinstance(status, str) or status not in _STATUSES):
-            raise InvalidRequest(f"unknown status {status!r}: expected one of {', '.join(sorted(_STATUSES))}")
-        filters = {key: protocol.check_string(request, key, required=False) for key in ("name", "username")}
-        limit = request.get("limit", config.LIST_LIMIT)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= self.list_limit_max:
-            raise InvalidRequest(f"list limit must be an integer from 1 to {self.list_limit_max}, got {limit!r}")
+        limit = _limit(request, "list", config.LIST_LIMIT, self.list_limit_max)
         before = request.get("before")
         if before is not None:
             protocol.check_id(before, "before")
-        tasks = self.store.list_tasks(status=status, limit=limit, before=before, **filters)
+        tasks = self.store.list_tasks(limit=limit, before=before, **_task_filters(request))
         return {"tasks": tasks, "next_before": tasks[-1]["id"] if len(tasks) == limit else None}
 
     def _submission(self, request: dict, *, recurring: bool) -> tuple[dict, dict, dict]:
@@ -385,15 +382,39 @@ class ClientEndpoint:
 
     def _cancel(self, request: dict, envelope: list[bytes]) -> dict:
         task = self.store.cancel(protocol.check_id(request.get("task_id"), "task_id"), time.time())
-        if task["worker"] is not None:  # it was running: its worker must stop that delivery
-            self.store.after_commit(
-                functools.partial(self.broker.cancel, task["worker"], [(task["id"], task["attempts"])])
-            )
-        self.store.after_commit(functools.partial(self.notify_finished, [task["id"]]))
+        self._stop([task])
         return {"task": task}
+
+    def _stop(self, cancelled: list[dict]) -> None:
+        """Once the cancel of ``cancelled`` (each with its ``id``, ``worker`` and ``attempts``) commits, tell
+        the workers of those that were running to stop them, and answer the ``wait`` requests parked on them."""
+        running: dict[str, list[tuple[int, int]]] = {}
+        for task in cancelled:
+            if task["worker"] is not None:
+                running.setdefault(task["worker"], []).append((task["id"], task["attempts"]))
+        for worker, refs in running.items():
+            self.store.after_commit(functools.partial(self.broker.cancel, worker, refs))
+        self.store.after_commit(functools.partial(self.notify_finished, [task["id"] for task in cancelled]))
 
     def _retry(self, request: dict, envelope: list[bytes]) -> dict:
         return {"task": self.store.retry(protocol.check_id(request.get("task_id"), "task_id"), time.time())}
+
+    def _bulk(self, request: dict, envelope: list[bytes]) -> dict:
+        """``cancel`` or ``retry`` each task the filters select (newest first, at most ``limit``) as the single
+        requests do, in this one transaction; a task that cannot move is listed in ``failed``."""
+        action = request.get("action")
+        if not isinstance(action, str) or action not in _BULK_ACTIONS:
+            raise InvalidRequest(f"bulk action must be one of {', '.join(sorted(_BULK_ACTIONS))}, got {action!r:.80}")
+        limit = _limit(request, "bulk", config.BULK_LIMIT, config.BULK_LIMIT_MAX)
+        task_ids = self.store.task_ids(limit=limit, **_task_filters(request))
+        if action == "cancel":
+            cancelled, refused = self.store.cancel_many(task_ids, time.time())
+            self._stop(cancelled)
+            done = [task["id"] for task in cancelled]
+        else:
+            done, refused = self.store.retry_many(task_ids, time.time())
+        failed = [{"id": task_id, "error": refused[task_id].to_wire()} for task_id in task_ids if task_id in refused]
+        return {"done": done, "failed": failed}
 
     def _purge(self, request: dict, envelope: list[bytes]) -> dict:
         """Delete up to ``limit`` finished tasks of ``status`` that finished ``older_than`` seconds ago or more."""
@@ -405,9 +426,7 @@ class ClientEndpoint:
         older_than = request.get("older_than")
         if not isinstance(older_than, (int, float)) or isinstance(older_than, bool) or not 0 <= older_than < 1e12:
             raise InvalidRequest(f"purge older_than must be a number of seconds >= 0, got {older_than!r:.80}")
-        limit = request.get("limit", config.PURGE_BATCH)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= config.PURGE_BATCH_MAX:
-            raise InvalidRequest(f"purge limit must be an integer from 1 to {config.PURGE_BATCH_MAX}, got {limit!r}")
+        limit = _limit(request, "purge", config.PURGE_BATCH, config.PURGE_BATCH_MAX)
         return {"deleted": self.store.purge([status], finished_before=time.time() - older_than, limit=limit)}
 
     def _send(self, frames: list[bytes]) -> None:
@@ -415,6 +434,24 @@ class ClientEndpoint:
             self.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("reply dropped, client gone: %s", exc)
+
+
+def _limit(request: dict, op: str, default: int, maximum: int) -> int:
+    """The request's ``limit``: an integer from 1 to ``maximum``, ``default`` if not given."""
+    limit = request.get("limit", default)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= maximum:
+        raise InvalidRequest(f"{op} limit must be an integer from 1 to {maximum}, got {limit!r:.80}")
+    return limit
+
+
+def _task_filters(request: dict) -> dict:
+    """The task filters of a ``list`` or ``bulk`` request, checked: status, name, username, search."""
+    status = request.get("status")
+    if status is not None and (not isinstance(status, str) or status not in _STATUSES):
+        raise InvalidRequest(f"unknown status {status!r:.80}: expected one of {', '.join(sorted(_STATUSES))}")
+    filters = {key: protocol.check_string(request, key, required=False) for key in ("name", "username")}
+    search = protocol.check_string(request, "search", required=False, max_chars=config.MAX_NAME_CHARS)
+    return {"status": status, **filters, "search": search}
 
 
 def _key(request: dict) -> str | None:

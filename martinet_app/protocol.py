@@ -50,7 +50,7 @@ FINAL_STATUSES = frozenset(s.value for s in status.FINAL)
 # Client operations and the request fields each one accepts (besides v, id, op).
 #: Requests that change the store: each may carry a ``request_key``, and a second request with the same
 #: key (a client retrying on another server after a timeout) gets the first one's reply instead of running again.
-MUTATING_OPS = frozenset({"execute", "execute_many", "schedule", "every", "cancel", "retry", "revoke", "purge"})
+MUTATING_OPS = frozenset({"execute", "execute_many", "schedule", "every", "cancel", "retry", "bulk", "revoke", "purge"})
 CLIENT_OPS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
     "execute": frozenset({"task", "args", "options"}),
@@ -59,10 +59,11 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
     "every": frozenset({"interval", "task", "args", "options"}),
     "status": frozenset({"task_id"}),
     "wait": frozenset({"task_id", "timeout"}),
-    "list": frozenset({"status", "name", "username", "limit", "before"}),
+    "list": frozenset({"status", "name", "username", "search", "limit", "before"}),
     "workers": frozenset(),
     "cancel": frozenset({"task_id"}),
     "retry": frozenset({"task_id"}),
+    "bulk": frozenset({"action", "status", "name", "username", "search", "limit"}),
     "recurring": frozenset(),
     "revoke": frozenset({"recurring_id"}),
     "purge": frozenset({"status", "older_than", "limit"}),

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -27,7 +28,7 @@ import peewee as pw
 
 from . import config, protocol, schema
 from .db import Pool, connect
-from .errors import InvalidTransition, TaskNotFound
+from .errors import InvalidTransition, MartinetError, TaskNotFound
 from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, TaskMinute, Worker
 from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
 from .tally import Tally
@@ -632,7 +633,7 @@ class Store:
                 elif outcome in FINAL:
                     applied.finished.append(event["task_id"])
                     self._tally().move(S.RUNNING, outcome)
-                    self._tally().end(target.name, outcome, _ran(event))
+                    self._tally().end(target.name, outcome, event["at"] - target.started_at)
             self._notice_final(applied.finished)
             if applied.retrying:
                 self._notice("schedule")
@@ -650,12 +651,21 @@ class Store:
         ids = sorted(task_ids)
         for start in range(0, len(ids), _INSERT_CHUNK):
             chunk = ids[start : start + _INSERT_CHUNK]
-            for task_id, name, status, worker, attempts, retries, retry_delay, errors, failures in self.db.execute_sql(
-                self._sql.event_targets(len(chunk)), chunk
-            ):
+            for (
+                task_id,
+                name,
+                status,
+                worker,
+                attempts,
+                retries,
+                retry_delay,
+                errors,
+                failures,
+                started,
+            ) in self.db.execute_sql(self._sql.event_targets(len(chunk)), chunk):
                 history = protocol.json_value(errors) if errors else []
                 found[task_id] = _Target(
-                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures
+                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures, started
                 )
         return found
 
@@ -672,18 +682,27 @@ class Store:
         delivery = (task.id, attempt, worker)
         if kind == protocol.STARTED:
             writes["started"].append((at, *delivery))
+            task.started_at = at
             return S.RUNNING
         if kind == protocol.PROGRESS:
             writes["progress"].append((event["progress"], event.get("message"), *delivery))
             return S.RUNNING
         started_at = event.get("started_at")
+        if started_at is not None:
+            task.started_at = started_at
         if kind == protocol.SUCCEEDED:
             task.status = decide(task.status, M.SUCCEED)
             writes["succeeded"].append((protocol.json_text(event.get("result")), at, started_at, *delivery))
             return task.status
         task.failures += 1
-        failure = {"attempt": attempt, "error": event["error"], "at": at, "worker": worker, "started_at": started_at}
-        task.errors = _kept(task.errors, failure)
+        failed = {
+            "attempt": attempt,
+            "error": event["error"],
+            "at": at,
+            "worker": worker,
+            "started_at": task.started_at,
+        }
+        task.errors = _kept(task.errors, failed)
         failure = (protocol.json_text(task.errors), task.failures, event["error"], event.get("traceback"))
         if task.failures <= task.retries:
             task.status = decide(task.status, M.RETRY_LATER)
@@ -706,17 +725,29 @@ class Store:
         return task_dict(row)
 
     def list_tasks(
-        self, *, status: str | None, name: str | None, username: str | None, limit: int, before: int | None = None
+        self,
+        *,
+        status: str | None,
+        name: str | None,
+        username: str | None,
+        limit: int,
+        before: int | None = None,
+        search: str | None = None,
     ) -> list[dict]:
-        """Summaries (SUMMARY_FIELDS) of tasks newest first, filtered by the given fields; ``before``: ids below it."""
-        query = Task.select(*(getattr(Task, _column(f)) for f in SUMMARY_FIELDS)).order_by(Task.id.desc()).limit(limit)
-        for field, value in ((Task.status, status), (Task.name, name), (Task.username, username)):
-            if value is not None:
-                query = query.where(field == value)
-        if before is not None and before <= config.MAX_ID:
-            query = query.where(Task.id < before)
+        """Summaries (SUMMARY_FIELDS) of tasks newest first, filtered by the given fields; ``before``: ids below it;
+        ``search``: a substring of the description, in any case (only ASCII letters fold on SQLite)."""
+        columns = [getattr(Task, _column(f)) for f in SUMMARY_FIELDS]
+        query = _filtered(Task.select(*columns), status, name, username, search, limit, before)
         with self._read():
             return [task_summary(row) for row in query]
+
+    def task_ids(
+        self, *, status: str | None, name: str | None, username: str | None, search: str | None, limit: int
+    ) -> list[int]:
+        """The ids of the tasks :meth:`list_tasks` lists for these filters, newest first."""
+        query = _filtered(Task.select(Task.id), status, name, username, search, limit)
+        with self._read():
+            return [task_id for (task_id,) in query.tuples()]
 
     def cancel(self, task_id: int, now: float) -> dict:
         """scheduled|queued|running -> cancelled; returns the record. InvalidTransition for a final task.
@@ -727,24 +758,37 @@ class Store:
         """
         _check_id(task_id, _no_task)
         with self.transaction():
-            before = self._locked(task_id)
-            changed = (
-                Task.update(status=target(M.CANCEL).value, finished_at=now)
-                .where((Task.id == task_id) & _in(M.CANCEL))
-                .execute()
-            )
-            task = self.get_task(task_id)
-            if changed:
-                self._tally().move(before, target(M.CANCEL))
-                self._tally().end(task["name"], target(M.CANCEL))
-                self._notice_final([task_id])
-                if task["worker"] is not None:
-                    self._notice("cancel", task["worker"], task_id, task["attempts"])
-        if not changed:
-            raise InvalidTransition(
-                f"task {task_id} is {task['status']}: only {_names(M.CANCEL)} tasks can be cancelled"
-            )
-        return task
+            _, refused = self.cancel_many([task_id], now)
+            if refused:
+                raise refused[task_id]
+            return self.get_task(task_id)
+
+    def cancel_many(self, task_ids: Sequence[int], now: float) -> tuple[list[dict], dict[int, MartinetError]]:
+        """:meth:`cancel` of each of ``task_ids``, in one transaction and a statement per 500: the tasks
+        cancelled as ``{id, worker, attempts}`` (``worker`` not null: it was running), and why each other
+        was not (InvalidTransition, TaskNotFound)."""
+        moved: dict[int, dict] = {}
+        with self.transaction():
+            before = self._locked(task_ids)
+            for chunk in _chunks(task_ids):
+                query = (
+                    Task.update(status=target(M.CANCEL).value, finished_at=now)
+                    .where(Task.id.in_(chunk) & _in(M.CANCEL))
+                    .returning(Task.id, Task.worker, Task.attempts)
+                )
+                moved.update((i, {"id": i, "worker": w, "attempts": a}) for i, w, a in query.tuples().execute())
+            cancelled = target(M.CANCEL)
+            for task_id in moved:
+                status, name = before[task_id]
+                self._tally().move(status, cancelled)
+                self._tally().end(name, cancelled)
+            if moved:
+                self._notice_final(list(moved))
+                for task in moved.values():
+                    if task["worker"] is not None:
+                        self._notice("cancel", task["worker"], task["id"], task["attempts"])
+            refused = self._refusals(task_ids, set(moved), M.CANCEL, "cancelled")
+        return [moved[task_id] for task_id in _in_order(moved, task_ids)], refused
 
     def retry(self, task_id: int, now: float) -> dict:
         """failed|cancelled -> queued, due now; returns the record. InvalidTransition for any other state,
@@ -755,39 +799,74 @@ class Store:
         """
         _check_id(task_id, _no_task)
         with self.transaction():
-            before = self._locked(task_id)
+            _, refused = self.retry_many([task_id], now)
+            if refused:
+                raise refused[task_id]
+            return self.get_task(task_id)
+
+    def retry_many(self, task_ids: Sequence[int], now: float) -> tuple[list[int], dict[int, MartinetError]]:
+        """:meth:`retry` of each of ``task_ids``, in one transaction and a statement per 500: the ids
+        retried, and why each other was not (InvalidTransition, TaskNotFound)."""
+        with self.transaction():
+            before = self._locked(task_ids)
             try:
-                with self.db.atomic():  # a savepoint: a key taken meanwhile leaves the transaction usable
-                    changed = (
-                        Task.update(
-                            status=target(M.RETRY).value,
-                            run_at=now,
-                            result=None,
-                            error=None,
-                            traceback=None,
-                            progress=0.0,
-                            progress_message=None,
-                            started_at=None,
-                            finished_at=None,
-                            worker=None,
-                            server=None,
+                with self.db.atomic():  # a savepoint: a key taken leaves the transaction usable
+                    moved = [task_id for chunk in _chunks(task_ids) for task_id in self._retry_rows(chunk, now)]
+                taken: dict[int, MartinetError] = {}
+            except pw.IntegrityError:  # a key held by a task not yet final: one at a time, to find whose
+                moved, taken = [], {}
+                for task_id in task_ids:
+                    try:
+                        with self.db.atomic():
+                            moved += self._retry_rows([task_id], now)
+                    except pw.IntegrityError:
+                        holder = next(iter(self._existing([(self.get_task(task_id)["key"], None)]).values()), "?")
+                        taken[task_id] = InvalidTransition(
+                            f"task {task_id} cannot be retried: its key is held by task {holder}, which is not final "
+                            "yet; wait for it, or cancel it first"
                         )
-                        .where((Task.id == task_id) & _in(M.RETRY))
-                        .execute()
-                    )
-            except pw.IntegrityError:
-                holder = self._existing([(self.get_task(task_id)["key"], None)])
-                raise InvalidTransition(
-                    f"task {task_id} cannot be retried: its key is held by task {next(iter(holder.values()), '?')}, "
-                    "which is not final yet; wait for it, or cancel it first"
-                ) from None
-            task = self.get_task(task_id)
-            if changed:
-                self._tally().move(before, target(M.RETRY))
+            for task_id in moved:
+                self._tally().move(before[task_id][0], target(M.RETRY))
+            if moved:
                 self._notice("queued")
-        if not changed:
-            raise InvalidTransition(f"task {task_id} is {task['status']}: only {_names(M.RETRY)} tasks can be retried")
-        return task
+            refused = self._refusals(task_ids, {*moved, *taken}, M.RETRY, "retried")
+        return _in_order(moved, task_ids), {**taken, **refused}
+
+    def _retry_rows(self, task_ids: Sequence[int], now: float) -> list[int]:
+        """The UPDATE of a retry, for those of ``task_ids`` that may move: their ids."""
+        query = (
+            Task.update(
+                status=target(M.RETRY).value,
+                run_at=now,
+                result=None,
+                error=None,
+                traceback=None,
+                progress=0.0,
+                progress_message=None,
+                started_at=None,
+                finished_at=None,
+                worker=None,
+                server=None,
+            )
+            .where(Task.id.in_(list(task_ids)) & _in(M.RETRY))
+            .returning(Task.id)
+        )
+        return [task_id for (task_id,) in query.tuples().execute()]
+
+    def _refusals(self, task_ids: Sequence[int], moved: set[int], move: Move, done: str) -> dict[int, MartinetError]:
+        """Why each of ``task_ids`` not in ``moved`` did not move: its status (InvalidTransition), or TaskNotFound."""
+        rest = [task_id for task_id in task_ids if task_id not in moved]
+        statuses: dict[int, str] = {}
+        for chunk in _chunks(rest):
+            statuses.update(Task.select(Task.id, Task.status).where(Task.id.in_(chunk)).tuples())
+        return {
+            task_id: InvalidTransition(
+                f"task {task_id} is {statuses[task_id]}: only {_names(move)} tasks can be {done}"
+            )
+            if task_id in statuses
+            else _no_task(task_id)
+            for task_id in rest
+        }
 
     def purge(self, statuses: Sequence[str], *, finished_before: float, limit: int) -> int:
         """Delete at most ``limit`` tasks in ``statuses`` (final ones only) that finished before ``finished_before``,
@@ -812,12 +891,16 @@ class Store:
                 self._tally().move(S(status), None)
             return len(gone)
 
-    def _locked(self, task_id: int) -> S | None:
-        """The task's status, its row locked to the end of the transaction on PostgreSQL (so that a change
-        made next is counted from the status it changed); None if there is no such task."""
+    def _locked(self, task_ids: Sequence[int]) -> dict[int, tuple[S, str]]:
+        """The status and name of each of the tasks that exist, their rows locked to the end of the transaction
+        on PostgreSQL, so that a change made next is counted from the status it changed."""
+        found: dict[int, tuple[S, str]] = {}
         lock = " FOR UPDATE" if self.pool.postgres else ""
-        row = self.db.execute_sql(f"SELECT status FROM task WHERE id = {self.db.param}{lock}", (task_id,)).fetchone()
-        return None if row is None else S(row[0])
+        for chunk in _chunks(task_ids):
+            marks = ", ".join([self.db.param] * len(chunk))
+            rows = self.db.execute_sql(f"SELECT id, status, name FROM task WHERE id IN ({marks}){lock}", list(chunk))
+            found.update((task_id, (S(status), name)) for task_id, status, name in rows)
+        return found
 
     # ------------------------------------------------------------ counts
 
@@ -910,6 +993,7 @@ class _Target:
     retry_delay: float
     errors: list[dict]
     failures: int
+    started_at: float  # the claim's time, until the worker says when the handler started
 
 
 class _Statements:
@@ -930,7 +1014,7 @@ class _Statements:
             "RETURNING id, name, args, attempts, timeout, priority, run_at"
         )
         self._event_targets = (
-            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures "
+            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures, started_at "
             "FROM task WHERE id IN ({})" + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = (
@@ -1021,6 +1105,38 @@ def _names(move: Move) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def _filtered(
+    query: Any,
+    status: str | None,
+    name: str | None,
+    username: str | None,
+    search: str | None,
+    limit: int,
+    before: int | None = None,
+) -> Any:
+    """``query`` of tasks, newest first, at most ``limit``, narrowed by the filters of a ``list``."""
+    for field, value in ((Task.status, status), (Task.name, name), (Task.username, username)):
+        if value is not None:
+            query = query.where(field == value)
+    if search:
+        query = query.where(Task.description.contains(search))  # ILIKE (LIKE on SQLite), % and _ escaped
+    if before is not None and before <= config.MAX_ID:
+        query = query.where(Task.id < before)
+    return query.order_by(Task.id.desc()).limit(limit)
+
+
+def _in_order(ids: Iterable[int], task_ids: Sequence[int]) -> list[int]:
+    """``ids`` (some of ``task_ids``) in the order of ``task_ids``: RETURNING gives rows in any order."""
+    position = {task_id: index for index, task_id in enumerate(task_ids)}
+    return sorted(ids, key=position.__getitem__)
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    """``ids`` a statement's worth at a time (SQLite takes 32,766 parameters per statement)."""
+    for start in range(0, len(ids), _INSERT_CHUNK):
+        yield list(ids[start : start + _INSERT_CHUNK])
+
+
 def _in(move: Move) -> Any:
     """WHERE the task's status is one ``move`` applies to (status.TRANSITIONS)."""
     return pw.SQL(f"status IN ({sql_sources(move)})")
@@ -1037,16 +1153,14 @@ def _requeued() -> dict:
 
 
 def _row_key(request_key: str | None, index: int, count: int) -> str | None:
-    """The request key of the ``index``-th of ``count`` tasks a request submits."""
-    if request_key is None:
-        return None
-    return request_key if count == 1 else f"{request_key}/{index}"
-
-
-def _ran(event: dict) -> float | None:
-    """How long a final event's run took, seconds, if it says when it started."""
-    started = event.get("started_at")
-    return None if started is None else event["at"] - started
+    """The request key of the ``index``-th of ``count`` tasks a request submits: ``KEY/INDEX``, a key too long
+    for that in the column's 255 characters replaced by its SHA-256 (the same on every server)."""
+    if request_key is None or count == 1:
+        return request_key
+    suffix = f"/{index}"
+    if len(request_key) + len(suffix) > config.MAX_NAME_CHARS:
+        request_key = "sha256:" + hashlib.sha256(request_key.encode()).hexdigest()
+    return request_key + suffix
 
 
 def _kept(errors: list[dict], failure: dict) -> list[dict]:

@@ -19,6 +19,7 @@ VERBS = (
     "every",
     "status",
     "wait",
+    "watch",
     "list",
     "cancel",
     "retry",
@@ -26,6 +27,7 @@ VERBS = (
     "revoke",
     "purge",
     "workers",
+    "stats",
     "ping",
     "serve",
     "work",
@@ -119,6 +121,8 @@ INT32 = "0<=x<=2147483647"
         (("list", "--before", "0"), "--before", "x>=1"),
         (("status", "0"), "TASK_ID", "x>=1"),
         (("wait", "0"), "TASK_ID", "x>=1"),
+        (("watch", "1", "0"), "[ID]...", "x>=1"),
+        (("watch", "1", "--wait-timeout", "nan"), "--wait-timeout", SECONDS),
         (("cancel", "0"), "TASK_ID", "x>=1"),
         (("retry", "0"), "TASK_ID", "x>=1"),
         (("revoke", "0"), "RECURRING_ID", "x>=1"),
@@ -174,7 +178,7 @@ def test_args_at_the_depth_limit_reach_the_server() -> None:
     assert f":{port}" in proc.stderr
 
 
-@pytest.mark.parametrize("verb", [("ping",), ("status", "1"), ("list", "--json")])
+@pytest.mark.parametrize("verb", [("ping",), ("status", "1"), ("list", "--json"), ("watch", "1"), ("stats",)])
 def test_unreachable_server_exits_3_with_one_line(verb: tuple[str, ...]) -> None:
     port = free_port()
     proc = run(*verb, "--client-port", str(port), "--timeout", "0.3")

@@ -241,7 +241,7 @@ def test_3000_tasks_on_3_servers_survive_a_kill(servers: Servers, tmp_path: Path
     duplicates = sum(count - 1 for count in counts.values())
     print(f"killed a {victim}: {duplicates} duplicate execution(s) of 3000 tasks")
     assert all(t["status"] == "succeeded" for t in stored)
-    counts = clients[0]._request("stats")["counts"]  # kept by each server in its own transactions
+    counts = clients[0].stats()["counts"]  # kept by each server in its own transactions
     assert {status: n for status, n in counts.items() if n} == {"succeeded": 3000}, "the counts are exact"
 
 

@@ -239,7 +239,7 @@ def test_overview_shows_the_counts(cluster: Cluster, page: Page):
 
 def test_progress_bar_moves_live(sqlite_cluster: Cluster, page: Page):
     sqlite_cluster.start_worker()
-    task_id = sqlite_cluster.client.execute({"name": "steps"}, {"steps": 8, "pause": 0.4})
+    task_id = sqlite_cluster.client.execute({"name": "steps"}, {"steps": 8, "seconds": 0.4})
     page.open(f"{sqlite_cluster.server.http_url}/tasks/{task_id}")
 
     percent = lambda: int(page.text("[data-role=progress]").rstrip("%") or 0)  # noqa: E731

@@ -188,7 +188,9 @@ def test_list_filters_human_and_json(cluster: Cluster) -> None:
     cluster.start_worker()
     alice = [ok_json(cluster, "execute", "echo", "--username", "alice")["task_id"] for _ in range(2)]
     bob = ok_json(cluster, "execute", "nap", "--username", "bob", "--args", '{"seconds": 0}')["task_id"]
-    later = ok_json(cluster, "schedule", "in 1 hour", "echo", "--username", "alice")["task_id"]
+    later = ok_json(cluster, "schedule", "in 1 hour", "echo", "--username", "alice", "--description", "Weekly 50%")[
+        "task_id"
+    ]
     for task_id in (*alice, bob):
         assert client.wait(task_id, 15)["status"] == "succeeded"
 
@@ -201,6 +203,7 @@ def test_list_filters_human_and_json(cluster: Cluster) -> None:
     assert ids("--status", "scheduled") == [later]
     assert ids("--name", "echo", "--limit", "2") == [later, alice[1]]
     assert ids("--name", "nap", "--status", "succeeded") == [bob]
+    assert ids("--search", "weekly 50%") == [later] and ids("--search", "weekly 5_") == []
     assert ok_json(cluster, "list", "--username", "alice") == client.list(username="alice")
 
     table = ok(cluster, "list", "--username", "bob").splitlines()

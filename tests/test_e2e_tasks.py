@@ -205,6 +205,10 @@ BAD_REQUESTS = [
     (lambda m: m.revoke(999999), TaskNotFound, "no recurring schedule with id 999999"),
     (lambda m: m.list(status="done"), InvalidRequest, "unknown status 'done'"),
     (lambda m: m.list(limit=0), InvalidRequest, "list limit must be an integer"),
+    (lambda m: m.list(search="x" * 256), InvalidRequest, "'search' has 256 characters"),
+    (lambda m: m.purge({"not": "a status"}, 1), InvalidRequest, "purge takes a final status"),
+    (lambda m: m.bulk({"not": "an action"}), InvalidRequest, "bulk action must be one of cancel, retry"),
+    (lambda m: m.bulk("cancel", limit=10_001), InvalidRequest, "bulk limit must be an integer from 1 to 10000"),
 ]
 
 

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +285,27 @@ def test_hostile_input_against_a_server_with_keys(secured: Cluster, curve: Keys)
     ids = [m.execute({"name": "echo"}, {"n": n}) for n in range(20)]
     assert [m.wait(t, timeout=20)["status"] for t in ids] == ["succeeded"] * 20
     assert server.running() and "Traceback" not in server.log()
+
+
+def test_http_off_loopback_needs_a_token_even_with_keys(tmp_path: Path, curve: Keys) -> None:
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    http_port = free_port()
+    ports = ["--client-port", str(free_port()), "--worker-port", str(free_port()), "--status-port", str(free_port())]
+    argv = martinet_cmd("serve", "--bind", "0.0.0.0", "--db", db, *ports, *curve.server_args())
+    refused = subprocess.run([*argv, "--http-port", str(http_port)], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2, refused.stderr
+    assert f"refusing to serve HTTP on 0.0.0.0:{http_port} without a token" in refused.stderr
+    assert "--http-token" in refused.stderr and "--http-port 0" in refused.stderr
+    for extra in (["--http-port", "0"], ["--http-port", str(http_port), "--http-token", SECRET]):
+        server = Server(db, tmp_path / "keyed.log", *curve.server_args(), *extra)
+        server.args[server.args.index("--bind") + 1] = "0.0.0.0"
+        server.start()
+        try:
+            with curve.client(server, "alice", timeout=0.5) as m:
+                wait_until(lambda m=m: _answers(m), what="the server with keys on 0.0.0.0 to answer")
+            if "--http-token" in extra:
+                with pytest.raises(urllib.error.HTTPError) as refused_http:
+                    urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/tasks", timeout=10)
+                assert refused_http.value.code == 401, "the HTTP port is served, and asks for the token"
+        finally:
+            assert server.terminate() == 0

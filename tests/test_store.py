@@ -539,7 +539,7 @@ def test_failures_are_retried_with_backoff_then_fail(store: Store) -> None:
             "error": f"E{attempt}",
             "at": iso(at),
             "worker": f"w{attempt}",
-            "started_at": None,
+            "started_at": iso(at - 1),  # the claim's time: no started event
         }
         expected_errors.append(failure)
         t = store.get_task(task_id)
@@ -552,7 +552,9 @@ def test_failures_are_retried_with_backoff_then_fail(store: Store) -> None:
     store.claim("w3", 1, NOW + 24)
     applied = store.apply_events([("w3", ev(task_id, 3, "failed", at=NOW + 30, error="E3", traceback="tb3"))])
     assert applied == Applied(finished=[task_id], retrying=[])
-    expected_errors.append({"attempt": 3, "error": "E3", "at": iso(NOW + 30), "worker": "w3", "started_at": None})
+    expected_errors.append(
+        {"attempt": 3, "error": "E3", "at": iso(NOW + 30), "worker": "w3", "started_at": iso(NOW + 24)}
+    )
     t = store.get_task(task_id)
     assert [t[f] for f in ("status", "attempts", "worker", "error", "traceback", "errors", "finished_at")] == [
         "failed", 3, "w3", "E3", "tb3", expected_errors, iso(NOW + 30)
@@ -594,7 +596,7 @@ def test_retry_requeues_failed_and_cancelled_tasks(store: Store) -> None:
     assert [task[f] for f in fields] == ["queued", iso(NOW + 9), 1, None, None, 0.0, None, None]
     assert (task["worker"], task["started_at"], task["finished_at"]) == (None, None, None)
     assert task["errors"] == [
-        {"attempt": 1, "error": "E", "at": iso(NOW + 7), "worker": "w1", "started_at": None}
+        {"attempt": 1, "error": "E", "at": iso(NOW + 7), "worker": "w1", "started_at": iso(NOW)}
     ]  # history kept
     assert store.retry(cancelled, NOW + 9)["status"] == "queued"
     assert [(t["task_id"], t["attempt"]) for t in store.claim("w2", 5, NOW + 10)] == [(failed, 2), (cancelled, 1)]
@@ -828,6 +830,58 @@ def test_retry_refused_while_another_task_holds_the_key(store: Store) -> None:
     assert store.retry(first, NOW)["status"] == "queued"
 
 
+def test_a_repeated_request_with_the_longest_key_creates_nothing_twice(store: Store) -> None:
+    tasks = [({"name": "job"}, {"i": i}) for i in range(12)]
+    key = "k" * 255  # the longest a request_key may be: KEY/11 would not fit the column
+    ids = store.add_tasks(tasks, run_at=NOW, now=NOW, request_key=key)
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key=key) == ids and len(set(ids)) == 12
+    assert store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="k" * 254) != ids
+
+
+def test_search_finds_a_substring_of_the_description_in_any_case_wildcards_literal(store: Store) -> None:
+    ids = {text: add(store, description=text) for text in ("Backup 50% DONE", "backup 50 done", "a_b", "axb", "c\\d")}
+    add(store)  # no description
+
+    def found(search: str) -> set[str]:
+        rows = store.list_tasks(status=None, name=None, username=None, search=search, limit=50)
+        return {text for text, task_id in ids.items() if task_id in {row["id"] for row in rows}}
+
+    assert found("BACKUP") == {"Backup 50% DONE", "backup 50 done"}
+    assert found("50%") == {"Backup 50% DONE"}, "% is a character, not a wildcard"
+    assert found("a_b") == {"a_b"}, "_ is a character, not a wildcard"
+    assert found("c\\d") == {"c\\d"}
+    assert found("") == set(ids) and found("nothing like it") == set()
+    assert store.task_ids(status="queued", name=None, username=None, search="done", limit=1) == [ids["backup 50 done"]]
+
+
+def test_cancel_many_and_retry_many_move_what_can_move_and_say_why_not_for_the_rest(store: Store) -> None:
+    running, done, scheduled, queued = add(store), add(store), add(store, run_at=NOW + 60), add(store)
+    assert [t["task_id"] for t in store.claim("w1", 1, NOW) + store.claim("w2", 1, NOW)] == [running, done]
+    store.apply_events([("w2", ev(done, 1, "succeeded", result=None))])
+    order = [done, queued, 999_999, running, scheduled]
+    cancelled, refused = store.cancel_many(order, NOW + 1)
+    assert cancelled == [
+        {"id": queued, "worker": None, "attempts": 0},
+        {"id": running, "worker": "w1", "attempts": 1},
+        {"id": scheduled, "worker": None, "attempts": 0},
+    ], "in the order asked, a running one with its delivery"
+    why = "only scheduled, queued or running tasks can be cancelled"
+    assert refused[done].message == f"task {done} is succeeded: {why}"
+    assert isinstance(refused[999_999], TaskNotFound) and set(refused) == {done, 999_999}
+    retried, refused = store.retry_many(order, NOW + 2)
+    assert retried == [queued, running, scheduled] and set(refused) == {done, 999_999}
+    assert {status(store, task_id) for task_id in retried} == {"queued"}
+
+
+def test_retry_many_refuses_only_the_tasks_whose_key_is_held(store: Store) -> None:
+    first, free = add(store, key="nightly"), add(store)
+    store.cancel_many([first, free], NOW)
+    holder = add(store, key="nightly")
+    retried, refused = store.retry_many([first, free], NOW)
+    assert retried == [free] and list(refused) == [first]
+    assert f"held by task {holder}" in refused[first].message and status(store, first) == "cancelled"
+
+
 def test_a_repeated_request_creates_nothing_twice(store: Store) -> None:
     tasks = [({"name": "job"}, {"i": i}) for i in range(3)]
     ids = store.add_tasks(tasks, run_at=NOW, now=NOW, request_key="req-1")
@@ -1003,15 +1057,17 @@ def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store
 
 
 def test_outcomes_are_kept_per_minute_and_name_with_their_run_time(store: Store) -> None:
-    ok, bad, gone = add(store, "a"), add(store, "b", options={"retries": 1}), add(store, "a")
-    store.claim("w1", 2, NOW)
+    ok, bad, plain, gone = add(store, "a"), add(store, "b", options={"retries": 1}), add(store, "c"), add(store, "a")
+    store.claim("w1", 3, NOW)
     store.apply_events([("w1", ev(ok, 1, "succeeded", at=NOW + 3, result=1, started_at=NOW + 1))])
+    store.apply_events([("w1", ev(plain, 1, "started", at=NOW + 2)), ("w1", ev(plain, 1, "succeeded", at=NOW + 6))])
     store.apply_events([("w1", ev(bad, 1, "failed", error="E", started_at=NOW))])  # a retry is no outcome
     store.cancel(gone, NOW)
     before = time.time()
     outcomes = store.outcomes(before - 60)
     assert {(name, outcome): (n, run) for _, name, outcome, n, run in outcomes} == {
         ("a", "succeeded"): (1, 2.0),
+        ("c", "succeeded"): (1, 4.0),  # from its started event: the final one does not say
         ("a", "cancelled"): (1, 0.0),
     }
     assert {minute for minute, *_ in outcomes} <= {int(before // 60 * 60), int(before // 60 * 60) - 60}

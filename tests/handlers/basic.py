@@ -13,9 +13,10 @@ def echo(task_id, data, progress):
 
 @task("steps")
 def report_progress(task_id, data, progress):
-    """data["steps"] progress reports, data.get("pause", 0) seconds apart."""
+    """Report progress data["steps"] times, "step N", data.get("seconds", 0) apart (the last once the work is done)."""
     for step in range(1, data["steps"] + 1):
-        time.sleep(data.get("pause", 0))
+        if step > 1:
+            time.sleep(data.get("seconds", 0))
         progress(step / data["steps"], f"step {step}")
     return {"done": data["steps"]}
 
