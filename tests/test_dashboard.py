@@ -466,6 +466,11 @@ def test_pages_ask_for_the_token(tmp_path: Path, page: Page):
         wait_rows(page, [task_id], "the task list")
         assert not page.texts("[data-bulk]")
         page.shot("tasks-read-only")
+        with server.client() as client:
+            rid = client.every("1 hour", {"name": "echo"})
+        page.click("a[data-nav=recurring]")
+        page.wait_text(f"tr[data-recurring='{rid}'] .badge", "active")
+        assert not page.texts("[data-action]"), "nor run now nor revoke"
     finally:
         if server.running():
             server.terminate()
