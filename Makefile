@@ -27,7 +27,7 @@ test: lint build
 # dist/martinet: one executable for every command (see build.spec and the README's build section).
 build: dist/martinet
 
-dist/martinet: $(STAMP) build.spec packaging/selfextract.sh $(wildcard martinet_app/*.py)
+dist/martinet: $(STAMP) build.spec packaging/selfextract.sh $(wildcard martinet_app/*.py) $(wildcard martinet_app/static/*)
 	$(BIN)/pyinstaller --noconfirm --log-level ERROR build.spec
 
 lint: $(STAMP)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def binary_source() -> Path:
     if not BUILT.exists():
         problem = "dist/martinet is missing: run `make build`"
     else:
-        sources = [*ROOT.glob("martinet_app/*.py"), ROOT / "build.spec"]
+        sources = [*ROOT.glob("martinet_app/*.py"), *ROOT.glob("martinet_app/static/*"), ROOT / "build.spec"]
         if max(p.stat().st_mtime for p in sources) > BUILT.stat().st_mtime:
             problem = "dist/martinet is older than the sources: run `make build`"
     if problem:
@@ -119,7 +121,7 @@ class Box:
         (self.vendor / "vendored_greeting" / "__init__.py").write_text(
             "def greet(name):\n    return f'hello, {name}'\n"
         )
-        self.ports = {"client": free_port(), "worker": free_port(), "status": free_port()}
+        self.ports = {"client": free_port(), "worker": free_port(), "status": free_port(), "http": free_port()}
         self.processes: list[Process] = []
         # No Python on PATH: only the executable's folder and the tools its sh header uses.
         tools = root / "tools"
@@ -154,7 +156,8 @@ class Box:
     def serve(self, db_url: str) -> Process:
         server = self.start(
             "serve", "--db", db_url, "--client-port", str(self.ports["client"]), "--worker-port",
-            str(self.ports["worker"]), "--status-port", str(self.ports["status"]), "--heartbeat", "0.2", name="server",
+            str(self.ports["worker"]), "--status-port", str(self.ports["status"]),
+            "--http-port", str(self.ports["http"]), "--heartbeat", "0.2", name="server",
         )  # fmt: skip
         wait_until(lambda: self.run("ping", "--timeout", "0.5").returncode == 0, what="the frozen server")
         return server
@@ -208,6 +211,7 @@ def test_everything_from_the_executable_alone(box: Box, tmp_path: Path):
         assert box.run("revoke", str(rid)).returncode == 0
         wait_until(lambda: all(t["status"] == "succeeded" for t in runs()), what="the recurring runs to finish")
         assert "succeeded" in box.run("status", str(scheduled)).stdout
+        assert_dashboard(f"http://127.0.0.1:{box.ports['http']}")
     finally:
         statuses = {name: proc.terminate() for name, proc in (("worker", worker), ("server", server))}
     assert statuses == {"worker": 0, "server": 0}
@@ -216,6 +220,18 @@ def test_everything_from_the_executable_alone(box: Box, tmp_path: Path):
     assert "martinet 0.1.0 serving" in server.log() and f"127.0.0.1:{box.ports['client']}" in server.log()
     (build,) = box.cache.iterdir()
     assert (build / "martinet").is_file(), "unpacked once, into one folder, and run from there"
+
+
+def assert_dashboard(url: str) -> None:
+    """The executable serves the dashboard's page and the assets it names (packed from martinet_app/static)."""
+    with urllib.request.urlopen(url + "/", timeout=10) as response:
+        page = response.read().decode()
+    assert response.headers["Content-Type"].startswith("text/html") and "<title>Martinet</title>" in page
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assert {asset.split("?")[0] for asset in assets} == {"/static/app.js", "/static/app.css", "/static/logo.svg"}
+    for asset in assets:
+        with urllib.request.urlopen(url + asset, timeout=10) as response:
+            assert response.status == 200 and response.read()
 
 
 def test_postgresql_from_the_executable(box: Box):
