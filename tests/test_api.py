@@ -214,6 +214,8 @@ def test_recurring_create_list_run_now_and_revoke(cluster: Cluster) -> None:
     body = {"name": "echo", "interval": "every 1 hour", "args": {"r": 1}, "description": "hourly", "options":
             {"priority": 3}}  # fmt: skip
     recurring_id = ok(server, "POST", "/api/v1/recurring", body, status=201)["recurring_id"]
+    # Its first run fires at once and moves next_run_at: compare the two reads once it has.
+    wait_until(lambda: m.recurring()[0]["last_run_at"] is not None, what="the schedule's first run")
     [schedule] = ok(server, "GET", "/api/v1/recurring")["recurring"]
     assert schedule == m.recurring()[0]
     assert (schedule["id"], schedule["interval"], schedule["enabled"], schedule["priority"]) == (
