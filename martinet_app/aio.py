@@ -6,8 +6,8 @@ A call given no reply within ``timeout`` raises ServerUnavailable on its own; th
 and a reply that comes later for it is dropped.
 
 Scope, compared with the blocking client: one server only (the blocking client fails over between
-several); with CURVE keys, a refused key shows as ServerUnavailable at the first request, not as
-AuthenticationFailed (there is no handshake monitor). A client belongs to the event loop it was first
+several). A failed CURVE handshake (a refused key, keys on one side only) fails the calls in flight
+with AuthenticationFailed, as the blocking client does. A client belongs to the event loop it was first
 used in; in another loop, or after :meth:`Martinet.close`, it opens a new socket.
 """
 
@@ -21,8 +21,9 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol, requests, servers
+from . import config, protocol, requests, security, servers
 from .errors import ConfigError, InvalidRequest, ProtocolError, from_wire
 from .security import PeerKeys
 
@@ -71,7 +72,9 @@ class Martinet:
         self.max_request_bytes = requests.max_request_bytes(max_request_bytes, ConfigError)
         self._ids = requests.RequestIds()
         self._socket: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
+        #: The socket's handshake monitor, and the tasks reading the two.
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._readers: tuple[asyncio.Task, ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: The future of every request in flight, by id.
         self._pending: dict[str, asyncio.Future] = {}
@@ -276,19 +279,13 @@ class Martinet:
 
     async def close(self) -> None:
         """Close the socket; calls still in flight are cancelled, and the next call opens a new socket."""
-        reader, socket = self._reader, self._socket
-        self._reader = self._socket = self._loop = None
-        for future in self._pending.values():
-            future.cancel()
-        self._pending.clear()
-        if reader is not None:
-            reader.cancel()
+        readers = self._readers
+        self._drop()
+        for reader in readers:
             try:
                 await reader
             except asyncio.CancelledError:
                 pass
-        if socket is not None:
-            socket.close(linger=0)
 
     async def __aenter__(self) -> Martinet:
         return self
@@ -319,21 +316,47 @@ class Martinet:
         return reply
 
     def _open(self) -> zmq.asyncio.Socket:
-        """The socket, opened with its reader task in the running loop if there is none there yet."""
+        """The socket, opened with its reader tasks in the running loop if there is none there yet."""
         loop = asyncio.get_running_loop()
         if self._socket is not None and self._loop is loop:
             return self._socket
-        if self._socket is not None:  # left by another (perhaps closed) loop: not usable in this one
-            self._socket.close(linger=0)
-        self._pending.clear()
+        self._drop()  # a socket left by another (perhaps closed) loop is not usable in this one
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         if self._keys is not None:
             self._keys.apply(socket)
+        self._monitor = security.monitor(socket)
         socket.connect(self.endpoint)
         self._socket, self._loop = socket, loop
-        self._reader = loop.create_task(self._read(socket))
+        self._readers = (loop.create_task(self._read(socket)), loop.create_task(self._watch(self._monitor)))
         return socket
+
+    def _drop(self) -> None:
+        """Cancel the calls in flight and the reader tasks, and close the socket and its monitor."""
+        for task in (*self._pending.values(), *self._readers):
+            task.cancel()
+        self._pending.clear()
+        if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._socket.close(linger=0)
+        self._socket = self._monitor = self._loop = None
+        self._readers = ()
+
+    def _fail_all(self, error: Exception) -> None:
+        """Raise ``error`` in every call in flight."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Fail the calls in flight with AuthenticationFailed whenever a handshake fails (ZeroMQ tries again
+        every 100 ms or so, so calls made meanwhile fail at the next try)."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            failure = security.handshake_failure(event, self.endpoint, keyed=self._keys is not None)
+            if failure is not None:
+                self._fail_all(failure)
 
     async def _read(self, socket: zmq.asyncio.Socket) -> None:
         """Hand every reply on ``socket`` to the call waiting for its id; drop those nobody waits for."""
@@ -344,13 +367,12 @@ class Martinet:
                 reply = protocol.parse_reply(frames, limit)
             except ProtocolError as exc:
                 # Its id cannot be read: every call in flight may be the one it answers.
-                error = ProtocolError(
-                    f"unreadable reply from {self.endpoint}: {exc.message}; for a large list, ask for fewer "
-                    "tasks (limit) or one at a time (status)"
+                self._fail_all(
+                    ProtocolError(
+                        f"unreadable reply from {self.endpoint}: {exc.message}; for a large list, ask for fewer "
+                        "tasks (limit) or one at a time (status)"
+                    )
                 )
-                for future in self._pending.values():
-                    if not future.done():
-                        future.set_exception(error)
                 continue
             request_id = reply.get("id")
             if request_id is None and len(self._pending) == 1:  # the server could not read the id: ours

@@ -199,3 +199,11 @@ def test_no_reply_raises_server_unavailable_for_that_call_only(sqlite_cluster):
 def test_a_list_of_servers_is_refused():
     with pytest.raises(ConfigError, match="martinet_app.client.Martinet"):
         aio.Martinet("h1,h2")
+
+
+def test_a_client_serves_one_loop_after_another(sqlite_cluster):
+    """A client belongs to the loop it is used in: in the next one (asyncio.run again), it opens a new socket."""
+    m = client(sqlite_cluster)
+    assert asyncio.run(m.ping())["protocol"] == 1
+    assert asyncio.run(m.execute({"name": "echo"})) == sqlite_cluster.client.list()[0]["id"]
+    asyncio.run(m.close())

@@ -25,7 +25,7 @@ import zmq
 
 from conftest import TEST_HANDLERS, Cluster, Process, Server, free_port, martinet_cmd, print_if_failed, wait_until
 from martinet_app import Martinet, aio, keys, protocol, security
-from martinet_app.errors import AuthenticationFailed, ServerUnavailable
+from martinet_app.errors import AuthenticationFailed
 
 SECRET = "correct-horse-battery-staple-4417"
 
@@ -118,7 +118,7 @@ def test_an_unknown_key_and_no_keys_are_refused_clearly(secured: Cluster, curve:
 
 
 def test_the_asyncio_client_with_keys(secured: Cluster, curve: Keys) -> None:
-    """martinet_app.aio takes the same key files; a refused key is a ServerUnavailable (it has no handshake monitor)."""
+    """martinet_app.aio takes the same key files; a refused key, or none, is an AuthenticationFailed, not a timeout."""
 
     def client(name: str, timeout: float) -> aio.Martinet:
         secret, server_key = curve.peer_args(name)[1::2]
@@ -128,9 +128,14 @@ def test_the_asyncio_client_with_keys(secured: Cluster, curve: Keys) -> None:
     async def run() -> None:
         async with client("alice", 5.0) as alice:
             assert len(set(await asyncio.gather(*(alice.execute({"name": "echo"}) for _ in range(8))))) == 8
-        async with client("mallory", 0.5) as mallory:
-            with pytest.raises(ServerUnavailable):
+        started = time.monotonic()
+        async with client("mallory", 5.0) as mallory:
+            with pytest.raises(AuthenticationFailed, match="refused this peer's key"):
                 await mallory.execute({"name": "echo"})
+        async with aio.Martinet("127.0.0.1", secured.server.client_port, timeout=5.0) as keyless:
+            with pytest.raises(AuthenticationFailed, match="the server uses keys"):
+                await asyncio.gather(keyless.execute({"name": "echo"}), keyless.ping())
+        assert time.monotonic() - started < 5, "refused at the handshake, not after a timeout"
 
     asyncio.run(run())
     assert len(secured.client.list()) == 8
