@@ -34,8 +34,8 @@ SYSTEMS = {
     "huey-sqlite": BENCH / ".venv" / "bin" / "python",
     "huey-redis": BENCH / ".venv" / "bin" / "python",
 }
-WORKLOADS = os.environ.get("WORKLOADS", "drain stream bulk latency timing-spread timing-burst monitor").split()
-MARTINET_ONLY = {"bulk", "scale", "monitor", "purge"}
+WORKLOADS = os.environ.get("WORKLOADS", "drain stream bulk latency timing-spread timing-burst monitor aio").split()
+MARTINET_ONLY = {"bulk", "scale", "monitor", "aio", "purge"}
 #: Workloads Martinet also runs with CURVE keys on every socket (the keys' cost, beside the run without).
 CURVE_WORKLOADS = {"drain", "latency"}
 # (label, workload, key, scale, higher is better)
@@ -66,6 +66,9 @@ ROWS = [
     ("monitor, submit p50 while the overview is polled every second, ms", "monitor", "polled_submit_p50_ms", 1, False),
     ("monitor, submit p99 while the overview is polled every second, ms", "monitor", "polled_submit_p99_ms", 1, False),
     ("monitor, one overview poll (stats + workers), p50, ms", "monitor", "poll_p50_ms", 1, False),
+    (f"aio, {drive.AIO_INFLIGHT} executes in flight on one asyncio client, submits/s", "aio", "submits_per_s", 1, True),
+    ("aio, execute p50, ms", "aio", "submit_p50_ms", 1, False),
+    ("aio, execute p99, ms", "aio", "submit_p99_ms", 1, False),
     (f"purge {drive.PURGE_N} finished tasks, s", "purge", "purge_s", 1, False),
     ("purge, submit p50 before it, ms", "purge", "quiet_submit_p50_ms", 1, False),
     ("purge, submit p99 before it, ms", "purge", "quiet_submit_p99_ms", 1, False),

@@ -6,7 +6,7 @@
     python bench/drive.py huey-redis WORKLOAD  (bench/.venv)
 
 WORKLOAD is drain, stream, bulk (Martinet only), latency, timing-spread, timing-burst, monitor,
-purge or scale (the last three Martinet only). Each run starts its own server and worker (or
+aio, purge or scale (the last four Martinet only). Each run starts its own server and worker (or
 consumer) as subprocesses, on free ports and a fresh temporary SQLite file (or a fresh Redis queue
 name), and stops them before it
 prints one JSON object on stdout. The no-op task returns time.time() taken as its handler starts,
@@ -36,6 +36,10 @@ a run may wait).
   PHASE_S seconds; then as long again while a thread fetches the dashboard overview's data
   (GET /api/v1/stats and /api/v1/workers) every second, as a browser showing it does. The submit
   (execute call) p50/p99/max of each phase (quiet_*, polled_*), and the polls' time (poll_*).
+- aio (Martinet only): one asyncio producer (martinet_app.aio) keeping AIO_INFLIGHT (64) executes in flight
+  on one socket for PHASE_S seconds, with a worker running: submitted tasks/s (submits_per_s; each counted
+  once its reply, sent after its commit, is in) and the execute call p50/p99/max (submit_*), then the
+  time until every task has run (tasks_per_s counts the whole run); every task is checked succeeded.
 - purge (Martinet only, in `make bench-scale`): PURGE_N tasks that succeeded two days ago written
   into a fresh store; with a worker, one producer's executes for PHASE_S seconds (quiet_*), then
   while a second client purges them all (`purge('succeeded', '1d')`, 100 per request) (purging_*);
@@ -88,6 +92,7 @@ SCALE_DAYS = 3
 SCALE_CALLS = 20  # calls per query, and tasks fired, in the scale workload
 FIRE_LEAD = 0.3  # seconds ahead each fired task of the scale workload is due
 PHASE_S = float(os.environ.get("PHASE_S", "10"))  # seconds of each submit phase of monitor and purge
+AIO_INFLIGHT = 64  # executes the aio workload's producer keeps in flight
 POLL_EVERY = 1.0  # seconds between two polls of the dashboard's overview (monitor)
 #: What the dashboard's overview fetches at each poll.
 OVERVIEW = ("/api/v1/stats", "/api/v1/workers")
@@ -393,6 +398,8 @@ def run_martinet(side: MartinetSide, workload: str) -> dict:
         return result
     if workload == "monitor":
         return monitor(side)
+    if workload == "aio":
+        return aio(side)
     if workload == "latency":
         to_result, to_start = [], []
         for _ in range(LATENCY_N):
@@ -460,6 +467,44 @@ def monitor(side: MartinetSide) -> dict:
     poller.start()
     polled = submits(side.m, for_seconds(PHASE_S))
     return {**prefixed("quiet", quiet), **prefixed("polled", polled), **poller.stop()}
+
+
+def aio(side: MartinetSide) -> dict:
+    """AIO_INFLIGHT asyncio producers sharing one martinet_app.aio client for PHASE_S seconds (see the docstring)."""
+    import asyncio
+
+    from martinet_app import aio as martinet_aio
+
+    times: list[float] = []
+    ids: list[int] = []
+
+    async def produce(m: martinet_aio.Martinet, done: Callable[[], bool]) -> None:
+        while not done():
+            started = time.perf_counter()
+            ids.append(await m.execute(NOOP))
+            times.append((time.perf_counter() - started) * 1000)
+
+    async def run() -> float:
+        async with martinet_aio.Martinet("127.0.0.1", side.ports[0], timeout=60) as m:
+            started = time.perf_counter()
+            done = for_seconds(PHASE_S)
+            await asyncio.gather(*(produce(m, done) for _ in range(AIO_INFLIGHT)))
+            return time.perf_counter() - started
+
+    submitted = asyncio.run(run())
+    started = time.perf_counter() - submitted
+    side.wait_all(sorted(ids))
+    elapsed = time.perf_counter() - started
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"Martinet aio: {len(ids) - len(set(ids))} task ids returned twice")
+    side.check(len(ids) + 1)  # and the warm-up task
+    return {
+        "submits": len(ids),
+        "submits_per_s": len(ids) / submitted,
+        "tasks_per_s": len(ids) / elapsed,
+        **{f"submit_{q}_ms": percentile(times, v) for q, v in (("p50", 0.5), ("p99", 0.99))},
+        "submit_max_ms": max(times),
+    }
 
 
 def prefixed(prefix: str, figures: dict) -> dict:

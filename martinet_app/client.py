@@ -7,31 +7,19 @@ been monkey-patched by gevent, so it never blocks a gevent hub.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import os
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol, security, servers, timespec
-from .errors import (
-    ConfigError,
-    InvalidRequest,
-    MartinetError,
-    ProtocolError,
-    RequestTooLarge,
-    ServerUnavailable,
-    WaitTimeout,
-    from_wire,
-)
+from . import config, protocol, requests, security, servers
+from .errors import ConfigError, InvalidRequest, ProtocolError, ServerUnavailable, from_wire
 from .security import PeerKeys
 
 log = logging.getLogger(__name__)
@@ -39,39 +27,6 @@ log = logging.getLogger(__name__)
 #: Longest single poll of the socket, seconds: ZeroMQ takes whole milliseconds in a C long, so
 #: a longer timeout is waited out in steps of this.
 _POLL_STEP = 60.0
-#: Tasks asked for in each ``list`` request of :meth:`Martinet.iter_tasks`: few round trips, and
-#: replies of summaries well under the message limit.
-_PAGE_SIZE = 1_000
-
-
-def _seconds(value: Any, what: str, error: type[MartinetError]) -> float:
-    """``value`` as a float if it is a finite number of seconds >= 0, else ``error`` naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise error(f"{what} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
-
-
-def _options(**given: Any) -> dict | None:
-    """A request's ``options``: those not None, or None (the field left out) if none is given."""
-    return {key: value for key, value in given.items() if value is not None} or None
-
-
-def _keyed(task: Any, key: str | None) -> Any:
-    """``task`` with ``key`` in it (a copy: the caller's dict stays as it is); ``task`` itself without one."""
-    if key is None:
-        return task
-    if not isinstance(task, dict):
-        return task  # the server says what is wrong with it
-    if task.get("key") not in (None, key):
-        raise InvalidRequest(
-            f"the task's metadata has key {task['key']!r:.80} and key= is {key!r:.80}: give the key once"
-        )
-    return {**task, "key": key}
-
-
-def _result(reply: dict) -> dict:
-    """A reply's result fields, without its envelope (``v``, ``id``, ``ok``)."""
-    return {key: value for key, value in reply.items() if key not in ("v", "id", "ok")}
 
 
 def _zmq_module() -> Any:
@@ -125,10 +80,8 @@ class Martinet:
         self.endpoints = tuple(f"tcp://{host}:{int(client_port)}" for host in servers.parse(martinet_url))
         self._current = 0
         self.endpoint = self.endpoints[0]
-        self.timeout = _seconds(timeout, "the client timeout", ConfigError)
-        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-            raise ConfigError(f"max_request_bytes must be an integer >= 1, got {max_request_bytes!r}")
-        self.max_request_bytes = max_request_bytes
+        self.timeout = requests.seconds(timeout, "the client timeout", ConfigError)
+        self.max_request_bytes = requests.max_request_bytes(max_request_bytes, ConfigError)
         self._zmq = _zmq_module()
         self._context = self._zmq.Context.instance()
         self._socket: Any = None
@@ -137,10 +90,7 @@ class Martinet:
         self._poller: Any = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        # Request ids, also the request_key of requests that change something: unique to this client
-        # (122 random bits) and call.
-        self._prefix = uuid.uuid4().hex
-        self._counter = itertools.count(1)
+        self._ids = requests.RequestIds()
 
     # ------------------------------------------------------------ submitting
 
@@ -173,9 +123,10 @@ class Martinet:
                 ``key`` differs from ``task["key"]``.
             RequestTooLarge: the request is larger than ``max_request_bytes``; nothing was sent.
         """
-        args = protocol.check_args(args)
-        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
-        return self._request("execute", task=_keyed(task, key), args=args, options=options)["task_id"]
+        fields = requests.submission(
+            task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+        )
+        return self._request("execute", **fields)["task_id"]
 
     def execute_many(
         self,
@@ -192,10 +143,10 @@ class Martinet:
         dict with its own ``key`` if it needs one; the options (as for :meth:`execute`) apply to
         every one. Nothing is stored if any entry is invalid.
         """
-        entries = [{"task": task, "args": args} for task, args in tasks]
-        protocol.check_many(entries, config.SUBMIT_MANY_MAX)
-        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
-        return self._request("execute_many", tasks=entries, options=options)["task_ids"]
+        fields = requests.submissions(
+            tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+        )
+        return self._request("execute_many", **fields)["task_ids"]
 
     def schedule(
         self,
@@ -213,10 +164,10 @@ class Martinet:
 
         The options and ``key`` are as for :meth:`execute`.
         """
-        args = protocol.check_args(args)
-        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
-        task = _keyed(task, key)
-        return self._request("schedule", when=when, task=task, args=args, options=options)["task_id"]
+        fields = requests.submission(
+            task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+        )
+        return self._request("schedule", when=when, **fields)["task_id"]
 
     def every(
         self,
@@ -234,9 +185,10 @@ class Martinet:
         ``task["run_at"]`` sets the first run (and, for day/week intervals, the time of day).
         The options are as for :meth:`execute`; every run gets them.
         """
-        args = protocol.check_args(args)
-        options = _options(retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
-        return self._request("every", interval=interval, task=task, args=args, options=options)["recurring_id"]
+        fields = requests.submission(
+            task, args, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+        )
+        return self._request("every", interval=interval, **fields)["recurring_id"]
 
     # ------------------------------------------------------------ inspecting
 
@@ -251,18 +203,15 @@ class Martinet:
             WaitTimeout: the task did not finish within ``timeout`` seconds.
             InvalidRequest: ``timeout`` is not a finite number >= 0.
         """
-        timeout = _seconds(timeout, "the wait timeout", InvalidRequest)
+        timeout = requests.seconds(timeout, "the wait timeout", InvalidRequest)
         deadline = time.monotonic() + timeout
         while True:
-            reply = self._request("wait", _deadline=deadline, task_id=task_id)
-            task = reply["task"]
-            if task["status"] in protocol.FINAL_STATUSES:
+            task = self._request("wait", _deadline=deadline, task_id=task_id)["task"]
+            unfinished = requests.unfinished(task_id, timeout, task)
+            if unfinished is None:
                 return task
             if time.monotonic() >= deadline:
-                raise WaitTimeout(
-                    f"task {task_id} did not finish within {timeout:g} s (status {task['status']!r}); "
-                    "wait longer or check that a worker is running"
-                )
+                raise unfinished
 
     def list(
         self,
@@ -302,7 +251,7 @@ class Martinet:
         status: str | None = None,
         name: str | None = None,
         username: str | None = None,
-        page: int = _PAGE_SIZE,
+        page: int = requests.PAGE_SIZE,
         search: str | None = None,
     ) -> Iterator[dict]:
         """Summaries of every matching task, newest first, fetched ``page`` at a time (see :meth:`list`).
@@ -329,11 +278,11 @@ class Martinet:
         """Task counts from the server's running tallies (no scan), as docs/PROTOCOL.md describes: ``counts`` by
         status, per minute (``minutes``) and per name (``names``) the tasks that ended in the last hour, the
         ``queue_lag`` (seconds the oldest queued task has waited, or None) and the server's time ``at``."""
-        return _result(self._request("stats"))
+        return requests.result(self._request("stats"))
 
     def ping(self) -> dict:
         """The server's version and protocol version; raises ServerUnavailable if none answers."""
-        return _result(self._request("ping"))
+        return requests.result(self._request("ping"))
 
     # ------------------------------------------------------------ stopping
 
@@ -377,7 +326,7 @@ class Martinet:
         The server deletes ``batch`` per request, each in its own short transaction, so that the work
         going on meanwhile is never held up for long.
         """
-        seconds = timespec.parse_age(older_than) if isinstance(older_than, str) else older_than
+        seconds = requests.purge_age(older_than)
         deleted = 0
         while True:
             done = self._request("purge", status=status, older_than=seconds, limit=batch)["deleted"]
@@ -412,10 +361,7 @@ class Martinet:
         """
         if self._pid != os.getpid():
             self._after_fork()
-        params = {k: v for k, v in params.items() if v is not None}
-        request_id = f"{self._prefix}-{next(self._counter)}"
-        if op in protocol.MUTATING_OPS:
-            params["request_key"] = request_id  # the same on every server the call is sent to
+        request_id, params = self._ids.next(op, params)
         timeout = self.timeout
         if _deadline is not None:
             params["timeout"] = left = max(_deadline - time.monotonic(), 0.0)
@@ -428,24 +374,8 @@ class Martinet:
         return reply
 
     def _encode(self, request_id: str, op: str, params: dict) -> list[bytes]:
-        """The request's frames; InvalidRequest if it cannot be encoded, RequestTooLarge if it is too big to send."""
-        try:
-            frames = protocol.client_request(request_id, op, params)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"{op}: arguments are not JSON-serialisable ({exc})") from None
-        except RecursionError:
-            raise InvalidRequest(
-                f"{op}: arguments nest too deeply to encode: flatten them (at most {config.MAX_JSON_DEPTH} levels)"
-            ) from None
-        size = len(frames[-1])
-        if size > self.max_request_bytes:
-            raise RequestTooLarge(
-                f"{op}: the request is {size} bytes, more than the {self.max_request_bytes} bytes this client sends "
-                "(max_request_bytes; the CLI's --max-message-bytes): keep large data elsewhere (a file, a "
-                "database) and pass a reference to it, or raise the server's --max-message-bytes and this "
-                "limit together"
-            )
-        return frames
+        """The request's frames (requests.encode, within ``max_request_bytes``)."""
+        return requests.encode(request_id, op, params, self.max_request_bytes)
 
     def _exchange(
         self, frames: list[bytes], request_id: str, timeout: float, op: str, params: dict, deadline: float | None
@@ -465,8 +395,7 @@ class Martinet:
                 ready = dict(self._poller.poll(min(remaining, _POLL_STEP) * 1000))
                 if socket in ready:
                     try:
-                        # A record holds what was submitted (up to max_request_bytes), a result, and texts.
-                        reply_limit = 2 * self.max_request_bytes + config.MAX_RESULT_BYTES
+                        reply_limit = requests.reply_limit(self.max_request_bytes)
                         reply = protocol.parse_reply(socket.recv_multipart(), reply_limit)
                     except ProtocolError as exc:
                         self._drop_socket()
@@ -494,10 +423,7 @@ class Martinet:
         # A late reply must not be read as the answer to the next request.
         self._drop_socket()
         if len(self.endpoints) == 1:
-            raise ServerUnavailable(
-                f"no reply from the Martinet server at {self.endpoint} within {timeout:g} s: "
-                "is `martinet serve` running there, on that port?"
-            )
+            raise requests.no_reply(self.endpoint, timeout)
         failed = (*failed, f"{self.endpoint} {why}")
         left = self.endpoint
         self._current = (self._current + 1) % len(self.endpoints)
@@ -515,8 +441,7 @@ class Martinet:
         self._socket = self._monitor = self._poller = None
         self._context = self._zmq.Context()
         self._pid = os.getpid()
-        self._prefix = uuid.uuid4().hex
-        self._counter = itertools.count(1)
+        self._ids = requests.RequestIds()
 
     def _open_socket(self) -> Any:
         """A socket to the server in use, and a poller for it and its monitor."""

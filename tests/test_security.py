@@ -5,6 +5,7 @@ Real servers, workers and clients over real sockets, with keys made by ``martine
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import pytest
 import zmq
 
 from conftest import TEST_HANDLERS, Cluster, Process, Server, free_port, martinet_cmd, print_if_failed, wait_until
-from martinet_app import Martinet, keys, protocol, security
+from martinet_app import Martinet, aio, keys, protocol, security
 from martinet_app.errors import AuthenticationFailed
 
 SECRET = "correct-horse-battery-staple-4417"
@@ -114,6 +115,30 @@ def test_an_unknown_key_and_no_keys_are_refused_clearly(secured: Cluster, curve:
     assert time.monotonic() - started < 5, "refused at the handshake, not after a timeout"
     assert secured.client.list() == []
     wait_until(lambda: "refused a CURVE key on the client port" in secured.server.log(), what="the refusal logged")
+
+
+def test_the_asyncio_client_with_keys(secured: Cluster, curve: Keys) -> None:
+    """martinet_app.aio takes the same key files; a refused key, or none, is an AuthenticationFailed, not a timeout."""
+
+    def client(name: str, timeout: float) -> aio.Martinet:
+        secret, server_key = curve.peer_args(name)[1::2]
+        return aio.Martinet("127.0.0.1", secured.server.client_port, timeout=timeout, secret_key=secret,
+                            server_key=server_key)  # fmt: skip
+
+    async def run() -> None:
+        async with client("alice", 5.0) as alice:
+            assert len(set(await asyncio.gather(*(alice.execute({"name": "echo"}) for _ in range(8))))) == 8
+        started = time.monotonic()
+        async with client("mallory", 5.0) as mallory:
+            with pytest.raises(AuthenticationFailed, match="refused this peer's key"):
+                await mallory.execute({"name": "echo"})
+        async with aio.Martinet("127.0.0.1", secured.server.client_port, timeout=5.0) as keyless:
+            with pytest.raises(AuthenticationFailed, match="the server uses keys"):
+                await asyncio.gather(keyless.execute({"name": "echo"}), keyless.ping())
+        assert time.monotonic() - started < 5, "refused at the handshake, not after a timeout"
+
+    asyncio.run(run())
+    assert len(secured.client.list()) == 8
 
 
 def test_a_refused_worker_gets_no_task_until_an_allowed_one_comes(secured: Cluster, curve: Keys) -> None:
