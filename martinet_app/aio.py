@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol, requests, security, servers
+from . import calls, config, protocol, security, servers
 from .errors import ConfigError, InvalidRequest, ProtocolError, from_wire
 from .security import PeerKeys
 
@@ -68,9 +68,9 @@ class Martinet:
             )
         self._keys = PeerKeys.load(secret_key, server_key)
         self.endpoint = f"tcp://{hosts[0]}:{int(client_port)}"
-        self.timeout = requests.seconds(timeout, "the client timeout", ConfigError)
-        self.max_request_bytes = requests.max_request_bytes(max_request_bytes, ConfigError)
-        self._ids = requests.RequestIds()
+        self.timeout = calls.seconds(timeout, "the client timeout", ConfigError)
+        self.max_request_bytes = calls.max_request_bytes(max_request_bytes, ConfigError)
+        self._ids = calls.RequestIds()
         self._socket: zmq.asyncio.Socket | None = None
         #: The socket's handshake monitor, and the tasks reading the two.
         self._monitor: zmq.asyncio.Socket | None = None
@@ -93,7 +93,7 @@ class Martinet:
         key: str | None = None,
     ) -> int:
         """Queue a task to run now; returns its id once the server has committed it (see the blocking client)."""
-        fields = requests.submission(
+        fields = calls.submission(
             task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
         return (await self._request("execute", **fields))["task_id"]
@@ -108,9 +108,7 @@ class Martinet:
         priority: int | None = None,
     ) -> list[int]:
         """Queue many ``(metadata, args)`` tasks in one request and one commit; returns their ids, in order."""
-        fields = requests.submissions(
-            tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
-        )
+        fields = calls.submissions(tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
         return (await self._request("execute_many", **fields))["task_ids"]
 
     async def schedule(
@@ -126,7 +124,7 @@ class Martinet:
         key: str | None = None,
     ) -> int:
         """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id."""
-        fields = requests.submission(
+        fields = calls.submission(
             task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
         return (await self._request("schedule", when=when, **fields))["task_id"]
@@ -143,7 +141,7 @@ class Martinet:
         priority: int | None = None,
     ) -> int:
         """Run a task every ``interval`` (``'30 minutes'``, ``'monday'``...); returns the schedule's id."""
-        fields = requests.submission(
+        fields = calls.submission(
             task, args, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
         return (await self._request("every", interval=interval, **fields))["recurring_id"]
@@ -162,12 +160,12 @@ class Martinet:
             WaitTimeout: the task did not finish within ``timeout`` seconds.
             InvalidRequest: ``timeout`` is not a finite number >= 0.
         """
-        timeout = requests.seconds(timeout, "the wait timeout", InvalidRequest)
+        timeout = calls.seconds(timeout, "the wait timeout", InvalidRequest)
         deadline = time.monotonic() + timeout
         while True:
             left = max(deadline - time.monotonic(), 0.0)
             task = (await self._request("wait", _extra=left, task_id=task_id, timeout=left))["task"]
-            unfinished = requests.unfinished(task_id, timeout, task)
+            unfinished = calls.unfinished(task_id, timeout, task)
             if unfinished is None:
                 return task
             if time.monotonic() >= deadline:
@@ -205,7 +203,7 @@ class Martinet:
         status: str | None = None,
         name: str | None = None,
         username: str | None = None,
-        page: int = requests.PAGE_SIZE,
+        page: int = calls.PAGE_SIZE,
         search: str | None = None,
     ) -> AsyncIterator[dict]:
         """Summaries of every matching task, newest first, fetched ``page`` at a time (``async for``).
@@ -230,11 +228,11 @@ class Martinet:
 
     async def stats(self) -> dict:
         """Task counts from the server's running tallies (counts, minutes, names, queue_lag, at)."""
-        return requests.result(await self._request("stats"))
+        return calls.result(await self._request("stats"))
 
     async def ping(self) -> dict:
         """The server's version and protocol version; raises ServerUnavailable if it does not answer."""
-        return requests.result(await self._request("ping"))
+        return calls.result(await self._request("ping"))
 
     # ------------------------------------------------------------ stopping
 
@@ -269,7 +267,7 @@ class Martinet:
     async def purge(self, status: str, older_than: float | str, *, batch: int = config.PURGE_BATCH) -> int:
         """Delete the tasks in final ``status`` that finished at least ``older_than`` ago (seconds, or an age
         such as ``"1d"``), ``batch`` per request; returns how many."""
-        seconds = requests.purge_age(older_than)
+        seconds = calls.purge_age(older_than)
         deleted = 0
         while True:
             done = (await self._request("purge", status=status, older_than=seconds, limit=batch))["deleted"]
@@ -299,7 +297,7 @@ class Martinet:
         """Send one request and return its reply, or raise the error the reply carries; ServerUnavailable if
         none comes within ``timeout`` (plus ``_extra``: the time a ``wait`` asks the server to hold it)."""
         request_id, params = self._ids.next(op, params)
-        frames = requests.encode(request_id, op, params, self.max_request_bytes)
+        frames = calls.encode(request_id, op, params, self.max_request_bytes)
         socket = self._open()
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -307,7 +305,7 @@ class Martinet:
             await socket.send_multipart(frames)
             reply = await asyncio.wait_for(future, self.timeout + _extra)
         except TimeoutError:
-            raise requests.no_reply(self.endpoint, self.timeout + _extra) from None
+            raise calls.no_reply(self.endpoint, self.timeout + _extra) from None
         finally:
             # Whatever the outcome; a reply that comes later finds no future and is dropped.
             self._pending.pop(request_id, None)
@@ -360,7 +358,7 @@ class Martinet:
 
     async def _read(self, socket: zmq.asyncio.Socket) -> None:
         """Hand every reply on ``socket`` to the call waiting for its id; drop those nobody waits for."""
-        limit = requests.reply_limit(self.max_request_bytes)
+        limit = calls.reply_limit(self.max_request_bytes)
         while True:
             frames = await socket.recv_multipart()
             try:

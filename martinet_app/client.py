@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import config, protocol, requests, security, servers
+from . import calls, config, protocol, security, servers
 from .errors import ConfigError, InvalidRequest, ProtocolError, ServerUnavailable, from_wire
 from .security import PeerKeys
 
@@ -80,8 +80,8 @@ class Martinet:
         self.endpoints = tuple(f"tcp://{host}:{int(client_port)}" for host in servers.parse(martinet_url))
         self._current = 0
         self.endpoint = self.endpoints[0]
-        self.timeout = requests.seconds(timeout, "the client timeout", ConfigError)
-        self.max_request_bytes = requests.max_request_bytes(max_request_bytes, ConfigError)
+        self.timeout = calls.seconds(timeout, "the client timeout", ConfigError)
+        self.max_request_bytes = calls.max_request_bytes(max_request_bytes, ConfigError)
         self._zmq = _zmq_module()
         self._context = self._zmq.Context.instance()
         self._socket: Any = None
@@ -90,7 +90,7 @@ class Martinet:
         self._poller: Any = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._ids = requests.RequestIds()
+        self._ids = calls.RequestIds()
 
     # ------------------------------------------------------------ submitting
 
@@ -123,7 +123,7 @@ class Martinet:
                 ``key`` differs from ``task["key"]``.
             RequestTooLarge: the request is larger than ``max_request_bytes``; nothing was sent.
         """
-        fields = requests.submission(
+        fields = calls.submission(
             task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
         return self._request("execute", **fields)["task_id"]
@@ -143,9 +143,7 @@ class Martinet:
         dict with its own ``key`` if it needs one; the options (as for :meth:`execute`) apply to
         every one. Nothing is stored if any entry is invalid.
         """
-        fields = requests.submissions(
-            tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
-        )
+        fields = calls.submissions(tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
         return self._request("execute_many", **fields)["task_ids"]
 
     def schedule(
@@ -164,7 +162,7 @@ class Martinet:
 
         The options and ``key`` are as for :meth:`execute`.
         """
-        fields = requests.submission(
+        fields = calls.submission(
             task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
         return self._request("schedule", when=when, **fields)["task_id"]
@@ -185,7 +183,7 @@ class Martinet:
         ``task["run_at"]`` sets the first run (and, for day/week intervals, the time of day).
         The options are as for :meth:`execute`; every run gets them.
         """
-        fields = requests.submission(
+        fields = calls.submission(
             task, args, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
         return self._request("every", interval=interval, **fields)["recurring_id"]
@@ -203,11 +201,11 @@ class Martinet:
             WaitTimeout: the task did not finish within ``timeout`` seconds.
             InvalidRequest: ``timeout`` is not a finite number >= 0.
         """
-        timeout = requests.seconds(timeout, "the wait timeout", InvalidRequest)
+        timeout = calls.seconds(timeout, "the wait timeout", InvalidRequest)
         deadline = time.monotonic() + timeout
         while True:
             task = self._request("wait", _deadline=deadline, task_id=task_id)["task"]
-            unfinished = requests.unfinished(task_id, timeout, task)
+            unfinished = calls.unfinished(task_id, timeout, task)
             if unfinished is None:
                 return task
             if time.monotonic() >= deadline:
@@ -251,7 +249,7 @@ class Martinet:
         status: str | None = None,
         name: str | None = None,
         username: str | None = None,
-        page: int = requests.PAGE_SIZE,
+        page: int = calls.PAGE_SIZE,
         search: str | None = None,
     ) -> Iterator[dict]:
         """Summaries of every matching task, newest first, fetched ``page`` at a time (see :meth:`list`).
@@ -278,11 +276,11 @@ class Martinet:
         """Task counts from the server's running tallies (no scan), as docs/PROTOCOL.md describes: ``counts`` by
         status, per minute (``minutes``) and per name (``names``) the tasks that ended in the last hour, the
         ``queue_lag`` (seconds the oldest queued task has waited, or None) and the server's time ``at``."""
-        return requests.result(self._request("stats"))
+        return calls.result(self._request("stats"))
 
     def ping(self) -> dict:
         """The server's version and protocol version; raises ServerUnavailable if none answers."""
-        return requests.result(self._request("ping"))
+        return calls.result(self._request("ping"))
 
     # ------------------------------------------------------------ stopping
 
@@ -326,7 +324,7 @@ class Martinet:
         The server deletes ``batch`` per request, each in its own short transaction, so that the work
         going on meanwhile is never held up for long.
         """
-        seconds = requests.purge_age(older_than)
+        seconds = calls.purge_age(older_than)
         deleted = 0
         while True:
             done = self._request("purge", status=status, older_than=seconds, limit=batch)["deleted"]
@@ -374,8 +372,8 @@ class Martinet:
         return reply
 
     def _encode(self, request_id: str, op: str, params: dict) -> list[bytes]:
-        """The request's frames (requests.encode, within ``max_request_bytes``)."""
-        return requests.encode(request_id, op, params, self.max_request_bytes)
+        """The request's frames (calls.encode, within ``max_request_bytes``)."""
+        return calls.encode(request_id, op, params, self.max_request_bytes)
 
     def _exchange(
         self, frames: list[bytes], request_id: str, timeout: float, op: str, params: dict, deadline: float | None
@@ -395,7 +393,7 @@ class Martinet:
                 ready = dict(self._poller.poll(min(remaining, _POLL_STEP) * 1000))
                 if socket in ready:
                     try:
-                        reply_limit = requests.reply_limit(self.max_request_bytes)
+                        reply_limit = calls.reply_limit(self.max_request_bytes)
                         reply = protocol.parse_reply(socket.recv_multipart(), reply_limit)
                     except ProtocolError as exc:
                         self._drop_socket()
@@ -423,7 +421,7 @@ class Martinet:
         # A late reply must not be read as the answer to the next request.
         self._drop_socket()
         if len(self.endpoints) == 1:
-            raise requests.no_reply(self.endpoint, timeout)
+            raise calls.no_reply(self.endpoint, timeout)
         failed = (*failed, f"{self.endpoint} {why}")
         left = self.endpoint
         self._current = (self._current + 1) % len(self.endpoints)
@@ -441,7 +439,7 @@ class Martinet:
         self._socket = self._monitor = self._poller = None
         self._context = self._zmq.Context()
         self._pid = os.getpid()
-        self._ids = requests.RequestIds()
+        self._ids = calls.RequestIds()
 
     def _open_socket(self) -> Any:
         """A socket to the server in use, and a poller for it and its monitor."""
