@@ -1,9 +1,10 @@
 """The README's examples, run as written against real servers and workers.
 
-Every fenced ``python`` block is one of three kinds, each run the way the README says to:
+Every fenced ``python`` block is one of four kinds, each run the way the README says to:
 a handler file (``# handlers/NAME.py``), loaded by a worker from a folder of its own; a worker
-script (``Worker(...)`` and ``worker.run()``), run as a script; and the client tour
-(``Martinet()``), run against a worker on handlers/. The client constructors get the test
+script (``Worker(...)`` and ``worker.run()``), run as a script; the client tour
+(``Martinet()``), run against a worker on handlers/; and the asyncio script
+(``martinet_app.aio``), run as a script against a worker on handlers/. The client constructors get the test
 server's ports (the README's use the default ones), nothing else is changed. The shell commands
 to try with ``make run`` going run too, their port given by MARTINET_CLIENT_PORT.
 """
@@ -42,6 +43,10 @@ def is_worker_script(block: str) -> bool:
 
 def is_client_tour(block: str) -> bool:
     return "Martinet()" in block
+
+
+def is_asyncio_script(block: str) -> bool:
+    return "from martinet_app.aio import Martinet" in block and "asyncio.run(" in block
 
 
 PYTHON = fenced("python")
@@ -85,7 +90,12 @@ def run_shell(cluster: Cluster, command: str) -> subprocess.CompletedProcess:
 def test_every_python_block_is_one_the_tests_run():
     assert PYTHON
     for block in PYTHON:
-        kinds = [handler_file(block) is not None, is_worker_script(block), is_client_tour(block)]
+        kinds = [
+            handler_file(block) is not None,
+            is_worker_script(block),
+            is_client_tour(block),
+            is_asyncio_script(block),
+        ]
         assert sum(kinds) == 1, f"a README block this test does not know how to run:\n{block}"
 
 
@@ -137,6 +147,20 @@ def test_the_client_tour_runs_and_every_task_it_makes_succeeds(sqlite_cluster: C
     assert all(r["status"] == "succeeded" for r in records.values()), records
     names = set(re.findall(r'"name": "(\w+)"', code))
     assert {r["name"] for r in records.values()} == names, "every handler the tour names ran"
+
+
+def test_the_asyncio_script_runs_its_tasks_at_once(sqlite_cluster: Cluster, tmp_path: Path):
+    sqlite_cluster.start_worker(handlers=HANDLERS)
+    code = with_ports(the_block(is_asyncio_script), "Martinet", f"client_port={sqlite_cluster.server.client_port}")
+    script = tmp_path / "readme_asyncio.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc
+    lines = proc.stdout.splitlines()
+    assert [line.split(" ", 2)[1] for line in lines] == ["succeeded"] * 3, proc.stdout
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        str({"width": w // 2, "height": w // 2}) for w in (320, 640, 1280)
+    ], proc.stdout
 
 
 def test_the_commands_to_try_with_make_run_going(sqlite_cluster: Cluster):
