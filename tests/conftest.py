@@ -188,10 +188,13 @@ class Server(Process):
     def client(self, timeout: float = 5.0) -> Martinet:
         return Martinet("127.0.0.1", self.client_port, timeout=timeout)
 
-    def wait_ready(self) -> Server:
+    def wait_ready(self, exited_ok: bool = False) -> Server:
+        """Wait until the server answers ping; fail if it exits first (with ``exited_ok``, return then)."""
         client = self.client(timeout=0.5)
 
         def answers() -> bool:
+            if exited_ok and not self.running():
+                return True
             assert self.running(), f"server exited:\n{self.log()}"
             try:
                 client.ping()
@@ -202,6 +205,29 @@ class Server(Process):
         wait_until(answers, what="the server to answer ping")
         client.close()
         return self
+
+    def start_ready(self, tries: int = 3) -> Server:
+        """Start and wait until it answers, on new free ports if one was taken before the server could bind
+        it (free_port's port is free when asked, but any connection may take it as its own end meanwhile):
+        the server then exits with 3, and the next try has other ports."""
+        for _ in range(tries - 1):
+            self.start().wait_ready(exited_ok=True)
+            if self.running() or self.proc.returncode != 3 or "cannot bind" not in self.log():
+                break
+            moved = {str(port): str(free_port()) for port in self.ports()}
+            self.args = [moved.get(arg, arg) if flag.endswith("-port") else arg
+                         for flag, arg in zip(["", *self.args[:-1]], self.args, strict=True)]  # fmt: skip
+            self.client_port, self.worker_port, self.status_port = (int(moved[str(p)]) for p in self.ports()[:3])
+            if self.http_port:
+                self.http_port = int(moved[str(self.http_port)])
+                self.http_url = f"http://127.0.0.1:{self.http_port}"
+        if self.running():
+            return self
+        return self.start().wait_ready()
+
+    def ports(self) -> list[int]:
+        """The ports it binds: client, worker, status, and HTTP if it has one."""
+        return [self.client_port, self.worker_port, self.status_port, *([self.http_port] if self.http_port else [])]
 
     def restart(self) -> Server:
         """Start again on the same ports and database."""
@@ -380,7 +406,7 @@ def sqlite_cluster(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: s
 def _cluster(request: pytest.FixtureRequest, tmp_path: Path, url: str) -> Iterator[Cluster]:
     c = Cluster(tmp_path, url)
     try:
-        c.server.start().wait_ready()  # type: ignore[union-attr]
+        c.server.start_ready()
         yield c
     finally:
         c.stop()
