@@ -52,7 +52,6 @@ STATUS_OF: dict[type[MartinetError], int] = {
 _REASONS = {
     200: "OK",
     201: "Created",
-    204: "No Content",
     303: "See Other",
     304: "Not Modified",
     400: "Bad Request",
@@ -62,7 +61,6 @@ _REASONS = {
     405: "Method Not Allowed",
     409: "Conflict",
     413: "Content Too Large",
-    415: "Unsupported Media Type",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
