@@ -707,6 +707,13 @@ def keygen(name: str, directory: str) -> None:
 @_worker_port_option
 @_status_port_option
 @_setting("--db", "db_url", default=config.DB_URL, help="Database URL.")
+@_setting(
+    "--durability",
+    type=click.Choice(config.DURABILITIES),
+    default=config.DURABILITY,
+    help="What a commit survives before the server answers: 'full', an OS crash or power loss; 'process' "
+    "(opt-in, faster), only a crash of Martinet.",
+)
 @_setting("--tz", help="Time zone for schedules (default: local time).")
 @_heartbeat_option
 @_setting(
@@ -790,6 +797,7 @@ def serve(
     worker_port: int,
     status_port: int,
     db_url: str,
+    durability: str,
     tz: str | None,
     heartbeat: float,
     default_retries: int,
@@ -821,6 +829,7 @@ def serve(
             worker_port=worker_port,
             status_port=status_port,
             db_url=db_url,
+            durability=durability,
             tz=tz,
             heartbeat=heartbeat,
             default_retries=default_retries,

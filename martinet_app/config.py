@@ -18,6 +18,12 @@ STATUS_PORT = 18009
 HTTP_PORT = 8010
 #: Database URL (MARTINET_DB).
 DB_URL = "sqlite:///martinet.db"
+#: How a commit is made durable before the server answers (MARTINET_DURABILITY): ``full`` (the default)
+#: survives a crash of the operating system or a power loss; ``process``, an opt-in, only a crash of
+#: Martinet (SQLite ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``): the last commits before
+#: an OS crash may be lost.
+DURABILITY = "full"
+DURABILITIES = ("full", "process")
 #: Tasks a worker runs at once (MARTINET_CONCURRENCY).
 CONCURRENCY = 4
 #: Tasks a worker holds in memory beyond those it runs, so a slot that frees up starts the next

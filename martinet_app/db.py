@@ -28,6 +28,7 @@ import gevent.local
 import gevent.lock
 import peewee as pw
 
+from . import config
 from .errors import ConfigError, StoreUnavailable
 from .tally import Tally
 
@@ -335,12 +336,18 @@ def redact(url: str) -> str:
     return url
 
 
-def connect(url: str, role: str = "server", pool_size: int | None = POOL_SIZE) -> pw.Database:
+def connect(
+    url: str, role: str = "server", pool_size: int | None = POOL_SIZE, durability: str = config.DURABILITY
+) -> pw.Database:
     """A peewee database (not yet connected) for ``sqlite:///path`` or ``postgresql://user@host:port/db``.
 
     ``role`` names the connections in PostgreSQL's ``pg_stat_activity`` (``martinet-ROLE-PID``);
-    ``pool_size``: at most that many, one per greenlet (None: one connection, not pooled).
+    ``pool_size``: at most that many, one per greenlet (None: one connection, not pooled);
+    ``durability``: one of config.DURABILITIES.
     """
+    if durability not in config.DURABILITIES:
+        raise ConfigError(f"unknown durability {durability!r}: expected one of {', '.join(config.DURABILITIES)}")
+    full = durability == "full"
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
@@ -351,8 +358,9 @@ def connect(url: str, role: str = "server", pool_size: int | None = POOL_SIZE) -
             thread_safe=False,
             pragmas={
                 "journal_mode": "wal",
-                # FULL: a committed task survives power loss, not only a process crash.
-                "synchronous": "full",
+                # FULL: a committed task survives power loss, not only a process crash. NORMAL (durability
+                # "process") syncs the WAL only at checkpoints: a commit survives a crash of this process only.
+                "synchronous": "full" if full else "normal",
                 # SQLite's busy handler sleeps inside C, freezing every greenlet: wait briefly, then fail
                 # (StoreUnavailable) and let the caller retry without blocking the loop.
                 "busy_timeout": int(SQLITE_BUSY_TIMEOUT * 1000),
@@ -375,6 +383,8 @@ def connect(url: str, role: str = "server", pool_size: int | None = POOL_SIZE) -
             connect_timeout=5,
             # Lets a DBA (or a test) tell this server's connections from others in pg_stat_activity.
             application_name=f"martinet-{role}-{os.getpid()}",
+            # "process": PostgreSQL answers a commit before its WAL reaches the disk.
+            **({} if full else {"options": "-c synchronous_commit=off"}),
         )
     raise ConfigError(
         f"unsupported database URL {redact(url)!r}: expected sqlite:///path.db or postgresql://user@host:port/dbname"

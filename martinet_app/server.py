@@ -54,6 +54,7 @@ def run_server(
     worker_port: int = config.WORKER_PORT,
     status_port: int = config.STATUS_PORT,
     db_url: str = config.DB_URL,
+    durability: str = config.DURABILITY,
     tz: str | None = None,
     heartbeat: float = config.HEARTBEAT_INTERVAL,
     default_retries: int = config.DEFAULT_RETRIES,
@@ -88,6 +89,8 @@ def run_server(
 
     ``http_port`` (0: none) serves the dashboard, the HTTP API and /metrics (web.py); off loopback it
     needs ``http_token`` unless ``insecure`` (access.py). ``http_read_token`` may only read.
+
+    ``durability`` (config.DURABILITY) says what a commit survives before a reply is sent.
     """
     try:
         security.check_bind(bind, secured=secret_key is not None, insecure=insecure)
@@ -104,6 +107,7 @@ def run_server(
             max_deliveries=max_deliveries,
             server_id=server_id,
             metrics=measured,
+            durability=durability,
         )
     except MartinetError as exc:
         log.error("cannot start: %s", exc.message)
@@ -190,7 +194,8 @@ def run_server(
         return EXIT_CONFIG
 
     log.info(
-        "martinet %s serving as %s: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s, tz %s",
+        "martinet %s serving as %s: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s "
+        "(durability %s), tz %s",
         __version__,
         server_id,
         bind,
@@ -200,6 +205,7 @@ def run_server(
         bind,
         status_port,
         redact(db_url),
+        durability,
         tzinfo,
     )
     if http is not None:

@@ -118,14 +118,15 @@ class Store:
         max_deliveries: int = config.MAX_DELIVERIES,
         server_id: str = "local",
         metrics: Metrics | None = None,
+        durability: str = config.DURABILITY,
     ) -> Store:
         """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db``; create or migrate the schema.
 
         ``retry_delay_max`` caps the backoff between retries of a failing task, seconds;
         ``max_deliveries`` is how many lost deliveries a task may have (:meth:`give_up_lost`);
-        ``metrics``: the server's (None: metrics of this store's own).
+        ``metrics``: the server's (None: metrics of this store's own); ``durability``: config.DURABILITY.
         """
-        database = connect(url)
+        database = connect(url, durability=durability)
         schema.database.initialize(database)
         store = cls(Pool(database, url), retry_delay_max=retry_delay_max, max_deliveries=max_deliveries,
                     metrics=metrics or Metrics(), server_id=server_id)  # fmt: skip
