@@ -152,6 +152,24 @@ class Pool:
             except Exception:  # the commit stands; the caller still has its own work to finish
                 log.exception("an action after a commit failed")
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside the calling greenlet's write transaction: if what runs inside raises, it alone is undone (an SQL
+        SAVEPOINT), with the transaction's tally, notices and hooks as they were before it, and the transaction
+        goes on. A connection failure inside still dooms the whole transaction (:meth:`read`)."""
+        transaction = self._open()
+        if transaction.read_only:
+            raise RuntimeError("a savepoint inside a read-only transaction")
+        tally, notices = transaction.tally.copy(), dict(transaction.notices)
+        hooks = len(transaction.after_commit), len(transaction.on_rollback)
+        try:
+            with self.db.atomic():  # nested in the transaction's own: a savepoint
+                yield
+        except BaseException:
+            transaction.tally, transaction.notices = tally, notices
+            del transaction.after_commit[hooks[0] :], transaction.on_rollback[hooks[1] :]
+            raise
+
     def after_commit(self, then: Callable[[], None]) -> None:
         """Run ``then`` once the calling greenlet's transaction has committed (outside the writer lock)."""
         self._open().after_commit.append(then)

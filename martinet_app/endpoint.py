@@ -1,8 +1,9 @@
 """The client endpoint: one JSON request in, one JSON reply out, on a ROUTER socket.
 
 Every request that creates something is committed to the store before the reply is
-sent: the requests readable at once share one transaction (group commit), and the tasks
-they queue are claimed for free worker slots in that same transaction, once per turn. A turn
+sent: the requests readable at once share one transaction (group commit), with the status
+events the sink holds (sink.StatusSink.carry), and the tasks they queue are claimed for free
+worker slots in that same transaction, once per turn. A turn
 that only reads runs beside the store's writer (db.Pool). A ``wait`` request is parked until its
 task becomes final or its timeout passes, without blocking other clients.
 """
@@ -103,6 +104,9 @@ class ClientEndpoint:
         self.batch_max = batch_max
         self.rejections = protocol.Rejections(log, "client socket", rejected)
         self._waiters: dict[int, list[_Waiter]] = {}
+        #: Writes the status events waiting in the sink in the current transaction; True if that freed slots
+        #: (sink.StatusSink.carry, set by the server): a turn that commits anyway carries them.
+        self.carry: Callable[[], bool] = lambda: False
         self._ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
             "ping": self._ping,
             "execute": self._execute,
@@ -174,7 +178,8 @@ class ClientEndpoint:
                     reply = self._answer(request)
                     if reply is not None:
                         replies.append((request, *reply))
-                if any(request.body is not None and request.body["op"] in _QUEUING_OPS for request in requests):
+                freed = not read_only and self.carry()
+                if freed or any(r.body is not None and r.body["op"] in _QUEUING_OPS for r in requests):
                     self.broker.dispatch()
         except MartinetError as exc:
             return [(request, None, exc.to_wire()) for request in requests]
@@ -242,6 +247,10 @@ class ClientEndpoint:
             error = MartinetError(f"server error: {type(exc).__name__}: {exc}; see the server log")
             raise _Unexpected(protocol.safe_text(error.message, config.MAX_ERROR_CHARS)) from exc
         return None if result is None else (result, None)
+
+    def waits_on(self, task_id: int) -> bool:
+        """Whether a ``wait`` request is parked on the task."""
+        return task_id in self._waiters
 
     def answer_finished(self) -> None:
         """Answer the parked ``wait`` requests whose tasks the store has as final (a lost notice's safety net)."""

@@ -172,7 +172,9 @@ def run_server(
         batch_max=config.BATCH_MAX,
         rejected=measured.rejected("status"),
         inbox=Inbox(status, auth, WORKER_DOMAIN, measured.rejected("status")),
+        waited=endpoint.waits_on,
     )
+    endpoint.carry = sink.carry
     broker.on_finished = endpoint.notify_finished
     measured.collect_from(store, broker)
     cluster = Cluster(

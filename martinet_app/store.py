@@ -101,6 +101,7 @@ class Store:
         self.transaction: Callable[[], AbstractContextManager[None]] = pool.transaction
         self.after_commit = pool.after_commit
         self.on_rollback = pool.on_rollback
+        self.savepoint = pool.savepoint
         self.exclusive = pool.exclusive
         self._read = pool.read
         self._tally = pool.tally

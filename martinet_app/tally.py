@@ -27,6 +27,10 @@ class Tally:
     def __bool__(self) -> bool:
         return bool(self.outcomes) or any(self.statuses.values())
 
+    def copy(self) -> Tally:
+        """An independent copy (a savepoint's, db.Pool.savepoint)."""
+        return Tally(Counter(self.statuses), {key: list(entry) for key, entry in self.outcomes.items()})
+
     def move(self, source: TaskStatus | None, target: TaskStatus | None, count: int = 1) -> None:
         """``count`` tasks went from ``source`` (None: new) to ``target`` (None: deleted)."""
         if count:

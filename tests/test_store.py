@@ -463,6 +463,21 @@ def test_transaction_that_fails_stores_nothing_and_undoes(store: Store) -> None:
     assert store.list_tasks(status=None, name=None, username=None, limit=10) == []
 
 
+def test_a_savepoint_that_fails_undoes_only_itself(store: Store) -> None:
+    """What the sink carries in a client turn (sink.StatusSink.carry): its writes, tally and hooks are undone
+    alone, and the rest of the transaction commits."""
+    done: list[str] = []
+    with store.transaction():
+        kept = add(store)
+        with pytest.raises(RuntimeError), store.savepoint():
+            add(store)
+            store.after_commit(lambda: done.append("the savepoint's hook"))
+            raise RuntimeError("a value the database refused")
+        store.after_commit(lambda: done.append("committed"))
+    assert done == ["committed"]
+    assert [t["id"] for t in store.list_tasks(status=None, name=None, username=None, limit=10)] == [kept]
+
+
 def test_a_failed_statement_dooms_the_whole_transaction(sqlite_url: str) -> None:
     store = Store.open(sqlite_url)
     path = sqlite_url.removeprefix("sqlite:///")
