@@ -2,12 +2,17 @@
 
 Runs every workload for every system REPS times, alternating the systems within each repetition
 (the order rotates), each run a fresh bench/drive.py process in that system's virtualenv (Martinet:
-.venv, Huey: bench/.venv). Prints a table of medians and the Martinet/Huey ratio of each row.
-Settings (environment): REPS (3), WORKLOADS (drain stream bulk latency timing-spread timing-burst;
-bulk and scale run Martinet only; drain and latency run Martinet with CURVE keys too, as
-martinet-curve), and drive.py's N (2000), DRAIN_N (20000), LATENCY_N (300), TIMING_N (500),
-SCALE_N (1000000), SLOTS (4), CONCURRENCY (16); a Redis server must answer on 127.0.0.1:6379
-(BENCH_REDIS_URL names another) when a Huey system runs.
+.venv, Huey: bench/.venv). Prints a table of medians, one column per system that ran, and the
+ratio of Martinet (the default: SQLite, durability full, no keys) to each Huey system for each row.
+Martinet's variants run some workloads only: martinet-curve (CURVE keys on every socket)
+CURVE_WORKLOADS, martinet-pg (PostgreSQL) PG_WORKLOADS, martinet-process (SQLite with the opt-in
+`serve --durability process`, not a target) PROCESS_WORKLOADS.
+Settings (environment): REPS (3), WORKLOADS (drain stream bulk latency timing-spread timing-burst
+producers monitor aio; MARTINET_ONLY run no Huey), SYSTEMS (all of them: a subset leaves the
+others out), and drive.py's N (2000), DRAIN_N (20000), LATENCY_N (300), TIMING_N (500), PHASE_S
+(10), PRODUCERS (8), SCALE_N (1000000), SLOTS (4), CONCURRENCY (16), BENCH_PG_URL; a Redis server
+must answer on 127.0.0.1:6379 (BENCH_REDIS_URL names another) when a Huey system runs, and
+PostgreSQL at BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/bench_pg) when martinet-pg does.
 
 `make bench-scale` is WORKLOADS=scale with REPS=1 unless given: a second table, Martinet with an
 empty store against Martinet with SCALE_N scheduled tasks (drive.py describes the figures).
@@ -28,16 +33,30 @@ import drive
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 REPS = int(os.environ.get("REPS", "3"))
+#: Each system's interpreter and its column's heading, in the table's order.
 SYSTEMS = {
-    "martinet": ROOT / ".venv" / "bin" / "python",
-    "martinet-curve": ROOT / ".venv" / "bin" / "python",
-    "huey-sqlite": BENCH / ".venv" / "bin" / "python",
-    "huey-redis": BENCH / ".venv" / "bin" / "python",
+    "martinet": (ROOT / ".venv" / "bin" / "python", "Martinet"),
+    "martinet-curve": (ROOT / ".venv" / "bin" / "python", "Martinet, CURVE keys"),
+    "martinet-pg": (ROOT / ".venv" / "bin" / "python", "Martinet, PostgreSQL"),
+    "martinet-process": (ROOT / ".venv" / "bin" / "python", "Martinet durability=process (opt-in, not a target)"),
+    "huey-sqlite": (BENCH / ".venv" / "bin" / "python", "Huey SQLite"),
+    "huey-redis": (BENCH / ".venv" / "bin" / "python", "Huey Redis"),
 }
-WORKLOADS = os.environ.get("WORKLOADS", "drain stream bulk latency timing-spread timing-burst monitor aio").split()
+CHOSEN = os.environ.get("SYSTEMS", " ".join(SYSTEMS)).split()
+WORKLOADS = os.environ.get(
+    "WORKLOADS", "drain stream bulk latency timing-spread timing-burst producers monitor aio"
+).split()
 MARTINET_ONLY = {"bulk", "scale", "monitor", "aio", "purge"}
 #: Workloads Martinet also runs with CURVE keys on every socket (the keys' cost, beside the run without).
 CURVE_WORKLOADS = {"drain", "latency"}
+#: Workloads Martinet also runs on PostgreSQL (BENCH_PG_URL, emptied before each run).
+PG_WORKLOADS = {"drain", "stream", "latency", "producers", "aio"}
+#: Workloads Martinet also runs with `serve --durability process` (SQLite synchronous=NORMAL, the opt-in mode).
+PROCESS_WORKLOADS = {"stream", "latency", "producers", "drain"}
+#: The workloads of each variant of Martinet; the default and Huey run every other (Huey: but MARTINET_ONLY).
+VARIANTS = {"martinet-curve": CURVE_WORKLOADS, "martinet-pg": PG_WORKLOADS, "martinet-process": PROCESS_WORKLOADS}
+#: The systems the default Martinet's figures are divided by, in the ratio columns.
+HUEYS = ("huey-sqlite", "huey-redis")
 # (label, workload, key, scale, higher is better)
 ROWS = [
     ("drain, tasks/s", "drain", "tasks_per_s", 1, True),
@@ -48,6 +67,12 @@ ROWS = [
     ("stream, CPU s per 1000 tasks", "stream", "cpu_s_per_1000", 1, False),
     ("bulk, tasks/s end to end", "bulk", "tasks_per_s", 1, True),
     ("bulk, submits/s", "bulk", "submit_per_s", 1, True),
+    (f"producers, {drive.PRODUCERS} processes, submits/s in all", "producers", "submits_per_s", 1, True),
+    ("producers, tasks/s end to end", "producers", "tasks_per_s", 1, True),
+    ("producers, execute (enqueue) p50, ms", "producers", "submit_p50_ms", 1, False),
+    ("producers, execute (enqueue) p99, ms", "producers", "submit_p99_ms", 1, False),
+    ("producers, CPU s per 1000 tasks", "producers", "cpu_s_per_1000", 1, False),
+    ("producers, enqueues retried after SQLite's busy timeout (Huey SQLite)", "producers", "retries", 1, False),
     ("latency submit->result p50, ms", "latency", "p50_ms", 1, False),
     ("latency submit->result p99, ms", "latency", "p99_ms", 1, False),
     ("latency submit->handler start p50, ms", "latency", "start_p50_ms", 1, False),
@@ -102,7 +127,7 @@ SCALE_ROWS = [
 
 def run(system: str, workload: str) -> dict:
     proc = subprocess.run(
-        [str(SYSTEMS[system]), str(BENCH / "drive.py"), system, workload], cwd=ROOT, capture_output=True, text=True
+        [str(SYSTEMS[system][0]), str(BENCH / "drive.py"), system, workload], cwd=ROOT, capture_output=True, text=True
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -123,22 +148,30 @@ def median(values: list[float], scale: float) -> float | None:
     return statistics.median(values) * scale if values else None
 
 
+def runs(system: str, workload: str) -> bool:
+    if system in VARIANTS:
+        return workload in VARIANTS[system]
+    return system == "martinet" or workload not in MARTINET_ONLY
+
+
 def systems_for(workload: str) -> list[str]:
-    if workload in MARTINET_ONLY:
-        return ["martinet"]
-    return [system for system in SYSTEMS if system != "martinet-curve" or workload in CURVE_WORKLOADS]
+    return [system for system in SYSTEMS if system in CHOSEN and runs(system, workload)]
 
 
 def table(results: dict[tuple[str, str], list[dict]]) -> list[str]:
-    """The main table: one row per ROWS entry that was run, medians and Martinet/Huey ratios."""
-    header = ["", "Martinet", "with keys", "Huey SQLite", "Huey Redis", "Martinet/HueySQLite", "Martinet/HueyRedis"]
+    """The main table: one row per ROWS entry that was run, the medians of each system that ran (a column each),
+    and the default Martinet's ratio to each Huey system that ran."""
+    ran = [system for system in SYSTEMS if any(s == system for s, _ in results)]
+    hueys = [system for system in HUEYS if system in ran] if "martinet" in ran else []
+    header = ["", *(SYSTEMS[s][1] for s in ran), *(f"Martinet/{SYSTEMS[h][1].replace(' ', '')}" for h in hueys)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, workload, key, scale, _higher in ROWS:
         if workload not in WORKLOADS:
             continue
-        medians = [median([r[key] for r in results.get((s, workload), []) if key in r], scale) for s in SYSTEMS]
-        ratios = [f"{medians[0] / other:.2f}" if medians[0] is not None and other else "-" for other in medians[2:]]
-        lines.append("| " + " | ".join([label, *map(fmt, medians), *ratios]) + " |")
+        medians = {s: median([r[key] for r in results.get((s, workload), []) if key in r], scale) for s in ran}
+        base = medians.get("martinet")
+        ratios = [f"{base / medians[h]:.2f}" if base is not None and medians[h] else "-" for h in hueys]
+        lines.append("| " + " | ".join([label, *(fmt(medians[s]) for s in ran), *ratios]) + " |")
     return lines
 
 
@@ -161,10 +194,13 @@ def scale_table(runs: list[dict]) -> list[str]:
 
 
 def main() -> None:
+    unknown = set(CHOSEN) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown SYSTEMS {sorted(unknown)}: choose among {list(SYSTEMS)}")
     needed = {system for workload in WORKLOADS for system in systems_for(workload)}
     for system in needed:
-        if not SYSTEMS[system].exists():
-            raise SystemExit(f"{SYSTEMS[system]} is missing: run `make bench`, which creates it")
+        if not SYSTEMS[system][0].exists():
+            raise SystemExit(f"{SYSTEMS[system][0]} is missing: run `make bench`, which creates it")
     results: dict[tuple[str, str], list[dict]] = {}
     started = time.monotonic()
     for rep in range(REPS):
@@ -175,12 +211,13 @@ def main() -> None:
                 result = run(system, workload)
                 results.setdefault((system, workload), []).append(result)
                 shown = {k: round(v, 1) for k, v in result.items() if isinstance(v, float)}
-                print(f"rep {rep + 1}/{REPS} {workload:13} {system:12} {shown}", file=sys.stderr, flush=True)
+                print(f"rep {rep + 1}/{REPS} {workload:13} {system:16} {shown}", file=sys.stderr, flush=True)
     print(f"\nMedians of {REPS} repetitions; {time.monotonic() - started:.0f} s.\n")
     if set(WORKLOADS) - {"scale"}:
         print(
             f"N={drive.N} (stream), DRAIN_N={drive.DRAIN_N} (drain, bulk), latency over {drive.LATENCY_N} tasks, "
-            f"timing over {drive.TIMING_N}; Martinet worker: {drive.SLOTS} slots, automatic prefetch; "
+            f"timing over {drive.TIMING_N}, PHASE_S={drive.PHASE_S:g} (producers, monitor, aio), "
+            f"PRODUCERS={drive.PRODUCERS}; Martinet worker: {drive.SLOTS} slots, automatic prefetch; "
             f"Huey consumer: {drive.CONCURRENCY} greenlets.\n"
         )
         print("\n".join(table(results)) + "\n")

@@ -2,27 +2,34 @@
 
     python bench/drive.py martinet WORKLOAD    (the product's .venv)
     python bench/drive.py martinet-curve WORKLOAD (the same with CURVE keys on every socket)
+    python bench/drive.py martinet-pg WORKLOAD (the same on PostgreSQL: BENCH_PG_URL, emptied first)
+    python bench/drive.py martinet-process WORKLOAD (SQLite with `serve --durability process`, opt-in)
     python bench/drive.py huey-sqlite WORKLOAD (bench/.venv)
     python bench/drive.py huey-redis WORKLOAD  (bench/.venv)
 
-WORKLOAD is drain, stream, bulk (Martinet only), latency, timing-spread, timing-burst, monitor,
-aio, purge or scale (the last four Martinet only). Each run starts its own server and worker (or
-consumer) as subprocesses, on free ports and a fresh temporary SQLite file (or a fresh Redis queue
-name), and stops them before it
-prints one JSON object on stdout. The no-op task returns time.time() taken as its handler starts,
-so the driver sees when each handler started (the same clock: everything runs on one machine).
+WORKLOAD is drain, stream, bulk (Martinet only), latency, timing-spread, timing-burst, producers,
+monitor, aio, purge or scale (the last four Martinet only; purge and scale on SQLite only). Each run
+starts its own server and worker (or consumer) as subprocesses, on free ports and a fresh temporary
+SQLite file (martinet-pg: the PostgreSQL database of BENCH_PG_URL, default
+postgresql://postgres@127.0.0.1:5432/bench_pg, created if missing, its public schema dropped and
+created again; Huey: a fresh Redis queue name), and stops them before it prints one JSON object on
+stdout. The no-op task returns time.time() taken as its handler starts, so the driver sees when
+each handler started (the same clock: everything runs on one machine).
 
 Settings (environment): N (2000, stream), DRAIN_N (20000, drain and bulk), LATENCY_N (300),
-TIMING_N (500), SCALE_N (1000000), PURGE_N (1000000), PHASE_S (10), CONCURRENCY (16: Huey's greenlets),
-SLOTS (4: Martinet's handler processes, its default; its prefetch is left automatic), BENCH_TIMEOUT (600 s
-a run may wait).
+TIMING_N (500), SCALE_N (1000000), PURGE_N (1000000), PHASE_S (10), PRODUCERS (8), CONCURRENCY (16: Huey's
+greenlets), SLOTS (4: Martinet's handler processes, its default; its prefetch is left automatic),
+BENCH_TIMEOUT (600 s a run may wait), BENCH_PG_URL.
 
 - drain, stream, bulk: tasks/s, and CPU seconds per 1,000 tasks (drain, stream) of the server,
   the worker and its handler processes (Huey: the consumer) during the timed phase, from
-  /proc/PID/stat. Huey's enqueues run in the driver (and in Redis), which are not counted; Martinet's
-  submits run in its server, counted in stream (drain submits before its timed phase). Drain also
-  reports startup_s: from spawning the worker (consumer) to the start of the first submitted
-  task's handler, a proxy for the start-up that the drain time includes.
+  /proc/PID/stat; martinet-pg adds the CPU of its server's PostgreSQL backends (client backends
+  connected to the benchmark's database; PostgreSQL's shared processes, such as the WAL writer, are
+  left out), as SQLite's work is in the server's own figure. Huey's enqueues run in the driver (and
+  in Redis), which are not counted; Martinet's submits run in its server, counted in stream (drain
+  submits before its timed phase). Drain also reports startup_s: from spawning the worker
+  (consumer) to the start of the first submitted task's handler, a proxy for the start-up that the
+  drain time includes.
 - latency: p50/p99 of submit -> result visible to the client (p50_ms, p99_ms) and of submit ->
   handler start (start_p50_ms, start_p99_ms), one awaited task at a time.
 - timing-spread: TIMING_N tasks submitted evenly over TIMING_LEAD (2 s), each due 2 s after its
@@ -32,6 +39,16 @@ a run may wait).
   consumer moves due tasks out of its schedule once a second (its minimum, -s 1), counted from its
   start; a run starts right after the consumer's first task, so the burst falls due just after one
   of those checks and Huey's burst lateness is near its ~1 s worst case (spread shows the range).
+- producers: PRODUCERS processes (multiprocessing, spawned), each with a client of its own (Huey: its
+  own Huey instance and connection), connected before a common start (a barrier); each submits one
+  no-op task at a time (Martinet: execute, counted once its reply, sent after the commit, is in;
+  Huey: one enqueue) for PHASE_S seconds, with the worker (consumer) running and warmed up. Total
+  submitted tasks/s (submits_per_s: from the start to the last producer's last reply), tasks/s end
+  to end (tasks_per_s: from the start until every task submitted is done), the submit call's
+  p50/p99/max over all producers (submit_*), and CPU seconds per 1,000 tasks as stream counts them
+  (the producers' own left out); every task is checked succeeded. Huey SQLite's enqueue fails with
+  "database is locked" when its BEGIN EXCLUSIVE waits past its 5 s busy timeout (nothing written);
+  its producer enqueues again, and the call's time counts the wait: retries is how often.
 - monitor (Martinet only): one producer's executes, one call at a time with a worker running, for
   PHASE_S seconds; then as long again while a thread fetches the dashboard overview's data
   (GET /api/v1/stats and /api/v1/workers) every second, as a browser showing it does. The submit
@@ -61,7 +78,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import multiprocessing
 import os
+import queue
 import signal
 import socket
 import sqlite3
@@ -70,6 +89,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -91,8 +111,11 @@ TIMING_LEAD = 2.0  # seconds from a timing run's start to its tasks' due times
 SCALE_DAYS = 3
 SCALE_CALLS = 20  # calls per query, and tasks fired, in the scale workload
 FIRE_LEAD = 0.3  # seconds ahead each fired task of the scale workload is due
-PHASE_S = float(os.environ.get("PHASE_S", "10"))  # seconds of each submit phase of monitor and purge
+PHASE_S = float(os.environ.get("PHASE_S", "10"))  # seconds of each submit phase of producers, monitor, purge, aio
 AIO_INFLIGHT = 64  # executes the aio workload's producer keeps in flight
+PRODUCERS = int(os.environ.get("PRODUCERS", "8"))  # processes of the producers workload
+PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/bench_pg")
+MARTINET_SYSTEMS = ("martinet", "martinet-curve", "martinet-pg", "martinet-process")
 POLL_EVERY = 1.0  # seconds between two polls of the dashboard's overview (monitor)
 #: What the dashboard's overview fetches at each poll.
 OVERVIEW = ("/api/v1/stats", "/api/v1/workers")
@@ -218,8 +241,39 @@ def iso_utc(epoch: float) -> str:
 # ------------------------------------------------------------------ Martinet
 
 
+def pg_connect(url: str) -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=5, application_name="martinet-bench")
+    conn.autocommit = True
+    return conn
+
+
+def reset_pg(url: str) -> None:
+    """Empty the PostgreSQL database of ``url`` (created if missing): its public schema dropped and created again."""
+    import psycopg2
+
+    try:
+        conn = pg_connect(url)
+    except psycopg2.OperationalError as e:
+        if "does not exist" not in str(e):
+            raise
+        parsed = urllib.parse.urlsplit(url)
+        with contextlib.closing(pg_connect(parsed._replace(path="/postgres").geturl())) as admin:
+            with admin.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{parsed.path.lstrip("/")}"')
+        conn = pg_connect(url)
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute("SET lock_timeout = '10s'")
+        cur.execute("DROP SCHEMA IF EXISTS public CASCADE")
+        cur.execute("CREATE SCHEMA public")
+
+
 class MartinetSide:
-    def __init__(self, tmp: str, *, curve: bool = False) -> None:
+    """A Martinet server of one of MARTINET_SYSTEMS on a fresh store in ``tmp`` (martinet-pg: PG_URL, emptied),
+    its client, and its worker once started."""
+
+    def __init__(self, tmp: str, system: str = "martinet") -> None:
         from martinet_app.client import Martinet
 
         self.ports = [free_port() for _ in range(3)]
@@ -227,15 +281,25 @@ class MartinetSide:
         self.path = f"{tmp}/martinet.db"
         python = str(ROOT / ".venv" / "bin" / "python")
         client, worker, status = (str(p) for p in self.ports)
-        client_keys, worker_flags, server_flags = _keys(Path(tmp)) if curve else ({}, [], [])
+        client_keys, worker_flags, server_flags = _keys(Path(tmp)) if system == "martinet-curve" else ({}, [], [])
+        if system == "martinet-process":
+            server_flags = ["--durability", "process"]
+        #: The driver's own connection to PostgreSQL (martinet-pg): counts and the backends' CPU.
+        self.pg = None
+        db = f"sqlite:///{self.path}"
+        if system == "martinet-pg":
+            reset_pg(PG_URL)
+            db, self.pg = PG_URL, pg_connect(PG_URL)
+        #: CPU seconds last seen of each PostgreSQL backend of the server (kept once it is gone).
+        self.backends: dict[int, float] = {}
         self.m = Martinet("127.0.0.1", self.ports[0], timeout=60, **client_keys)
         spawned = time.perf_counter()
-        self.server = subprocess.Popen(
-            [python, "-m", "martinet_app", "serve", "--client-port", client, "--worker-port", worker,
-             "--status-port", status, "--http-port", self.http.rsplit(":", 1)[1], "--db", f"sqlite:///{self.path}",
-             "--log-level", "warning", *server_flags],
-            cwd=ROOT,
-        )  # fmt: skip
+        self.server_cmd = [
+            python, "-m", "martinet_app", "serve", "--client-port", client, "--worker-port", worker,
+            "--status-port", status, "--http-port", self.http.rsplit(":", 1)[1], "--db", db,
+            "--log-level", "warning", *server_flags,
+        ]  # fmt: skip
+        self.server = subprocess.Popen(self.server_cmd, cwd=ROOT)
         self.worker_cmd = [
             python, "-m", "martinet_app", "work", "--handlers", str(BENCH / "handlers"),
             "--concurrency", str(SLOTS), "--worker-port", worker, "--status-port", status,
@@ -249,6 +313,8 @@ class MartinetSide:
     def _pings(self) -> bool:
         from martinet_app.errors import ServerUnavailable
 
+        if self.server.poll() is not None:
+            raise SystemExit(f"the Martinet server exited ({self.server.returncode}): {' '.join(self.server_cmd)}")
         try:
             self.m.ping()
             return True
@@ -287,8 +353,19 @@ class MartinetSide:
         return ids
 
     def cpu(self) -> float:
-        """CPU seconds used so far by the server, and by the worker with its handler processes."""
-        return cpu_s(self.server.pid) + (cpu_s(self.worker.pid) if self.worker else 0.0)
+        """CPU seconds used so far by the server, by the worker with its handler processes, and (martinet-pg) by
+        the server's PostgreSQL backends: those of the benchmark's database but the driver's own connection,
+        each as last seen (a backend gone since the previous call loses only what it used meanwhile)."""
+        if self.pg is not None:
+            with self.pg.cursor() as cur:
+                cur.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                )
+                for (pid,) in cur.fetchall():
+                    self.backends[pid] = cpu_s(pid) or self.backends.get(pid, 0.0)
+        workers = cpu_s(self.worker.pid) if self.worker else 0.0
+        return cpu_s(self.server.pid) + workers + sum(self.backends.values())
 
     def server_memory(self, when: str) -> dict:
         return {
@@ -306,10 +383,16 @@ class MartinetSide:
         }
 
     def check(self, expected: int) -> None:
-        """Every task in the store succeeded, and there are ``expected``: counted in the file itself (read-only),
-        as a client lists at most 10,000 tasks."""
-        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
-            counts = dict(db.execute("SELECT status, COUNT(*) FROM task GROUP BY status").fetchall())
+        """Every task in the store succeeded, and there are ``expected``: counted in the store itself (SQLite:
+        the file, read-only; PostgreSQL: the driver's connection), as a client lists at most 10,000 tasks."""
+        count = "SELECT status, COUNT(*) FROM task GROUP BY status"
+        if self.pg is not None:
+            with self.pg.cursor() as cur:
+                cur.execute(count)
+                counts = dict(cur.fetchall())
+        else:
+            with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
+                counts = dict(db.execute(count).fetchall())
         if counts != {"succeeded": expected}:
             raise SystemExit(f"Martinet: tasks by status {counts}, expected {expected} succeeded")
 
@@ -318,6 +401,8 @@ class MartinetSide:
         if self.worker is not None:
             stop(self.worker)
         stop(self.server)
+        if self.pg is not None:
+            self.pg.close()
 
 
 def _keys(tmp: Path) -> tuple[dict, list[str], list[str]]:
@@ -337,13 +422,13 @@ def _keys(tmp: Path) -> tuple[dict, list[str], list[str]]:
     return client, worker, server
 
 
-def martinet(workload: str, *, curve: bool = False) -> dict:
-    if workload == "scale":
-        return scale()
-    if workload == "purge":
-        return purge()
+def martinet(system: str, workload: str) -> dict:
+    if workload in ("scale", "purge"):
+        if system != "martinet":
+            raise SystemExit(f"{workload} runs on martinet (SQLite) only")
+        return scale() if workload == "scale" else purge()
     with tempfile.TemporaryDirectory(prefix="martinet-bench-") as tmp:
-        side = MartinetSide(tmp, curve=curve)
+        side = MartinetSide(tmp, system)
         try:
             result = run_martinet(side, workload)
             result.update(side.rss())
@@ -396,6 +481,8 @@ def run_martinet(side: MartinetSide, workload: str) -> dict:
         result = submit_and_finish(side, DRAIN_N, lambda: side.submit_many(DRAIN_N, BULK_CHUNK), side.wait_all)
         side.check(DRAIN_N + 1)
         return result
+    if workload == "producers":
+        return producers(side, side.ports[0], lambda ids: side.wait_all(sorted(ids)), lambda n: side.check(n + 1))
     if workload == "monitor":
         return monitor(side)
     if workload == "aio":
@@ -504,6 +591,87 @@ def aio(side: MartinetSide) -> dict:
         "tasks_per_s": len(ids) / elapsed,
         **{f"submit_{q}_ms": percentile(times, v) for q, v in (("p50", 0.5), ("p99", 0.99))},
         "submit_max_ms": max(times),
+    }
+
+
+def producer(port: int | None, start: Any, out: Any) -> None:
+    """One process of the producers workload: a client of its own (Martinet on ``port``; None: Huey, from the
+    environment HueySide set), connected, then after ``start`` (a barrier) one submit at a time for PHASE_S
+    seconds; puts its task ids, call times (ms), retries and end (time.monotonic()) on ``out``."""
+    retries = [0]
+    if port is None:
+        import huey_app
+
+        huey_app.huey.pending_count()  # opens its connection
+
+        def submit() -> str:
+            while True:
+                try:
+                    return huey_app.noop().id
+                except sqlite3.OperationalError as e:
+                    # SqliteHuey's BEGIN EXCLUSIVE gave up after its busy timeout (5 s): nothing was written.
+                    if "locked" not in str(e):
+                        raise
+                    retries[0] += 1
+    else:
+        from martinet_app.client import Martinet
+
+        m = Martinet("127.0.0.1", port, timeout=60)
+        m.ping()
+
+        def submit() -> int:
+            return m.execute(NOOP)
+
+    ids, times = [], []
+    start.wait(60)
+    done = for_seconds(PHASE_S)
+    while not done():
+        started = time.perf_counter()
+        ids.append(submit())
+        times.append((time.perf_counter() - started) * 1000)
+    out.put({"ids": ids, "times": times, "retries": retries[0], "end": time.monotonic()})
+
+
+def producers(side: Any, port: int | None, wait: Callable[[list], None], check: Callable[[int], None]) -> dict:
+    """The producers workload (module docstring), the worker (consumer) of ``side`` running and warmed up:
+    PRODUCERS ``producer`` processes on ``port`` (None: Huey); ``wait(ids)`` returns once those tasks are done,
+    ``check(count)`` fails unless ``count`` submitted tasks (and the warm-up's) succeeded."""
+    ctx = multiprocessing.get_context("spawn")  # no client state, ZeroMQ's or Huey's, copied by a fork
+    start, out = ctx.Barrier(PRODUCERS + 1), ctx.Queue()
+    procs = [ctx.Process(target=producer, args=(port, start, out), daemon=True) for _ in range(PRODUCERS)]
+    for proc in procs:
+        proc.start()
+    cpu = side.cpu()
+    start.wait(60)
+    started = time.monotonic()
+    runs: list[dict] = []
+    deadline = time.monotonic() + PHASE_S + 60
+    while len(runs) < PRODUCERS:
+        with contextlib.suppress(queue.Empty):
+            runs.append(out.get(timeout=POLL))
+        failed = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            raise SystemExit(f"producers: {len(runs)} of {PRODUCERS} reported (exit codes of the failed: {failed})")
+    for proc in procs:
+        proc.join(60)
+    submitted = max(run["end"] for run in runs) - started
+    ids = [task for run in runs for task in run["ids"]]
+    wait(ids)
+    elapsed = time.monotonic() - started
+    cpu = side.cpu() - cpu
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"producers: {len(ids) - len(set(ids))} task ids returned twice")
+    check(len(ids))
+    times = [t for run in runs for t in run["times"]]
+    return {
+        "producers": PRODUCERS,
+        "submits": len(ids),
+        "submits_per_s": len(ids) / submitted,
+        "tasks_per_s": len(ids) / elapsed,
+        **{f"submit_{q}_ms": percentile(times, v) for q, v in (("p50", 0.5), ("p99", 0.99))},
+        "submit_max_ms": max(times),
+        **({"retries": sum(run["retries"] for run in runs)} if port is None else {}),  # Huey's only
+        "cpu_s_per_1000": per_1000(cpu, len(ids)),
     }
 
 
@@ -701,7 +869,7 @@ def huey_handler_start(result: Any, timeout: float) -> float:
 
 
 def huey(backend: str, workload: str) -> dict:
-    if workload in ("bulk", "scale"):
+    if workload in ("bulk", "scale", "monitor", "aio", "purge"):
         raise SystemExit(f"{workload} is a Martinet-only workload")
     with tempfile.TemporaryDirectory(prefix="huey-bench-") as tmp:
         side = HueySide(tmp, backend)
@@ -735,6 +903,8 @@ def run_huey(side: HueySide, workload: str) -> dict:
         result = submit_and_finish(side, N, lambda: [side.noop() for _ in range(N)], lambda _: side.wait_results(N))
         side.check(N)
         return result
+    if workload == "producers":
+        return producers(side, None, lambda ids: side.wait_results(len(ids)), side.check)
     if workload == "latency":
         to_result, to_start = [], []
         for _ in range(LATENCY_N):
@@ -752,9 +922,9 @@ def run_huey(side: HueySide, workload: str) -> dict:
 
 def main() -> None:
     system, workload = sys.argv[1], sys.argv[2]
-    if system in ("martinet", "martinet-curve"):
+    if system in MARTINET_SYSTEMS:
         sys.path.insert(0, str(ROOT))
-        result = martinet(workload, curve=system == "martinet-curve")
+        result = martinet(system, workload)
     elif system in ("huey-sqlite", "huey-redis"):
         result = huey(system.removeprefix("huey-"), workload)
     else:
