@@ -88,6 +88,10 @@ class Authenticator:
         gevent.killall(self._greenlets)
         self._greenlets = []
         if self._socket is not None:
+            # Unbinding an inproc endpoint takes effect at once, while close() lets the reaper
+            # unbind it later: a handshake meanwhile would send its ZAP request to a closing socket
+            # and wait forever for the answer.
+            self._socket.unbind(ZAP_ENDPOINT)
             self._socket.close(linger=0)
             self._socket = None
 
