@@ -4,7 +4,8 @@ It is the system clock. A test of a date it cannot wait for (a daylight-saving c
 variable MARTINET_TEST_CLOCK to an ISO 8601 instant with its offset: the server's scheduling clock then reads
 that instant when the server starts and runs on at the real rate. Unset, as in production, it changes nothing;
 set, the server logs a warning when it starts, and a value that is not such an instant keeps it from starting.
-Everything else (leases, heartbeats, the times of task events, retention, ``stats``) keeps the system clock.
+Everything else (leases, heartbeats, the times of task events and so the due time of a retry, retention,
+``stats``, ``execute``) keeps the system clock.
 """
 
 from __future__ import annotations
