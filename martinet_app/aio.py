@@ -122,12 +122,14 @@ class Martinet:
         timeout: float | None = None,
         priority: int | None = None,
         key: str | None = None,
+        tz: str | None = None,
     ) -> int:
-        """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id."""
+        """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...) in the zone ``tz`` (or the
+        server's); returns its id. As :meth:`martinet_app.client.Martinet.schedule`."""
         fields = calls.submission(
             task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
-        return (await self._request("schedule", when=when, **fields))["task_id"]
+        return (await self._request("schedule", when=when, tz=tz, **fields))["task_id"]
 
     async def every(
         self,
@@ -139,12 +141,14 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        tz: str | None = None,
     ) -> int:
-        """Run a task every ``interval`` (``'30 minutes'``, ``'monday'``...); returns the schedule's id."""
+        """Run a task every ``interval`` (``'30 minutes'``, ``'monday'``, ``'0 9 * * mon-fri'``...) in the zone ``tz``
+        (or the server's); returns the schedule's id. As :meth:`martinet_app.client.Martinet.every`."""
         fields = calls.submission(
             task, args, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
-        return (await self._request("every", interval=interval, **fields))["recurring_id"]
+        return (await self._request("every", interval=interval, tz=tz, **fields))["recurring_id"]
 
     # ------------------------------------------------------------ inspecting
 
@@ -223,7 +227,7 @@ class Martinet:
         return (await self._request("workers"))["workers"]
 
     async def recurring(self) -> list[dict]:
-        """Recurring schedules, with their next_run_at."""
+        """Recurring schedules, with their next_run_at and zone (``tz``: null for the server's)."""
         return (await self._request("recurring"))["recurring"]
 
     async def stats(self) -> dict:

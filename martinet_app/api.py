@@ -20,8 +20,8 @@ from .errors import InvalidRequest, TaskNotFound
 from .web import Request, Response, Route, json_response
 
 #: Fields of a task submission (POST /api/v1/tasks) and of a schedule (POST /api/v1/recurring).
-_TASK_BODY = frozenset({"name", "args", "username", "description", "key", "options", "when"})
-_RECURRING_BODY = frozenset({"name", "args", "username", "description", "options", "interval", "run_at"})
+_TASK_BODY = frozenset({"name", "args", "username", "description", "key", "options", "when", "tz"})
+_RECURRING_BODY = frozenset({"name", "args", "username", "description", "options", "interval", "run_at", "tz"})
 #: Fields of a bulk action (POST /api/v1/tasks/bulk): the action and the filters of the tasks it moves.
 _BULK_BODY = frozenset({"action", "status", "name", "username", "search", "limit"})
 #: Query parameters of GET /api/v1/tasks: text filters, and integers.
@@ -49,7 +49,9 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
         meta = {key: body.get(key) for key in ("name", "username", "description", "key")}
         fields = {"task": meta, "args": body.get("args"), "options": body.get("options")}
         if "when" in body:
-            return json_response(call(request, "schedule", when=body["when"], **fields), 201)
+            return json_response(call(request, "schedule", when=body["when"], tz=body.get("tz"), **fields), 201)
+        if body.get("tz") is not None:
+            raise InvalidRequest("'tz' is the zone of 'when': give it with 'when', or leave it out")
         return json_response(call(request, "execute", **fields), 201)
 
     def submit_many(request: Request) -> Response:
@@ -75,7 +77,7 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
         body = _fields(request.json(), _RECURRING_BODY, "a schedule")
         meta = {key: body.get(key) for key in ("name", "username", "description", "run_at")}
         fields = {"task": meta, "args": body.get("args"), "options": body.get("options")}
-        return json_response(call(request, "every", interval=body.get("interval"), **fields), 201)
+        return json_response(call(request, "every", interval=body.get("interval"), tz=body.get("tz"), **fields), 201)
 
     def revoke(request: Request) -> Response:
         return json_response(call(request, "revoke", recurring_id=_id(request.params["id"])))

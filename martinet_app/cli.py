@@ -292,6 +292,12 @@ def _policy(retries: int | None, retry_delay: float | None, task_timeout: float 
     return {"retries": retries, "retry_delay": retry_delay, "timeout": task_timeout, "priority": priority}
 
 
+_tz_option = click.option(
+    "--tz",
+    metavar="ZONE",
+    help="IANA zone of the wall times given (e.g. Europe/Paris). Default: the server's (serve --tz).",
+)
+
 _key_option = click.option(
     "--key",
     metavar="K",
@@ -383,8 +389,8 @@ def _workers_text(workers: list[dict]) -> str:
 
 
 def _recurring_text(schedules: list[dict]) -> str:
-    headers = ("ID", "NAME", "USERNAME", "INTERVAL", "NEXT_RUN_AT", "LAST_RUN_AT", "ENABLED")
-    keys = ("id", "name", "username", "interval", "next_run_at", "last_run_at", "enabled")
+    headers = ("ID", "NAME", "USERNAME", "INTERVAL", "TZ", "NEXT_RUN_AT", "LAST_RUN_AT", "ENABLED")
+    keys = ("id", "name", "username", "interval", "tz", "next_run_at", "last_run_at", "enabled")
     return _table(headers, [[_cell(s.get(key)) for key in keys] for s in schedules], "no recurring schedules")
 
 
@@ -457,6 +463,7 @@ def execute(
 @click.argument("name")
 @_task_options
 @_key_option
+@_tz_option
 @_client_command
 def schedule(
     client: Martinet,
@@ -467,11 +474,12 @@ def schedule(
     username: str | None,
     description: str | None,
     key: str | None,
+    tz: str | None,
     **policy: Any,
 ) -> None:
     """Run task NAME once at WHEN ('in 20 minutes', '17:30', ISO 8601...) and print its id."""
     meta = _meta(name=name, username=username, description=description, key=key)
-    task_id = client.schedule(when, meta, args, **_policy(**policy))
+    task_id = client.schedule(when, meta, args, tz=tz, **_policy(**policy))
     _echo(
         as_json,
         {"task_id": task_id},
@@ -484,6 +492,7 @@ def schedule(
 @click.argument("name")
 @click.option("--run-at", metavar="WHEN", help="First run (and, for day or week intervals, the time of day).")
 @_task_options
+@_tz_option
 @_client_command
 def every(
     client: Martinet,
@@ -494,12 +503,13 @@ def every(
     args: dict,
     username: str | None,
     description: str | None,
+    tz: str | None,
     **policy: Any,
 ) -> None:
-    """Run task NAME every INTERVAL ('30 minutes', 'monday'...) and print the schedule's id."""
-    recurring_id = client.every(
-        interval, _meta(name=name, username=username, description=description, run_at=run_at), args, **_policy(**policy)
-    )
+    """Run task NAME every INTERVAL ('30 minutes', 'monday', or cron: '0 9 * * mon-fri', '@daily'...) and print
+    the schedule's id."""
+    meta = _meta(name=name, username=username, description=description, run_at=run_at)
+    recurring_id = client.every(interval, meta, args, tz=tz, **_policy(**policy))
 
     def render(reply: dict) -> str:
         mine = [s for s in client.recurring() if s.get("id") == recurring_id]

@@ -157,15 +157,20 @@ class Martinet:
         timeout: float | None = None,
         priority: int | None = None,
         key: str | None = None,
+        tz: str | None = None,
     ) -> int:
         """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id.
 
-        The options and ``key`` are as for :meth:`execute`.
+        The options and ``key`` are as for :meth:`execute`. ``tz`` (an IANA name such as ``'Europe/Paris'``)
+        is the zone of wall times in ``when``; without it, the server's (``serve --tz``).
+
+        Raises:
+            BadTimeSpec: ``when`` or ``tz`` cannot be read (the message quotes it).
         """
         fields = calls.submission(
             task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
-        return self._request("schedule", when=when, **fields)["task_id"]
+        return self._request("schedule", when=when, tz=tz, **fields)["task_id"]
 
     def every(
         self,
@@ -177,16 +182,24 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        tz: str | None = None,
     ) -> int:
-        """Run a task every ``interval`` (``'30 minutes'``, ``'monday'``...); returns the schedule's id.
+        """Run a task every ``interval``; returns the schedule's id.
 
-        ``task["run_at"]`` sets the first run (and, for day/week intervals, the time of day).
+        ``interval`` is an interval (``'30 minutes'``, ``'daily'``, ``'monday'``...), anchored at the first run,
+        or a five-field cron expression (``'*/15 * * * *'``, ``'0 9 * * mon-fri'``, ``'@hourly'``, ``'@daily'``,
+        ``'@weekly'``). ``task["run_at"]`` sets the first run (and, for day/week intervals, the time of day; for
+        a cron expression, its first slot at or after it). ``tz`` (an IANA name such as ``'Europe/Paris'``) is
+        the zone of the schedule's wall times, stored with it; without it, the server's (``serve --tz``).
         The options are as for :meth:`execute`; every run gets them.
+
+        Raises:
+            BadTimeSpec: ``interval``, ``run_at`` or ``tz`` cannot be read (the message quotes it).
         """
         fields = calls.submission(
             task, args, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
         )
-        return self._request("every", interval=interval, **fields)["recurring_id"]
+        return self._request("every", interval=interval, tz=tz, **fields)["recurring_id"]
 
     # ------------------------------------------------------------ inspecting
 
@@ -269,7 +282,7 @@ class Martinet:
         return self._request("workers")["workers"]
 
     def recurring(self) -> list[dict]:
-        """Recurring schedules, with their next_run_at."""
+        """Recurring schedules, with their next_run_at and zone (``tz``: null for the server's)."""
         return self._request("recurring")["recurring"]
 
     def stats(self) -> dict:

@@ -290,8 +290,10 @@ class ClientEndpoint:
 
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)
-        now = time.time()
-        when = timespec.parse_when(protocol.check_string(request, "when", required=True), now=_utc(now), tz=self.tz)
+        now = self.scheduler.clock.now()
+        when = timespec.parse_when(
+            protocol.check_string(request, "when", required=True), now=_utc(now), tz=self._zone(request)[0]
+        )
         task_id = self.store.add_task(
             meta, args, run_at=when.timestamp(), now=now, options=options, request_key=_key(request)
         )
@@ -300,15 +302,17 @@ class ClientEndpoint:
 
     def _every(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=True)
-        now = time.time()
-        interval = timespec.parse_interval(
+        now = self.scheduler.clock.now()
+        recurrence = timespec.parse_interval(
             protocol.check_string(request, "interval", required=True, max_chars=config.MAX_NAME_CHARS)
         )
-        first = interval.first_run(now=_utc(now), run_at=meta.get("run_at"), tz=self.tz)
+        zone, zone_name = self._zone(request)
+        first = recurrence.first_run(now=_utc(now), run_at=meta.get("run_at"), tz=zone)
         recurring_id = self.store.add_recurring(
             meta,
             args,
-            interval=interval.text,
+            interval=recurrence.text,
+            tz=zone_name,
             next_run_at=first.timestamp(),
             now=now,
             options=options,
@@ -316,6 +320,15 @@ class ClientEndpoint:
         )
         self.scheduler.wake()
         return {"recurring_id": recurring_id}
+
+    def _zone(self, request: dict) -> tuple[datetime.tzinfo, str | None]:
+        """The zone a request's wall times are in: its ``tz`` (an IANA name, BadTimeSpec otherwise) and that
+        name, or the server's zone (``--tz``) and None."""
+        name = protocol.check_string(request, "tz", required=False, max_chars=config.MAX_NAME_CHARS)
+        if name is None:
+            return self.tz, None
+        zone = timespec.parse_zone(name)
+        return zone, zone.key
 
     def _wait(self, request: dict, envelope: list[bytes]) -> dict | None:
         task_id = protocol.check_id(request.get("task_id"), "task_id")

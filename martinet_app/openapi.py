@@ -75,6 +75,7 @@ def _object(properties: dict, *required: str, closed: bool = False, description:
 _TEXT = {"type": "string"}
 _NAME = {"type": "string", "maxLength": config.MAX_NAME_CHARS}
 _TIME = {"type": "string", "format": "date-time", "description": "ISO 8601, UTC"}
+_ZONE = {**_NAME, "description": "IANA name of the zone of the wall times; null: the server's (`serve --tz`)"}
 _COUNT = {"type": "integer", "minimum": 0}
 #: The final statuses, each a count in the stats' minutes and names.
 _OUTCOMES = tuple(s.value for s in TaskStatus if s in FINAL)
@@ -125,6 +126,7 @@ _RECURRING_FIELDS = {
     "description": _null(_TEXT),
     "args": {"type": "object"},
     "interval": _TEXT,
+    "tz": _null(_ZONE),
     "run_at": _null(_TEXT),
     "next_run_at": _TIME,
     "last_run_at": _null(_TIME),
@@ -187,6 +189,7 @@ _SCHEMAS = {
             "key": _KEY,
             "options": _ref("Options"),
             "when": {**_TEXT, "description": "schedule it for then", "example": "in 1 hour"},
+            "tz": _null({**_ZONE, "description": "IANA name of the zone of `when` (only with it)", "example": "UTC"}),
         },
         "name",
         closed=True,
@@ -331,7 +334,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("POST", "/api/v1/recurring"): Operation(
         "createRecurring",
-        "Create a recurring schedule (`interval` such as `every 5m` or `daily`)",
+        "Create a recurring schedule (`interval` such as `every 5m`, `daily` or a cron expression `0 9 * * mon-fri`)",
         (201, _object({"recurring_id": _ID}, "recurring_id")),
         (400, 413, 503),
         body=_object(
@@ -340,6 +343,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 "options": _ref("Options"),
                 "interval": {**_NAME, "example": "every 5 minutes"},
                 "run_at": _null({**_NAME, "description": "the time of day of the runs", "example": "09:00"}),
+                "tz": _null({**_ZONE, "example": "Europe/Paris"}),
             },
             "name",
             "interval",

@@ -1,19 +1,19 @@
 """The scheduler: moves due one-off tasks to queued and fires recurring schedules.
 
 It sleeps until the earliest due time in the store, or until woken because a new
-schedule arrived, never on a fixed tick.
+schedule arrived, never on a fixed tick. Its time is the scheduling clock (clock.py).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import time
 
 import gevent.event
 
 from . import timespec
 from .broker import Broker
+from .clock import Clock
 from .errors import BadTimeSpec
 from .store import Store
 
@@ -21,13 +21,18 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    """Wakes at the next due time; one pass promotes tasks and fires schedules."""
+    """Wakes at the next due time; one pass promotes tasks and fires schedules.
 
-    def __init__(self, store: Store, broker: Broker, *, tz: datetime.tzinfo, max_sleep: float) -> None:
+    ``tz`` is the zone of schedules that have none of their own (``serve --tz``); ``clock`` is its time, and
+    that of the ``schedule`` and ``every`` requests (the endpoint reads it here).
+    """
+
+    def __init__(self, store: Store, broker: Broker, *, tz: datetime.tzinfo, max_sleep: float, clock: Clock) -> None:
         self.store = store
         self.broker = broker
         self.tz = tz
         self.max_sleep = max_sleep
+        self.clock = clock
         self._wakeup = gevent.event.Event()
 
     def wake(self) -> None:
@@ -37,9 +42,9 @@ class Scheduler:
     def loop_once(self) -> None:
         """Fire what is due, then sleep until the next due time or a wake-up."""
         self._wakeup.clear()
-        self.fire_due(time.time())
+        self.fire_due(self.clock.now())
         due = self.store.next_due()
-        sleep = self.max_sleep if due is None else min(self.max_sleep, due - time.time())
+        sleep = self.max_sleep if due is None else min(self.max_sleep, due - self.clock.now())
         if sleep > 0:
             self._wakeup.wait(sleep)
 
@@ -60,13 +65,18 @@ class Scheduler:
         for rec in self.store.due_recurring(now):
             planned = rec["next_run_at"]
             try:
-                interval = timespec.parse_interval(rec["interval"])
+                following = timespec.next_run(
+                    rec["interval"],
+                    planned=datetime.datetime.fromtimestamp(planned, datetime.UTC),
+                    now=now_dt,
+                    tz=timespec.parse_zone(rec["tz"]) if rec["tz"] else self.tz,
+                    run_at=rec["run_at"],
+                    created=datetime.datetime.fromtimestamp(rec["created_at"], datetime.UTC),
+                )
             except BadTimeSpec as exc:
                 # Left enabled, it would stay due and wake the scheduler in a loop.
                 self.store.revoke(rec["id"])
-                log.error("recurring schedule %s revoked: its interval is unusable: %s", rec["id"], exc.message)
+                log.error("recurring schedule %s revoked: it has no next run: %s", rec["id"], exc.message)
                 continue
-            planned_dt = datetime.datetime.fromtimestamp(planned, datetime.UTC)
-            following = interval.next_after(planned_dt, now=now_dt, tz=self.tz)
             runs.append((rec["id"], planned, following.timestamp()))
         return runs

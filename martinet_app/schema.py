@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 #: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
 #: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT), 4 the cluster: the
 #: ``server`` and ``worker`` tables, each task's delivering ``server``, and the keys that make a
-#: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``).
-SCHEMA_VERSION = 5
+#: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``);
+#: 6 each schedule's own zone (``recurring.tz``).
+SCHEMA_VERSION = 6
 #: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
 SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
@@ -105,6 +106,7 @@ class Recurring(_Model):
     description = pw.TextField(null=True)
     args = pw.TextField(default="{}")
     interval = pw.CharField(max_length=255)
+    tz = pw.CharField(max_length=255, null=True)  # IANA name of the zone of its wall times; null: the server's
     run_at = pw.CharField(max_length=255, null=True)
     next_run_at = pw.DoubleField()
     last_run_at = pw.DoubleField(null=True)
@@ -272,5 +274,10 @@ def _add_counts(db: pw.Database) -> None:
     recount(db, "migrated")
 
 
+def _add_zone(db: pw.Database) -> None:
+    """Schema 5 -> 6: each schedule's zone; existing schedules keep the server's (null)."""
+    _add_columns(db, "recurring", (("tz", "VARCHAR(255)"),))
+
+
 #: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts}
+_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts, 6: _add_zone}

@@ -17,7 +17,7 @@ import gevent.event
 import zmq.green as zmq
 from gevent.pywsgi import WSGIServer
 
-from . import __version__, access, api, config, dashboard, keys, metrics, protocol, security, timespec, web
+from . import __version__, access, api, clock, config, dashboard, keys, metrics, protocol, security, timespec, web
 from .access import Access
 from .auth import Authenticator
 from .broker import Broker
@@ -97,6 +97,7 @@ def run_server(
         access.check_http(bind, http_port, http_token, http_read_token, insecure)
         curve = _server_keys(secret_key, client_keys, worker_keys)
         tzinfo = timespec.parse_tz(tz)
+        scheduling = clock.from_environment()
         alone = _serve_alone(db_url)
         defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
         server_id = new_server_id()
@@ -148,7 +149,7 @@ def run_server(
         address=bind,
     )
     max_sleep = min(config.SCHEDULER_MAX_SLEEP, config.CLUSTER_POLL) if shared else config.SCHEDULER_MAX_SLEEP
-    scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=max_sleep)
+    scheduler = Scheduler(store, broker, tz=tzinfo, max_sleep=max_sleep, clock=scheduling)
     endpoint = ClientEndpoint(
         client,
         store,
@@ -210,6 +211,13 @@ def run_server(
         durability,
         tzinfo,
     )
+    if os.environ.get(clock.ENV):
+        log.warning(
+            "%s=%s is set: the scheduling clock started there, %+.0f s off the system clock (for tests only)",
+            clock.ENV,
+            os.environ[clock.ENV],
+            scheduling.offset,
+        )
     if http is not None:
         log.info(
             "dashboard, HTTP API and /metrics on http://%s:%d/ (%s)",

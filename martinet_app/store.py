@@ -59,7 +59,7 @@ SUMMARY_FIELDS = tuple(f for f in TASK_FIELDS if f not in ("args", "result", "tr
 #: A task's policy (see protocol.TASK_OPTION_KEYS): columns of both tables, copied from a schedule to its runs.
 OPTION_FIELDS = ("priority", "retries", "retry_delay", "timeout")
 RECURRING_FIELDS = (
-    "id", "name", "username", "description", "args", "interval", "run_at", "next_run_at", "last_run_at",
+    "id", "name", "username", "description", "args", "interval", "tz", "run_at", "next_run_at", "last_run_at",
     "enabled", "created_at", *OPTION_FIELDS,
 )  # fmt: skip
 _TASK_TIMES = frozenset({"created_at", "run_at", "started_at", "finished_at"})
@@ -264,10 +264,13 @@ class Store:
         interval: str,
         next_run_at: float,
         now: float,
+        tz: str | None = None,
         options: dict | None = None,
         request_key: str | None = None,
     ) -> int:
         """Insert an enabled recurring schedule whose first run is ``next_run_at``. Returns its id.
+
+        ``tz`` is the IANA name of the zone its wall times are in, None for the server's (``serve --tz``).
 
         ``options`` are as for :meth:`add_task`, and every run gets them. A ``request_key`` stored
         already returns the schedule it created.
@@ -284,6 +287,7 @@ class Store:
                     description=meta.get("description"),
                     args=protocol.json_text(args),
                     interval=interval,
+                    tz=tz,
                     run_at=meta.get("run_at"),
                     next_run_at=next_run_at,
                     created_at=now,

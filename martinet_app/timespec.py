@@ -1,13 +1,17 @@
-"""Time strings for one-off runs (``parse_when``), recurring intervals (``parse_interval``) and zones (``parse_tz``).
+"""Time strings for one-off runs (``parse_when``), what ``every`` repeats (``parse_interval``: an interval or a cron
+expression) and zones (``parse_tz`` for the server's, ``parse_zone`` for a schedule's).
 
 Every function takes ``now`` explicitly and returns aware UTC datetimes, so it is pure and testable.
 
-Wall-clock times are resolved in the configured zone with zoneinfo's ``fold=0`` semantics, normalised
-by a round trip through UTC: an ambiguous time (autumn fall-back) means its first occurrence, and a time
-that does not exist (spring-forward gap) is moved forward by the gap, e.g. 02:30 on 2026-03-29 in
-Europe/Paris becomes 03:30 CEST. A calendar interval steps the wall-clock time of the previous planned
-run, so a daily run resolved out of a gap keeps that later time afterwards: the intended wall time
-is not recoverable from the planned instant alone.
+Which library computes what: timespec itself steps intervals (a fixed step is elapsed time, a day or week step
+is wall-clock time); croniter lists the wall-clock times a cron expression names (on naive datetimes only, so
+that its own daylight-saving handling never decides anything); zoneinfo turns every wall-clock time into an
+instant, through ``_localise`` alone, which holds the two daylight-saving rules of every schedule and one-off
+time: an ambiguous wall time (autumn fall-back) means its first occurrence, so a run there happens once, and a
+wall time that does not exist (spring-forward gap) means the first valid time after it, the instant the clocks
+jump (02:30 on 2026-03-29 in Europe/Paris becomes 03:00 CEST). A day or week interval keeps its intended time
+of day (``Interval.time_of_day``, read again from the schedule's ``run_at`` and creation time), not the wall
+time of its previous run, so a daily 02:30 moved to 03:00 by a gap is back at 02:30 the next day.
 
 The ``schedule`` package is not used: it computes next runs only from ``datetime.now()`` as naive local
 times (its zone support needs pytz) and cannot anchor a run to a stored planned time, and its ``at()``
@@ -18,10 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import re
+import zoneinfo
 from decimal import Decimal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
+
+import croniter
 
 from .errors import BadTimeSpec, ConfigError
 
@@ -53,11 +61,20 @@ _WHEN_FORMS = (
     "expected 'now', 'in N <unit>', 'N <unit>', 'midnight', 'noon', 'HH:MM[:SS]', '5pm', '5:30am', "
     f"'tomorrow [at TIME]', '<weekday> [at TIME]' or an ISO 8601 date-time {_UNITS_HINT}"
 )
+_CRON_EXAMPLES = "'*/15 * * * *', '0 9 * * mon-fri', '@hourly', '@daily', '@weekly'"
 _INTERVAL_FORMS = (
     "expected '[every] N <unit>' (e.g. '30 minutes', '1.5 hours', '1h30m', '1 hour and 30 minutes'), 'second', "
-    f"'minute', 'hour', 'day', 'week', 'hourly', 'daily', 'weekly' or a weekday ('monday', 'mon') {_UNITS_HINT}"
+    f"'minute', 'hour', 'day', 'week', 'hourly', 'daily', 'weekly', a weekday ('monday', 'mon') {_UNITS_HINT} "
+    f"or a cron expression ({_CRON_EXAMPLES})"
+)
+_CRON_MACROS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+_CRON_FORMS = (
+    "expected five fields, minute (0-59) hour (0-23) day-of-month (1-31) month (1-12, jan-dec) day-of-week "
+    "(0-7 with 0 and 7 Sunday, sun-sat), each '*', a number or name, a range 'a-b', a step '*/n' or 'a-b/n' "
+    f"or a list of those ({_CRON_EXAMPLES}), or one of {', '.join(_CRON_MACROS)}"
 )
 _CLOCK_FORMS = "'HH:MM[:SS]', '5pm', '5:30am', 'noon' or 'midnight'"
+_ZONE_FORMS = "expected an IANA name such as 'UTC', 'Europe/Paris' or 'America/New_York'"
 
 _TERM = r"(\d+(?:\.\d+)?) ?([a-z]+)"
 _DURATION_RE = re.compile(rf"{_TERM}(?:(?: ?, ?(?:and )?| and | ?){_TERM})*")
@@ -65,6 +82,12 @@ _CLOCK_24_RE = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
 _CLOCK_12_RE = re.compile(r"(\d{1,2})(?::(\d{2}))? ?([ap]m)")
 _DAY_AT_RE = re.compile(r"([a-z]+)(?: (?:at )?(.+))?")
 _ISO_RE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[t ].*)?")
+# Shaped like a cron expression rather than an interval: a macro, a '*', or minute and hour fields of digits.
+_CRON_LIKE_RE = re.compile(r"@.*|.*\*.*|[\d,/-]+ [\d,/-]+(?: .*)?")
+# croniter's hashed ('H') and random ('R') values, which need an id this scheduler does not give.
+_CRON_HASHED_RE = re.compile(r"[hr](?:\(.*\))?(?:/\d+)?")
+# Slots a cron expression may name in one repeated (fall-back) hour, each mapped to an instant already past.
+_CRON_MAX_SKIPPED = 3 * 60
 
 
 class _Reject(Exception):
@@ -72,16 +95,32 @@ class _Reject(Exception):
 
 
 def parse_tz(name: str | None) -> datetime.tzinfo:
-    """Return the zone called ``name`` (IANA name such as 'UTC'), or the machine's local zone for None / ''."""
+    """The server's zone (``--tz``): the IANA zone ``name``, or the machine's local zone for None / ''."""
     if not name:
         return _local_zone()
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"unknown time zone {name!r}: expected an IANA name such as 'UTC' or 'Europe/Paris', "
-            "or nothing for the machine's local zone"
-        ) from None
+    zone = _iana_zone(name)
+    if zone is None:
+        raise ConfigError(f"unknown time zone {name!r}: {_ZONE_FORMS}, or nothing for the machine's local zone")
+    return zone
+
+
+def parse_zone(name: str) -> ZoneInfo:
+    """A schedule's own zone (``tz`` of ``schedule`` and ``every``): the IANA zone ``name``, else BadTimeSpec."""
+    zone = _iana_zone(name)
+    if zone is None:
+        raise BadTimeSpec(f"unknown time zone {name!r}: {_ZONE_FORMS}; leave tz out for the server's (serve --tz)")
+    return zone
+
+
+@functools.cache
+def _iana_names() -> frozenset[str]:
+    # Read once: available_timezones() walks the zoneinfo folders. 'localtime' there is the machine's zone, not a name.
+    return frozenset(zoneinfo.available_timezones() - {"localtime"})
+
+
+def _iana_zone(name: str) -> ZoneInfo | None:
+    """The zone of IANA name ``name``; None if it names none."""
+    return ZoneInfo(name) if name in _iana_names() else None
 
 
 def _local_zone() -> datetime.tzinfo:
@@ -90,7 +129,7 @@ def _local_zone() -> datetime.tzinfo:
     if env:
         try:
             return ZoneInfo(env)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             pass  # a POSIX rule string such as 'CET-1CEST' is not a zoneinfo key; fall through
     try:
         with open("/etc/localtime", "rb") as f:
@@ -103,6 +142,12 @@ def _local_zone() -> datetime.tzinfo:
 
 def parse_when(text: str, *, now: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
     """Return the UTC instant a one-off time string means, relative to the aware ``now``; wall times are in ``tz``."""
+    return _instant(_wall_or_instant(text, now, tz), tz)
+
+
+def _wall_or_instant(text: str, now: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
+    """What ``text`` means: a naive wall time in ``tz`` ('17:30', 'tomorrow', a naive ISO time) or an aware
+    instant ('now', 'in 5 minutes', an ISO time with its offset); BadTimeSpec if it means neither."""
     try:
         return _when(_normalise(text), _utc(now), tz)
     except _Reject as exc:
@@ -119,10 +164,10 @@ def _when(s: str, now: datetime.datetime, tz: datetime.tzinfo) -> datetime.datet
             dt = datetime.datetime.fromisoformat(s.upper())
         except ValueError:
             raise _Reject("not a valid ISO 8601 date-time") from None
-        return dt.astimezone(UTC) if dt.tzinfo else _localise(dt, tz)
+        return dt.astimezone(UTC) if dt.tzinfo else dt
     clock = _parse_clock(s)
     if clock is not None:
-        return _next_at(clock, now, tz)
+        return _next_wall(clock, now, tz)
     seconds = _parse_duration(s.removeprefix("in "))
     if seconds is not None:
         return now + datetime.timedelta(seconds=float(seconds))
@@ -132,9 +177,8 @@ def _when(s: str, now: datetime.datetime, tz: datetime.tzinfo) -> datetime.datet
         if clock is None:
             raise _Reject(f"{m[2]!r} is not a time of day")
         if m[1] == "tomorrow":
-            tomorrow = now.astimezone(tz).date() + datetime.timedelta(days=1)
-            return _localise(datetime.datetime.combine(tomorrow, clock), tz)
-        return _next_at(clock, now, tz, _WEEKDAY_INDEX[m[1]])
+            return datetime.datetime.combine(now.astimezone(tz).date() + datetime.timedelta(days=1), clock)
+        return _next_wall(clock, now, tz, _WEEKDAY_INDEX[m[1]])
     raise _Reject("")
 
 
@@ -160,9 +204,34 @@ def _utc(dt: datetime.datetime) -> datetime.datetime:
     return dt.astimezone(UTC)
 
 
+def _instant(dt: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
+    """``dt`` as a UTC instant: localised in ``tz`` if it is a naive wall time."""
+    return _localise(dt, tz) if dt.tzinfo is None else _utc(dt)
+
+
 def _localise(wall: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
-    """The UTC instant of the naive wall time ``wall`` in ``tz`` (fold=0; gap times move forward by the gap)."""
-    return wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    """The UTC instant of the naive wall time ``wall`` in ``tz``: its first occurrence if the clocks show it twice
+    (fall-back), the end of the gap if they skip it (spring-forward: the first valid time after it)."""
+    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if first.astimezone(tz).replace(tzinfo=None) == wall:
+        return first
+    return _gap_end(wall, tz)
+
+
+def _gap_end(wall: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
+    """The instant the clocks jump over the gap that holds ``wall``, a wall time that does not exist in ``tz``."""
+    # Read with the offsets before (fold=0) and after (fold=1) the jump, ``wall`` names two instants that the
+    # jump lies between; zones change offsets on whole seconds, so a bisection of the seconds between finds it.
+    one, other = (int(wall.replace(tzinfo=tz, fold=fold).timestamp()) for fold in (0, 1))
+    before, after = min(one, other), max(one, other) + 1
+    offset_after = datetime.datetime.fromtimestamp(after, tz).utcoffset()
+    while after - before > 1:
+        middle = (before + after) // 2
+        if datetime.datetime.fromtimestamp(middle, tz).utcoffset() == offset_after:
+            after = middle
+        else:
+            before = middle
+    return datetime.datetime.fromtimestamp(after, UTC)
 
 
 def _parse_clock(s: str) -> datetime.time | None:
@@ -199,16 +268,15 @@ def _unit(alias: str) -> str:
         raise _Reject(f"unknown unit {alias!r}") from None
 
 
-def _next_at(
+def _next_wall(
     clock: datetime.time, now: datetime.datetime, tz: datetime.tzinfo, weekday: int | None = None
 ) -> datetime.datetime:
-    """The first instant strictly after ``now`` whose wall time in ``tz`` is ``clock`` (on ``weekday`` if given)."""
+    """The first wall time in ``tz`` at ``clock`` (on ``weekday`` if given) whose instant is strictly after ``now``."""
     today = now.astimezone(tz).date()
     ahead = 0 if weekday is None else (weekday - today.weekday()) % 7
-    candidate = _localise(datetime.datetime.combine(today + datetime.timedelta(days=ahead), clock), tz)
-    if candidate <= now:
-        ahead += 1 if weekday is None else 7
-        candidate = _localise(datetime.datetime.combine(today + datetime.timedelta(days=ahead), clock), tz)
+    candidate = datetime.datetime.combine(today + datetime.timedelta(days=ahead), clock)
+    if _localise(candidate, tz) <= now:
+        candidate += datetime.timedelta(days=1 if weekday is None else 7)
     return candidate
 
 
@@ -227,10 +295,22 @@ class Interval:
     def first_run(self, *, now: datetime.datetime, run_at: str | None, tz: datetime.tzinfo) -> datetime.datetime:
         """The UTC instant of the first run: ``now`` (or ``run_at``, any one-off form) for fixed and day/week
         intervals; the next such weekday at 00:00 (or at the time of day ``run_at``) for weekday intervals."""
+        return _instant(self._first(now, run_at, tz), tz)
+
+    def time_of_day(self, *, now: datetime.datetime, run_at: str | None, tz: datetime.tzinfo) -> datetime.time | None:
+        """The wall time of day in ``tz`` every run of a day or week interval is meant at: that of the first run
+        :meth:`first_run` gives for the same arguments (before a gap moved it); None for a fixed interval."""
+        if self.seconds:
+            return None
+        first = self._first(now, run_at, tz)
+        return (first if first.tzinfo is None else first.astimezone(tz)).time()
+
+    def _first(self, now: datetime.datetime, run_at: str | None, tz: datetime.tzinfo) -> datetime.datetime:
+        """The first run as a naive wall time in ``tz`` or an aware instant (see :func:`_wall_or_instant`)."""
         if self.weekday is None:
-            return _utc(now) if run_at is None else parse_when(run_at, now=now, tz=tz)
+            return _utc(now) if run_at is None else _wall_or_instant(run_at, now, tz)
         if run_at is None:
-            return _next_at(datetime.time(), _utc(now), tz, self.weekday)
+            return _next_wall(datetime.time(), _utc(now), tz, self.weekday)
         try:
             clock = _parse_clock(_normalise(run_at))
             if clock is None:
@@ -238,21 +318,27 @@ class Interval:
         except _Reject as exc:
             subject = f"run_at {run_at!r} for interval {self.text!r}"
             raise BadTimeSpec(_message(subject, exc, f"expected a time of day, {_CLOCK_FORMS}")) from None
-        return _next_at(clock, _utc(now), tz, self.weekday)
+        return _next_wall(clock, _utc(now), tz, self.weekday)
 
     def next_after(
-        self, planned: datetime.datetime, *, now: datetime.datetime, tz: datetime.tzinfo
+        self,
+        planned: datetime.datetime,
+        *,
+        now: datetime.datetime,
+        tz: datetime.tzinfo,
+        at: datetime.time | None = None,
     ) -> datetime.datetime:
         """The smallest ``planned + k * step`` (k >= 1) strictly after ``now``, in UTC.
 
         Runs missed while the server was down are skipped, and the grid never drifts. Calendar steps add whole
-        days to the wall-clock time of ``planned`` in ``tz``, so a daily 09:00 run stays at 09:00 across DST.
+        days to the wall-clock time of ``planned`` in ``tz``, so a daily 09:00 run stays at 09:00 across DST;
+        ``at`` (:meth:`time_of_day`) is the time of day meant, which ``planned`` lost if a gap moved it.
         """
         planned, now = _utc(planned), _utc(now)
         if self.seconds:
             step = datetime.timedelta(seconds=self.seconds)
             return planned + max(1, (now - planned) // step + 1) * step
-        wall = planned.astimezone(tz).replace(tzinfo=None)
+        wall = _meant(planned, tz, at)
         elapsed_days = (now.astimezone(tz).replace(tzinfo=None) - wall).days
 
         def run(k: int) -> datetime.datetime:
@@ -265,6 +351,65 @@ class Interval:
         while k > 1 and run(k - 1) > now:
             k -= 1
         return run(k)
+
+
+def _meant(planned: datetime.datetime, tz: datetime.tzinfo, at: datetime.time | None) -> datetime.datetime:
+    """The naive wall time in ``tz`` that the run planned at ``planned`` was meant at: its day at ``at`` if that
+    is where ``_localise`` put it (a gap may have moved it, even past midnight), else ``planned``'s own wall time."""
+    wall = planned.astimezone(tz).replace(tzinfo=None)
+    if at is not None:
+        for day in (wall.date(), wall.date() - datetime.timedelta(days=1)):
+            meant = datetime.datetime.combine(day, at)
+            if _localise(meant, tz) == planned:
+                return meant
+    return wall
+
+
+@dataclasses.dataclass(frozen=True)
+class Cron:
+    """A cron expression (``text``, normalised): runs at the wall-clock times in the zone that its five fields
+    name (croniter lists them), each mapped to an instant by ``_localise``.
+
+    Every slot fires once: a slot in a fall-back hour at its first occurrence, those in a spring-forward gap
+    together at the gap's end. The grid is the expression's own, so a run late or missed never moves it.
+    """
+
+    text: str
+
+    def first_run(self, *, now: datetime.datetime, run_at: str | None, tz: datetime.tzinfo) -> datetime.datetime:
+        """The first slot at or after ``now``, or after the one-off time ``run_at`` if it is given."""
+        start = _utc(now) if run_at is None else parse_when(run_at, now=now, tz=tz)
+        return self._slot_after(start - datetime.timedelta(microseconds=1), tz)
+
+    def time_of_day(self, *, now: datetime.datetime, run_at: str | None, tz: datetime.tzinfo) -> None:
+        """None: a cron expression names its times itself."""
+        return None
+
+    def next_after(
+        self,
+        planned: datetime.datetime,
+        *,
+        now: datetime.datetime,
+        tz: datetime.tzinfo,
+        at: datetime.time | None = None,
+    ) -> datetime.datetime:
+        """The first slot strictly after both ``planned`` and ``now`` (missed slots are skipped), in UTC."""
+        return self._slot_after(max(_utc(planned), _utc(now)), tz)
+
+    def _slot_after(self, after: datetime.datetime, tz: datetime.tzinfo) -> datetime.datetime:
+        # Slots are listed from the wall time of ``after``: an earlier slot cannot be later as an instant.
+        # In a repeated hour the first slots listed may be past (their first occurrence is), hence the loop.
+        slots = croniter.croniter(self.text, after.astimezone(tz).replace(tzinfo=None), ret_type=datetime.datetime)
+        try:
+            for _ in range(_CRON_MAX_SKIPPED):
+                instant = _localise(slots.get_next(), tz)
+                if instant > after:
+                    return instant
+        except (croniter.CroniterBadDateError, OverflowError):
+            pass
+        raise BadTimeSpec(
+            _message(f"cron expression {self.text!r}", "it names no time in the next 50 years", _CRON_FORMS)
+        )
 
 
 def parse_age(text: str) -> float:
@@ -281,12 +426,40 @@ def parse_age(text: str) -> float:
 _AGE_FORMS = "a duration such as '7d', '12 hours', '1h30m' or '0s'"
 
 
-def parse_interval(text: str) -> Interval:
-    """Parse a recurring interval ('30 minutes', 'every 1h30m', 'daily', '2 weeks', 'monday'...)."""
+def parse_interval(text: str) -> Interval | Cron:
+    """Parse what ``every`` repeats: an interval ('30 minutes', 'every 1h30m', 'daily', '2 weeks', 'monday'...)
+    or a cron expression ('*/15 * * * *', '0 9 * * mon-fri', '@hourly'...).
+
+    The words 'hourly', 'daily' and 'weekly' are intervals, anchored at the first run; the macros '@hourly',
+    '@daily' and '@weekly' are cron expressions, on the hour, at midnight and on Sunday at midnight.
+    """
     try:
-        return _interval(_normalise(text))
+        s = _normalise(text)
+        if _CRON_LIKE_RE.fullmatch(s):
+            return _cron(s, text)
+        return _interval(s)
     except _Reject as exc:
         raise BadTimeSpec(_message(f"interval {text!r}", exc, _INTERVAL_FORMS)) from None
+
+
+def _cron(s: str, text: str) -> Cron:
+    """The cron expression ``s`` (normalised from ``text``), checked by croniter; BadTimeSpec quoting ``text``."""
+    fields = s.split(" ")
+    if s.startswith("@"):
+        reason = "" if s in _CRON_MACROS else f"unknown macro {s!r}"
+    elif len(fields) != 5:
+        reason = f"it has {len(fields)} field(s) (seconds and years are not supported)"
+    elif any(_CRON_HASHED_RE.fullmatch(field) for field in fields):
+        reason = "hashed (H) and random (R) values are not supported"
+    else:
+        reason = ""
+    if not reason:
+        try:
+            croniter.croniter(s)
+            return Cron(text=s)
+        except (croniter.CroniterError, ValueError) as exc:
+            reason = str(exc)
+    raise BadTimeSpec(_message(f"cron expression {text!r}", reason, _CRON_FORMS))
 
 
 def _interval(s: str) -> Interval:
@@ -315,3 +488,19 @@ def _interval(s: str) -> Interval:
 
 def _plural(n: Decimal, unit: str) -> str:
     return f"{n.normalize():f} {unit}{'' if n == 1 else 's'}"
+
+
+def next_run(
+    text: str,
+    *,
+    planned: datetime.datetime,
+    now: datetime.datetime,
+    tz: datetime.tzinfo,
+    run_at: str | None,
+    created: datetime.datetime,
+) -> datetime.datetime:
+    """The run after ``planned`` of a stored schedule (its ``interval`` text, ``run_at`` and creation time
+    ``created``) in ``tz``, strictly after ``now``; BadTimeSpec if the stored text no longer parses."""
+    recurrence = parse_interval(text)
+    at = recurrence.time_of_day(now=created, run_at=run_at, tz=tz)
+    return recurrence.next_after(planned, now=now, tz=tz, at=at)

@@ -72,6 +72,26 @@ def test_every_verb(cluster):
     assert [(t["id"], t["status"]) for t in cluster.client.list()] == [(pending, "cancelled")], "as the sync one sees"
 
 
+def test_cron_and_zones(sqlite_cluster):
+    async def run() -> None:
+        async with client(sqlite_cluster) as m:
+            rid = await m.every("@daily", {"name": "echo"}, tz="Asia/Tokyo")
+            [schedule] = await m.recurring()
+            assert (schedule["id"], schedule["interval"], schedule["tz"]) == (rid, "@daily", "Asia/Tokyo")
+            assert schedule["next_run_at"].endswith("T15:00:00.000+00:00")  # midnight in Tokyo
+            task_id = await m.schedule("tomorrow at 9am", {"name": "echo"}, tz="America/Los_Angeles")
+            assert (await m.status(task_id))["run_at"][11:13] in ("16", "17")  # 09:00 PDT or PST
+            with pytest.raises(BadTimeSpec, match="unknown time zone 'Pacific/Atlantis'"):
+                await m.every("1 hour", {"name": "echo"}, tz="Pacific/Atlantis")
+            with pytest.raises(BadTimeSpec, match="unknown time zone 'Mars'"):
+                await m.schedule("in 1 hour", {"name": "echo"}, tz="Mars")
+            with pytest.raises(BadTimeSpec, match=r"bad cron expression '\*/15 \* \* \*'"):
+                await m.every("*/15 * * *", {"name": "echo"})
+
+    asyncio.run(run())
+    assert len(sqlite_cluster.client.recurring()) == 1 and len(sqlite_cluster.client.list()) == 1
+
+
 def test_many_executes_in_flight_on_one_client(cluster):
     cluster.start_worker()
 

@@ -235,6 +235,23 @@ def test_recurring_create_list_run_now_and_revoke(cluster: Cluster) -> None:
     assert error_of(server, "POST", "/api/v1/recurring", bad)[:2] == (400, "BadTimeSpec")
 
 
+def test_cron_schedules_and_zones_over_http(sqlite_cluster: Cluster) -> None:
+    server, m = sqlite_cluster.server, sqlite_cluster.client
+    body = {"name": "echo", "interval": "30 8 * * 1-5", "tz": "Europe/Paris"}
+    recurring_id = ok(server, "POST", "/api/v1/recurring", body, status=201)["recurring_id"]
+    [schedule] = ok(server, "GET", "/api/v1/recurring")["recurring"]
+    assert (schedule["id"], schedule["interval"], schedule["tz"]) == (recurring_id, "30 8 * * 1-5", "Europe/Paris")
+    assert schedule["next_run_at"][11:16] in ("06:30", "07:30")  # 08:30 CEST or CET
+    task_id = ok(server, "POST", "/api/v1/tasks", {"name": "echo", "when": "noon", "tz": "Asia/Kolkata"}, status=201)
+    assert m.status(task_id["task_id"])["run_at"][11:16] == "06:30"  # UTC+5:30
+    for bad in ({"name": "echo", "interval": "daily", "tz": "Paris"}, {"name": "echo", "interval": "0 9 * *"}):
+        status, kind, message = error_of(server, "POST", "/api/v1/recurring", bad)
+        assert (status, kind) == (400, "BadTimeSpec") and repr(bad.get("tz", bad["interval"])) in message
+    status, kind, message = error_of(server, "POST", "/api/v1/tasks", {"name": "echo", "tz": "UTC"})
+    assert (status, kind) == (400, "InvalidRequest") and "give it with 'when'" in message
+    assert len(m.recurring()) == 1 and len(m.list()) == 1
+
+
 def test_errors_are_typed_with_their_http_statuses(cluster: Cluster) -> None:
     server, m = cluster.server, cluster.client
     json_headers = {"Content-Type": "application/json"}

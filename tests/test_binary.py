@@ -211,6 +211,11 @@ def test_everything_from_the_executable_alone(box: Box, tmp_path: Path):
         assert box.run("revoke", str(rid)).returncode == 0
         wait_until(lambda: all(t["status"] == "succeeded" for t in runs()), what="the recurring runs to finish")
         assert "succeeded" in box.run("status", str(scheduled)).stdout
+        cron = box.json("every", "0 9 * * mon-fri", "stdlib_tour", "--tz", "Europe/Paris")["recurring_id"]
+        [zoned] = [s for s in box.json("recurring") if s["id"] == cron]  # croniter and the zones are bundled
+        assert (zoned["interval"], zoned["tz"], zoned["next_run_at"][11:16]) in (
+            ("0 9 * * mon-fri", "Europe/Paris", "07:00"), ("0 9 * * mon-fri", "Europe/Paris", "08:00")
+        )  # fmt: skip
         assert_dashboard(f"http://127.0.0.1:{box.ports['http']}")
     finally:
         statuses = {name: proc.terminate() for name, proc in (("worker", worker), ("server", server))}

@@ -389,9 +389,11 @@ def test_recurring_run_now_and_revoke(sqlite_cluster: Cluster, page: Page):
     sqlite_cluster.start_worker()
     client = sqlite_cluster.client
     rid = client.every("1 hour", {"name": "echo", "description": "hourly report"}, {"report": "sales"})
+    cron = client.every("0 9 * * mon-fri", {"name": "echo"}, tz="Europe/Paris")
     page.open(sqlite_cluster.server.http_url + "/recurring")
     row = f"tr[data-recurring='{rid}']"
     page.wait_text(f"{row} td:nth-child(3)", "1 hour")
+    assert page.texts(f"tr[data-recurring='{cron}'] td:nth-child(3) .cell-sub") == ["Europe/Paris"]
     assert page.text(f"{row} .badge") == "active"
     page.shot("recurring")
 

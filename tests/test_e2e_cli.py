@@ -156,8 +156,8 @@ def test_every_recurring_and_revoke(sqlite_cluster: Cluster) -> None:
     assert schedule["id"] == rid and schedule["enabled"] is True and schedule["name"] == "echo"
     assert schedule["next_run_at"] and schedule == next(s for s in client.recurring() if s["id"] == rid)
     table = ok(sqlite_cluster, "recurring").splitlines()
-    assert table[0].split() == ["ID", "NAME", "USERNAME", "INTERVAL", "NEXT_RUN_AT", "LAST_RUN_AT", "ENABLED"]
-    assert table[1].split()[:3] == [str(rid), "echo", "cron"]
+    assert table[0].split() == ["ID", "NAME", "USERNAME", "INTERVAL", "TZ", "NEXT_RUN_AT", "LAST_RUN_AT", "ENABLED"]
+    assert table[1].split()[:6] == [str(rid), "echo", "cron", "1", "second", "-"]  # no zone of its own
 
     def runs() -> list[dict]:
         return [t for t in client.list(name="echo", limit=1000) if t["recurring_id"] == rid]
@@ -175,6 +175,29 @@ def test_every_recurring_and_revoke(sqlite_cluster: Cluster) -> None:
     assert ok_json(sqlite_cluster, "recurring")[0]["enabled"] is False
     one_line_error(run(sqlite_cluster, "revoke", str(rid)), 1, "already revoked")
     one_line_error(run(sqlite_cluster, "revoke", "987654"), 4, "no recurring schedule with id 987654")
+
+
+def test_every_cron_and_schedule_in_a_zone(sqlite_cluster: Cluster) -> None:
+    client = sqlite_cluster.client
+    out = ok(sqlite_cluster, "every", "0 9 * * MON-FRI", "echo", "--tz", "America/New_York")
+    m = re.fullmatch(r"recurring (\d+) created, next run (\S+)\n", out)
+    assert m, out
+    (schedule,) = client.recurring()
+    assert (schedule["id"], schedule["interval"], schedule["tz"]) == (int(m[1]), "0 9 * * mon-fri", "America/New_York")
+    first = datetime.fromisoformat(m[2])
+    assert schedule["next_run_at"] == m[2] and first.weekday() < 5
+    assert (first.hour, first.minute) in ((13, 0), (14, 0))  # 09:00 in New York is 13:00 or 14:00 UTC
+    row = ok(sqlite_cluster, "recurring").splitlines()[1].split()
+    assert row[1:9] == ["echo", "-", "0", "9", "*", "*", "mon-fri", "America/New_York"]
+
+    reply = ok_json(sqlite_cluster, "schedule", "09:00", "echo", "--tz", "Asia/Tokyo")
+    run_at = datetime.fromisoformat(client.status(reply["task_id"])["run_at"])
+    assert (run_at.hour, run_at.minute) == (0, 0)  # 09:00 in Tokyo (UTC+9, no daylight saving)
+
+    one_line_error(run(sqlite_cluster, "every", "@daily", "echo", "--tz", "Mars/Olympus"), 2, "'Mars/Olympus'", "IANA")
+    one_line_error(run(sqlite_cluster, "schedule", "09:00", "echo", "--tz", "CEST"), 2, "unknown time zone 'CEST'")
+    one_line_error(run(sqlite_cluster, "every", "0 25 * * *", "echo"), 2, "bad cron expression '0 25 * * *'")
+    assert len(client.recurring()) == 1 and len(client.list()) == 1
 
 
 def test_status_of_unknown_task_exits_4(sqlite_cluster: Cluster) -> None:

@@ -767,7 +767,7 @@
       h("tbody", {}, rows.map((r) => h("tr", { class: r.enabled ? "" : "muted-row", dataset: { recurring: r.id } },
         h("td", { class: "id" }, `#${r.id}`),
         h("td", {}, h("a", { class: "cell-main", href: `/tasks?name=${encodeURIComponent(r.name)}` }, r.name), r.description ? h("div", { class: "cell-sub" }, r.description) : null),
-        h("td", {}, r.interval, r.run_at ? h("div", { class: "cell-sub" }, `at ${r.run_at}`) : null),
+        h("td", {}, r.interval, r.run_at ? h("div", { class: "cell-sub" }, `at ${r.run_at}`) : null, r.tz ? h("div", { class: "cell-sub" }, r.tz) : null),
         h("td", { class: "nowrap" }, r.enabled ? when(r.next_run_at) : h("span", { class: "faint" }, "—")),
         h("td", { class: "nowrap" }, when(r.last_run_at)),
         h("td", {}, h("span", { class: `badge ${r.enabled ? "on" : "off"}` }, r.enabled ? "active" : "revoked")),
