@@ -1,7 +1,8 @@
 """The tables (peewee models), their version, and the migrations that bring an older database up to it.
 
 Tables: ``task`` (every execution of a handler), ``recurring`` (schedules), ``server`` (the
-servers of a cluster and their leases), ``worker`` (the workers connected to each of them) and
+servers of a cluster and their leases), ``worker`` (the workers connected to each of them),
+``paused`` (task names not dispatched), ``rate_start`` (recent starts of rate-limited keys) and
 ``meta`` (the schema version).
 """
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 #: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
 #: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT), 4 the cluster: the
 #: ``server`` and ``worker`` tables, each task's delivering ``server``, and the keys that make a
-#: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``).
-SCHEMA_VERSION = 5
+#: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``);
+#: 6 the limits and pauses: ``limit_key`` of tasks and schedules, the ``paused`` and ``rate_start`` tables.
+SCHEMA_VERSION = 6
 #: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
 SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
@@ -72,6 +74,8 @@ class Task(_Model):
     idempotency_key = pw.CharField(max_length=255, null=True)
     # The client's key of the request that created it: a request retried on another server creates nothing twice.
     request_key = pw.CharField(max_length=255, null=True)
+    # The key its limits are counted under (limits.py): this, or its name when null.
+    limit_key = pw.CharField(max_length=255, null=True)
 
     class Meta:
         # "next due" (scheduled by run_at) is a range scan of this index.
@@ -115,6 +119,7 @@ class Recurring(_Model):
     retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
     timeout = pw.DoubleField(null=True)
     request_key = pw.CharField(max_length=255, null=True)
+    limit_key = pw.CharField(max_length=255, null=True)
 
     class Meta:
         indexes = ((("enabled", "next_run_at"), False),)
@@ -179,6 +184,25 @@ class TaskMinute(_Model):
         primary_key = pw.CompositeKey("minute", "server", "name", "outcome")
 
 
+class Paused(_Model):
+    """A task name whose queued tasks are not dispatched until it is resumed (``martinet pause NAME``)."""
+
+    name = pw.CharField(max_length=255, primary_key=True)
+    paused_at = pw.DoubleField()
+
+
+class RateStart(_Model):
+    """``n`` deliveries of tasks of a rate-limited ``key`` made at ``at`` (epoch seconds): the claims decide
+    whether a rate's window has room from these (limits.py), and delete those that left every window."""
+
+    key = pw.CharField(max_length=255)
+    at = pw.DoubleField()
+    n = pw.IntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("key", "at")
+
+
 class Meta(_Model):
     """Key/value facts about the store itself (``schema_version``)."""
 
@@ -186,7 +210,7 @@ class Meta(_Model):
     value = pw.TextField()
 
 
-TABLES = (Task, Recurring, Server, Worker, TaskCount, TaskMinute, Meta)
+TABLES = (Task, Recurring, Server, Worker, TaskCount, TaskMinute, Paused, RateStart, Meta)
 
 
 def create_or_migrate(db: pw.Database, url: str) -> None:
@@ -272,5 +296,12 @@ def _add_counts(db: pw.Database) -> None:
     recount(db, "migrated")
 
 
+def _add_limits(db: pw.Database) -> None:
+    """Schema 5 -> 6: ``limit_key`` of tasks and schedules (null: their name); the ``paused`` and
+    ``rate_start`` tables are created with the others."""
+    for table in ("task", "recurring"):
+        _add_columns(db, table, (("limit_key", "VARCHAR(255)"),))
+
+
 #: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts}
+_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts, 6: _add_limits}

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from martinet_app import limits, schema
 from martinet_app.errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
 from martinet_app.status import FINAL, NEXT, TaskStatus
 from martinet_app.store import SCHEMA_VERSION, Applied, Store, backoff
@@ -127,7 +128,7 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         s = Store.open(db_url)
         try:
             rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [5]
+            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [6]
             assert s.counts() == {**dict.fromkeys(s.counts(), 0), "queued": 1, "failed": 1}  # counted in migrating
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
             listed = s.list_tasks(status=None, name=None, username=None, limit=10)
@@ -135,19 +136,20 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
             assert [old[f] for f in ("name", "username", "args", "status", "created_at")] == [
                 "old", "ann", {"k": 1}, "queued", NOW_ISO
             ]  # fmt: skip
-            policy = ("priority", "retries", "retry_delay", "timeout", "errors", "failures")
-            assert [old[f] for f in policy] == [broke[f] for f in policy] == [0, 0, 1.0, None, [], 0]
+            policy = ("priority", "retries", "retry_delay", "timeout", "errors", "failures", "limit_key", "paused")
+            assert [old[f] for f in policy] == [broke[f] for f in policy] == [0, 0, 1.0, None, [], 0, None, False]
             assert (broke["status"], broke["error"], broke["worker"]) == ("failed", "E", "w1")
             [rec] = s.list_recurring()
-            assert [rec[f] for f in ("name", "enabled", "priority", "retries", "retry_delay", "timeout")] == [
-                "tick", True, 0, 0, 1.0, None
-            ]  # fmt: skip
+            fields = ("name", "enabled", "priority", "retries", "retry_delay", "timeout", "limit_key", "paused")
+            assert [rec[f] for f in fields] == ["tick", True, 0, 0, 1.0, None, None, False]
         finally:
             s.close()
     s = Store.open(db_url)
-    try:  # the migrated tables take the new columns and the priority index
-        high = add(s, options={"priority": 9, "retries": 1})
+    try:  # the migrated tables take the new columns and the priority index, and pauses
+        high = add(s, options={"priority": 9, "retries": 1, "limit_key": "k"})
+        assert s.pause("job", NOW) and s.resume("job")
         assert [t["task_id"] for t in s.claim("w1", 2, NOW)] == [high, old["id"]]
+        assert s.get_task(high)["limit_key"] == "k"
         assert s.retry(broke["id"], NOW)["status"] == "queued"
         assert s.counts() == counted(s)
     finally:
@@ -1110,3 +1112,142 @@ def test_a_server_starting_alone_counts_the_tasks_afresh(db_url: str) -> None:
             second.close()
     finally:
         first.close()
+
+
+# --- limits and pauses ----------------------------------------------------------------------------------------------
+
+
+def _finish(store: Store, task_id: int, worker: str = "w1") -> None:
+    attempt = store.get_task(task_id)["attempts"]
+    assert store.apply_events([(worker, ev(task_id, attempt, "succeeded", result=None))]).finished == [task_id]
+
+
+def test_a_claim_takes_no_more_of_a_limited_key_than_its_limit_and_the_next_tasks_instead(store: Store) -> None:
+    store.limits = limits.parse(["job=2"])
+    jobs = [add(store, run_at=NOW - 10 + i) for i in range(4)]  # the head of the queue
+    others = [add(store, "other") for _ in range(3)]
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [*jobs[:2], *others]
+    assert store.claim("w2", 8, NOW) == [], "the limit holds for another worker too"
+    _finish(store, jobs[0])
+    assert [t["task_id"] for t in store.claim("w2", 8, NOW)] == [jobs[2]], "a finished one makes room for one"
+    store.cancel(jobs[1], NOW)
+    assert [t["task_id"] for t in store.claim("w2", 8, NOW)] == [jobs[3]]
+    assert store.window_opens is None
+
+
+def test_tasks_of_several_names_share_a_limit_key(store: Store) -> None:
+    store.limits = limits.parse(["gpu=1", "plain=1"])
+    a = store.add_task({"name": "train"}, {}, run_at=NOW - 2, now=NOW, options={"limit_key": "gpu"})
+    b = store.add_task({"name": "render"}, {}, run_at=NOW - 1, now=NOW, options={"limit_key": "gpu"})
+    named = [add(store, "gpu") for _ in range(2)]  # no limit_key: counted under their name, the key too
+    plain = store.add_task({"name": "plain"}, {}, run_at=NOW, now=NOW, options={"limit_key": "elsewhere"})
+    assert store.get_task(a)["limit_key"] == "gpu" and store.get_task(plain)["limit_key"] == "elsewhere"
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [a, plain]
+    _finish(store, a)
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [b]
+    _finish(store, b)
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [named[0]]
+
+
+def test_a_rate_lets_so_many_start_per_window_and_says_when_it_opens(store: Store) -> None:
+    store.limits = limits.parse([], ["job=3/s"])
+    ids = [add(store) for _ in range(8)]
+    other = add(store, "other")
+    assert [t["task_id"] for t in store.claim("w1", 2, NOW)] == ids[:2]
+    assert store.window_opens is None, "one more may start"
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 0.5)] == [ids[2], other]
+    assert store.window_opens == NOW + 1, "the window has room once the first two starts are a second old"
+    assert store.claim("w1", 8, NOW + 0.99) == []
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1)] == ids[3:5], "the two of NOW left the window"
+    assert store.window_opens == NOW + 1.5
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1.5)] == [ids[5]]
+    remembered = store.db.execute_sql("SELECT at, n FROM rate_start WHERE key = 'job' ORDER BY at").fetchall()
+    assert remembered == [(NOW + 1, 2), (NOW + 1.5, 1)], "starts that left the window are forgotten"
+
+
+def test_a_limit_and_a_rate_on_one_key_both_hold(store: Store) -> None:
+    store.limits = limits.parse(["job=1"], ["job=2/m"])
+    ids = [add(store) for _ in range(3)]
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == ids[:1]
+    _finish(store, ids[0])
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1)] == ids[1:2]
+    _finish(store, ids[1])
+    assert store.claim("w1", 8, NOW + 2) == [], "room under the limit, none under the rate"
+    assert store.window_opens == NOW + 60
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 60)] == ids[2:]
+
+
+def test_a_paused_name_stays_queued_and_is_shown_until_resumed(db_url: str) -> None:
+    s = Store.open(db_url)
+    try:
+        held = [add(s, "held") for _ in range(2)]
+        other = add(s, "other")
+        rec = s.add_recurring({"name": "held"}, {}, interval="1 hour", next_run_at=NOW + 60, now=NOW)
+        assert s.pause("held", NOW) is True and s.pause("held", NOW + 1) is False
+        assert s.paused() == ["held"]
+        assert [t["task_id"] for t in s.claim("w1", 8, NOW)] == [other]
+        assert [t["paused"] for t in s.list_tasks(status=None, name=None, username=None, limit=10)] == [
+            False, True, True
+        ]  # fmt: skip
+        assert s.get_task(held[0])["paused"] and not s.get_task(other)["paused"]
+        assert [(r["id"], r["paused"]) for r in s.list_recurring()] == [(rec, True)]
+        assert s.revoke(rec)["paused"] is True
+    finally:
+        s.close()
+    s = Store.open(db_url)  # the pause is in the database: it outlasts the server
+    try:
+        assert s.paused() == ["held"] and s.claim("w1", 8, NOW) == []
+        assert s.resume("held") is True and s.resume("held") is False
+        assert [t["task_id"] for t in s.claim("w1", 8, NOW)] == held
+        assert not s.get_task(held[0])["paused"] and s.paused() == []
+        assert s.counts() == counted(s)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_limit_holds_between_servers_claiming_at_once(store: Store, db_url: str) -> None:
+    """Two servers' claims on one database: the second waits for the first's transaction, then counts its claims."""
+    import gevent
+    import gevent.event
+
+    other = Store.open(db_url, server_id="B")  # connections of its own: another server
+    try:
+        store.limits = other.limits = limits.parse(["job=2"])
+        ids = [add(store) for _ in range(4)]
+        claimed: dict[str, list[int]] = {}
+        inside = gevent.event.Event()
+        go_on = gevent.event.Event()
+
+        def first() -> None:
+            with store.transaction():
+                claimed["A"] = [t["task_id"] for t in store.claim("w1", 4, NOW)]
+                inside.set()
+                go_on.wait(10)
+
+        def second() -> None:
+            inside.wait(10)
+            claimed["B"] = [t["task_id"] for t in other.claim("w2", 4, NOW)]
+
+        greenlets = [gevent.spawn(first), gevent.spawn(second)]
+
+        def waiting() -> int:
+            """Claims of this database waiting for the limits' lock."""
+            query = (
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            with store._read():
+                return store.db.execute_sql(query).fetchone()[0]
+
+        deadline = time.monotonic() + 10
+        while not waiting():
+            assert time.monotonic() < deadline, "the second claim never waited for the first's lock"
+            gevent.sleep(0.01)
+        assert "B" not in claimed
+        go_on.set()
+        gevent.joinall(greenlets, timeout=20, raise_error=True)
+        assert claimed == {"A": ids[:2], "B": []}
+    finally:
+        other.close()
+        schema.database.initialize(store.db)
