@@ -3,7 +3,9 @@
 Flow control is by credit, as in the ZeroMQ guide's load-balancing broker: a worker
 declares its slots in READY, every dispatched task takes one, every final status event
 (received by the sink, see sink.py) gives it back. No task is ever sent to a worker
-without a free slot, so nothing waits in a busy worker's socket buffer.
+without a free slot, so nothing waits in a busy worker's socket buffer. What each claim may take
+is the store's to decide (pauses, ``serve --limit`` and ``--rate``: store.Store.claim); when a rate
+held tasks back, the dispatcher is woken again as its window opens.
 
 Liveness: both sides send HEARTBEAT every interval; any message counts. A worker silent
 for ``liveness`` intervals is lost and its running tasks are re-queued. A HEARTBEAT from an
