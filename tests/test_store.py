@@ -181,7 +181,7 @@ def test_missing_id_is_task_not_found(store: Store, call: Callable[[Store], obje
 def test_add_task_round_trips_through_get_task(store: Store) -> None:
     args = {"x": [1, 2.5, None], "nested": {"s": "é"}, "flag": True}
     meta = {"name": "report", "username": "ann", "description": "monthly"}
-    options = {"priority": -3, "retries": 2, "retry_delay": 0.25, "timeout": 30.5}
+    options = {"priority": -3, "retries": 2, "retry_delay": 0.25, "timeout": 30.5, "limit_key": "reports"}
     task_id = store.add_task(meta, args, run_at=NOW + 3600, now=NOW, options=options)
     assert store.get_task(task_id) == {
         "id": task_id,
@@ -210,6 +210,8 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
         "failures": 0,
         "server": None,
         "key": None,
+        "limit_key": "reports",
+        "paused": False,
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
 
 
@@ -639,7 +641,7 @@ def test_retry_refused_unless_failed_or_cancelled(store: Store, state: str) -> N
 
 
 def test_recurring_runs_get_the_schedule_options(store: Store) -> None:
-    options = {"priority": 7, "retries": 4, "retry_delay": 0.5, "timeout": 12.0}
+    options = {"priority": 7, "retries": 4, "retry_delay": 0.5, "timeout": 12.0, "limit_key": "ticks"}
     rec = store.add_recurring({"name": "tick"}, {}, interval="every minute", next_run_at=NOW, now=NOW, options=options)
     [row] = store.list_recurring()
     assert {f: row[f] for f in options} == options
@@ -649,7 +651,7 @@ def test_recurring_runs_get_the_schedule_options(store: Store) -> None:
     plain = store.add_recurring({"name": "plain"}, {}, interval="every minute", next_run_at=NOW, now=NOW)
     [task_id] = store.fire_recurring([(plain, NOW, NOW + 60)], now=NOW)
     task = store.get_task(task_id)
-    assert [task[f] for f in options] == [0, 0, 1.0, None]
+    assert [task[f] for f in options] == [0, 0, 1.0, None, None]
 
 
 # --- client requests ----------------------------------------------------------------------------------------------
