@@ -940,15 +940,19 @@ class Store:
                 )
                 moved.update((i, {"id": i, "worker": w, "attempts": a}) for i, w, a in query.tuples().execute())
             cancelled = target(M.CANCEL)
+            freed = False  # room under a limit, for any server's workers
             for task_id in moved:
-                status, name = before[task_id]
+                status, name, key = before[task_id]
                 self._tally().move(status, cancelled)
                 self._tally().end(name, cancelled)
+                freed = freed or (status == S.RUNNING and key in self.limits.running)
             if moved:
                 self._notice_final(list(moved))
                 for task in moved.values():
                     if task["worker"] is not None:
                         self._notice("cancel", task["worker"], task["id"], task["attempts"])
+            if freed:
+                self._notice("queued")
             refused = self._refusals(task_ids, set(moved), M.CANCEL, "cancelled")
         return [moved[task_id] for task_id in _in_order(moved, task_ids)], refused
 
@@ -1088,15 +1092,16 @@ class Store:
                 self._tally().move(S(status), None)
             return len(gone)
 
-    def _locked(self, task_ids: Sequence[int]) -> dict[int, tuple[S, str]]:
-        """The status and name of each of the tasks that exist, their rows locked to the end of the transaction
-        on PostgreSQL, so that a change made next is counted from the status it changed."""
-        found: dict[int, tuple[S, str]] = {}
+    def _locked(self, task_ids: Sequence[int]) -> dict[int, tuple[S, str, str]]:
+        """The status, name and limit key of each of the tasks that exist, their rows locked to the end of the
+        transaction on PostgreSQL, so that a change made next is counted from the status it changed."""
+        found: dict[int, tuple[S, str, str]] = {}
         lock = " FOR UPDATE" if self.pool.postgres else ""
         for chunk in _chunks(task_ids):
             marks = ", ".join([self.db.param] * len(chunk))
-            rows = self.db.execute_sql(f"SELECT id, status, name FROM task WHERE id IN ({marks}){lock}", list(chunk))
-            found.update((task_id, (S(status), name)) for task_id, status, name in rows)
+            query = f"SELECT id, status, name, {_LIMIT_KEY} FROM task WHERE id IN ({marks}){lock}"
+            rows = self.db.execute_sql(query, list(chunk))
+            found.update((task_id, (S(status), name, key)) for task_id, status, name, key in rows)
         return found
 
     # ------------------------------------------------------------ counts

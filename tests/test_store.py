@@ -1243,13 +1243,49 @@ def test_a_limit_holds_between_servers_claiming_at_once(store: Store, db_url: st
                 return store.db.execute_sql(query).fetchone()[0]
 
         deadline = time.monotonic() + 10
-        while not waiting():
-            assert time.monotonic() < deadline, "the second claim never waited for the first's lock"
+        while not waiting() and "B" not in claimed:
+            assert time.monotonic() < deadline, "the second claim neither waited for the first's lock nor ended"
             gevent.sleep(0.01)
-        assert "B" not in claimed
+        assert "B" not in claimed, f"the second claim did not wait for the first's transaction: {claimed}"
         go_on.set()
         gevent.joinall(greenlets, timeout=20, raise_error=True)
         assert claimed == {"A": ids[:2], "B": []}
     finally:
         other.close()
         schema.database.initialize(store.db)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_room_under_a_limit_is_announced_to_the_other_servers(store: Store, db_url: str) -> None:
+    """A limited task that ends, or is cancelled while running, wakes the other servers' dispatchers (``queued``)."""
+    import psycopg2
+
+    store.limits = limits.parse(["job=1"])
+    done, cancelled, other = add(store), add(store), add(store, "other")
+    store.claim("w1", 1, NOW)
+    listener = psycopg2.connect(db_url)  # from here on: what the submissions announced is not heard
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN martinet")
+    store.peers = 1  # as if another server were alive: notices are sent
+
+    def heard_with(kind: str) -> list[str]:
+        """The kinds of the notices heard until one of ``kind`` (a commit's notices are one pg_notify)."""
+        kinds: list[str] = []
+        deadline = time.monotonic() + 10
+        while kind not in kinds:
+            assert time.monotonic() < deadline, f"no {kind!r} notice, heard {kinds}"
+            listener.poll()
+            kinds += [notice.payload.split()[1] for notice in listener.notifies]
+            listener.notifies.clear()
+        return kinds
+
+    try:
+        _finish(store, done)
+        assert "queued" in heard_with("final"), "a limited task ended"
+        store.claim("w1", 2, NOW)  # the second job, and the other task
+        store.cancel(cancelled, NOW)
+        assert "queued" in heard_with("cancel"), "a running limited task was cancelled"
+        _finish(store, other)
+        assert heard_with("final") == ["final"], "the other task is under no limit"
+    finally:
+        listener.close()
