@@ -90,11 +90,19 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
         key: str | None = None,
     ) -> int:
         """Queue a task to run now; returns its id once the server has committed it (see the blocking client)."""
         fields = calls.submission(
-            task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+            task,
+            args,
+            key,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
         )
         return (await self._request("execute", **fields))["task_id"]
 
@@ -106,9 +114,12 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
     ) -> list[int]:
         """Queue many ``(metadata, args)`` tasks in one request and one commit; returns their ids, in order."""
-        fields = calls.submissions(tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
+        fields = calls.submissions(
+            tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority, limit_key=limit_key
+        )
         return (await self._request("execute_many", **fields))["task_ids"]
 
     async def schedule(
@@ -121,13 +132,21 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
         key: str | None = None,
         tz: str | None = None,
     ) -> int:
         """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...) in the zone ``tz`` (or the
         server's); returns its id. As :meth:`martinet_app.client.Martinet.schedule`."""
         fields = calls.submission(
-            task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+            task,
+            args,
+            key,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
         )
         return (await self._request("schedule", when=when, tz=tz, **fields))["task_id"]
 
@@ -142,11 +161,18 @@ class Martinet:
         timeout: float | None = None,
         priority: int | None = None,
         tz: str | None = None,
+        limit_key: str | None = None,
     ) -> int:
         """Run a task every ``interval`` (``'30 minutes'``, ``'monday'``, ``'0 9 * * mon-fri'``...) in the zone ``tz``
         (or the server's); returns the schedule's id. As :meth:`martinet_app.client.Martinet.every`."""
         fields = calls.submission(
-            task, args, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+            task,
+            args,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
         )
         return (await self._request("every", interval=interval, tz=tz, **fields))["recurring_id"]
 
@@ -267,6 +293,14 @@ class Martinet:
     async def revoke(self, recurring_id: int) -> dict:
         """Stop a recurring schedule; tasks it already created stay in history."""
         return (await self._request("revoke", recurring_id=recurring_id))["recurring"]
+
+    async def pause(self, name: str) -> dict:
+        """Dispatch no more tasks named ``name`` until :meth:`resume`; ``{"name", "paused", "changed", "names"}``."""
+        return calls.result(await self._request("pause", name=name))
+
+    async def resume(self, name: str) -> dict:
+        """Dispatch tasks named ``name`` again; ``{"name", "paused", "changed", "names"}``."""
+        return calls.result(await self._request("resume", name=name))
 
     async def purge(self, status: str, older_than: float | str, *, batch: int = config.PURGE_BATCH) -> int:
         """Delete the tasks in final ``status`` that finished at least ``older_than`` ago (seconds, or an age

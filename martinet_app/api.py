@@ -93,6 +93,12 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
         options = {key: schedule[key] for key in protocol.TASK_OPTION_KEYS}
         return json_response(call(request, "execute", task=meta, args=schedule["args"], options=options), 201)
 
+    def pausing(op: str) -> Callable[[Request], Response]:
+        """``pause`` or ``resume`` of the body's task ``name``."""
+        return lambda request: json_response(
+            call(request, op, **_fields(request.json(), frozenset({"name"}), f"a {op}"))
+        )
+
     def simple(op: str) -> Callable[[Request], Response]:
         return lambda request: json_response(call(request, op))
 
@@ -109,6 +115,8 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
         Route("POST", "/api/v1/recurring", every, Role.ADMIN),
         Route("POST", "/api/v1/recurring/{id}/revoke", revoke, Role.ADMIN),
         Route("POST", "/api/v1/recurring/{id}/run", run_now, Role.ADMIN),
+        Route("POST", "/api/v1/pause", pausing("pause"), Role.ADMIN),
+        Route("POST", "/api/v1/resume", pausing("resume"), Role.ADMIN),
         Route("GET", "/api/v1/workers", simple("workers")),
         Route("GET", "/api/v1/stats", simple("stats")),
     ]

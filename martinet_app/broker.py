@@ -3,7 +3,9 @@
 Flow control is by credit, as in the ZeroMQ guide's load-balancing broker: a worker
 declares its slots in READY, every dispatched task takes one, every final status event
 (received by the sink, see sink.py) gives it back. No task is ever sent to a worker
-without a free slot, so nothing waits in a busy worker's socket buffer.
+without a free slot, so nothing waits in a busy worker's socket buffer. What each claim may take
+is the store's to decide (pauses, ``serve --limit`` and ``--rate``: store.Store.claim); when a rate
+held tasks back, the dispatcher is woken again as its window opens.
 
 Liveness: both sides send HEARTBEAT every interval; any message counts. A worker silent
 for ``liveness`` intervals is lost and its running tasks are re-queued. A HEARTBEAT from an
@@ -31,6 +33,9 @@ from .security import Inbox
 from .store import Store, iso
 
 log = logging.getLogger(__name__)
+
+#: Seconds past a rate window's opening that the dispatcher looks again (Broker._wake_at).
+_WINDOW_SLACK = 0.001
 
 
 @dataclass
@@ -108,6 +113,9 @@ class Broker:
         self.on_finished: Callable[[list[int]], None] = lambda task_ids: None
         # Running tasks no connected worker holds, with when they were first seen so (see sweep_orphans).
         self._orphans: dict[tuple[int, int], float] = {}
+        # The wake-up due when a rate's window has room again (store.Store.window_opens), and its time.
+        self._window_timer: gevent.Greenlet | None = None
+        self._window_at = 0.0
 
     # ------------------------------------------------------------ called by other greenlets
 
@@ -228,6 +236,7 @@ class Broker:
                 if worker.free <= 0:
                     continue
                 tasks = self.store.claim(worker.id, worker.free, now)
+                self._wake_at(self.store.window_opens)
                 if not tasks:
                     return
                 refs = [(t["task_id"], t["attempt"]) for t in tasks]
@@ -235,6 +244,24 @@ class Broker:
                 worker.inflight.update(refs)
                 self.store.on_rollback(functools.partial(worker.inflight.difference_update, refs))
                 self.store.after_commit(functools.partial(self._deliver, worker, tasks, refs))
+
+    def _wake_at(self, at: float | None) -> None:
+        """Wake the dispatcher at ``at`` (epoch seconds), when a rate held tasks back until then; None: no need.
+
+        One wake-up is pending at a time, the earliest asked for. If the claim does not commit, it only costs
+        a look at the queue.
+        """
+        if at is None or (self._window_timer is not None and self._window_at <= at):
+            return
+        if self._window_timer is not None:
+            self._window_timer.kill(block=False)
+        self._window_at = at
+        # A little after the window opens: the claim then finds the oldest start out of it whatever the rounding.
+        self._window_timer = gevent.spawn_later(max(0.0, at - time.time()) + _WINDOW_SLACK, self._window_opened)
+
+    def _window_opened(self) -> None:
+        self._window_timer = None
+        self.wake()
 
     def _deliver(self, worker: WorkerInfo, tasks: list[dict], refs: list[tuple[int, int]]) -> None:
         """Send claimed tasks to their worker; if it cannot be reached, undo the claims and lose it."""

@@ -250,9 +250,15 @@ def _parse_args(ctx: click.Context, param: click.Parameter, value: str | None) -
 def _task_options(func: Callable[..., None]) -> Callable[..., None]:
     """Add --args, --username, --description and the task's policy, shared by execute, schedule and every.
 
-    The policy reaches the verb as ``retries``, ``retry_delay``, ``task_timeout`` and ``priority``
-    (--timeout is the reply timeout already); :func:`_policy` makes the client's arguments of them.
+    The policy reaches the verb as ``retries``, ``retry_delay``, ``task_timeout``, ``priority`` and
+    ``limit_key`` (--timeout is the reply timeout already); :func:`_policy` makes the client's arguments of them.
     """
+    func = click.option(
+        "--limit-key",
+        metavar="K",
+        help="Count the task under the server's --limit K / --rate K instead of its name, to share them among "
+        "tasks of several names.",
+    )(func)
     func = click.option(
         "--priority",
         type=click.IntRange(protocol.INT_MIN, protocol.INT_MAX),
@@ -287,9 +293,18 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
     )(func)
 
 
-def _policy(retries: int | None, retry_delay: float | None, task_timeout: float | None, priority: int | None) -> dict:
+def _policy(
+    retries: int | None,
+    retry_delay: float | None,
+    task_timeout: float | None,
+    priority: int | None,
+    limit_key: str | None,
+) -> dict:
     """The client's option arguments from the command line's (None: the server's default)."""
-    return {"retries": retries, "retry_delay": retry_delay, "timeout": task_timeout, "priority": priority}
+    return {
+        "retries": retries, "retry_delay": retry_delay, "timeout": task_timeout, "priority": priority,
+        "limit_key": limit_key,
+    }  # fmt: skip
 
 
 _tz_option = click.option(
@@ -358,7 +373,7 @@ def _tasks_text(tasks: list[dict]) -> str:
         [
             _cell(t.get("id")),
             _cell(t.get("status")),
-            _cell(t.get("name")),
+            _paused_name(t),
             _cell(t.get("username")),
             _percent(t.get("progress")),
             _cell(t.get("run_at")),
@@ -388,10 +403,16 @@ def _workers_text(workers: list[dict]) -> str:
     return _table(headers, rows, "no workers")
 
 
+def _paused_name(record: dict) -> str:
+    """A task's or schedule's name, marked ``(paused)`` while its name is paused."""
+    return _cell(record.get("name")) + (" (paused)" if record.get("paused") else "")
+
+
 def _recurring_text(schedules: list[dict]) -> str:
     headers = ("ID", "NAME", "USERNAME", "INTERVAL", "TZ", "NEXT_RUN_AT", "LAST_RUN_AT", "ENABLED")
-    keys = ("id", "name", "username", "interval", "tz", "next_run_at", "last_run_at", "enabled")
-    return _table(headers, [[_cell(s.get(key)) for key in keys] for s in schedules], "no recurring schedules")
+    keys = ("username", "interval", "tz", "next_run_at", "last_run_at", "enabled")
+    rows = [[_cell(s.get("id")), _paused_name(s), *(_cell(s.get(key)) for key in keys)] for s in schedules]
+    return _table(headers, rows, "no recurring schedules")
 
 
 def _stats_text(stats: dict) -> str:
@@ -650,6 +671,30 @@ def revoke(client: Martinet, as_json: bool, recurring_id: int) -> None:
     _echo(as_json, client.revoke(recurring_id), lambda record: f"recurring {recurring_id} revoked")
 
 
+def _pause_text(reply: dict) -> str:
+    """What a pause or resume did, and every name paused now."""
+    state = "paused" if reply["paused"] else "resumed"
+    done = f"{reply['name']} {state}" if reply["changed"] else f"{reply['name']} was {state} already"
+    return f"{done}; paused now: {', '.join(reply['names']) or 'none'}"
+
+
+@main.command()
+@click.argument("name")
+@_client_command
+def pause(client: Martinet, as_json: bool, name: str) -> None:
+    """Stop dispatching tasks named NAME, on every server of the database, until resume: queued ones stay
+    queued, running ones finish."""
+    _echo(as_json, client.pause(name), _pause_text)
+
+
+@main.command()
+@click.argument("name")
+@_client_command
+def resume(client: Martinet, as_json: bool, name: str) -> None:
+    """Dispatch tasks named NAME again after a pause."""
+    _echo(as_json, client.resume(name), _pause_text)
+
+
 @main.command()
 @click.option(
     "--status",
@@ -799,6 +844,22 @@ def keygen(name: str, directory: str) -> None:
     is_flag=True,
     help="Serve without keys or HTTP token on an address off loopback, open to whoever reaches the ports, on purpose.",
 )
+@_setting(
+    "--limit",
+    "limit",
+    multiple=True,
+    metavar="KEY=N",
+    help="At most N tasks of KEY running at once, across workers and servers (repeatable; MARTINET_LIMIT "
+    "separates several with spaces). KEY is a task name, or the limit key that tasks give with --limit-key.",
+)
+@_setting(
+    "--rate",
+    "rate",
+    multiple=True,
+    metavar="KEY=N/s|m|h",
+    help="At most N starts of tasks of KEY per second, minute or hour, across workers and servers (repeatable; "
+    "MARTINET_RATE separates several with spaces).",
+)
 @_log_level_option
 @_log_format_option
 def serve(
@@ -825,6 +886,8 @@ def serve(
     insecure: bool,
     keep_succeeded: float | None,
     keep_failed: float | None,
+    limit: tuple[str, ...],
+    rate: tuple[str, ...],
     log_level: str,
     log_format: str,
 ) -> None:
@@ -857,6 +920,8 @@ def serve(
             insecure=insecure,
             keep_succeeded=keep_succeeded,
             keep_failed=keep_failed,
+            limit=limit,
+            rate=rate,
         )
     )
 

@@ -103,6 +103,7 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
         key: str | None = None,
     ) -> int:
         """Queue a task to run now; returns its id once the server has committed it.
@@ -112,7 +113,9 @@ class Martinet:
         - ``retries``: how many times a failing handler is run again (0: none);
         - ``retry_delay``: seconds before the first retry, doubling for each further one;
         - ``timeout``: seconds the handler may run before its worker stops it and it fails;
-        - ``priority``: higher runs first among queued tasks (default 0).
+        - ``priority``: higher runs first among queued tasks (default 0);
+        - ``limit_key``: the key the server's ``--limit`` and ``--rate`` count the task under, instead of its
+          name (default): tasks of several names given one key share its limits.
 
         ``key`` (at most 255 characters; or ``task["key"]``) makes the task unique among those not yet
         final: while a task with that key is scheduled, queued or running, another execute or schedule
@@ -124,7 +127,14 @@ class Martinet:
             RequestTooLarge: the request is larger than ``max_request_bytes``; nothing was sent.
         """
         fields = calls.submission(
-            task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+            task,
+            args,
+            key,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
         )
         return self._request("execute", **fields)["task_id"]
 
@@ -136,6 +146,7 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
     ) -> list[int]:
         """Queue many tasks to run now in one request and one commit; returns their ids, in order.
 
@@ -143,7 +154,9 @@ class Martinet:
         dict with its own ``key`` if it needs one; the options (as for :meth:`execute`) apply to
         every one. Nothing is stored if any entry is invalid.
         """
-        fields = calls.submissions(tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority)
+        fields = calls.submissions(
+            tasks, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority, limit_key=limit_key
+        )
         return self._request("execute_many", **fields)["task_ids"]
 
     def schedule(
@@ -156,6 +169,7 @@ class Martinet:
         retry_delay: float | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        limit_key: str | None = None,
         key: str | None = None,
         tz: str | None = None,
     ) -> int:
@@ -168,7 +182,14 @@ class Martinet:
             BadTimeSpec: ``when`` or ``tz`` cannot be read (the message quotes it).
         """
         fields = calls.submission(
-            task, args, key, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+            task,
+            args,
+            key,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
         )
         return self._request("schedule", when=when, tz=tz, **fields)["task_id"]
 
@@ -183,6 +204,7 @@ class Martinet:
         timeout: float | None = None,
         priority: int | None = None,
         tz: str | None = None,
+        limit_key: str | None = None,
     ) -> int:
         """Run a task every ``interval``; returns the schedule's id.
 
@@ -197,7 +219,13 @@ class Martinet:
             BadTimeSpec: ``interval``, ``run_at`` or ``tz`` cannot be read (the message quotes it).
         """
         fields = calls.submission(
-            task, args, retries=retries, retry_delay=retry_delay, timeout=timeout, priority=priority
+            task,
+            args,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
         )
         return self._request("every", interval=interval, tz=tz, **fields)["recurring_id"]
 
@@ -329,6 +357,18 @@ class Martinet:
     def revoke(self, recurring_id: int) -> dict:
         """Stop a recurring schedule; tasks it already created stay in history."""
         return self._request("revoke", recurring_id=recurring_id)["recurring"]
+
+    def pause(self, name: str) -> dict:
+        """Dispatch no more tasks named ``name``, on every server of the database, until :meth:`resume`: queued
+        ones stay queued (also the runs its schedules fire meanwhile), running ones finish. The pause is stored,
+        so it outlasts a restart. Returns ``{"name", "paused": True, "changed", "names"}``: ``changed`` is False
+        if it was paused already, ``names`` every name paused now."""
+        return calls.result(self._request("pause", name=name))
+
+    def resume(self, name: str) -> dict:
+        """Dispatch tasks named ``name`` again; returns ``{"name", "paused": False, "changed", "names"}``
+        (``changed``: whether it was paused)."""
+        return calls.result(self._request("resume", name=name))
 
     def purge(self, status: str, older_than: float | str, *, batch: int = config.PURGE_BATCH) -> int:
         """Delete the tasks in final ``status`` (succeeded, failed or cancelled) that finished at least

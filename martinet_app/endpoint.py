@@ -36,7 +36,7 @@ _STATUSES = frozenset(s.value for s in TaskStatus)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
 #: Requests that may queue tasks: a turn that has any hands the queue to free slots once, at its end.
-_QUEUING_OPS = frozenset({"execute", "execute_many", "retry", "bulk"})
+_QUEUING_OPS = frozenset({"execute", "execute_many", "retry", "bulk", "resume"})
 #: What a ``bulk`` request may do to each task it selects.
 _BULK_ACTIONS = frozenset({"cancel", "retry"})
 
@@ -126,6 +126,8 @@ class ClientEndpoint:
             "revoke": lambda r, _: {
                 "recurring": self.store.revoke(protocol.check_id(r.get("recurring_id"), "recurring_id"))
             },
+            "pause": self._pause,
+            "resume": self._resume,
         }
 
     def loop_once(self) -> None:
@@ -450,6 +452,18 @@ class ClientEndpoint:
             raise InvalidRequest(f"purge older_than must be a number of seconds >= 0, got {older_than!r:.80}")
         limit = _limit(request, "purge", config.PURGE_BATCH, config.PURGE_BATCH_MAX)
         return {"deleted": self.store.purge([status], finished_before=time.time() - older_than, limit=limit)}
+
+    def _pause(self, request: dict, envelope: list[bytes]) -> dict:
+        """Dispatch no more tasks of ``name`` until it is resumed: its queued tasks wait, its running ones finish."""
+        name = protocol.check_name(request)
+        changed = self.store.pause(name, time.time())
+        return {"name": name, "paused": True, "changed": changed, "names": self.store.paused()}
+
+    def _resume(self, request: dict, envelope: list[bytes]) -> dict:
+        """Dispatch tasks of ``name`` again (the turn then hands its queued tasks to free slots)."""
+        name = protocol.check_name(request)
+        changed = self.store.resume(name)
+        return {"name": name, "paused": False, "changed": changed, "names": self.store.paused()}
 
     def _send(self, frames: list[bytes]) -> None:
         try:

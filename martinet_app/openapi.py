@@ -118,6 +118,8 @@ _TASK_FIELDS = {
     "failures": _COUNT,
     "server": _null(_TEXT),
     "key": _null(_TEXT),
+    "limit_key": _null(_TEXT),
+    "paused": {"type": "boolean", "description": "whether its name is paused (martinet pause): it is not dispatched"},
 }
 _RECURRING_FIELDS = {
     "id": _ID,
@@ -136,6 +138,8 @@ _RECURRING_FIELDS = {
     "retries": _COUNT,
     "retry_delay": {"type": "number", "minimum": 0},
     "timeout": _null({"type": "number"}),
+    "limit_key": _null(_TEXT),
+    "paused": {"type": "boolean", "description": "whether its name is paused: its runs wait queued"},
 }
 _WORKER_FIELDS = {
     "id": _TEXT,
@@ -158,6 +162,13 @@ _OPTIONS = _null(
             "retry_delay": {"type": "number", "minimum": 0},
             "timeout": _null({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
             "priority": _INT32,
+            "limit_key": _null(
+                {
+                    **_NAME,
+                    "pattern": r"\S",
+                    "description": "count it under this key of the server's --limit and --rate instead of its name",
+                }
+            ),
         },
         closed=True,
         description="the task's policy; the server's defaults fill in what is not given",
@@ -196,6 +207,32 @@ _SCHEMAS = {
     ),
     "BatchEntry": _object({**_META, "key": _KEY}, "name", closed=True),
 }
+
+
+def _pausing(operation: str, summary: str) -> Operation:
+    """The operation of ``POST /api/v1/pause`` or ``/resume``: a task name in, the pauses after it out."""
+    return Operation(
+        operation,
+        summary,
+        (
+            200,
+            _object(
+                {
+                    "name": _TEXT,
+                    "paused": {"type": "boolean", "description": "whether the name is paused now"},
+                    "changed": {"type": "boolean", "description": "false if it was so already"},
+                    "names": {"type": "array", "items": _TEXT, "description": "every name paused now, sorted"},
+                },
+                "name",
+                "paused",
+                "changed",
+                "names",
+            ),
+        ),
+        (400, 413, 503),
+        body=_object({"name": _META["name"]}, "name", closed=True),
+        tags=("server",),
+    )
 
 
 def _query(name: str, schema: dict, description: str) -> dict:
@@ -367,6 +404,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         tags=("recurring",),
         links=_TASK_LINKS,
     ),
+    ("POST", "/api/v1/pause"): _pausing(
+        "pauseName", "Dispatch no more tasks of a name, on every server, until it is resumed: queued ones wait"
+    ),
+    ("POST", "/api/v1/resume"): _pausing("resumeName", "Dispatch the tasks of a paused name again"),
     ("GET", "/api/v1/workers"): Operation(
         "listWorkers",
         "The workers of every live server",

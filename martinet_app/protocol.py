@@ -51,7 +51,9 @@ FINAL_STATUSES = frozenset(s.value for s in status.FINAL)
 # Client operations and the request fields each one accepts (besides v, id, op).
 #: Requests that change the store: each may carry a ``request_key``, and a second request with the same
 #: key (a client retrying on another server after a timeout) gets the first one's reply instead of running again.
-MUTATING_OPS = frozenset({"execute", "execute_many", "schedule", "every", "cancel", "retry", "bulk", "revoke", "purge"})
+MUTATING_OPS = frozenset(
+    {"execute", "execute_many", "schedule", "every", "cancel", "retry", "bulk", "revoke", "purge", "pause", "resume"}
+)
 CLIENT_OPS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
     "execute": frozenset({"task", "args", "options"}),
@@ -69,6 +71,8 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
     "revoke": frozenset({"recurring_id"}),
     "purge": frozenset({"status", "older_than", "limit"}),
     "stats": frozenset(),
+    "pause": frozenset({"name"}),
+    "resume": frozenset({"name"}),
 }
 CLIENT_OPS = {op: fields | {"request_key"} if op in MUTATING_OPS else fields for op, fields in CLIENT_OPS.items()}
 
@@ -76,8 +80,8 @@ CLIENT_OPS = {op: fields | {"request_key"} if op in MUTATING_OPS else fields for
 #: for one-off tasks, ``run_at`` only for ``every``.
 TASK_META_KEYS = frozenset({"name", "username", "description", "key"})
 RECURRING_META_KEYS = TASK_META_KEYS - {"key"} | {"run_at"}
-#: Keys allowed in a task's ``options``: its retry, timeout and priority policy.
-TASK_OPTION_KEYS = frozenset({"retries", "retry_delay", "timeout", "priority"})
+#: Keys allowed in a task's ``options``: its retry, timeout and priority policy, and the key its limits count under.
+TASK_OPTION_KEYS = frozenset({"retries", "retry_delay", "timeout", "priority", "limit_key"})
 # Integer options are stored in 32-bit INTEGER columns (PostgreSQL).
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
@@ -394,12 +398,33 @@ def _check_priority(value: Any) -> int:
     return value
 
 
+def _check_limit_key(value: Any) -> str | None:
+    """A task's ``limit_key``: the name its limits count under instead of its own (limits.py); null: its name."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequest(
+            f"option 'limit_key' must be a non-empty string (the key of a server's --limit or --rate), "
+            f"or null for the task's name, got {value!r:.80}"
+        )
+    return clean_text(value.strip(), "option 'limit_key'", config.MAX_NAME_CHARS)
+
+
 _OPTION_CHECKS = {
     "retries": _check_retries,
     "retry_delay": _check_retry_delay,
     "timeout": _check_timeout,
     "priority": _check_priority,
+    "limit_key": _check_limit_key,
 }
+
+
+def check_name(request: dict) -> str:
+    """The task ``name`` of a ``pause`` or ``resume`` request, as check_task_meta takes a task's name."""
+    name = request.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest(f"'name' is required and must be a non-empty task name, got {name!r:.80}")
+    return clean_text(name.strip(), "'name'", config.MAX_NAME_CHARS)
 
 
 # ---------------------------------------------------------------- worker socket

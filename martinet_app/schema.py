@@ -1,7 +1,8 @@
 """The tables (peewee models), their version, and the migrations that bring an older database up to it.
 
 Tables: ``task`` (every execution of a handler), ``recurring`` (schedules), ``server`` (the
-servers of a cluster and their leases), ``worker`` (the workers connected to each of them) and
+servers of a cluster and their leases), ``worker`` (the workers connected to each of them),
+``paused`` (task names not dispatched), ``rate_start`` (recent starts of rate-limited keys) and
 ``meta`` (the schema version).
 """
 
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 #: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT), 4 the cluster: the
 #: ``server`` and ``worker`` tables, each task's delivering ``server``, and the keys that make a
 #: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``);
-#: 6 each schedule's own zone (``recurring.tz``).
-SCHEMA_VERSION = 6
+#: 6 each schedule's own zone (``recurring.tz``); 7 the limits and pauses: ``limit_key`` of tasks and
+#: schedules, the ``paused`` and ``rate_start`` tables.
+SCHEMA_VERSION = 7
 #: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
 SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
@@ -73,6 +75,8 @@ class Task(_Model):
     idempotency_key = pw.CharField(max_length=255, null=True)
     # The client's key of the request that created it: a request retried on another server creates nothing twice.
     request_key = pw.CharField(max_length=255, null=True)
+    # The key its limits are counted under (limits.py): this, or its name when null.
+    limit_key = pw.CharField(max_length=255, null=True)
 
     class Meta:
         # "next due" (scheduled by run_at) is a range scan of this index.
@@ -117,6 +121,7 @@ class Recurring(_Model):
     retry_delay = pw.DoubleField(default=config.DEFAULT_RETRY_DELAY)
     timeout = pw.DoubleField(null=True)
     request_key = pw.CharField(max_length=255, null=True)
+    limit_key = pw.CharField(max_length=255, null=True)
 
     class Meta:
         indexes = ((("enabled", "next_run_at"), False),)
@@ -181,6 +186,25 @@ class TaskMinute(_Model):
         primary_key = pw.CompositeKey("minute", "server", "name", "outcome")
 
 
+class Paused(_Model):
+    """A task name whose queued tasks are not dispatched until it is resumed (``martinet pause NAME``)."""
+
+    name = pw.CharField(max_length=255, primary_key=True)
+    paused_at = pw.DoubleField()
+
+
+class RateStart(_Model):
+    """``n`` deliveries of tasks of a rate-limited ``key`` made at ``at`` (epoch seconds): the claims decide
+    whether a rate's window has room from these (limits.py), and delete those that left every window."""
+
+    key = pw.CharField(max_length=255)
+    at = pw.DoubleField()
+    n = pw.IntegerField()
+
+    class Meta:
+        primary_key = pw.CompositeKey("key", "at")
+
+
 class Meta(_Model):
     """Key/value facts about the store itself (``schema_version``)."""
 
@@ -188,7 +212,7 @@ class Meta(_Model):
     value = pw.TextField()
 
 
-TABLES = (Task, Recurring, Server, Worker, TaskCount, TaskMinute, Meta)
+TABLES = (Task, Recurring, Server, Worker, TaskCount, TaskMinute, Paused, RateStart, Meta)
 
 
 def create_or_migrate(db: pw.Database, url: str) -> None:
@@ -279,5 +303,12 @@ def _add_zone(db: pw.Database) -> None:
     _add_columns(db, "recurring", (("tz", "VARCHAR(255)"),))
 
 
+def _add_limits(db: pw.Database) -> None:
+    """Schema 6 -> 7: ``limit_key`` of tasks and schedules (null: their name); the ``paused`` and
+    ``rate_start`` tables are created with the others."""
+    for table in ("task", "recurring"):
+        _add_columns(db, table, (("limit_key", "VARCHAR(255)"),))
+
+
 #: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts, 6: _add_zone}
+_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts, 6: _add_zone, 7: _add_limits}

@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import signal
+from collections.abc import Iterable
 from typing import IO, Any
 
 import gevent
@@ -17,7 +18,21 @@ import gevent.event
 import zmq.green as zmq
 from gevent.pywsgi import WSGIServer
 
-from . import __version__, access, api, clock, config, dashboard, keys, metrics, protocol, security, timespec, web
+from . import (
+    __version__,
+    access,
+    api,
+    clock,
+    config,
+    dashboard,
+    keys,
+    limits,
+    metrics,
+    protocol,
+    security,
+    timespec,
+    web,
+)
 from .access import Access
 from .auth import Authenticator
 from .broker import Broker
@@ -72,6 +87,8 @@ def run_server(
     insecure: bool = False,
     keep_succeeded: float | None = config.KEEP_SUCCEEDED,
     keep_failed: float | None = config.KEEP_FAILED,
+    limit: Iterable[str] = (),
+    rate: Iterable[str] = (),
 ) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code.
 
@@ -91,6 +108,10 @@ def run_server(
     needs ``http_token`` unless ``insecure`` (access.py). ``http_read_token`` may only read.
 
     ``durability`` (config.DURABILITY) says what a commit survives before a reply is sent.
+
+    ``limit`` (``KEY=N``) and ``rate`` (``KEY=N/s``, ``/m``, ``/h``) bound how many tasks of a task name or
+    limit key run at once and start per interval, across the servers sharing the database (limits.py);
+    a value of another form is a ConfigError (exit 2).
     """
     try:
         security.check_bind(bind, secured=secret_key is not None, insecure=insecure)
@@ -98,6 +119,7 @@ def run_server(
         curve = _server_keys(secret_key, client_keys, worker_keys)
         tzinfo = timespec.parse_tz(tz)
         scheduling = clock.from_environment()
+        bounds = limits.parse(limit, rate)
         alone = _serve_alone(db_url)
         defaults = _task_defaults(default_retries, default_retry_delay, default_timeout, retry_delay_max)
         server_id = new_server_id()
@@ -109,6 +131,7 @@ def run_server(
             server_id=server_id,
             metrics=measured,
             durability=durability,
+            limits=bounds,
         )
     except MartinetError as exc:
         log.error("cannot start: %s", exc.message)
@@ -237,6 +260,7 @@ def run_server(
         retry_delay_max,
         "none" if defaults["timeout"] is None else f"{defaults['timeout']:g} s",
     )
+    log.info("limits (running at once, starts per interval): %s", bounds.describe())
     stopping = gevent.event.Event()
     loops = {
         name: gevent.spawn(forever, loop_once, name, stopping)

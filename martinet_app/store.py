@@ -30,8 +30,9 @@ import peewee as pw
 from . import config, protocol, schema
 from .db import Pool, connect
 from .errors import InvalidTransition, MartinetError, TaskNotFound
+from .limits import Limits
 from .metrics import Metrics, Observed
-from .schema import ERRORS_KEPT, SCHEMA_VERSION, Recurring, Server, Task, TaskMinute, Worker
+from .schema import ERRORS_KEPT, SCHEMA_VERSION, Paused, Recurring, Server, Task, TaskMinute, Worker
 from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
 from .tally import Tally
 
@@ -45,6 +46,11 @@ _INSERT_CHUNK = 500
 SUMMARY_ERROR_CHARS = 200
 #: Task ids per NOTIFY message (PostgreSQL takes at most 8,000 bytes each).
 _NOTICE_IDS = 400
+#: PostgreSQL advisory lock a claim holds to the end of its transaction while limits apply (any constant,
+#: Martinet's own): the servers sharing a database count and claim limited tasks one at a time.
+LIMIT_LOCK = 0x4D54_4E57_4C49_4D54
+#: The key a task's limits count under (limits.py): its limit_key, or its name.
+_LIMIT_KEY = "COALESCE(limit_key, name)"
 
 S, M = TaskStatus, Move
 
@@ -53,15 +59,18 @@ TASK_FIELDS = (
     "id", "name", "username", "description", "args", "status", "progress", "progress_message", "result",
     "error", "traceback", "attempts", "worker", "created_at", "run_at", "started_at", "finished_at",
     "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors", "failures", "server", "key",
+    "limit_key", "paused",
 )  # fmt: skip
 #: What a ``list`` reply carries of each task: the record without its bulky values (``status`` has them).
 SUMMARY_FIELDS = tuple(f for f in TASK_FIELDS if f not in ("args", "result", "traceback", "errors"))
 #: A task's policy (see protocol.TASK_OPTION_KEYS): columns of both tables, copied from a schedule to its runs.
-OPTION_FIELDS = ("priority", "retries", "retry_delay", "timeout")
+OPTION_FIELDS = ("priority", "retries", "retry_delay", "timeout", "limit_key")
 RECURRING_FIELDS = (
     "id", "name", "username", "description", "args", "interval", "tz", "run_at", "next_run_at", "last_run_at",
-    "enabled", "created_at", *OPTION_FIELDS,
+    "enabled", "created_at", *OPTION_FIELDS, "paused",
 )  # fmt: skip
+#: Fields of records that no column holds: whether the task's (or schedule's) name is paused.
+_COMPUTED = frozenset({"paused"})
 _TASK_TIMES = frozenset({"created_at", "run_at", "started_at", "finished_at"})
 # A schedule's run_at is the user's text ("midnight"), not a time.
 _RECURRING_TIMES = frozenset({"created_at", "next_run_at", "last_run_at"})
@@ -82,11 +91,18 @@ class Store:
     The models are bound to the store opened last: one store per process (the server's).
     ``server_id`` names this server in the cluster: its lease, and the deliveries it makes. ``metrics``
     counts what its transactions did once they commit: tasks finished, run times, queue waits, the
-    scheduler's lateness, commit times.
+    scheduler's lateness, commit times. ``limits`` (limits.py) bound what :meth:`claim` takes.
     """
 
     def __init__(
-        self, pool: Pool, *, retry_delay_max: float, max_deliveries: int, metrics: Metrics, server_id: str = "local"
+        self,
+        pool: Pool,
+        *,
+        retry_delay_max: float,
+        max_deliveries: int,
+        metrics: Metrics,
+        server_id: str = "local",
+        limits: Limits | None = None,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
@@ -96,6 +112,10 @@ class Store:
         self.retry_delay_max = retry_delay_max
         self.max_deliveries = max_deliveries
         self.server_id = server_id
+        self.limits = limits or Limits()
+        #: When a rate's window next has room for a key it held back, as the last :meth:`claim` found (None:
+        #: none held back): the dispatcher looks again then.
+        self.window_opens: float | None = None
         #: Other servers whose lease was current at the last heartbeat: none, no NOTIFY is worth sending.
         self.peers = 0
         self.transaction: Callable[[], AbstractContextManager[None]] = pool.transaction
@@ -120,17 +140,19 @@ class Store:
         server_id: str = "local",
         metrics: Metrics | None = None,
         durability: str = config.DURABILITY,
+        limits: Limits | None = None,
     ) -> Store:
         """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db``; create or migrate the schema.
 
         ``retry_delay_max`` caps the backoff between retries of a failing task, seconds;
         ``max_deliveries`` is how many lost deliveries a task may have (:meth:`give_up_lost`);
-        ``metrics``: the server's (None: metrics of this store's own); ``durability``: config.DURABILITY.
+        ``metrics``: the server's (None: metrics of this store's own); ``durability``: config.DURABILITY;
+        ``limits``: what :meth:`claim` may take of each limited key (None: no limits).
         """
         database = connect(url, durability=durability)
         schema.database.initialize(database)
         store = cls(Pool(database, url), retry_delay_max=retry_delay_max, max_deliveries=max_deliveries,
-                    metrics=metrics or Metrics(), server_id=server_id)  # fmt: skip
+                    metrics=metrics or Metrics(), server_id=server_id, limits=limits)  # fmt: skip
         try:
             with store.transaction():
                 schema.create_or_migrate(database, url)
@@ -378,11 +400,18 @@ class Store:
 
         Highest priority first, then oldest run_at, then lowest id. Each claim counts as a
         delivery (``attempts`` + 1). Returns task_id, name, args, attempt and timeout.
+
+        Tasks whose name is paused are left queued, and so are those of a key at its limit (limits.py):
+        the claim takes the next ones instead. :attr:`window_opens` says when a rate held some back.
         """
+        self.window_opens = None
         if limit <= 0:
             return []
         with self.transaction():
-            rows = self.db.execute_sql(self._sql.claim, (worker, self.server_id, now, limit)).fetchall()
+            if self.limits:
+                rows = self._claim_limited(worker, limit, now)
+            else:
+                rows = self.db.execute_sql(self._sql.claim, (worker, self.server_id, now, limit)).fetchall()
             self._tally().move(S.QUEUED, target(M.CLAIM), len(rows))
             if len(rows) < limit:  # nothing is left queued: the other servers need not look
                 self.pool.withdraw(self._notice_text("queued"))
@@ -398,6 +427,100 @@ class Store:
             }
             for task_id, name, args, attempt, timeout, _, _ in rows
         ]
+
+    def _claim_limited(self, worker: str, limit: int, now: float) -> list[tuple]:
+        """:meth:`claim`'s rows when limits apply (inside its transaction): the budget of each limited key is
+        counted from the store, under LIMIT_LOCK on PostgreSQL (another server's claim waits for this
+        transaction, then counts what it claimed), and no key gets more than its budget."""
+        if self.pool.postgres:
+            self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (LIMIT_LOCK,))
+        budgets = self.limits.budgets(self._running_by_key(), self._started_by_key(now))
+        chosen = self._pick(limit, budgets)
+        rows: list[tuple] = []
+        for chunk in _chunks(list(chosen)):
+            marks = ", ".join([self.db.param] * len(chunk))
+            rows += self.db.execute_sql(self._sql.claim_ids.format(marks), (worker, self.server_id, now, *chunk))
+        started: dict[str, int] = {}
+        for task_id, *_ in rows:
+            if chosen[task_id] in self.limits.rates:
+                started[chosen[task_id]] = started.get(chosen[task_id], 0) + 1
+        self._record_starts(started, now)
+        self._watch_windows(budgets, started, now)
+        return rows
+
+    def _running_by_key(self) -> dict[str, int]:
+        """How many tasks of each key with a --limit are running (delivered), in the whole store."""
+        keys = sorted(self.limits.running)
+        if not keys:
+            return {}
+        marks = ", ".join([self.db.param] * len(keys))
+        query = (
+            f"SELECT {_LIMIT_KEY}, COUNT(*) FROM task WHERE status = '{S.RUNNING.value}' "
+            f"AND {_LIMIT_KEY} IN ({marks}) GROUP BY {_LIMIT_KEY}"
+        )
+        return {key: int(n) for key, n in self.db.execute_sql(query, keys).fetchall()}
+
+    def _started_by_key(self, now: float) -> dict[str, int]:
+        """How many tasks of each key with a --rate were delivered within its window (the last ``per`` seconds)."""
+        rates = sorted(self.limits.rates.items())
+        if not rates:
+            return {}
+        p = self.db.param
+        windows = " OR ".join([f"(key = {p} AND at > {p})"] * len(rates))
+        params = [value for key, rate in rates for value in (key, now - rate.per)]
+        query = f"SELECT key, SUM(n) FROM rate_start WHERE {windows} GROUP BY key"
+        return {key: int(n) for key, n in self.db.execute_sql(query, params).fetchall()}
+
+    def _pick(self, limit: int, budgets: dict[str, int]) -> dict[int, str]:
+        """Up to ``limit`` queued tasks, in the queue's order, that no pause or limit holds back: their ids, each
+        with its key. Each look at the queue skips the keys out of budget; one that runs out while taken from
+        makes the next look skip it too, so there are at most as many looks as limited keys, plus one."""
+        left = dict(budgets)
+        chosen: dict[int, str] = {}
+        while len(chosen) < limit:
+            blocked = sorted(key for key, budget in left.items() if budget <= 0)
+            want = limit - len(chosen)
+            rows = self.db.execute_sql(self._sql.pick(len(blocked), len(chosen)), (*blocked, *chosen, want))
+            rows = rows.fetchall()
+            for task_id, key in rows:
+                if key in left:
+                    if left[key] <= 0:
+                        continue
+                    left[key] -= 1
+                chosen[task_id] = key
+            if len(rows) < want:
+                break
+        return chosen
+
+    def _record_starts(self, started: dict[str, int], now: float) -> None:
+        """Note the deliveries of rate-limited keys made at ``now``, and forget those that left their window."""
+        if not started:
+            return
+        p = self.db.param
+        self.db.execute_sql(
+            f"INSERT INTO rate_start (key, at, n) VALUES {', '.join([f'({p}, {p}, {p})'] * len(started))} "
+            "ON CONFLICT (key, at) DO UPDATE SET n = rate_start.n + excluded.n",
+            [value for key, n in sorted(started.items()) for value in (key, now, n)],
+        )
+        for key in sorted(started):
+            self.db.execute_sql(
+                f"DELETE FROM rate_start WHERE key = {p} AND at <= {p}", (key, now - self.limits.rates[key].per)
+            )
+
+    def _watch_windows(self, budgets: dict[str, int], started: dict[str, int], now: float) -> None:
+        """Set :attr:`window_opens` to when the first rate window that this claim found (or left) full has room."""
+        p = self.db.param
+        opens = []
+        for key, rate in sorted(self.limits.rates.items()):
+            if budgets[key] > started.get(key, 0):
+                continue
+            window = self.db.execute_sql(
+                f"SELECT at, n FROM rate_start WHERE key = {p} AND at > {p} ORDER BY at", (key, now - rate.per)
+            ).fetchall()
+            at = self.limits.opens_at(key, window)
+            if at is not None:
+                opens.append(at)
+        self.window_opens = min(opens, default=None)
 
     def unclaim(self, refs: Iterable[tuple[int, int]]) -> int:
         """running -> queued for claims that were never delivered (``attempts`` - 1)."""
@@ -664,6 +787,9 @@ class Store:
             self._notice_final(applied.finished)
             if applied.retrying:
                 self._notice("schedule")
+            ended = (targets[task_id].key for task_id in (*applied.finished, *applied.retrying))
+            if any(key in self.limits.running for key in ended):  # room under a limit, for any server's workers
+                self._notice("queued")
             self._count(observed)
             cursor = self.db.cursor()
             # In this order: a started or progress event that applies always comes before its task's final one.
@@ -691,11 +817,13 @@ class Store:
                 failures,
                 started,
                 run_at,
+                key,
             ) in self.db.execute_sql(self._sql.event_targets(len(chunk)), chunk):
                 history = protocol.json_value(errors) if errors else []
                 found[task_id] = _Target(
-                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures, started, run_at
-                )
+                    task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures, started,
+                    run_at, key,
+                )  # fmt: skip
         return found
 
     def _apply_event(
@@ -755,9 +883,10 @@ class Store:
         _check_id(task_id, _no_task)
         with self._read():
             row = Task.get_or_none(Task.id == task_id)
+            paused = row is not None and Paused.select().where(Paused.name == row.name).exists()
         if row is None:
             raise _no_task(task_id)
-        return task_dict(row)
+        return task_dict(row, paused)
 
     def list_tasks(
         self,
@@ -771,10 +900,12 @@ class Store:
     ) -> list[dict]:
         """Summaries (SUMMARY_FIELDS) of tasks newest first, filtered by the given fields; ``before``: ids below it;
         ``search``: a substring of the description, in any case (only ASCII letters fold on SQLite)."""
-        columns = [getattr(Task, _column(f)) for f in SUMMARY_FIELDS]
+        columns = [getattr(Task, _column(f)) for f in SUMMARY_FIELDS if f not in _COMPUTED]
         query = _filtered(Task.select(*columns), status, name, username, search, limit, before)
         with self._read():
-            return [task_summary(row) for row in query]
+            rows = list(query)
+            paused = self._paused_among({row.name for row in rows})
+        return [task_summary(row, row.name in paused) for row in rows]
 
     def task_ids(
         self, *, status: str | None, name: str | None, username: str | None, search: str | None, limit: int
@@ -813,15 +944,19 @@ class Store:
                 )
                 moved.update((i, {"id": i, "worker": w, "attempts": a}) for i, w, a in query.tuples().execute())
             cancelled = target(M.CANCEL)
+            freed = False  # room under a limit, for any server's workers
             for task_id in moved:
-                status, name = before[task_id]
+                status, name, key = before[task_id]
                 self._tally().move(status, cancelled)
                 self._tally().end(name, cancelled)
+                freed = freed or (status == S.RUNNING and key in self.limits.running)
             if moved:
                 self._notice_final(list(moved))
                 for task in moved.values():
                     if task["worker"] is not None:
                         self._notice("cancel", task["worker"], task["id"], task["attempts"])
+            if freed:
+                self._notice("queued")
             refused = self._refusals(task_ids, set(moved), M.CANCEL, "cancelled")
         return [moved[task_id] for task_id in _in_order(moved, task_ids)], refused
 
@@ -903,6 +1038,41 @@ class Store:
             for task_id in rest
         }
 
+    # ------------------------------------------------------------ pauses
+
+    def pause(self, name: str, now: float) -> bool:
+        """Dispatch no more tasks named ``name`` (queued ones stay queued, running ones finish), on every server
+        of the database, until :meth:`resume`. Whether it was not paused already."""
+        with self.transaction():
+            p = self.db.param
+            return bool(
+                self.db.execute_sql(
+                    f"INSERT INTO paused (name, paused_at) VALUES ({p}, {p}) ON CONFLICT (name) DO NOTHING", (name, now)
+                ).rowcount
+            )
+
+    def resume(self, name: str) -> bool:
+        """Dispatch tasks named ``name`` again; whether it was paused. The other servers hear of it (``queued``)."""
+        with self.transaction():
+            resumed = bool(Paused.delete().where(Paused.name == name).execute())
+            if resumed:
+                self._notice("queued")
+        return resumed
+
+    def paused(self) -> list[str]:
+        """Every paused task name, sorted."""
+        with self._read():
+            return [name for (name,) in Paused.select(Paused.name).order_by(Paused.name).tuples()]
+
+    def _paused_among(self, names: set[str]) -> set[str]:
+        """Those of ``names`` that are paused (inside a read)."""
+        found: set[str] = set()
+        ordered = sorted(names)
+        for start in range(0, len(ordered), _INSERT_CHUNK):
+            chunk = ordered[start : start + _INSERT_CHUNK]
+            found.update(name for (name,) in Paused.select(Paused.name).where(Paused.name.in_(chunk)).tuples())
+        return found
+
     def purge(self, statuses: Sequence[str], *, finished_before: float, limit: int) -> int:
         """Delete at most ``limit`` tasks in ``statuses`` (final ones only) that finished before ``finished_before``,
         the earliest finished first, in one transaction; returns how many. Callers delete in small batches, so
@@ -926,15 +1096,16 @@ class Store:
                 self._tally().move(S(status), None)
             return len(gone)
 
-    def _locked(self, task_ids: Sequence[int]) -> dict[int, tuple[S, str]]:
-        """The status and name of each of the tasks that exist, their rows locked to the end of the transaction
-        on PostgreSQL, so that a change made next is counted from the status it changed."""
-        found: dict[int, tuple[S, str]] = {}
+    def _locked(self, task_ids: Sequence[int]) -> dict[int, tuple[S, str, str]]:
+        """The status, name and limit key of each of the tasks that exist, their rows locked to the end of the
+        transaction on PostgreSQL, so that a change made next is counted from the status it changed."""
+        found: dict[int, tuple[S, str, str]] = {}
         lock = " FOR UPDATE" if self.pool.postgres else ""
         for chunk in _chunks(task_ids):
             marks = ", ".join([self.db.param] * len(chunk))
-            rows = self.db.execute_sql(f"SELECT id, status, name FROM task WHERE id IN ({marks}){lock}", list(chunk))
-            found.update((task_id, (S(status), name)) for task_id, status, name in rows)
+            query = f"SELECT id, status, name, {_LIMIT_KEY} FROM task WHERE id IN ({marks}){lock}"
+            rows = self.db.execute_sql(query, list(chunk))
+            found.update((task_id, (S(status), name, key)) for task_id, status, name, key in rows)
         return found
 
     # ------------------------------------------------------------ counts
@@ -994,7 +1165,9 @@ class Store:
     def list_recurring(self) -> list[dict]:
         """Every recurring schedule, enabled or revoked, oldest first."""
         with self._read():
-            return [_recurring_dict(r) for r in Recurring.select().order_by(Recurring.id)]
+            rows = list(Recurring.select().order_by(Recurring.id))
+            paused = self._paused_among({row.name for row in rows})
+        return [_recurring_dict(row, paused=row.name in paused) for row in rows]
 
     def revoke(self, recurring_id: int) -> dict:
         """Disable a schedule; its past runs stay. InvalidTransition if already revoked."""
@@ -1007,7 +1180,8 @@ class Store:
                 raise InvalidTransition(f"recurring schedule {recurring_id} is already revoked")
             row.enabled = False
             row.save()
-        return _recurring_dict(row)
+            paused = bool(self._paused_among({row.name}))
+        return _recurring_dict(row, paused=paused)
 
 
 @dataclasses.dataclass
@@ -1033,6 +1207,7 @@ class _Target:
     failures: int
     started_at: float  # the claim's time, until the worker says when the handler started
     run_at: float  # when it became due: its queue wait runs from there to its start
+    key: str  # what its limits count under: its limit_key, or its name
 
 
 class _Statements:
@@ -1046,15 +1221,21 @@ class _Statements:
         lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
         p = param
         claimed, queued = target(M.CLAIM).value, sql_sources(M.CLAIM)
-        self.claim = (
+        # Queued tasks a claim may take, in the queue's order: those of a paused name stay where they are.
+        claimable = f"status IN ({queued}) AND name NOT IN (SELECT name FROM paused)"
+        self._queue_order = f"ORDER BY priority DESC, run_at, id LIMIT {p}{lock}"
+        self._claimable = claimable
+        update = (
             f"UPDATE task SET status = '{claimed}', worker = {p}, server = {p}, attempts = attempts + 1, "
-            f"started_at = {p} WHERE id IN (SELECT id FROM task WHERE status IN ({queued}) "
-            f"ORDER BY priority DESC, run_at, id LIMIT {p}{lock}) "
-            "RETURNING id, name, args, attempts, timeout, priority, run_at"
+            f"started_at = {p} WHERE id IN "
         )
+        returning = " RETURNING id, name, args, attempts, timeout, priority, run_at"
+        self.claim = f"{update}(SELECT id FROM task WHERE {claimable} {self._queue_order}){returning}"
+        # The claim of tasks picked already (Store._pick), ids in the braces: still queued, as picked.
+        self.claim_ids = update + "({}) AND status IN (" + queued + ")" + returning
         self._event_targets = (
-            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures, started_at, run_at "
-            "FROM task WHERE id IN ({})" + (" FOR UPDATE" if skip_locked else "")
+            "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures, started_at, run_at, "
+            f"{_LIMIT_KEY} FROM task WHERE id IN ({{}})" + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = (
             f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} ON CONFLICT DO NOTHING "
@@ -1119,6 +1300,16 @@ class _Statements:
         latest = list({row[-3]: row for row in rows}.values())
         sql, template = self._batched[kind]
         execute_values(cursor, sql, latest, template=template, page_size=len(latest))
+
+    def pick(self, blocked: int, chosen: int) -> str:
+        """The next claimable tasks' ids and keys, skipping ``blocked`` keys and ``chosen`` ids (parameters in that
+        order, then how many)."""
+        where = self._claimable
+        if blocked:
+            where += f" AND {_LIMIT_KEY} NOT IN ({', '.join([self.param] * blocked)})"
+        if chosen:
+            where += f" AND id NOT IN ({', '.join([self.param] * chosen)})"
+        return f"SELECT id, {_LIMIT_KEY} FROM task WHERE {where} {self._queue_order}"
 
     def event_targets(self, count: int) -> str:
         return self._event_targets.format(", ".join([self.param] * count))
@@ -1218,7 +1409,7 @@ def _options(options: dict | None) -> dict:
     the SQL), the column defaults for the rest."""
     given = options or {}
     defaults = {"priority": config.DEFAULT_PRIORITY, "retries": config.DEFAULT_RETRIES,
-                "retry_delay": config.DEFAULT_RETRY_DELAY, "timeout": None}  # fmt: skip
+                "retry_delay": config.DEFAULT_RETRY_DELAY, "timeout": None, "limit_key": None}  # fmt: skip
     return {key: given.get(key, defaults[key]) for key in OPTION_FIELDS}
 
 
@@ -1227,10 +1418,14 @@ def _column(field: str) -> str:
     return "idempotency_key" if field == "key" else field
 
 
-def task_dict(row: Task) -> dict:
-    """A task row as the client sees it: JSON decoded (``errors`` as a list), times (also in errors) as ISO 8601 UTC."""
-    out = {}
+def task_dict(row: Task, paused: bool) -> dict:
+    """A task row as the client sees it: JSON decoded (``errors`` as a list), times (also in errors) as ISO 8601 UTC;
+    ``paused``: whether its name is."""
+    out: dict[str, Any] = {}
     for field in TASK_FIELDS:
+        if field == "paused":
+            out[field] = paused
+            continue
         value = getattr(row, _column(field))
         if field in ("args", "result"):
             value = None if value is None else protocol.json_value(value)
@@ -1245,9 +1440,10 @@ def task_dict(row: Task) -> dict:
     return out
 
 
-def task_summary(row: Task) -> dict:
-    """A task as a ``list`` reply shows it: SUMMARY_FIELDS, times as ISO 8601 UTC, ``error`` clipped."""
-    out = {field: getattr(row, _column(field)) for field in SUMMARY_FIELDS}
+def task_summary(row: Task, paused: bool) -> dict:
+    """A task as a ``list`` reply shows it: SUMMARY_FIELDS, times as ISO 8601 UTC, ``error`` clipped; ``paused``:
+    whether its name is."""
+    out = {field: paused if field == "paused" else getattr(row, _column(field)) for field in SUMMARY_FIELDS}
     for field in _TASK_TIMES:
         out[field] = iso(out[field])
     if out["error"] is not None:
@@ -1269,8 +1465,9 @@ def _check_id(row_id: int, not_found: Callable[[int], TaskNotFound]) -> None:
         raise not_found(row_id)
 
 
-def _recurring_dict(row: Recurring, raw: bool = False) -> dict:
-    out = {field: getattr(row, field) for field in RECURRING_FIELDS}
+def _recurring_dict(row: Recurring, raw: bool = False, paused: bool = False) -> dict:
+    """A schedule row as the client sees it (``raw``: times as epoch seconds); ``paused``: whether its name is."""
+    out = {field: paused if field == "paused" else getattr(row, field) for field in RECURRING_FIELDS}
     out["args"] = protocol.json_value(out["args"])
     if not raw:
         for field in _RECURRING_TIMES:

@@ -252,6 +252,20 @@ def test_cron_schedules_and_zones_over_http(sqlite_cluster: Cluster) -> None:
     assert len(m.recurring()) == 1 and len(m.list()) == 1
 
 
+def test_pause_and_resume_over_http(sqlite_cluster: Cluster) -> None:
+    server, m = sqlite_cluster.server, sqlite_cluster.client
+    task_id = m.execute({"name": "echo"}, {}, limit_key="shared")
+    paused = ok(server, "POST", "/api/v1/pause", {"name": "echo"})
+    assert paused == {"name": "echo", "paused": True, "changed": True, "names": ["echo"]}
+    task = ok(server, "GET", f"/api/v1/tasks/{task_id}")["task"]
+    assert (task["paused"], task["limit_key"]) == (True, "shared")
+    sqlite_cluster.start_worker()
+    assert m.status(task_id)["status"] == "queued"
+    assert ok(server, "POST", "/api/v1/resume", {"name": "echo"})["names"] == []
+    assert m.wait(task_id, timeout=TIMEOUT)["status"] == "succeeded"
+    assert error_of(server, "POST", "/api/v1/pause", {"name": "echo", "extra": 1})[:2] == (400, "InvalidRequest")
+
+
 def test_errors_are_typed_with_their_http_statuses(cluster: Cluster) -> None:
     server, m = cluster.server, cluster.client
     json_headers = {"Content-Type": "application/json"}
@@ -369,6 +383,8 @@ def test_the_openapi_document_has_every_route_and_nothing_else(sqlite_cluster: C
         "/api/v1/recurring": api._RECURRING_BODY,
         "/api/v1/tasks/bulk": api._BULK_BODY,
         "/api/v1/tasks/batch": {"tasks", "options"},
+        "/api/v1/pause": {"name"},
+        "/api/v1/resume": {"name"},
     }
     for path, fields in bodies.items():
         assert set(paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]) == fields

@@ -25,6 +25,8 @@ VERBS = (
     "retry",
     "recurring",
     "revoke",
+    "pause",
+    "resume",
     "purge",
     "workers",
     "stats",

@@ -257,3 +257,27 @@ def test_a_client_with_two_servers_submits_through_a_kill(servers: Servers) -> N
     assert len(set(ids)) == 200
     stored = list(servers.client(1).iter_tasks(name="echo"))
     assert sorted(t["id"] for t in stored) == sorted(ids), "each call's task exists, exactly once"
+
+
+def test_a_limit_and_a_pause_hold_across_servers(fleet: Fleet, db_url: str) -> None:
+    """One slot on each server's worker: with the limit decided in one server's memory, two would run at once."""
+    first = fleet.server(HOSTS[0], None, db_url, "--limit", "stamp=1")
+    second = fleet.server(HOSTS[1], first, db_url, "--limit", "stamp=1")
+    clients = [first.client(timeout=10), second.client(timeout=10)]
+    fleet.clients += clients
+    workers = [
+        fleet.worker(server, host, "--concurrency", "1") for server, host in ((first, HOSTS[0]), (second, HOSTS[1]))
+    ]
+    wait_until(lambda: {w["pid"] for w in clients[0].workers()} == {w.pid for w in workers}, what="both workers")
+    a, b = clients
+    assert a.pause("echo")["changed"]
+    paused = b.execute({"name": "echo"}, {})
+    ids = [client.execute({"name": "stamp"}, {"seconds": 0.4}) for client in (a, b, a, b)]
+    records = [b.wait(task_id, timeout=30) for task_id in ids]
+    assert [r["status"] for r in records] == ["succeeded"] * 4
+    periods = sorted((r["result"]["start"], r["result"]["end"]) for r in records)
+    overlaps = [(one, next) for one, next in zip(periods, periods[1:], strict=False) if next[0] < one[1]]
+    assert not overlaps, f"one at a time: {periods}"
+    assert a.status(paused)["status"] == "queued", "paused through A, held by B too"
+    assert b.resume("echo")["changed"]
+    assert a.wait(paused, timeout=10)["status"] == "succeeded"

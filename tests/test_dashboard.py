@@ -409,6 +409,20 @@ def test_recurring_run_now_and_revoke(sqlite_cluster: Cluster, page: Page):
     assert not page.texts(f"{row} [data-action=revoke]")
 
 
+def test_a_paused_name_is_marked_on_the_tasks_and_recurring_pages(sqlite_cluster: Cluster, page: Page):
+    client = sqlite_cluster.client
+    client.pause("echo")
+    held = client.execute({"name": "echo"})
+    rid = client.every("1 hour", {"name": "echo", "run_at": "in 1 hour"})
+    page.open(sqlite_cluster.server.http_url + "/tasks")
+    page.wait_text(f"tr[data-task='{held}'] [data-paused]", "paused: not dispatched until resumed")
+    page.open(sqlite_cluster.server.http_url + "/recurring")
+    page.wait_text(f"tr[data-recurring='{rid}'] [data-paused]", "paused: its runs wait queued")
+    client.resume("echo")
+    wait_until(lambda: not page.texts(f"tr[data-recurring='{rid}'] [data-paused]"), what="the mark to go")
+    assert page.not_reloaded()
+
+
 def test_workers_page_and_errors_of_the_api(sqlite_cluster: Cluster, page: Page):
     worker = sqlite_cluster.start_worker("--concurrency", "2")
     page.open(sqlite_cluster.server.http_url + "/workers")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from martinet_app import limits, schema
 from martinet_app.errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
 from martinet_app.status import FINAL, NEXT, TaskStatus
 from martinet_app.store import SCHEMA_VERSION, Applied, Store, backoff
@@ -127,7 +128,7 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         s = Store.open(db_url)
         try:
             rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [6]
+            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [7]
             assert s.counts() == {**dict.fromkeys(s.counts(), 0), "queued": 1, "failed": 1}  # counted in migrating
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
             listed = s.list_tasks(status=None, name=None, username=None, limit=10)
@@ -135,27 +136,23 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
             assert [old[f] for f in ("name", "username", "args", "status", "created_at")] == [
                 "old", "ann", {"k": 1}, "queued", NOW_ISO
             ]  # fmt: skip
-            policy = ("priority", "retries", "retry_delay", "timeout", "errors", "failures")
-            assert [old[f] for f in policy] == [broke[f] for f in policy] == [0, 0, 1.0, None, [], 0]
+            policy = ("priority", "retries", "retry_delay", "timeout", "errors", "failures", "limit_key", "paused")
+            assert [old[f] for f in policy] == [broke[f] for f in policy] == [0, 0, 1.0, None, [], 0, None, False]
             assert (broke["status"], broke["error"], broke["worker"]) == ("failed", "E", "w1")
             [rec] = s.list_recurring()
-            assert [rec[f] for f in ("name", "enabled", "priority", "retries", "retry_delay", "timeout", "tz")] == [
-                "tick",
-                True,
-                0,
-                0,
-                1.0,
-                None,
-                None,
-            ]  # fmt: skip (an old schedule keeps the server's zone)
+            fields = ("name", "enabled", "priority", "retries", "retry_delay", "timeout", "tz", "limit_key", "paused")
+            # an old schedule keeps the server's zone
+            assert [rec[f] for f in fields] == ["tick", True, 0, 0, 1.0, None, None, None, False]
         finally:
             s.close()
     s = Store.open(db_url)
-    try:  # the migrated tables take the new columns and the priority index
+    try:  # the migrated tables take the new columns and the priority index, and pauses
         zoned = s.add_recurring({"name": "z"}, {}, interval="1 day", tz="Europe/Paris", next_run_at=NOW, now=NOW)
         assert [r["tz"] for r in s.list_recurring() if r["id"] == zoned] == ["Europe/Paris"]
-        high = add(s, options={"priority": 9, "retries": 1})
+        high = add(s, options={"priority": 9, "retries": 1, "limit_key": "k"})
+        assert s.pause("job", NOW) and s.resume("job")
         assert [t["task_id"] for t in s.claim("w1", 2, NOW)] == [high, old["id"]]
+        assert s.get_task(high)["limit_key"] == "k"
         assert s.retry(broke["id"], NOW)["status"] == "queued"
         assert s.counts() == counted(s)
     finally:
@@ -187,7 +184,7 @@ def test_missing_id_is_task_not_found(store: Store, call: Callable[[Store], obje
 def test_add_task_round_trips_through_get_task(store: Store) -> None:
     args = {"x": [1, 2.5, None], "nested": {"s": "é"}, "flag": True}
     meta = {"name": "report", "username": "ann", "description": "monthly"}
-    options = {"priority": -3, "retries": 2, "retry_delay": 0.25, "timeout": 30.5}
+    options = {"priority": -3, "retries": 2, "retry_delay": 0.25, "timeout": 30.5, "limit_key": "reports"}
     task_id = store.add_task(meta, args, run_at=NOW + 3600, now=NOW, options=options)
     assert store.get_task(task_id) == {
         "id": task_id,
@@ -216,6 +213,8 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
         "failures": 0,
         "server": None,
         "key": None,
+        "limit_key": "reports",
+        "paused": False,
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
 
 
@@ -645,7 +644,7 @@ def test_retry_refused_unless_failed_or_cancelled(store: Store, state: str) -> N
 
 
 def test_recurring_runs_get_the_schedule_options(store: Store) -> None:
-    options = {"priority": 7, "retries": 4, "retry_delay": 0.5, "timeout": 12.0}
+    options = {"priority": 7, "retries": 4, "retry_delay": 0.5, "timeout": 12.0, "limit_key": "ticks"}
     rec = store.add_recurring({"name": "tick"}, {}, interval="every minute", next_run_at=NOW, now=NOW, options=options)
     [row] = store.list_recurring()
     assert {f: row[f] for f in options} == options
@@ -655,7 +654,7 @@ def test_recurring_runs_get_the_schedule_options(store: Store) -> None:
     plain = store.add_recurring({"name": "plain"}, {}, interval="every minute", next_run_at=NOW, now=NOW)
     [task_id] = store.fire_recurring([(plain, NOW, NOW + 60)], now=NOW)
     task = store.get_task(task_id)
-    assert [task[f] for f in options] == [0, 0, 1.0, None]
+    assert [task[f] for f in options] == [0, 0, 1.0, None, None]
 
 
 # --- client requests ----------------------------------------------------------------------------------------------
@@ -1130,3 +1129,178 @@ def test_a_server_starting_alone_counts_the_tasks_afresh(db_url: str) -> None:
             second.close()
     finally:
         first.close()
+
+
+# --- limits and pauses ----------------------------------------------------------------------------------------------
+
+
+def _finish(store: Store, task_id: int, worker: str = "w1") -> None:
+    attempt = store.get_task(task_id)["attempts"]
+    assert store.apply_events([(worker, ev(task_id, attempt, "succeeded", result=None))]).finished == [task_id]
+
+
+def test_a_claim_takes_no_more_of_a_limited_key_than_its_limit_and_the_next_tasks_instead(store: Store) -> None:
+    store.limits = limits.parse(["job=2"])
+    jobs = [add(store, run_at=NOW - 10 + i) for i in range(4)]  # the head of the queue
+    others = [add(store, "other") for _ in range(3)]
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [*jobs[:2], *others]
+    assert store.claim("w2", 8, NOW) == [], "the limit holds for another worker too"
+    _finish(store, jobs[0])
+    assert [t["task_id"] for t in store.claim("w2", 8, NOW)] == [jobs[2]], "a finished one makes room for one"
+    store.cancel(jobs[1], NOW)
+    assert [t["task_id"] for t in store.claim("w2", 8, NOW)] == [jobs[3]]
+    assert store.window_opens is None
+
+
+def test_tasks_of_several_names_share_a_limit_key(store: Store) -> None:
+    store.limits = limits.parse(["gpu=1", "plain=1"])
+    a = store.add_task({"name": "train"}, {}, run_at=NOW - 2, now=NOW, options={"limit_key": "gpu"})
+    b = store.add_task({"name": "render"}, {}, run_at=NOW - 1, now=NOW, options={"limit_key": "gpu"})
+    named = [add(store, "gpu") for _ in range(2)]  # no limit_key: counted under their name, the key too
+    plain = store.add_task({"name": "plain"}, {}, run_at=NOW, now=NOW, options={"limit_key": "elsewhere"})
+    assert store.get_task(a)["limit_key"] == "gpu" and store.get_task(plain)["limit_key"] == "elsewhere"
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [a, plain]
+    _finish(store, a)
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [b]
+    _finish(store, b)
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == [named[0]]
+
+
+def test_a_rate_lets_so_many_start_per_window_and_says_when_it_opens(store: Store) -> None:
+    store.limits = limits.parse([], ["job=3/s"])
+    ids = [add(store) for _ in range(8)]
+    other = add(store, "other")
+    assert [t["task_id"] for t in store.claim("w1", 2, NOW)] == ids[:2]
+    assert store.window_opens is None, "one more may start"
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 0.5)] == [ids[2], other]
+    assert store.window_opens == NOW + 1, "the window has room once the first two starts are a second old"
+    assert store.claim("w1", 8, NOW + 0.99) == []
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1)] == ids[3:5], "the two of NOW left the window"
+    assert store.window_opens == NOW + 1.5
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1.5)] == [ids[5]]
+    remembered = store.db.execute_sql("SELECT at, n FROM rate_start WHERE key = 'job' ORDER BY at").fetchall()
+    assert remembered == [(NOW + 1, 2), (NOW + 1.5, 1)], "starts that left the window are forgotten"
+
+
+def test_a_limit_and_a_rate_on_one_key_both_hold(store: Store) -> None:
+    store.limits = limits.parse(["job=1"], ["job=2/m"])
+    ids = [add(store) for _ in range(3)]
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW)] == ids[:1]
+    _finish(store, ids[0])
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1)] == ids[1:2]
+    _finish(store, ids[1])
+    assert store.claim("w1", 8, NOW + 2) == [], "room under the limit, none under the rate"
+    assert store.window_opens == NOW + 60
+    assert [t["task_id"] for t in store.claim("w1", 8, NOW + 60)] == ids[2:]
+
+
+def test_a_paused_name_stays_queued_and_is_shown_until_resumed(db_url: str) -> None:
+    s = Store.open(db_url)
+    try:
+        held = [add(s, "held") for _ in range(2)]
+        other = add(s, "other")
+        rec = s.add_recurring({"name": "held"}, {}, interval="1 hour", next_run_at=NOW + 60, now=NOW)
+        assert s.pause("held", NOW) is True and s.pause("held", NOW + 1) is False
+        assert s.paused() == ["held"]
+        assert [t["task_id"] for t in s.claim("w1", 8, NOW)] == [other]
+        assert [t["paused"] for t in s.list_tasks(status=None, name=None, username=None, limit=10)] == [
+            False, True, True
+        ]  # fmt: skip
+        assert s.get_task(held[0])["paused"] and not s.get_task(other)["paused"]
+        assert [(r["id"], r["paused"]) for r in s.list_recurring()] == [(rec, True)]
+        assert s.revoke(rec)["paused"] is True
+    finally:
+        s.close()
+    s = Store.open(db_url)  # the pause is in the database: it outlasts the server
+    try:
+        assert s.paused() == ["held"] and s.claim("w1", 8, NOW) == []
+        assert s.resume("held") is True and s.resume("held") is False
+        assert [t["task_id"] for t in s.claim("w1", 8, NOW)] == held
+        assert not s.get_task(held[0])["paused"] and s.paused() == []
+        assert s.counts() == counted(s)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_limit_holds_between_servers_claiming_at_once(store: Store, db_url: str) -> None:
+    """Two servers' claims on one database: the second waits for the first's transaction, then counts its claims."""
+    import gevent
+    import gevent.event
+
+    other = Store.open(db_url, server_id="B")  # connections of its own: another server
+    try:
+        store.limits = other.limits = limits.parse(["job=2"])
+        ids = [add(store) for _ in range(4)]
+        claimed: dict[str, list[int]] = {}
+        inside = gevent.event.Event()
+        go_on = gevent.event.Event()
+
+        def first() -> None:
+            with store.transaction():
+                claimed["A"] = [t["task_id"] for t in store.claim("w1", 4, NOW)]
+                inside.set()
+                go_on.wait(10)
+
+        def second() -> None:
+            inside.wait(10)
+            claimed["B"] = [t["task_id"] for t in other.claim("w2", 4, NOW)]
+
+        greenlets = [gevent.spawn(first), gevent.spawn(second)]
+
+        def waiting() -> int:
+            """Claims of this database waiting for the limits' lock."""
+            query = (
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            with store._read():
+                return store.db.execute_sql(query).fetchone()[0]
+
+        deadline = time.monotonic() + 10
+        while not waiting() and "B" not in claimed:
+            assert time.monotonic() < deadline, "the second claim neither waited for the first's lock nor ended"
+            gevent.sleep(0.01)
+        assert "B" not in claimed, f"the second claim did not wait for the first's transaction: {claimed}"
+        go_on.set()
+        gevent.joinall(greenlets, timeout=20, raise_error=True)
+        assert claimed == {"A": ids[:2], "B": []}
+    finally:
+        other.close()
+        schema.database.initialize(store.db)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_room_under_a_limit_is_announced_to_the_other_servers(store: Store, db_url: str) -> None:
+    """A limited task that ends, or is cancelled while running, wakes the other servers' dispatchers (``queued``)."""
+    import psycopg2
+
+    store.limits = limits.parse(["job=1"])
+    done, cancelled, other = add(store), add(store), add(store, "other")
+    store.claim("w1", 1, NOW)
+    listener = psycopg2.connect(db_url)  # from here on: what the submissions announced is not heard
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN martinet")
+    store.peers = 1  # as if another server were alive: notices are sent
+
+    def heard_with(kind: str) -> list[str]:
+        """The kinds of the notices heard until one of ``kind`` (a commit's notices are one pg_notify)."""
+        kinds: list[str] = []
+        deadline = time.monotonic() + 10
+        while kind not in kinds:
+            assert time.monotonic() < deadline, f"no {kind!r} notice, heard {kinds}"
+            listener.poll()
+            kinds += [notice.payload.split()[1] for notice in listener.notifies]
+            listener.notifies.clear()
+        return kinds
+
+    try:
+        _finish(store, done)
+        assert "queued" in heard_with("final"), "a limited task ended"
+        store.claim("w1", 2, NOW)  # the second job, and the other task
+        store.cancel(cancelled, NOW)
+        assert "queued" in heard_with("cancel"), "a running limited task was cancelled"
+        _finish(store, other)
+        assert heard_with("final") == ["final"], "the other task is under no limit"
+    finally:
+        listener.close()

@@ -49,3 +49,15 @@ def bad_result(task_id, data, progress):
 @task
 def bad_progress(task_id, data, progress):
     progress(1.5)
+
+
+def _stamp(task_id, data, progress):
+    """Sleep data.get("seconds", 0); return when the handler started and ended (epoch seconds), for tests of limits."""
+    start = time.time()
+    time.sleep(data.get("seconds", 0))
+    return {"start": start, "end": time.time()}
+
+
+# One handler under two names: tasks of different names that share a limit key.
+task("stamp")(_stamp)
+task("stamp_too")(_stamp)
