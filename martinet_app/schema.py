@@ -1,8 +1,8 @@
 """The tables (peewee models), their version, and the migrations that bring an older database up to it.
 
-Tables: ``task`` (every execution of a handler), ``recurring`` (schedules), ``server`` (the
-servers of a cluster and their leases), ``worker`` (the workers connected to each of them) and
-``meta`` (the schema version).
+Tables: ``task`` (every execution of a handler), ``task_dependency`` (which task waits for which),
+``recurring`` (schedules), ``server`` (the servers of a cluster and their leases), ``worker`` (the
+workers connected to each of them) and ``meta`` (the schema version).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 #: Version of the schema below; recorded in the ``meta`` table. 2 added the per-task policy columns,
 #: 3 the count of failures (``errors`` keeps only the latest ERRORS_KEPT), 4 the cluster: the
 #: ``server`` and ``worker`` tables, each task's delivering ``server``, and the keys that make a
-#: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``).
-SCHEMA_VERSION = 5
+#: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``);
+#: 6 dependencies (``task_dependency``, ``task.dependencies``, ``task.dependants``).
+SCHEMA_VERSION = 6
 #: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
 SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
@@ -72,6 +73,11 @@ class Task(_Model):
     idempotency_key = pw.CharField(max_length=255, null=True)
     # The client's key of the request that created it: a request retried on another server creates nothing twice.
     request_key = pw.CharField(max_length=255, null=True)
+    # The tasks it waits for (JSON list of ids, as given; null: none), read with the claim that delivers it
+    # (their results travel with it) without a look at task_dependency.
+    dependencies = pw.TextField(null=True)
+    # Whether some task depends on this one: only then does its end look for dependants to release or cancel.
+    dependants = pw.BooleanField(default=False, constraints=[pw.SQL("DEFAULT FALSE")])
 
     class Meta:
         # "next due" (scheduled by run_at) is a range scan of this index.
@@ -95,6 +101,18 @@ Task.add_index(Task.index(Task.idempotency_key, unique=True, name="task_live_key
 Task.add_index(
     Task.index(Task.request_key, unique=True, name="task_request_key", where=pw.SQL("request_key IS NOT NULL"))
 )
+
+
+class TaskDependency(_Model):
+    """Task ``task_id`` waits for task ``depends_on`` to succeed (one row per pair; ``task.dependencies`` lists
+    the same ids in the order given)."""
+
+    task_id = pw.BigIntegerField()
+    # "Who depends on X", asked when X ends, is a range scan of this index.
+    depends_on = pw.BigIntegerField(index=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("task_id", "depends_on")
 
 
 class Recurring(_Model):
@@ -186,7 +204,7 @@ class Meta(_Model):
     value = pw.TextField()
 
 
-TABLES = (Task, Recurring, Server, Worker, TaskCount, TaskMinute, Meta)
+TABLES = (Task, TaskDependency, Recurring, Server, Worker, TaskCount, TaskMinute, Meta)
 
 
 def create_or_migrate(db: pw.Database, url: str) -> None:
@@ -272,5 +290,11 @@ def _add_counts(db: pw.Database) -> None:
     recount(db, "migrated")
 
 
+def _add_dependencies(db: pw.Database) -> None:
+    """Schema 5 -> 6: each task's ``dependencies`` and ``dependants`` (``task_dependency`` is created with the
+    other tables); no task of an older database has any."""
+    _add_columns(db, "task", (("dependencies", "TEXT"), ("dependants", "BOOLEAN NOT NULL DEFAULT FALSE")))
+
+
 #: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts}
+_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts, 6: _add_dependencies}

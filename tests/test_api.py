@@ -352,6 +352,7 @@ def test_the_openapi_document_has_every_route_and_nothing_else(sqlite_cluster: C
         "/api/v1/recurring": api._RECURRING_BODY,
         "/api/v1/tasks/bulk": api._BULK_BODY,
         "/api/v1/tasks/batch": {"tasks", "options"},
+        "/api/v1/tasks/chain": {"tasks", "options", "after"},
     }
     for path, fields in bodies.items():
         assert set(paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]) == fields

@@ -178,7 +178,7 @@ def test_retry_runs_a_failed_task_again(cluster: Cluster, tmp_path: Path) -> Non
     task_id = m.execute({"name": "ledger"}, {"path": str(folder / "ledger.txt")})
     failed = m.wait(task_id, timeout=TIMEOUT)
     assert failed["status"] == "failed" and failed["error"].startswith("FileNotFoundError")
-    with pytest.raises(InvalidTransition, match=f"task {task_id} is failed: only scheduled, queued or running"):
+    with pytest.raises(InvalidTransition, match=f"task {task_id} is failed: only waiting, scheduled, queued"):
         m.cancel(task_id)
 
     folder.mkdir()  # what the task lacked is there now: run it again

@@ -3,7 +3,7 @@
 import os
 import time
 
-from martinet_app import task
+from martinet_app import dependency_results, task
 
 
 @task
@@ -49,3 +49,10 @@ def bad_result(task_id, data, progress):
 @task
 def bad_progress(task_id, data, progress):
     progress(1.5)
+
+
+@task
+def gather(task_id, data, progress):
+    """The results of this task's dependencies, as dependency_results() gives them (ids in order, and results)."""
+    results = dependency_results()
+    return {"order": list(results), "results": {str(dep): result for dep, result in results.items()}}
