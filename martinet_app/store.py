@@ -340,9 +340,9 @@ class Store:
         """waiting -> queued (``run_at`` now) or scheduled for ``task_ids``, whose dependencies have all succeeded."""
         if not task_ids:
             return 0
-        moved = decide(S.WAITING, move)
+        moved = target(move)
         fields = {"status": moved.value, **({"run_at": now} if move == M.RELEASE else {})}
-        count = Task.update(**fields).where(Task.id.in_(task_ids) & (Task.status == S.WAITING.value)).execute()
+        count = Task.update(**fields).where(Task.id.in_(task_ids) & _in(move)).execute()
         self._tally().move(S.WAITING, moved, count)
         return count
 

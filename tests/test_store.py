@@ -208,6 +208,7 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
         "failures": 0,
         "server": None,
         "key": None,
+        "after": [],
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
 
 
@@ -508,7 +509,7 @@ def test_lifecycle_table() -> None:
     S = TaskStatus
     assert FINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
     assert S.SCHEDULED in NEXT[S.RUNNING] and S.CANCELLED in NEXT[S.RUNNING]
-    assert NEXT[S.FAILED] == NEXT[S.CANCELLED] == {S.QUEUED}
+    assert NEXT[S.FAILED] == {S.QUEUED} and NEXT[S.CANCELLED] == {S.QUEUED, S.WAITING}
     assert NEXT[S.SUCCEEDED] == set()
 
 
@@ -686,7 +687,7 @@ def test_cancel_refused_for_final_tasks(store: Store, final: str) -> None:
         store.cancel(task_id, NOW + 1)
     else:
         store.apply_events([("w1", ev(task_id, 1, final, result=None, error="e"))])
-    with pytest.raises(InvalidTransition, match=f"task {task_id} is {final}: only scheduled, queued or running"):
+    with pytest.raises(InvalidTransition, match=f"task {task_id} is {final}: only waiting, scheduled, queued or"):
         store.cancel(task_id, NOW + 5)
     assert status(store, task_id) == final
 
