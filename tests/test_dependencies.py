@@ -201,3 +201,11 @@ def test_dependants_are_released_by_whichever_server_records_the_outcome(fleet: 
     failing = a.execute({"name": "explode"})
     dependant = b.execute({"name": "echo"}, after=[failing])
     assert b.wait(dependant, timeout=TIMEOUT)["error"] == f"dependency {failing} failed", "a wait on B answered"
+    # Dependants submitted on one server while their dependency ends through either: none is left waiting.
+    pairs = []
+    for i in range(30):
+        dep = (a, b)[i % 2].execute({"name": "nap"}, {"seconds": 0.01})
+        pairs.append((dep, (b, a)[i % 2].execute({"name": "gather"}, after=[dep])))
+    for dep, task_id in pairs:
+        task = a.wait(task_id, timeout=TIMEOUT)
+        assert task["status"] == "succeeded" and task["result"]["order"] == [dep], task

@@ -1174,6 +1174,19 @@ def test_dependencies_ended_already_settle_the_dependant_at_submission(store: St
     assert (status(store, late), store.get_task(late)["error"]) == ("cancelled", f"dependency {failed} failed")
 
 
+def test_the_release_is_in_the_transaction_that_records_the_success(store: Store) -> None:
+    dep = add(store)
+    task_id = after(store, dep)
+    store.claim("w1", 1, NOW)
+    with pytest.raises(RuntimeError), store.transaction():
+        store.apply_events([("w1", ev(dep, 1, "succeeded", result=1))])
+        assert status(store, task_id) == "queued", "released inside the transaction"
+        raise RuntimeError("the commit never happens")
+    assert (status(store, dep), status(store, task_id)) == ("running", "waiting"), "both undone together"
+    store.apply_events([("w1", ev(dep, 1, "succeeded", result=1))])
+    assert status(store, task_id) == "queued"
+
+
 def test_a_dependant_released_before_its_run_at_is_scheduled_for_then(store: Store) -> None:
     dep = add(store)
     task_id = after(store, dep, run_at=NOW + 60)
