@@ -287,11 +287,10 @@ class Store:
             moves: dict[Move, list[int]] = {M.RELEASE: [], M.RELEASE_LATER: []}
             for task_id, run_at in waiting.items():
                 deps = ended.get(task_id, [])
-                bad = [(dep, status) for dep, status in deps if status in (S.FAILED, S.CANCELLED)]
-                if bad:
-                    dep, status = min(bad)
-                    how = "failed" if status == S.FAILED else "was cancelled"
-                    blocked.setdefault(f"dependency {dep} {how}", []).append(task_id)
+                blocker = _blocker(deps)
+                if blocker is not None:
+                    how = "failed" if blocker[1] == S.FAILED else "was cancelled"
+                    blocked.setdefault(f"dependency {blocker[0]} {how}", []).append(task_id)
                 elif all(status == S.SUCCEEDED for _, status in deps):
                     moves[M.RELEASE if run_at <= now else M.RELEASE_LATER].append(task_id)
             for move, ids in moves.items():
@@ -1099,11 +1098,11 @@ class Store:
         blocked: dict[int, MartinetError] = {}
         for task_id, deps in waited.items():
             ended = [(dep, statuses[dep][0]) for dep in deps if dep in statuses]
-            bad = [(dep, status) for dep, status in ended if status in (S.FAILED, S.CANCELLED)]
-            if bad:
-                dep, status = min(bad)
+            blocker = _blocker(ended)
+            if blocker is not None:
                 blocked[task_id] = InvalidTransition(
-                    f"task {task_id} cannot be retried: its dependency {dep} is {status.value}; retry that first"
+                    f"task {task_id} cannot be retried: its dependency {blocker[0]} is {blocker[1].value}; "
+                    "retry that first"
                 )
             elif any(status != S.SUCCEEDED for _, status in ended):
                 moves[task_id] = M.REWAIT
@@ -1386,6 +1385,12 @@ _INSERT_COLUMNS = (
     "name", "username", "description", "args", "status", "created_at", "run_at", "progress", "attempts",
     *OPTION_FIELDS, "idempotency_key", "request_key",
 )  # fmt: skip
+
+
+def _blocker(deps: Iterable[tuple[int, S]]) -> tuple[int, S] | None:
+    """Of a task's dependencies ``(id, status)``, the lowest-numbered that ended otherwise than succeeded (it
+    cancels the task, or stops its retry); None if there is none."""
+    return min(((dep, status) for dep, status in deps if status in FINAL and status != S.SUCCEEDED), default=None)
 
 
 def _names(move: Move) -> str:
