@@ -1050,7 +1050,7 @@ class Store:
         retried, and why each other was not (InvalidTransition, TaskNotFound)."""
         with self.transaction():
             before = self._locked(task_ids)
-            moves, blocked = self._retry_moves(task_ids, before)
+            moves, blocked = self._retry_moves(before)
             wanted = [task_id for task_id in task_ids if task_id not in blocked]
             try:
                 with self.db.atomic():  # a savepoint: a key taken leaves the transaction usable
@@ -1081,11 +1081,11 @@ class Store:
         return _in_order(moved, task_ids), {**taken, **refused}
 
     def _retry_moves(
-        self, task_ids: Sequence[int], before: dict[int, tuple[S, str, str | None]]
+        self, before: dict[int, tuple[S, str, str | None]]
     ) -> tuple[dict[int, Move], dict[int, MartinetError]]:
-        """For the tasks with dependencies among ``task_ids`` (``before``: :meth:`_locked`'s), how a retry moves
-        each (REWAIT while a dependency has not ended; RETRY when they all succeeded) and why some may not
-        (a dependency failed or cancelled). The dependencies are locked to the end of the transaction."""
+        """For the retriable tasks with dependencies among ``before`` (:meth:`_locked`'s), those a retry makes wait
+        again (REWAIT: a dependency has not ended; the others take RETRY), and why some may not move (a
+        dependency failed or was cancelled). The dependencies are locked to the end of the transaction."""
         retriable = sources(M.RETRY)
         waited = {
             task_id: protocol.json_value(deps) for task_id, (status, _, deps) in before.items()
