@@ -1049,8 +1049,10 @@ class Store:
         """:meth:`retry` of each of ``task_ids``, in one transaction and a statement per 500: the ids
         retried, and why each other was not (InvalidTransition, TaskNotFound)."""
         with self.transaction():
+            # Dependencies before dependants, the order in which every path locks them (no deadlock).
+            statuses = self._locked(self._dependencies_of(task_ids))
             before = self._locked(task_ids)
-            moves, blocked = self._retry_moves(before)
+            moves, blocked = self._retry_moves(before, statuses)
             wanted = [task_id for task_id in task_ids if task_id not in blocked]
             try:
                 with self.db.atomic():  # a savepoint: a key taken leaves the transaction usable
@@ -1080,20 +1082,26 @@ class Store:
             refused = self._refusals(task_ids, {*moved, *taken}, M.RETRY, "retried")
         return _in_order(moved, task_ids), {**taken, **refused}
 
+    def _dependencies_of(self, task_ids: Sequence[int]) -> list[int]:
+        """The tasks that any of ``task_ids`` depends on (read without a lock: a task's dependencies never change)."""
+        found: set[int] = set()
+        for chunk in _chunks(task_ids):
+            query = Task.select(Task.dependencies).where(Task.id.in_(chunk) & Task.dependencies.is_null(False))
+            found.update(dep for (deps,) in query.tuples() for dep in protocol.json_value(deps))
+        return sorted(found)
+
+    @staticmethod
     def _retry_moves(
-        self, before: dict[int, tuple[S, str, str | None]]
+        before: dict[int, tuple[S, str, str | None]], statuses: dict[int, tuple[S, str, str | None]]
     ) -> tuple[dict[int, Move], dict[int, MartinetError]]:
-        """For the retriable tasks with dependencies among ``before`` (:meth:`_locked`'s), those a retry makes wait
-        again (REWAIT: a dependency has not ended; the others take RETRY), and why some may not move (a
-        dependency failed or was cancelled). The dependencies are locked to the end of the transaction."""
+        """For the retriable tasks with dependencies among ``before`` (:meth:`_locked`'s, as ``statuses`` is of their
+        dependencies), those a retry makes wait again (REWAIT: a dependency has not ended; the others take
+        RETRY), and why some may not move (a dependency failed or was cancelled)."""
         retriable = sources(M.RETRY)
         waited = {
             task_id: protocol.json_value(deps) for task_id, (status, _, deps) in before.items()
             if deps and status in retriable
         }  # fmt: skip
-        if not waited:
-            return {}, {}
-        statuses = self._locked(sorted({dep for deps in waited.values() for dep in deps}))
         moves: dict[int, Move] = {}
         blocked: dict[int, MartinetError] = {}
         for task_id, deps in waited.items():
