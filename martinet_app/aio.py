@@ -92,12 +92,14 @@ class Martinet:
         priority: int | None = None,
         limit_key: str | None = None,
         key: str | None = None,
+        after: Iterable[int] | None = None,
     ) -> int:
         """Queue a task to run now; returns its id once the server has committed it (see the blocking client)."""
         fields = calls.submission(
             task,
             args,
             key,
+            after,
             retries=retries,
             retry_delay=retry_delay,
             timeout=timeout,
@@ -122,6 +124,30 @@ class Martinet:
         )
         return (await self._request("execute_many", **fields))["task_ids"]
 
+    async def chain(
+        self,
+        tasks: Iterable[tuple[dict, dict | None]],
+        *,
+        after: Iterable[int] | None = None,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+        limit_key: str | None = None,
+    ) -> list[int]:
+        """Queue ``(metadata, args)`` steps that each wait for the one before, in one request and one commit
+        (see the blocking client); returns their ids, in order."""
+        fields = calls.submissions(
+            tasks,
+            config.CHAIN_MAX,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
+        )
+        return (await self._request("chain", after=calls.dependencies(after), **fields))["task_ids"]
+
     async def schedule(
         self,
         when: str,
@@ -135,6 +161,7 @@ class Martinet:
         limit_key: str | None = None,
         key: str | None = None,
         tz: str | None = None,
+        after: Iterable[int] | None = None,
     ) -> int:
         """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...) in the zone ``tz`` (or the
         server's); returns its id. As :meth:`martinet_app.client.Martinet.schedule`."""
@@ -142,6 +169,7 @@ class Martinet:
             task,
             args,
             key,
+            after,
             retries=retries,
             retry_delay=retry_delay,
             timeout=timeout,
@@ -267,7 +295,7 @@ class Martinet:
     # ------------------------------------------------------------ stopping
 
     async def cancel(self, task_id: int) -> dict:
-        """Cancel a scheduled, queued or running task; returns its record."""
+        """Cancel a waiting, scheduled, queued or running task; returns its record."""
         return (await self._request("cancel", task_id=task_id))["task"]
 
     async def retry(self, task_id: int) -> dict:

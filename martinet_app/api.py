@@ -20,8 +20,11 @@ from .errors import InvalidRequest, TaskNotFound
 from .web import Request, Response, Route, json_response
 
 #: Fields of a task submission (POST /api/v1/tasks) and of a schedule (POST /api/v1/recurring).
-_TASK_BODY = frozenset({"name", "args", "username", "description", "key", "options", "when", "tz"})
+_TASK_BODY = frozenset({"name", "args", "username", "description", "key", "options", "when", "tz", "after"})
 _RECURRING_BODY = frozenset({"name", "args", "username", "description", "options", "interval", "run_at", "tz"})
+#: Fields of a batch (POST /api/v1/tasks/batch) and of a chain (POST /api/v1/tasks/chain).
+_BATCH_BODY = frozenset({"tasks", "options"})
+_CHAIN_BODY = _BATCH_BODY | {"after"}
 #: Fields of a bulk action (POST /api/v1/tasks/bulk): the action and the filters of the tasks it moves.
 _BULK_BODY = frozenset({"action", "status", "name", "username", "search", "limit"})
 #: Query parameters of GET /api/v1/tasks: text filters, and integers.
@@ -47,20 +50,24 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
     def submit(request: Request) -> Response:
         body = _fields(request.json(), _TASK_BODY, "a task")
         meta = {key: body.get(key) for key in ("name", "username", "description", "key")}
-        fields = {"task": meta, "args": body.get("args"), "options": body.get("options")}
+        fields = {"task": meta, "args": body.get("args"), "options": body.get("options"), "after": body.get("after")}
         if "when" in body:
             return json_response(call(request, "schedule", when=body["when"], tz=body.get("tz"), **fields), 201)
         if body.get("tz") is not None:
             raise InvalidRequest("'tz' is the zone of 'when': give it with 'when', or leave it out")
         return json_response(call(request, "execute", **fields), 201)
 
-    def submit_many(request: Request) -> Response:
-        body = _fields(request.json(), frozenset({"tasks", "options"}), "a batch")
+    def submit_many(request: Request, op: str = "execute_many", fields: frozenset[str] = _BATCH_BODY) -> Response:
+        body = _fields(request.json(), fields, "a batch" if op == "execute_many" else "a chain")
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             raise InvalidRequest(f"'tasks' must be a list of {{name, args, ...}} objects, got {tasks!r:.80}")
         entries = [_entry(index, task) for index, task in enumerate(tasks)]
-        return json_response(call(request, "execute_many", tasks=entries, options=body.get("options")), 201)
+        extra = {"after": body.get("after")} if op == "chain" else {}
+        return json_response(call(request, op, tasks=entries, options=body.get("options"), **extra), 201)
+
+    def submit_chain(request: Request) -> Response:
+        return submit_many(request, "chain", _CHAIN_BODY)
 
     def list_tasks(request: Request) -> Response:
         query = request.query
@@ -106,6 +113,7 @@ def routes(endpoint: ClientEndpoint) -> list[Route]:
         Route("GET", "/api/v1/ping", simple("ping")),
         Route("POST", "/api/v1/tasks", submit, Role.ADMIN),
         Route("POST", "/api/v1/tasks/batch", submit_many, Role.ADMIN),
+        Route("POST", "/api/v1/tasks/chain", submit_chain, Role.ADMIN),
         Route("POST", "/api/v1/tasks/bulk", bulk, Role.ADMIN),
         Route("GET", "/api/v1/tasks", list_tasks),
         Route("GET", "/api/v1/tasks/{id}", on_task("status")),

@@ -57,16 +57,27 @@ def keyed(task: Any, key: str | None) -> Any:
     return {**task, "key": key}
 
 
-def submission(task: Any, args: Any, key: str | None = None, **policy: Any) -> dict:
-    """The ``task``, ``args`` and ``options`` fields of an execute, schedule or every request, checked."""
-    return {"task": keyed(task, key), "args": protocol.check_args(args), "options": options(**policy)}
+def submission(task: Any, args: Any, key: str | None = None, after: Iterable[int] | None = None, **policy: Any) -> dict:
+    """The ``task``, ``args``, ``options`` and ``after`` fields of an execute, schedule or every request, checked."""
+    fields = {"task": keyed(task, key), "args": protocol.check_args(args), "options": options(**policy)}
+    return {**fields, "after": dependencies(after)}
 
 
-def submissions(tasks: Iterable[tuple[dict, dict | None]], **policy: Any) -> dict:
-    """The ``tasks`` and ``options`` fields of an execute_many request, checked."""
+def submissions(tasks: Iterable[tuple[dict, dict | None]], limit: int = config.SUBMIT_MANY_MAX, **policy: Any) -> dict:
+    """The ``tasks`` and ``options`` fields of an execute_many (or, with ``limit`` config.CHAIN_MAX, chain)
+    request, checked."""
     entries = [{"task": task, "args": args} for task, args in tasks]
-    protocol.check_many(entries, config.SUBMIT_MANY_MAX)
+    protocol.check_many(entries, limit)
     return {"tasks": entries, "options": options(**policy)}
+
+
+def dependencies(after: Iterable[int] | None) -> list[int] | None:
+    """A request's ``after``: the ids as a list, checked (protocol.check_after); None (left out) for none."""
+    if after is None:
+        return None
+    if isinstance(after, (str, bytes, dict)):
+        raise InvalidRequest(f"after must be a list of task ids, got {after!r:.80}")
+    return protocol.check_after(list(after)) or None
 
 
 def result(reply: dict) -> dict:

@@ -232,6 +232,11 @@ def _client_command(func: Callable[..., None]) -> Callable[..., None]:
 
 def _parse_args(ctx: click.Context, param: click.Parameter, value: str | None) -> dict:
     """Decode --args: a JSON object of finite numbers, at most config.MAX_JSON_DEPTH levels deep; ``{}`` if absent."""
+    return _args_of(value)
+
+
+def _args_of(value: str | None) -> dict:
+    """A task's args from their JSON text (:func:`_parse_args`); click.BadParameter says what is wrong."""
     if value is None:
         return {}
     try:
@@ -248,7 +253,17 @@ def _parse_args(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def _task_options(func: Callable[..., None]) -> Callable[..., None]:
-    """Add --args, --username, --description and the task's policy, shared by execute, schedule and every.
+    """Add --args, --username, --description and the task's policy, shared by execute, schedule and every."""
+    return click.option(
+        "--args",
+        callback=_parse_args,
+        metavar="JSON",
+        help="The handler's data argument, as a JSON object (default {}).",
+    )(_shared_options(func))
+
+
+def _shared_options(func: Callable[..., None]) -> Callable[..., None]:
+    """Add --username, --description and the task's policy (every task of a chain gets them).
 
     The policy reaches the verb as ``retries``, ``retry_delay``, ``task_timeout``, ``priority`` and
     ``limit_key`` (--timeout is the reply timeout already); :func:`_policy` makes the client's arguments of them.
@@ -284,13 +299,38 @@ def _task_options(func: Callable[..., None]) -> Callable[..., None]:
         help="Times a failing handler is run again. Default: the server's.",
     )(func)
     func = click.option("--description", help="Free text stored with the task.")(func)
-    func = click.option("--username", help="Who the task is run for (list can filter on it).")(func)
-    return click.option(
-        "--args",
-        callback=_parse_args,
-        metavar="JSON",
-        help="The handler's data argument, as a JSON object (default {}).",
-    )(func)
+    return click.option("--username", help="Who the task is run for (list can filter on it).")(func)
+
+
+def _parse_after(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """Decode --after: task ids separated by commas (``12,13``); None if absent."""
+    if value is None:
+        return None
+    try:
+        after = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected task ids separated by commas (12,13), got {value!r}") from None
+    try:
+        return protocol.check_after(after)
+    except InvalidRequest as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+_after_option = click.option(
+    "--after",
+    callback=_parse_after,
+    metavar="IDS",
+    help="Wait until these tasks (ids separated by commas) have all succeeded; cancelled if one fails for good.",
+)
+
+
+def _parse_step(text: str) -> tuple[dict, dict]:
+    """A chain step, ``NAME`` or ``NAME=JSON`` (its args), as the client takes it."""
+    name, _, args = text.partition("=")
+    try:
+        return {"name": name}, _args_of(args or None)
+    except click.BadParameter as exc:
+        raise click.BadParameter(f"step {text!r:.80}: {exc.message}") from None
 
 
 def _policy(
@@ -455,6 +495,7 @@ def _finish(as_json: bool, record: dict) -> None:
 @click.argument("name")
 @_task_options
 @_key_option
+@_after_option
 @click.option("--wait", is_flag=True, help="Wait for the task to finish and print its record (alone, with --json).")
 @_wait_timeout_option
 @_client_command
@@ -466,17 +507,55 @@ def execute(
     username: str | None,
     description: str | None,
     key: str | None,
+    after: list[int] | None,
     wait: bool,
     wait_timeout: float,
     **policy: Any,
 ) -> None:
-    """Queue task NAME to run now and print its id."""
+    """Queue task NAME to run now (with --after, once those tasks have succeeded) and print its id."""
     meta = _meta(name=name, username=username, description=description, key=key)
-    task_id = client.execute(meta, args, **_policy(**policy))
+    task_id = client.execute(meta, args, after=after, **_policy(**policy))
     if not (wait and as_json):
-        _echo(as_json, {"task_id": task_id}, lambda reply: f"task {reply['task_id']} queued")
+        _echo(as_json, {"task_id": task_id}, lambda reply: f"task {reply['task_id']} queued{_after_text(after)}")
     if wait:
         _finish(as_json, client.wait(task_id, wait_timeout))
+
+
+def _after_text(after: list[int] | None) -> str:
+    """`` after 12, 13`` for a task submitted with dependencies, else nothing."""
+    return f" after {', '.join(map(str, after))}" if after else ""
+
+
+@main.command()
+@click.argument("steps", nargs=-1, required=True, metavar="STEP...")
+@_shared_options
+@_after_option
+@click.option("--wait", is_flag=True, help="Wait for the last step to finish and print its record.")
+@_wait_timeout_option
+@_client_command
+def chain(
+    client: Martinet,
+    as_json: bool,
+    steps: tuple[str, ...],
+    username: str | None,
+    description: str | None,
+    after: list[int] | None,
+    wait: bool,
+    wait_timeout: float,
+    **policy: Any,
+) -> None:
+    """Queue tasks that each run once the one before has succeeded, in one commit, and print their ids.
+
+    Each STEP is a task NAME, or NAME=JSON with its args: martinet chain fetch 'resize={"w": 640}' publish.
+    A step that fails for good cancels the steps after it.
+    """
+    tasks = [_parse_step(step) for step in steps]
+    meta = _meta(username=username, description=description)
+    task_ids = client.chain([({**task, **meta}, args) for task, args in tasks], after=after, **_policy(**policy))
+    if not (wait and as_json):
+        _echo(as_json, {"task_ids": task_ids}, lambda reply: f"tasks {', '.join(map(str, task_ids))} chained")
+    if wait:
+        _finish(as_json, client.wait(task_ids[-1], wait_timeout))
 
 
 @main.command()
@@ -485,6 +564,7 @@ def execute(
 @_task_options
 @_key_option
 @_tz_option
+@_after_option
 @_client_command
 def schedule(
     client: Martinet,
@@ -496,11 +576,13 @@ def schedule(
     description: str | None,
     key: str | None,
     tz: str | None,
+    after: list[int] | None,
     **policy: Any,
 ) -> None:
-    """Run task NAME once at WHEN ('in 20 minutes', '17:30', ISO 8601...) and print its id."""
+    """Run task NAME once at WHEN ('in 20 minutes', '17:30', ISO 8601...) and print its id; with --after, not
+    before those tasks have succeeded."""
     meta = _meta(name=name, username=username, description=description, key=key)
-    task_id = client.schedule(when, meta, args, tz=tz, **_policy(**policy))
+    task_id = client.schedule(when, meta, args, tz=tz, after=after, **_policy(**policy))
     _echo(
         as_json,
         {"task_id": task_id},
@@ -609,7 +691,7 @@ def stats(client: Martinet, as_json: bool) -> None:
 
 
 @main.command("list")
-@click.option("--status", help="Only tasks in this status (scheduled, queued, running, succeeded...).")
+@click.option("--status", help="Only tasks in this status (waiting, scheduled, queued, running, succeeded...).")
 @click.option("--name", help="Only tasks with this handler name.")
 @click.option("--username", help="Only tasks run for this user.")
 @click.option("--search", metavar="TEXT", help="Only tasks whose description contains TEXT, in any case.")
@@ -644,7 +726,8 @@ def _with_before(ctx: click.Context, before: int) -> str:
 @_id_argument("task_id")
 @_client_command
 def cancel(client: Martinet, as_json: bool, task_id: int) -> None:
-    """Cancel scheduled, queued or running task TASK_ID (its worker is told to stop it)."""
+    """Cancel waiting, scheduled, queued or running task TASK_ID (its worker is told to stop it; the tasks waiting
+    for it are cancelled too)."""
     _echo(as_json, client.cancel(task_id), lambda record: f"task {task_id} {_cell(record.get('status'))}")
 
 

@@ -105,6 +105,7 @@ class Martinet:
         priority: int | None = None,
         limit_key: str | None = None,
         key: str | None = None,
+        after: Iterable[int] | None = None,
     ) -> int:
         """Queue a task to run now; returns its id once the server has committed it.
 
@@ -118,18 +119,25 @@ class Martinet:
           name (default): tasks of several names given one key share its limits.
 
         ``key`` (at most 255 characters; or ``task["key"]``) makes the task unique among those not yet
-        final: while a task with that key is scheduled, queued or running, another execute or schedule
-        with it returns that task's id instead of adding one.
+        final: while a task with that key is waiting, scheduled, queued or running, another execute or
+        schedule with it returns that task's id instead of adding one.
+
+        ``after`` (at most 100 task ids) makes it wait, ``waiting``, until each of those tasks has
+        succeeded; if one fails for good or is cancelled, this one is cancelled with an error naming it
+        (``dependency 12 failed``). The handler reads their results with
+        ``martinet_app.dependency_results()``.
 
         Raises:
-            InvalidRequest: ``args`` is not a dict or nests more than config.MAX_JSON_DEPTH levels, or
-                ``key`` differs from ``task["key"]``.
+            InvalidRequest: ``args`` is not a dict or nests more than config.MAX_JSON_DEPTH levels,
+                ``key`` differs from ``task["key"]``, or ``after`` is not a list of task ids.
+            InvalidDependency: a task of ``after`` does not exist.
             RequestTooLarge: the request is larger than ``max_request_bytes``; nothing was sent.
         """
         fields = calls.submission(
             task,
             args,
             key,
+            after,
             retries=retries,
             retry_delay=retry_delay,
             timeout=timeout,
@@ -159,6 +167,32 @@ class Martinet:
         )
         return self._request("execute_many", **fields)["task_ids"]
 
+    def chain(
+        self,
+        tasks: Iterable[tuple[dict, dict | None]],
+        *,
+        after: Iterable[int] | None = None,
+        retries: int | None = None,
+        retry_delay: float | None = None,
+        timeout: float | None = None,
+        priority: int | None = None,
+        limit_key: str | None = None,
+    ) -> list[int]:
+        """Queue ``(metadata, args)`` steps that each wait for the one before to succeed, in one request and one
+        commit; returns their ids, in order. The first step waits for ``after``, if given. A step that fails
+        for good (or is cancelled) cancels the steps after it. Options are as for :meth:`execute_many`.
+        """
+        fields = calls.submissions(
+            tasks,
+            config.CHAIN_MAX,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            priority=priority,
+            limit_key=limit_key,
+        )
+        return self._request("chain", after=calls.dependencies(after), **fields)["task_ids"]
+
     def schedule(
         self,
         when: str,
@@ -172,11 +206,13 @@ class Martinet:
         limit_key: str | None = None,
         key: str | None = None,
         tz: str | None = None,
+        after: Iterable[int] | None = None,
     ) -> int:
         """Run a task once at ``when`` (``'in 20 minutes'``, ``'17:30'``, ISO 8601...); returns its id.
 
-        The options and ``key`` are as for :meth:`execute`. ``tz`` (an IANA name such as ``'Europe/Paris'``)
-        is the zone of wall times in ``when``; without it, the server's (``serve --tz``).
+        The options, ``key`` and ``after`` are as for :meth:`execute`: with ``after``, it runs at
+        ``when`` or once its dependencies have succeeded, whichever is later. ``tz`` (an IANA name such as
+        ``'Europe/Paris'``) is the zone of wall times in ``when``; without it, the server's (``serve --tz``).
 
         Raises:
             BadTimeSpec: ``when`` or ``tz`` cannot be read (the message quotes it).
@@ -185,6 +221,7 @@ class Martinet:
             task,
             args,
             key,
+            after,
             retries=retries,
             retry_delay=retry_delay,
             timeout=timeout,
@@ -326,7 +363,8 @@ class Martinet:
     # ------------------------------------------------------------ stopping
 
     def cancel(self, task_id: int) -> dict:
-        """Cancel a scheduled, queued or running task (its worker is told to stop it); returns its record."""
+        """Cancel a waiting, scheduled, queued or running task (its worker is told to stop it; its waiting dependants
+        are cancelled too); returns its record."""
         return self._request("cancel", task_id=task_id)["task"]
 
     def retry(self, task_id: int) -> dict:

@@ -81,6 +81,10 @@ MAX_JSON_DEPTH = 100
 MAX_ID = 2**63 - 1
 #: Most tasks one ``execute_many`` request may submit.
 SUBMIT_MANY_MAX = 10_000
+#: Most dependencies one task may have (``after``): their results travel with it to its worker.
+AFTER_MAX = 100
+#: Most steps one ``chain`` request may submit.
+CHAIN_MAX = 1_000
 #: Most status events or queued tasks handled in one loop turn (one transaction).
 BATCH_MAX = 500
 #: Finished tasks are deleted this long after they finished, seconds: succeeded ones

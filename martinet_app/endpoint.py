@@ -36,7 +36,7 @@ _STATUSES = frozenset(s.value for s in TaskStatus)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
 #: Requests that may queue tasks: a turn that has any hands the queue to free slots once, at its end.
-_QUEUING_OPS = frozenset({"execute", "execute_many", "retry", "bulk", "resume"})
+_QUEUING_OPS = frozenset({"execute", "execute_many", "chain", "retry", "bulk", "resume"})
 #: What a ``bulk`` request may do to each task it selects.
 _BULK_ACTIONS = frozenset({"cancel", "retry"})
 
@@ -111,6 +111,7 @@ class ClientEndpoint:
             "ping": self._ping,
             "execute": self._execute,
             "execute_many": self._execute_many,
+            "chain": self._chain,
             "schedule": self._schedule,
             "every": self._every,
             "status": lambda r, _: {"task": self.store.get_task(protocol.check_id(r.get("task_id"), "task_id"))},
@@ -279,8 +280,11 @@ class ClientEndpoint:
 
     def _execute(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)
+        after = protocol.check_after(request.get("after"))
         now = time.time()
-        task_id = self.store.add_task(meta, args, run_at=now, now=now, options=options, request_key=_key(request))
+        task_id = self.store.add_task(
+            meta, args, run_at=now, now=now, options=options, request_key=_key(request), after=after
+        )
         return {"task_id": task_id}
 
     def _execute_many(self, request: dict, envelope: list[bytes]) -> dict:
@@ -290,14 +294,26 @@ class ClientEndpoint:
         task_ids = self.store.add_tasks(tasks, run_at=now, now=now, options=options, request_key=_key(request))
         return {"task_ids": task_ids}
 
+    def _chain(self, request: dict, envelope: list[bytes]) -> dict:
+        """Tasks that each wait for the one before (the first for ``after``), in one transaction."""
+        tasks = protocol.check_many(request.get("tasks"), config.CHAIN_MAX)
+        after = protocol.check_after(request.get("after"))
+        options = self._options(request)
+        now = time.time()
+        task_ids = self.store.add_tasks(
+            tasks, run_at=now, now=now, options=options, request_key=_key(request), after=after, chain=True
+        )
+        return {"task_ids": task_ids}
+
     def _schedule(self, request: dict, envelope: list[bytes]) -> dict:
         meta, args, options = self._submission(request, recurring=False)
+        after = protocol.check_after(request.get("after"))
         now = self.scheduler.clock.now()
         when = timespec.parse_when(
             protocol.check_string(request, "when", required=True), now=_utc(now), tz=self._zone(request)[0]
         )
         task_id = self.store.add_task(
-            meta, args, run_at=when.timestamp(), now=now, options=options, request_key=_key(request)
+            meta, args, run_at=when.timestamp(), now=now, options=options, request_key=_key(request), after=after
         )
         self.scheduler.wake()
         return {"task_id": task_id}

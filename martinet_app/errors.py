@@ -33,6 +33,11 @@ class BadTimeSpec(InvalidRequest):
     """Raised when a time or interval string cannot be parsed."""
 
 
+class InvalidDependency(InvalidRequest):
+    """Raised when a task's ``after`` names a task that does not exist (yet): a task can only wait for tasks
+    already submitted, which is also why dependencies cannot form a cycle."""
+
+
 class TaskNotFound(MartinetError):
     """Raised when no task or recurring schedule has the given id."""
 
@@ -86,6 +91,7 @@ _BY_NAME = {
         InvalidRequest,
         RequestTooLarge,
         BadTimeSpec,
+        InvalidDependency,
         TaskNotFound,
         InvalidTransition,
         StoreUnavailable,

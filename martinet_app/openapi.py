@@ -120,6 +120,7 @@ _TASK_FIELDS = {
     "key": _null(_TEXT),
     "limit_key": _null(_TEXT),
     "paused": {"type": "boolean", "description": "whether its name is paused (martinet pause): it is not dispatched"},
+    "after": {"type": "array", "items": _ID, "description": "the tasks it waits for (or waited for) to succeed"},
 }
 _RECURRING_FIELDS = {
     "id": _ID,
@@ -201,11 +202,20 @@ _SCHEMAS = {
             "options": _ref("Options"),
             "when": {**_TEXT, "description": "schedule it for then", "example": "in 1 hour"},
             "tz": _null({**_ZONE, "description": "IANA name of the zone of `when` (only with it)", "example": "UTC"}),
+            "after": _ref("After"),
         },
         "name",
         closed=True,
     ),
     "BatchEntry": _object({**_META, "key": _KEY}, "name", closed=True),
+    "After": _null(
+        {
+            "type": "array",
+            "items": _ID,
+            "maxItems": config.AFTER_MAX,
+            "description": "run only once these tasks have all succeeded; cancelled if one fails for good",
+        }
+    ),
 }
 
 
@@ -293,6 +303,22 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                     "items": _ref("BatchEntry"),
                 },
                 "options": _ref("Options"),
+            },
+            "tasks",
+            closed=True,
+        ),
+        links=tuple((operation, "/task_ids/0") for operation, _ in _TASK_LINKS),
+    ),
+    ("POST", "/api/v1/tasks/chain"): Operation(
+        "submitChain",
+        "Submit tasks that each run once the one before has succeeded (the first after `after`), in one transaction",
+        (201, _object({"task_ids": {"type": "array", "items": _ID}}, "task_ids")),
+        (400, 413, 503),
+        body=_object(
+            {
+                "tasks": {"type": "array", "minItems": 1, "maxItems": config.CHAIN_MAX, "items": _ref("BatchEntry")},
+                "options": _ref("Options"),
+                "after": _ref("After"),
             },
             "tasks",
             closed=True,

@@ -52,13 +52,27 @@ FINAL_STATUSES = frozenset(s.value for s in status.FINAL)
 #: Requests that change the store: each may carry a ``request_key``, and a second request with the same
 #: key (a client retrying on another server after a timeout) gets the first one's reply instead of running again.
 MUTATING_OPS = frozenset(
-    {"execute", "execute_many", "schedule", "every", "cancel", "retry", "bulk", "revoke", "purge", "pause", "resume"}
+    {
+        "execute",
+        "execute_many",
+        "chain",
+        "schedule",
+        "every",
+        "cancel",
+        "retry",
+        "bulk",
+        "revoke",
+        "purge",
+        "pause",
+        "resume",
+    }
 )
 CLIENT_OPS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
-    "execute": frozenset({"task", "args", "options"}),
+    "execute": frozenset({"task", "args", "options", "after"}),
     "execute_many": frozenset({"tasks", "options"}),
-    "schedule": frozenset({"when", "tz", "task", "args", "options"}),
+    "chain": frozenset({"tasks", "options", "after"}),
+    "schedule": frozenset({"when", "tz", "task", "args", "options", "after"}),
     "every": frozenset({"interval", "tz", "task", "args", "options"}),
     "status": frozenset({"task_id"}),
     "wait": frozenset({"task_id", "timeout"}),
@@ -306,7 +320,8 @@ _BOUNDED_META = frozenset({"username", "run_at", "key"})
 
 
 def check_many(entries: Any, limit: int) -> list[tuple[dict, dict]]:
-    """``execute_many``'s ``tasks``: a list of ``{"task": metadata, "args": object}``, checked one by one."""
+    """``execute_many``'s (and ``chain``'s) ``tasks``: a list of ``{"task": metadata, "args": object}``, checked
+    one by one."""
     if not isinstance(entries, list) or not 1 <= len(entries) <= limit:
         raise InvalidRequest(f"'tasks' must be a list of 1 to {limit} {{task, args}} objects, got {entries!r:.80}")
     checked = []
@@ -318,6 +333,19 @@ def check_many(entries: Any, limit: int) -> list[tuple[dict, dict]]:
         except InvalidRequest as exc:
             raise InvalidRequest(f"tasks[{index}]: {exc.message}") from None
     return checked
+
+
+def check_after(after: Any) -> list[int]:
+    """A request's ``after``: the ids of the tasks it waits for, a list of at most config.AFTER_MAX positive
+    integers (None means none; a repeated id counts once, the first time)."""
+    if after is None:
+        return []
+    limit = config.AFTER_MAX
+    if not isinstance(after, list) or len(after) > limit or not all(_is_int(i) and i >= 1 for i in after):
+        raise InvalidRequest(
+            f"'after' must be a list of at most {limit} task ids (positive integers), got {after!r:.80}"
+        )
+    return list(dict.fromkeys(after))
 
 
 def check_args(args: Any) -> dict:

@@ -7,7 +7,8 @@ the worker from heartbeating, and can be stopped by killing its process.
 It speaks JSON lines over the socket whose file descriptor it is given:
 
     runner -> worker: {"hello": [task names]} or {"error": "why the handlers could not load"}
-    worker -> runner: {"task_id", "attempt", "name", "args"}, one or more (a pipe: they run in order)
+    worker -> runner: {"task_id", "attempt", "name", "args"[, "dependencies"]}, one or more (a pipe: they run
+                      in order); "dependencies" (id as text -> result) is what context.dependency_results() gives
     worker -> runner: {"skip": [task_id, attempt]}: do not start that task if it is still waiting
     runner -> worker: per task, in order: {"event": "progress", "progress", "message"} (any
                       number), then {"event": "succeeded", "result"} or {"event": "failed", "error",
@@ -32,7 +33,7 @@ import traceback
 from collections import deque
 from typing import Any, BinaryIO
 
-from . import config, protocol
+from . import config, context, protocol
 from .errors import HandlerError
 from .registry import Registry, load_handlers
 
@@ -121,10 +122,13 @@ def _run(registry: Registry, task: dict, stream: BinaryIO, worker_id: str, max_r
     handler = registry.get(name)
     if handler is None:
         return _failed(f"no handler for task {name!r} on worker {worker_id}")
+    context.enter(task.get("dependencies"))
     try:
         result = handler(task["task_id"], task["args"], progress)
     except BaseException as exc:  # noqa: BLE001 - sys.exit() or KeyboardInterrupt in a handler fails the task
         return _failed(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    finally:
+        context.leave()
     return _succeeded(name, result, max_result_bytes)
 
 

@@ -1,9 +1,9 @@
 """The tables (peewee models), their version, and the migrations that bring an older database up to it.
 
-Tables: ``task`` (every execution of a handler), ``recurring`` (schedules), ``server`` (the
-servers of a cluster and their leases), ``worker`` (the workers connected to each of them),
-``paused`` (task names not dispatched), ``rate_start`` (recent starts of rate-limited keys) and
-``meta`` (the schema version).
+Tables: ``task`` (every execution of a handler), ``task_dependency`` (which task waits for which),
+``recurring`` (schedules), ``server`` (the servers of a cluster and their leases), ``worker`` (the
+workers connected to each of them), ``paused`` (task names not dispatched), ``rate_start`` (recent
+starts of rate-limited keys) and ``meta`` (the schema version).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 #: ``server`` and ``worker`` tables, each task's delivering ``server``, and the keys that make a
 #: submission idempotent (``idempotency_key``, ``request_key``); 5 the counts (``task_count``, ``task_minute``);
 #: 6 each schedule's own zone (``recurring.tz``); 7 the limits and pauses: ``limit_key`` of tasks and
-#: schedules, the ``paused`` and ``rate_start`` tables.
-SCHEMA_VERSION = 7
+#: schedules, the ``paused`` and ``rate_start`` tables; 8 dependencies (``task_dependency``,
+#: ``task.dependencies``, ``task.dependants``).
+SCHEMA_VERSION = 8
 #: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
 SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
@@ -77,6 +78,11 @@ class Task(_Model):
     request_key = pw.CharField(max_length=255, null=True)
     # The key its limits are counted under (limits.py): this, or its name when null.
     limit_key = pw.CharField(max_length=255, null=True)
+    # The tasks it waits for (JSON list of ids, as given; null: none), read with the claim that delivers it
+    # (their results travel with it) without a look at task_dependency.
+    dependencies = pw.TextField(null=True)
+    # Whether some task depends on this one: only then does its end look for dependants to release or cancel.
+    dependants = pw.BooleanField(default=False, constraints=[pw.SQL("DEFAULT FALSE")])
 
     class Meta:
         # "next due" (scheduled by run_at) is a range scan of this index.
@@ -100,6 +106,18 @@ Task.add_index(Task.index(Task.idempotency_key, unique=True, name="task_live_key
 Task.add_index(
     Task.index(Task.request_key, unique=True, name="task_request_key", where=pw.SQL("request_key IS NOT NULL"))
 )
+
+
+class TaskDependency(_Model):
+    """Task ``task_id`` waits for task ``depends_on`` to succeed (one row per pair; ``task.dependencies`` lists
+    the same ids in the order given)."""
+
+    task_id = pw.BigIntegerField()
+    # "Who depends on X", asked when X ends, is a range scan of this index.
+    depends_on = pw.BigIntegerField(index=True)
+
+    class Meta:
+        primary_key = pw.CompositeKey("task_id", "depends_on")
 
 
 class Recurring(_Model):
@@ -212,7 +230,7 @@ class Meta(_Model):
     value = pw.TextField()
 
 
-TABLES = (Task, Recurring, Server, Worker, TaskCount, TaskMinute, Paused, RateStart, Meta)
+TABLES = (Task, TaskDependency, Recurring, Server, Worker, TaskCount, TaskMinute, Paused, RateStart, Meta)
 
 
 def create_or_migrate(db: pw.Database, url: str) -> None:
@@ -310,5 +328,19 @@ def _add_limits(db: pw.Database) -> None:
         _add_columns(db, table, (("limit_key", "VARCHAR(255)"),))
 
 
+def _add_dependencies(db: pw.Database) -> None:
+    """Schema 7 -> 8: each task's ``dependencies`` and ``dependants`` (``task_dependency`` is created with the
+    other tables); no task of an older database has any."""
+    _add_columns(db, "task", (("dependencies", "TEXT"), ("dependants", "BOOLEAN NOT NULL DEFAULT FALSE")))
+
+
 #: Schema migrations: the function that brings a database from version N - 1 to N.
-_MIGRATIONS = {2: _add_policy_columns, 3: _add_failures, 4: _add_cluster, 5: _add_counts, 6: _add_zone, 7: _add_limits}
+_MIGRATIONS = {
+    2: _add_policy_columns,
+    3: _add_failures,
+    4: _add_cluster,
+    5: _add_counts,
+    6: _add_zone,
+    7: _add_limits,
+    8: _add_dependencies,
+}

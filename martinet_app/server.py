@@ -199,7 +199,8 @@ def run_server(
         waited=endpoint.waits_on,
     )
     endpoint.carry = sink.carry
-    broker.on_finished = endpoint.notify_finished
+    broker.on_finished = store.on_final = endpoint.notify_finished
+    store.on_scheduled = scheduler.wake
     measured.collect_from(store, broker)
     cluster = Cluster(
         store, broker, endpoint, scheduler, heartbeat=heartbeat, liveness=config.HEARTBEAT_LIVENESS, address=bind

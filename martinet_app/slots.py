@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a new handler process gets to import the handlers and say hello.
 START_TIMEOUT = 60.0
-#: The fields of a task the handler process gets.
-_SENT = ("task_id", "attempt", "name", "args")
+#: The fields of a task the handler process gets (``dependencies`` only if the task has any).
+_SENT = ("task_id", "attempt", "name", "args", "dependencies")
 
 
 class _Expired(Exception):
@@ -136,7 +136,8 @@ class Slot:
         try:
             if self.stream is None:
                 raise OSError("it is not running")
-            self.stream.write(b"".join(protocol.dumps({key: t[key] for key in _SENT}) + b"\n" for t in tasks))
+            lines = (protocol.dumps({key: t[key] for key in _SENT if key in t}) + b"\n" for t in tasks)
+            self.stream.write(b"".join(lines))
             self.stream.flush()
         except OSError as exc:  # its process was gone before the tasks reached it
             self.close()

@@ -21,19 +21,20 @@ import functools
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, NamedTuple
 
 import peewee as pw
 
 from . import config, protocol, schema
 from .db import Pool, connect
-from .errors import InvalidTransition, MartinetError, TaskNotFound
+from .errors import InvalidDependency, InvalidTransition, MartinetError, TaskNotFound
 from .limits import Limits
 from .metrics import Metrics, Observed
-from .schema import ERRORS_KEPT, SCHEMA_VERSION, Paused, Recurring, Server, Task, TaskMinute, Worker
-from .status import FINAL, Move, TaskStatus, decide, sources, sql_final, sql_sources, target
+from .schema import ERRORS_KEPT, SCHEMA_VERSION, Paused, Recurring, Server, Task, TaskDependency, TaskMinute, Worker
+from .status import FINAL, Move, TaskStatus, decide, initial, sources, sql_final, sql_sources, target
 from .tally import Tally
 
 __all__ = ["FINAL", "SCHEMA_VERSION", "Applied", "Store", "TaskStatus", "backoff"]
@@ -58,7 +59,7 @@ S, M = TaskStatus, Move
 TASK_FIELDS = (
     "id", "name", "username", "description", "args", "status", "progress", "progress_message", "result",
     "error", "traceback", "attempts", "worker", "created_at", "run_at", "started_at", "finished_at",
-    "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors", "failures", "server", "key",
+    "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors", "failures", "server", "key", "after",
     "limit_key", "paused",
 )  # fmt: skip
 #: What a ``list`` reply carries of each task: the record without its bulky values (``status`` has them).
@@ -127,6 +128,11 @@ class Store:
         self._tally = pool.tally
         pool.write_tally = self._write_tally
         self._sql = _Statements(self.db.param, skip_locked=bool(self.db.for_update))
+        #: Called after a commit with the tasks it cancelled because a dependency failed or was cancelled
+        #: (the server answers the ``wait`` requests parked on them), and when it released dependants to run
+        #: later (the server wakes its scheduler).
+        self.on_final: Callable[[list[int]], None] = lambda task_ids: None
+        self.on_scheduled: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------ opening
 
@@ -191,49 +197,213 @@ class Store:
         now: float,
         options: dict | None = None,
         request_key: str | None = None,
+        after: Sequence[int] = (),
+        chain: bool = False,
     ) -> list[int]:
         """Insert tasks in one transaction: ``queued`` when due (run_at <= now), else ``scheduled``.
 
         Returns their ids in the order given. ``options``: any of OPTION_FIELDS (checked by
         protocol.check_options), shared by all; the others take the column default.
 
+        ``after``: the ids of tasks each waits for (InvalidDependency names one that does not exist,
+        and nothing is stored); with ``chain``, only the first task waits for them and each of the
+        others for the one before it. A task with dependencies is inserted ``waiting`` and, in the
+        same transaction, released if they have all succeeded already, or cancelled if one of them
+        failed or was cancelled (:meth:`_settle`).
+
         Idempotent twice over: a task whose metadata has a ``key`` that a task not yet final
         holds is not inserted, that task's id is returned instead (the database's partial unique
         index decides, also between servers inserting at the same moment); and a request
-        (``request_key``, the client's) that was stored already returns the ids it created.
+        (``request_key``, the client's) that was stored already returns the ids it created. Neither
+        gets the dependencies of the submission.
         """
-        status = S.QUEUED if run_at <= now else S.SCHEDULED
-        shared = (status.value, now, run_at, 0.0, 0, *_options(options).values())
+        status = initial(due=run_at <= now, waiting=False)
+        waits = [bool(after) or (chain and index > 0) for index in range(len(tasks))]
+        shared = (now, run_at, 0.0, 0, *_options(options).values())
         rows = [
             (
-                meta["name"], meta.get("username"), meta.get("description"), protocol.json_text(args), *shared,
+                meta["name"], meta.get("username"), meta.get("description"), protocol.json_text(args),
+                (initial(due=True, waiting=True) if waits[index] else status).value, *shared,
                 meta.get("key"), _row_key(request_key, index, len(tasks)),
             )
             for index, (meta, args) in enumerate(tasks)
         ]  # fmt: skip
         ids: list[int] = []
+        fresh: set[int] = set()
         with self.transaction():
+            if after:
+                self._check_dependencies(after)
             for start in range(0, len(rows), _INSERT_CHUNK):
-                ids += self._insert_tasks(rows[start : start + _INSERT_CHUNK])
-            self._notice("queued" if status == S.QUEUED else "schedule")
+                ids += self._insert_tasks(rows[start : start + _INSERT_CHUNK], fresh)
+            if any(waits):
+                wanted = {
+                    task_id: list(after) if index == 0 or not chain else [ids[index - 1]]
+                    for index, task_id in enumerate(ids)
+                    if waits[index] and task_id in fresh
+                }
+                self._depend(wanted, now)
+            if not all(waits):
+                self._notice("queued" if status == S.QUEUED else "schedule")
         return ids
 
-    def _insert_tasks(self, rows: list[tuple], tries: int = 3) -> list[int]:
-        """Insert ``rows`` (one statement); the ids in row order, a conflicting row's the existing task's."""
+    def _check_dependencies(self, after: Sequence[int]) -> None:
+        """InvalidDependency unless every task of ``after`` exists; they are locked to the end of the transaction
+        (PostgreSQL), so that one ending meanwhile, through any server, finds its new dependants."""
+        found = self._locked([task_id for task_id in after if task_id <= config.MAX_ID])
+        missing = [task_id for task_id in after if task_id not in found]
+        if missing:
+            raise InvalidDependency(
+                f"dependency {missing[0]} does not exist: a task can only wait for tasks already submitted "
+                "(`martinet list` shows them), so dependencies never form a cycle"
+            )
+
+    def _depend(self, wanted: dict[int, list[int]], now: float) -> None:
+        """Record that each new task of ``wanted`` (all ``waiting``) waits for its list of tasks, then release or
+        cancel those whose dependencies have ended already."""
+        if not wanted:
+            return
+        p = self.db.param
+        cursor = self.db.cursor()
+        with pw.__exception_wrapper__:
+            cursor.executemany(
+                f"UPDATE task SET dependencies = {p} WHERE id = {p}",
+                [(protocol.json_text(deps), task_id) for task_id, deps in wanted.items()],
+            )
+            cursor.executemany(
+                f"INSERT INTO task_dependency (task_id, depends_on) VALUES ({p}, {p}) ON CONFLICT DO NOTHING",
+                [(task_id, dep) for task_id, deps in wanted.items() for dep in deps],
+            )
+        for chunk in _chunks(sorted({dep for deps in wanted.values() for dep in deps})):
+            Task.update(dependants=True).where(Task.id.in_(chunk) & (Task.dependants == False)).execute()  # noqa: E712
+        self._settle(list(wanted), now)
+
+    def _ended(self, task_ids: Sequence[int], now: float) -> None:
+        """Tasks that became final in this transaction: release or cancel the dependants waiting for them."""
+        dependants = self._dependants_of(task_ids)
+        if dependants:
+            self._settle(dependants, now)
+
+    def _dependants_of(self, task_ids: Sequence[int]) -> list[int]:
+        """The tasks that depend on any of ``task_ids`` (a range scan of task_dependency's index)."""
+        found: set[int] = set()
+        for chunk in _chunks(task_ids):
+            query = TaskDependency.select(TaskDependency.task_id).where(TaskDependency.depends_on.in_(chunk))
+            found.update(task_id for (task_id,) in query.tuples())
+        return sorted(found)
+
+    def _settle(self, candidates: list[int], now: float) -> None:
+        """Move on those of ``candidates`` that are waiting and whose dependencies have ended (inside a transaction).
+
+        Each is locked first (PostgreSQL): two dependencies ending at once through two servers then
+        settle it one after the other, the second seeing the first's outcome. One whose dependency
+        failed or was cancelled is cancelled with an error naming it (the lowest such id), and so on
+        down its own dependants; one whose dependencies have all succeeded (or were purged since) is
+        released: queued with ``run_at`` now, or scheduled if its ``run_at`` is still ahead.
+        """
+        cancelled_all: list[int] = []
+        released = {M.RELEASE: 0, M.RELEASE_LATER: 0}
+        while candidates:
+            waiting = self._lock_waiting(candidates)
+            ended = self._dependency_statuses(list(waiting))
+            blocked: dict[str, list[int]] = {}
+            moves: dict[Move, list[int]] = {M.RELEASE: [], M.RELEASE_LATER: []}
+            for task_id, run_at in waiting.items():
+                deps = ended.get(task_id, [])
+                blocker = _blocker(deps)
+                if blocker is not None:
+                    how = "failed" if blocker[1] == S.FAILED else "was cancelled"
+                    blocked.setdefault(f"dependency {blocker[0]} {how}", []).append(task_id)
+                elif all(status == S.SUCCEEDED for _, status in deps):
+                    moves[M.RELEASE if run_at <= now else M.RELEASE_LATER].append(task_id)
+            for move, ids in moves.items():
+                released[move] += self._release(ids, move, now)
+            cancelled: list[int] = []
+            for error, ids in blocked.items():
+                cancelled += self._cancel_waiting(ids, error, now)
+            cancelled_all += cancelled
+            candidates = self._dependants_of(cancelled)
+        if released[M.RELEASE]:
+            self._notice("queued")
+        if released[M.RELEASE_LATER]:
+            self._notice("schedule")
+            self.after_commit(self.on_scheduled)
+        if cancelled_all:
+            self._notice_final(cancelled_all)
+            self.after_commit(functools.partial(self.on_final, cancelled_all))
+
+    def _lock_waiting(self, task_ids: Sequence[int]) -> dict[int, float]:
+        """The ``run_at`` of those of ``task_ids`` that are waiting, locked until the transaction ends (PostgreSQL)."""
+        found: dict[int, float] = {}
+        lock = " FOR UPDATE" if self.pool.postgres else ""
+        for chunk in _chunks(sorted(task_ids)):
+            marks = ", ".join([self.db.param] * len(chunk))
+            rows = self.db.execute_sql(
+                f"SELECT id, run_at FROM task WHERE id IN ({marks}) AND status = '{S.WAITING.value}'{lock}", chunk
+            )
+            found.update(rows.fetchall())
+        return found
+
+    def _dependency_statuses(self, task_ids: Sequence[int]) -> dict[int, list[tuple[int, S]]]:
+        """Each task's dependencies still in the store, with their status (a purged one is not listed)."""
+        found: dict[int, list[tuple[int, S]]] = {}
+        for chunk in _chunks(task_ids):
+            query = (
+                TaskDependency.select(TaskDependency.task_id, TaskDependency.depends_on, Task.status)
+                .join(Task, on=(Task.id == TaskDependency.depends_on))
+                .where(TaskDependency.task_id.in_(chunk))
+                .tuples()
+            )
+            for task_id, dep, status in query:
+                found.setdefault(task_id, []).append((dep, S(status)))
+        return found
+
+    def _release(self, task_ids: list[int], move: Move, now: float) -> int:
+        """waiting -> queued (``run_at`` now) or scheduled for ``task_ids``, whose dependencies have all succeeded."""
+        if not task_ids:
+            return 0
+        moved = target(move)
+        fields = {"status": moved.value, **({"run_at": now} if move == M.RELEASE else {})}
+        count = Task.update(**fields).where(Task.id.in_(task_ids) & _in(move)).execute()
+        self._tally().move(S.WAITING, moved, count)
+        return count
+
+    def _cancel_waiting(self, task_ids: list[int], error: str, now: float) -> list[int]:
+        """waiting -> cancelled for ``task_ids``, with ``error`` (the dependency that failed or was cancelled)."""
+        cancelled = decide(S.WAITING, M.CANCEL)
+        query = (
+            Task.update(status=cancelled.value, error=error, finished_at=now)
+            .where(Task.id.in_(task_ids) & (Task.status == S.WAITING.value))
+            .returning(Task.id, Task.name)
+        )
+        ids = []
+        for task_id, name in query.tuples().execute():
+            ids.append(task_id)
+            self._tally().move(S.WAITING, cancelled)
+            self._tally().end(name, cancelled)
+        return sorted(ids)
+
+    def _insert_tasks(self, rows: list[tuple], fresh: set[int], tries: int = 3) -> list[int]:
+        """Insert ``rows`` (one statement); the ids in row order, a conflicting row's the existing task's.
+        The ids of the rows inserted are added to ``fresh``."""
         params = [value for row in rows for value in row]
         inserted = sorted(self.db.execute_sql(self._sql.insert_tasks(len(rows)), params).fetchall())
-        self._tally().move(None, S(rows[0][_INSERT_COLUMNS.index("status")]), len(inserted))
         # One INSERT takes increasing ids in row order (RETURNING lists them in any order): the
         # inserted rows are, in order, those whose keys match the next inserted id's.
         ids: list[int | None] = []
         pending = iter(inserted)
         following = next(pending, None)
+        column = _INSERT_COLUMNS.index("status")
+        added: Counter[str] = Counter()
         for row in rows:
             if following is not None and following[1:] == row[-2:]:
                 ids.append(following[0])
+                fresh.add(following[0])
+                added[row[column]] += 1
                 following = next(pending, None)
             else:
                 ids.append(None)
+        for status, count in added.items():
+            self._tally().move(None, S(status), count)
         missing = [index for index, task_id in enumerate(ids) if task_id is None]
         if missing:
             found = self._existing([rows[index][-2:] for index in missing])
@@ -244,7 +414,8 @@ class Store:
                 # Its key's task became final between the INSERT and the look-up: the key is free again.
                 if tries <= 1:
                     raise InvalidTransition("a task key changed hands too often while submitting: try again")
-                for index, task_id in zip(again, self._insert_tasks([rows[i] for i in again], tries - 1), strict=True):
+                retried = self._insert_tasks([rows[i] for i in again], fresh, tries - 1)
+                for index, task_id in zip(again, retried, strict=True):
                     ids[index] = task_id
         return [task_id for task_id in ids if task_id is not None]
 
@@ -274,9 +445,12 @@ class Store:
         now: float,
         options: dict | None = None,
         request_key: str | None = None,
+        after: Sequence[int] = (),
     ) -> int:
         """Insert one task (see :meth:`add_tasks`); returns its id."""
-        return self.add_tasks([(meta, args)], run_at=run_at, now=now, options=options, request_key=request_key)[0]
+        return self.add_tasks(
+            [(meta, args)], run_at=run_at, now=now, options=options, request_key=request_key, after=after
+        )[0]
 
     def add_recurring(
         self,
@@ -399,7 +573,9 @@ class Store:
         """queued -> running for up to ``limit`` queued tasks, delivered by this server to ``worker``.
 
         Highest priority first, then oldest run_at, then lowest id. Each claim counts as a
-        delivery (``attempts`` + 1). Returns task_id, name, args, attempt and timeout.
+        delivery (``attempts`` + 1). Returns task_id, name, args, attempt and timeout, and for a
+        task with dependencies their results (``dependencies``: id as text -> result; a dependency
+        purged since is left out).
 
         Tasks whose name is paused are left queued, and so are those of a key at its limit (limits.py):
         the claim takes the next ones instead. :attr:`window_opens` says when a rate held some back.
@@ -417,7 +593,7 @@ class Store:
                 self.pool.withdraw(self._notice_text("queued"))
         # RETURNING lists rows in no particular order: restore the queue's.
         rows.sort(key=lambda r: (-r[5], r[6], r[0]))
-        return [
+        tasks = [
             {
                 "task_id": task_id,
                 "name": name,
@@ -425,8 +601,25 @@ class Store:
                 "attempt": attempt,
                 "timeout": timeout,
             }
-            for task_id, name, args, attempt, timeout, _, _ in rows
+            for task_id, name, args, attempt, timeout, _, _, _ in rows
         ]
+        waited = {row[0]: protocol.json_value(row[7]) for row in rows if row[7] is not None}
+        if waited:
+            results = self._results({dep for deps in waited.values() for dep in deps})
+            for task in tasks:
+                if task["task_id"] in waited:
+                    deps = waited[task["task_id"]]
+                    task["dependencies"] = {str(dep): results[dep] for dep in deps if dep in results}
+        return tasks
+
+    def _results(self, task_ids: set[int]) -> dict[int, Any]:
+        """The results of the tasks of ``task_ids`` still in the store."""
+        found: dict[int, Any] = {}
+        with self._read():
+            for chunk in _chunks(sorted(task_ids)):
+                query = Task.select(Task.id, Task.result).where(Task.id.in_(chunk)).tuples()
+                found.update((task_id, None if text is None else protocol.json_value(text)) for task_id, text in query)
+        return found
 
     def _claim_limited(self, worker: str, limit: int, now: float) -> list[tuple]:
         """:meth:`claim`'s rows when limits apply (inside its transaction): the budget of each limited key is
@@ -612,6 +805,7 @@ class Store:
         if changed:
             self._tally().move(S.RUNNING, failed)
             self._tally().end(row.name, failed, None if started is None else at - started)
+            self._ended([row.id], at)
         return bool(changed)
 
     def requeue_worker(self, worker: str) -> list[int]:
@@ -763,6 +957,8 @@ class Store:
         if not batch:
             return applied
         observed = Observed()
+        awaited: list[int] = []  # tasks made final that other tasks depend on
+        settled_at = 0.0
         with self.transaction():
             targets = self._event_targets({event["task_id"] for _, event in batch})
             writes: dict[str, list[tuple]] = {kind: [] for kind in self._sql.events}
@@ -784,6 +980,9 @@ class Store:
                     applied.finished.append(event["task_id"])
                     self._tally().move(S.RUNNING, outcome)
                     self._tally().end(target.name, outcome, event["at"] - target.started_at)
+                    if target.dependants:
+                        awaited.append(event["task_id"])
+                        settled_at = max(settled_at, event["at"])
             self._notice_final(applied.finished)
             if applied.retrying:
                 self._notice("schedule")
@@ -797,6 +996,8 @@ class Store:
                 if writes[kind]:
                     with pw.__exception_wrapper__:  # driver errors as peewee's, as execute_sql raises them
                         self._sql.write_events(cursor, kind, writes[kind])
+            if awaited:  # after the writes: their dependants are settled on the outcomes just written
+                self._ended(awaited, settled_at)
         return applied
 
     def _event_targets(self, task_ids: set[int]) -> dict[int, _Target]:
@@ -818,11 +1019,12 @@ class Store:
                 started,
                 run_at,
                 key,
+                dependants,
             ) in self.db.execute_sql(self._sql.event_targets(len(chunk)), chunk):
                 history = protocol.json_value(errors) if errors else []
                 found[task_id] = _Target(
                     task_id, name, S(status), worker, attempts, retries, retry_delay, history, failures, started,
-                    run_at, key,
+                    run_at, key, bool(dependants),
                 )  # fmt: skip
         return found
 
@@ -916,7 +1118,9 @@ class Store:
             return [task_id for (task_id,) in query.tuples()]
 
     def cancel(self, task_id: int, now: float) -> dict:
-        """scheduled|queued|running -> cancelled; returns the record. InvalidTransition for a final task.
+        """waiting|scheduled|queued|running -> cancelled; returns the record. InvalidTransition for a final task.
+
+        Its waiting dependants are cancelled too, and theirs, each with an error naming the dependency.
 
         A running task keeps its ``worker`` and ``attempts``, so the caller can tell that worker
         to stop the delivery; the delivery's own final event is then ignored. In a cluster, the
@@ -946,7 +1150,7 @@ class Store:
             cancelled = target(M.CANCEL)
             freed = False  # room under a limit, for any server's workers
             for task_id in moved:
-                status, name, key = before[task_id]
+                status, name, key, _ = before[task_id]
                 self._tally().move(status, cancelled)
                 self._tally().end(name, cancelled)
                 freed = freed or (status == S.RUNNING and key in self.limits.running)
@@ -955,6 +1159,7 @@ class Store:
                 for task in moved.values():
                     if task["worker"] is not None:
                         self._notice("cancel", task["worker"], task["id"], task["attempts"])
+                self._ended(sorted(moved), now)
             if freed:
                 self._notice("queued")
             refused = self._refusals(task_ids, set(moved), M.CANCEL, "cancelled")
@@ -963,6 +1168,10 @@ class Store:
     def retry(self, task_id: int, now: float) -> dict:
         """failed|cancelled -> queued, due now; returns the record. InvalidTransition for any other state,
         or when another task not yet final holds this one's ``key``.
+
+        A task with dependencies is queued if they have all succeeded (or were purged since), waits
+        again (cancelled -> waiting) while one has not ended, and is refused while one is failed or
+        cancelled (retry that one first). Retrying a dependency does not retry its cancelled dependants.
 
         The task keeps its ``attempts`` and ``errors`` history; its last outcome (result, error,
         traceback, progress, times of the last run, worker) is cleared.
@@ -978,17 +1187,26 @@ class Store:
         """:meth:`retry` of each of ``task_ids``, in one transaction and a statement per 500: the ids
         retried, and why each other was not (InvalidTransition, TaskNotFound)."""
         with self.transaction():
+            # Dependencies before dependants, the order in which every path locks them (no deadlock).
+            statuses = self._locked(self._dependencies_of(task_ids))
             before = self._locked(task_ids)
+            moves, blocked = self._retry_moves(before, statuses)
+            wanted = [task_id for task_id in task_ids if task_id not in blocked]
             try:
                 with self.db.atomic():  # a savepoint: a key taken leaves the transaction usable
-                    moved = [task_id for chunk in _chunks(task_ids) for task_id in self._retry_rows(chunk, now)]
-                taken: dict[int, MartinetError] = {}
+                    moved = [
+                        task_id
+                        for move in (M.RETRY, M.REWAIT)
+                        for chunk in _chunks([t for t in wanted if moves.get(t, M.RETRY) == move])
+                        for task_id in self._retry_rows(chunk, now, move)
+                    ]
+                taken: dict[int, MartinetError] = {**blocked}
             except pw.IntegrityError:  # a key held by a task not yet final: one at a time, to find whose
-                moved, taken = [], {}
-                for task_id in task_ids:
+                moved, taken = [], {**blocked}
+                for task_id in wanted:
                     try:
                         with self.db.atomic():
-                            moved += self._retry_rows([task_id], now)
+                            moved += self._retry_rows([task_id], now, moves.get(task_id, M.RETRY))
                     except pw.IntegrityError:
                         holder = next(iter(self._existing([(self.get_task(task_id)["key"], None)]).values()), "?")
                         taken[task_id] = InvalidTransition(
@@ -996,17 +1214,54 @@ class Store:
                             "yet; wait for it, or cancel it first"
                         )
             for task_id in moved:
-                self._tally().move(before[task_id][0], target(M.RETRY))
+                self._tally().move(before[task_id].status, target(moves.get(task_id, M.RETRY)))
             if moved:
                 self._notice("queued")
             refused = self._refusals(task_ids, {*moved, *taken}, M.RETRY, "retried")
         return _in_order(moved, task_ids), {**taken, **refused}
 
-    def _retry_rows(self, task_ids: Sequence[int], now: float) -> list[int]:
-        """The UPDATE of a retry, for those of ``task_ids`` that may move: their ids."""
+    def _dependencies_of(self, task_ids: Sequence[int]) -> list[int]:
+        """The tasks that any of ``task_ids`` depends on (read without a lock: a task's dependencies never change)."""
+        found: set[int] = set()
+        for chunk in _chunks(task_ids):
+            query = Task.select(Task.dependencies).where(Task.id.in_(chunk) & Task.dependencies.is_null(False))
+            found.update(dep for (deps,) in query.tuples() for dep in protocol.json_value(deps))
+        return sorted(found)
+
+    @staticmethod
+    def _retry_moves(
+        before: dict[int, _Locked], statuses: dict[int, _Locked]
+    ) -> tuple[dict[int, Move], dict[int, MartinetError]]:
+        """For the retriable tasks with dependencies among ``before`` (:meth:`_locked`'s, as ``statuses`` is of their
+        dependencies), those a retry makes wait again (REWAIT: a dependency has not ended; the others take
+        RETRY), and why some may not move (a dependency failed or was cancelled)."""
+        retriable = sources(M.RETRY)
+        waited = {
+            task_id: protocol.json_value(row.dependencies) for task_id, row in before.items()
+            if row.dependencies and row.status in retriable
+        }  # fmt: skip
+        moves: dict[int, Move] = {}
+        blocked: dict[int, MartinetError] = {}
+        for task_id, deps in waited.items():
+            ended = [(dep, statuses[dep].status) for dep in deps if dep in statuses]
+            blocker = _blocker(ended)
+            if blocker is not None:
+                blocked[task_id] = InvalidTransition(
+                    f"task {task_id} cannot be retried: its dependency {blocker[0]} is {blocker[1].value}; "
+                    "retry that first"
+                )
+            elif any(status != S.SUCCEEDED for _, status in ended):
+                moves[task_id] = M.REWAIT
+        return moves, blocked
+
+    def _retry_rows(self, task_ids: Sequence[int], now: float, move: Move = M.RETRY) -> list[int]:
+        """The UPDATE of a retry (``move``: RETRY, or REWAIT for a task to wait for its dependencies again), for
+        those of ``task_ids`` that may move: their ids."""
+        if not task_ids:
+            return []
         query = (
             Task.update(
-                status=target(M.RETRY).value,
+                status=target(move).value,
                 run_at=now,
                 result=None,
                 error=None,
@@ -1018,7 +1273,7 @@ class Store:
                 worker=None,
                 server=None,
             )
-            .where(Task.id.in_(list(task_ids)) & _in(M.RETRY))
+            .where(Task.id.in_(list(task_ids)) & _in(move))
             .returning(Task.id)
         )
         return [task_id for (task_id,) in query.tuples().execute()]
@@ -1092,20 +1347,22 @@ class Store:
                 return 0
             marks = ", ".join([self.db.param] * len(doomed))
             gone = self.db.execute_sql(f"DELETE FROM task WHERE id IN ({marks}) RETURNING status", doomed).fetchall()
+            for column in ("task_id", "depends_on"):  # each a scan of one of task_dependency's indexes
+                self.db.execute_sql(f"DELETE FROM task_dependency WHERE {column} IN ({marks})", doomed)
             for (status,) in gone:
                 self._tally().move(S(status), None)
             return len(gone)
 
-    def _locked(self, task_ids: Sequence[int]) -> dict[int, tuple[S, str, str]]:
-        """The status, name and limit key of each of the tasks that exist, their rows locked to the end of the
-        transaction on PostgreSQL, so that a change made next is counted from the status it changed."""
-        found: dict[int, tuple[S, str, str]] = {}
+    def _locked(self, task_ids: Sequence[int]) -> dict[int, _Locked]:
+        """The status, name, limit key and dependencies of each of the tasks that exist, their rows locked to the
+        end of the transaction on PostgreSQL, so that a change made next is counted from the status it changed."""
+        found: dict[int, _Locked] = {}
         lock = " FOR UPDATE" if self.pool.postgres else ""
         for chunk in _chunks(task_ids):
             marks = ", ".join([self.db.param] * len(chunk))
-            query = f"SELECT id, status, name, {_LIMIT_KEY} FROM task WHERE id IN ({marks}){lock}"
+            query = f"SELECT id, status, name, {_LIMIT_KEY}, dependencies FROM task WHERE id IN ({marks}){lock}"
             rows = self.db.execute_sql(query, list(chunk))
-            found.update((task_id, (S(status), name, key)) for task_id, status, name, key in rows)
+            found.update((task_id, _Locked(S(status), name, key, deps)) for task_id, status, name, key, deps in rows)
         return found
 
     # ------------------------------------------------------------ counts
@@ -1192,6 +1449,15 @@ class Applied:
     retrying: list[int] = dataclasses.field(default_factory=list)
 
 
+class _Locked(NamedTuple):
+    """A task's row as :meth:`Store._locked` reads it under its lock."""
+
+    status: TaskStatus
+    name: str
+    key: str  # what its limits count under: its limit_key, or its name
+    dependencies: str | None  # JSON list of the ids it waits for; null: none
+
+
 @dataclasses.dataclass
 class _Target:
     """A task as :meth:`Store.apply_events` needs it, updated as the batch's events are decided."""
@@ -1208,6 +1474,7 @@ class _Target:
     started_at: float  # the claim's time, until the worker says when the handler started
     run_at: float  # when it became due: its queue wait runs from there to its start
     key: str  # what its limits count under: its limit_key, or its name
+    dependants: bool  # some task depends on it: its end settles them
 
 
 class _Statements:
@@ -1229,13 +1496,13 @@ class _Statements:
             f"UPDATE task SET status = '{claimed}', worker = {p}, server = {p}, attempts = attempts + 1, "
             f"started_at = {p} WHERE id IN "
         )
-        returning = " RETURNING id, name, args, attempts, timeout, priority, run_at"
+        returning = " RETURNING id, name, args, attempts, timeout, priority, run_at, dependencies"
         self.claim = f"{update}(SELECT id FROM task WHERE {claimable} {self._queue_order}){returning}"
         # The claim of tasks picked already (Store._pick), ids in the braces: still queued, as picked.
         self.claim_ids = update + "({}) AND status IN (" + queued + ")" + returning
         self._event_targets = (
             "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures, started_at, run_at, "
-            f"{_LIMIT_KEY} FROM task WHERE id IN ({{}})" + (" FOR UPDATE" if skip_locked else "")
+            f"{_LIMIT_KEY}, dependants FROM task WHERE id IN ({{}})" + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = (
             f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} ON CONFLICT DO NOTHING "
@@ -1329,6 +1596,12 @@ _INSERT_COLUMNS = (
 )  # fmt: skip
 
 
+def _blocker(deps: Iterable[tuple[int, S]]) -> tuple[int, S] | None:
+    """Of a task's dependencies ``(id, status)``, the lowest-numbered that ended otherwise than succeeded (it
+    cancels the task, or stops its retry); None if there is none."""
+    return min(((dep, status) for dep, status in deps if status in FINAL and status != S.SUCCEEDED), default=None)
+
+
 def _names(move: Move) -> str:
     """The statuses ``move`` applies to, for a message: ``scheduled, queued or running``."""
     names = [s.value for s in sources(move)]
@@ -1414,8 +1687,12 @@ def _options(options: dict | None) -> dict:
 
 
 def _column(field: str) -> str:
-    """The ``task`` column behind a record's field: its ``key`` is the column ``idempotency_key``."""
-    return "idempotency_key" if field == "key" else field
+    """The ``task`` column behind a record's field: its ``key`` is the column ``idempotency_key``, its ``after``
+    the column ``dependencies``."""
+    return _COLUMNS.get(field, field)
+
+
+_COLUMNS = {"key": "idempotency_key", "after": "dependencies"}
 
 
 def task_dict(row: Task, paused: bool) -> dict:
@@ -1429,6 +1706,8 @@ def task_dict(row: Task, paused: bool) -> dict:
         value = getattr(row, _column(field))
         if field in ("args", "result"):
             value = None if value is None else protocol.json_value(value)
+        elif field == "after":
+            value = protocol.json_value(value) if value else []
         elif field == "errors":
             value = [
                 {**error, "at": iso(error["at"]), "started_at": iso(error.get("started_at"))}
@@ -1446,6 +1725,7 @@ def task_summary(row: Task, paused: bool) -> dict:
     out = {field: paused if field == "paused" else getattr(row, _column(field)) for field in SUMMARY_FIELDS}
     for field in _TASK_TIMES:
         out[field] = iso(out[field])
+    out["after"] = protocol.json_value(out["after"]) if out["after"] else []
     if out["error"] is not None:
         out["error"] = protocol.clip(out["error"], SUMMARY_ERROR_CHARS)
     return out

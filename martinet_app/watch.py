@@ -36,7 +36,7 @@ POLL_SHARE = 10
 #: What a filter without a status matches: the tasks that are due.
 DUE_STATUSES = ("queued", "running")
 #: The statuses a filter may name: final tasks would leave nothing to wait for.
-WATCHABLE_STATUSES = ("scheduled", "queued", "running")
+WATCHABLE_STATUSES = ("waiting", "scheduled", "queued", "running")
 
 
 class Watch:

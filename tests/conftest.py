@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_HANDLERS = Path(__file__).resolve().parent / "handlers"
 #: Every task name tests/handlers registers, sorted.
 TEST_HANDLER_NAMES = [
-    "bad_progress", "bad_result", "big", "crash", "deep", "echo", "explode", "fork_exit", "ledger", "nap", "poison",
-    "spawn_sleep", "spin", "stamp", "stamp_too", "steps", "whoami",
+    "bad_progress", "bad_result", "big", "crash", "deep", "echo", "explode", "fork_exit", "gather", "ledger", "nap",
+    "poison", "spawn_sleep", "spin", "stamp", "stamp_too", "steps", "whoami",
 ]  # fmt: skip
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 #: Heartbeat used by test servers and workers: short, so restarts are noticed quickly.

@@ -385,6 +385,7 @@ def test_the_openapi_document_has_every_route_and_nothing_else(sqlite_cluster: C
         "/api/v1/tasks/batch": {"tasks", "options"},
         "/api/v1/pause": {"name"},
         "/api/v1/resume": {"name"},
+        "/api/v1/tasks/chain": {"tasks", "options", "after"},
     }
     for path, fields in bodies.items():
         assert set(paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]) == fields

@@ -15,6 +15,7 @@ import martinet_app
 ROOT = Path(__file__).resolve().parents[1]
 VERBS = (
     "execute",
+    "chain",
     "schedule",
     "every",
     "status",
@@ -171,6 +172,19 @@ def deep(levels: int) -> str:
 )
 def test_bad_args_are_usage_errors(value: str, needle: str) -> None:
     assert_usage_error(run("execute", "add", "--args", value), "Invalid value for '--args'", needle)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("execute", "echo", "--after", "12,x"), "expected task ids separated by commas (12,13), got '12,x'"),
+        (("schedule", "now", "echo", "--after", "0"), "'after' must be a list of at most 100 task ids"),
+        (("execute", "echo", "--after", ",".join(map(str, range(1, 102)))), "at most 100 task ids"),
+        (("chain", "echo", "resize={w"), "step 'resize={w': not valid JSON"),
+    ],
+)
+def test_bad_dependencies_and_steps_are_usage_errors(args: tuple[str, ...], needle: str) -> None:
+    assert_usage_error(run(*args), needle)
 
 
 def test_args_at_the_depth_limit_reach_the_server() -> None:

@@ -222,7 +222,8 @@ def test_overview_shows_the_counts(cluster: Cluster, page: Page):
     final(cluster, done + broken)
 
     page.open(cluster.server.http_url + "/")
-    expected = {"scheduled": "1", "queued": "0", "running": "0", "succeeded": "3", "failed": "2", "cancelled": "0"}
+    expected = {"waiting": "0", "scheduled": "1", "queued": "0", "running": "0", "succeeded": "3", "failed": "2",
+                "cancelled": "0"}  # fmt: skip
     for status, count in expected.items():
         page.wait_text(f"[data-count={status}] .count", count, f"the overview's {status} count to be {count}")
     assert page.text("[data-metric=hour] .count") == "5"

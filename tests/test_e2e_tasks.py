@@ -35,7 +35,7 @@ def test_execute_stores_progress_and_result(cluster):
         "id", "name", "username", "description", "args", "status", "progress", "progress_message", "result",
         "error", "traceback", "attempts", "worker", "created_at", "run_at", "started_at", "finished_at",
         "recurring_id", "priority", "retries", "retry_delay", "timeout", "errors", "failures", "server", "key",
-        "limit_key", "paused",
+        "after", "limit_key", "paused",
     }  # fmt: skip
 
 

@@ -78,9 +78,9 @@ def test_bad_options_are_rejected_with_clear_messages(sqlite_cluster: Cluster) -
     for options, message in [
         (
             {"retires": 1},
-            "unknown task option(s) retires: accepted options are priority, retries, retry_delay, timeout",
+            "unknown task option(s) retires: accepted options are limit_key, priority, retries, retry_delay, timeout",
         ),
-        ([1], "task options must be an object with any of priority, retries, retry_delay, timeout, got list"),
+        ([1], "task options must be an object with any of limit_key, priority, retries, retry_delay, timeout, got list"),
     ]:
         reply = raw_request(sqlite_cluster, {"op": "execute", "task": {"name": "echo"}, "options": options})
         assert (reply["ok"], reply["error"]["type"], reply["error"]["message"]) == (False, "InvalidRequest", message)
@@ -178,7 +178,7 @@ def test_retry_runs_a_failed_task_again(cluster: Cluster, tmp_path: Path) -> Non
     task_id = m.execute({"name": "ledger"}, {"path": str(folder / "ledger.txt")})
     failed = m.wait(task_id, timeout=TIMEOUT)
     assert failed["status"] == "failed" and failed["error"].startswith("FileNotFoundError")
-    with pytest.raises(InvalidTransition, match=f"task {task_id} is failed: only scheduled, queued or running"):
+    with pytest.raises(InvalidTransition, match=f"task {task_id} is failed: only waiting, scheduled, queued"):
         m.cancel(task_id)
 
     folder.mkdir()  # what the task lacked is there now: run it again

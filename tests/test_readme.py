@@ -1,7 +1,7 @@
 """The README's examples, run as written against real servers and workers.
 
 Every fenced ``python`` block is one of four kinds, each run the way the README says to:
-a handler file (``# handlers/NAME.py``), loaded by a worker from a folder of its own; a worker
+a handler file (``# handlers/NAME.py``), each loaded by a worker from a folder of its own; a worker
 script (``Worker(...)`` and ``worker.run()``), run as a script; the client tour
 (``Martinet()``), run against a worker on handlers/; and the asyncio script
 (``martinet_app.aio``), run as a script against a worker on handlers/. The client constructors get the test
@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, Cluster, Process, wait_until
 from martinet_app import Martinet
 
@@ -24,7 +26,7 @@ README = (ROOT / "README.md").read_text()
 HANDLERS = ROOT / "handlers"
 FINAL = {"succeeded", "failed", "cancelled"}
 #: Data for the tasks a README handler file registers: what the README's commands give them.
-HANDLER_FILE_ARGS = {"resize_image": {"w": 640}}
+HANDLER_FILE_ARGS = {"resize_image": {"w": 640}, "publish": {}}
 
 
 def fenced(lang: str) -> list[str]:
@@ -99,10 +101,10 @@ def test_every_python_block_is_one_the_tests_run():
         assert sum(kinds) == 1, f"a README block this test does not know how to run:\n{block}"
 
 
-def test_the_handler_file_serves_its_tasks_from_a_handlers_folder(sqlite_cluster: Cluster, tmp_path: Path):
+@pytest.mark.parametrize("block", [block for block in PYTHON if handler_file(block)], ids=handler_file)
+def test_the_handler_file_serves_its_tasks_from_a_handlers_folder(sqlite_cluster: Cluster, tmp_path: Path, block: str):
     folder = tmp_path / "handlers"
     folder.mkdir()
-    block = the_block(lambda block: handler_file(block) is not None)
     (folder / handler_file(block)).write_text(block)  # type: ignore[operator]
     worker = sqlite_cluster.start_worker(handlers=folder)
     names = next(w["handlers"] for w in sqlite_cluster.client.workers() if w["pid"] == worker.pid)

@@ -47,7 +47,7 @@ def test_stats_follow_every_change_and_a_restart(cluster: Cluster) -> None:
         return stats if {k: v for k, v in stats["counts"].items() if v} == expected else None
 
     stats = wait_until(settled, what=f"the counts to be {dict(expected)}")
-    assert set(stats["counts"]) == {"scheduled", "queued", "running", "succeeded", "failed", "cancelled"}
+    assert set(stats["counts"]) == {"waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled"}
     assert stats["queue_lag"] is None, "nothing is queued"
     by_name = {entry["name"]: entry for entry in stats["names"]}
     assert (by_name["echo"]["succeeded"], by_name["echo"]["failed"], by_name["echo"]["cancelled"]) == (3, 0, 1)

@@ -17,6 +17,7 @@ from martinet_app.status import (
     Move,
     TaskStatus,
     decide,
+    initial,
     sources,
     sql_final,
     sql_sources,
@@ -27,6 +28,9 @@ S, M = TaskStatus, Move
 
 #: The lifecycle as docs/ARCHITECTURE.md draws it, written out independently of the table.
 EXPECTED = {
+    (S.WAITING, M.RELEASE): S.QUEUED,
+    (S.WAITING, M.RELEASE_LATER): S.SCHEDULED,
+    (S.WAITING, M.CANCEL): S.CANCELLED,
     (S.SCHEDULED, M.DUE): S.QUEUED,
     (S.SCHEDULED, M.CANCEL): S.CANCELLED,
     (S.QUEUED, M.CLAIM): S.RUNNING,
@@ -38,6 +42,7 @@ EXPECTED = {
     (S.RUNNING, M.CANCEL): S.CANCELLED,
     (S.FAILED, M.RETRY): S.QUEUED,
     (S.CANCELLED, M.RETRY): S.QUEUED,
+    (S.CANCELLED, M.REWAIT): S.WAITING,
 }
 
 
@@ -57,11 +62,25 @@ def test_table_is_the_drawn_lifecycle() -> None:
 
 def test_final_is_what_only_a_manual_move_leaves() -> None:
     assert FINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
-    assert MANUAL == {M.RETRY}
+    assert MANUAL == {M.RETRY, M.REWAIT}
     assert protocol.FINAL_STATUSES == {s.value for s in FINAL}
     assert sql_final() == "'succeeded', 'failed', 'cancelled'"
     assert NEXT[S.SUCCEEDED] == frozenset() and NEXT[S.RUNNING] == {S.SUCCEEDED, S.FAILED, S.SCHEDULED, S.QUEUED,
                                                                    S.CANCELLED}  # fmt: skip
+
+
+def test_waiting_is_left_by_its_dependencies_or_a_cancel_and_entered_by_submit_or_rewait() -> None:
+    assert NEXT[S.WAITING] == {S.QUEUED, S.SCHEDULED, S.CANCELLED}
+    assert {source for (source, _), goal in TRANSITIONS.items() if goal == S.WAITING} == {S.CANCELLED}
+    assert S.WAITING not in FINAL
+    assert sql_sources(M.CANCEL) == "'waiting', 'scheduled', 'queued', 'running'"
+
+
+@pytest.mark.parametrize("due", [True, False])
+@pytest.mark.parametrize("waiting", [True, False])
+def test_initial_status(due: bool, waiting: bool) -> None:
+    expected = S.WAITING if waiting else S.QUEUED if due else S.SCHEDULED
+    assert initial(due=due, waiting=waiting) == expected
 
 
 @pytest.mark.parametrize("move", list(M), ids=lambda m: m.value)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from martinet_app import limits, schema
-from martinet_app.errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
+from martinet_app.errors import ConfigError, InvalidDependency, InvalidTransition, StoreUnavailable, TaskNotFound
 from martinet_app.status import FINAL, NEXT, TaskStatus
 from martinet_app.store import SCHEMA_VERSION, Applied, Store, backoff
 
@@ -128,7 +128,7 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         s = Store.open(db_url)
         try:
             rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [7]
+            assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [8]
             assert s.counts() == {**dict.fromkeys(s.counts(), 0), "queued": 1, "failed": 1}  # counted in migrating
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
             listed = s.list_tasks(status=None, name=None, username=None, limit=10)
@@ -213,6 +213,7 @@ def test_add_task_round_trips_through_get_task(store: Store) -> None:
         "failures": 0,
         "server": None,
         "key": None,
+        "after": [],
         "limit_key": "reports",
         "paused": False,
     }  # fmt: skip (literal ISO strings here, so the iso() helper is itself checked)
@@ -515,7 +516,7 @@ def test_lifecycle_table() -> None:
     S = TaskStatus
     assert FINAL == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
     assert S.SCHEDULED in NEXT[S.RUNNING] and S.CANCELLED in NEXT[S.RUNNING]
-    assert NEXT[S.FAILED] == NEXT[S.CANCELLED] == {S.QUEUED}
+    assert NEXT[S.FAILED] == {S.QUEUED} and NEXT[S.CANCELLED] == {S.QUEUED, S.WAITING}
     assert NEXT[S.SUCCEEDED] == set()
 
 
@@ -693,7 +694,7 @@ def test_cancel_refused_for_final_tasks(store: Store, final: str) -> None:
         store.cancel(task_id, NOW + 1)
     else:
         store.apply_events([("w1", ev(task_id, 1, final, result=None, error="e"))])
-    with pytest.raises(InvalidTransition, match=f"task {task_id} is {final}: only scheduled, queued or running"):
+    with pytest.raises(InvalidTransition, match=f"task {task_id} is {final}: only waiting, scheduled, queued or"):
         store.cancel(task_id, NOW + 5)
     assert status(store, task_id) == final
 
@@ -769,9 +770,19 @@ def test_give_up_lost_fails_tasks_out_of_deliveries(store: Store) -> None:
 
 
 def _in_state(store: Store, state: TaskStatus, retries: int) -> int:
-    """A new task (the only one in the store) brought to ``state`` through the store's own operations."""
+    """A new task brought to ``state`` through the store's own operations.
+
+    A waiting task (and, with ``retries``, a cancelled one) waits for a queued task, the only other one in
+    the store; with ``retries`` a waiting task is due a minute after its dependency's events.
+    """
     store.db.execute_sql("DELETE FROM task")
-    task_id = add(store, run_at=NOW + (60 if state == TaskStatus.SCHEDULED else 0), options={"retries": retries})
+    store.db.execute_sql("DELETE FROM task_dependency")
+    waits = state == TaskStatus.WAITING or (state == TaskStatus.CANCELLED and retries)
+    after = [add(store, "dep")] if waits else []
+    later = state == TaskStatus.SCHEDULED or (state == TaskStatus.WAITING and retries)
+    task_id = store.add_task(
+        {"name": "job"}, {}, run_at=NOW + (60 if later else 0), now=NOW, options={"retries": retries}, after=after
+    )
     if state in (TaskStatus.RUNNING, TaskStatus.SUCCEEDED, TaskStatus.FAILED):
         store.claim("w1", 1, NOW)
     if state == TaskStatus.SUCCEEDED:
@@ -799,7 +810,16 @@ _OPERATIONS = {
     "succeeded event": lambda s, t, a: _event(s, "w1", ev(t, a, "succeeded", result=1)),
     "failed event": lambda s, t, a: _event(s, "w1", ev(t, a, "failed", error="E")),
     "another worker's failed event": lambda s, t, a: _event(s, "w9", ev(t, a, "failed", error="E")),
+    "its dependency succeeds": lambda s, t, a: _dependency_ends(s, t, ev(0, 0, "succeeded", result=1)),
+    "its dependency fails": lambda s, t, a: _dependency_ends(s, t, ev(0, 0, "failed", error="E")),
 }
+
+
+def _dependency_ends(store: Store, task_id: int, event: dict) -> None:
+    """The task's dependency, if it has one, is claimed and ends with ``event``."""
+    for dep in store.get_task(task_id)["after"]:
+        store.claim("w3", 10, NOW)
+        _event(store, "w3", {**event, "task_id": dep, "attempt": store.get_task(dep)["attempts"]})
 
 
 def _event(store: Store, worker: str, event: dict) -> Applied:
@@ -899,7 +919,7 @@ def test_cancel_many_and_retry_many_move_what_can_move_and_say_why_not_for_the_r
         {"id": running, "worker": "w1", "attempts": 1},
         {"id": scheduled, "worker": None, "attempts": 0},
     ], "in the order asked, a running one with its delivery"
-    why = "only scheduled, queued or running tasks can be cancelled"
+    why = "only waiting, scheduled, queued or running tasks can be cancelled"
     assert refused[done].message == f"task {done} is succeeded: {why}"
     assert isinstance(refused[999_999], TaskNotFound) and set(refused) == {done, 999_999}
     retried, refused = store.retry_many(order, NOW + 2)
@@ -1304,3 +1324,202 @@ def test_room_under_a_limit_is_announced_to_the_other_servers(store: Store, db_u
         assert heard_with("final") == ["final"], "the other task is under no limit"
     finally:
         listener.close()
+
+
+# --- dependencies -----------------------------------------------------------------------------------------------------
+
+
+def after(store: Store, *deps: int, run_at: float = NOW, now: float = NOW, **meta: str) -> int:
+    """A task that waits for ``deps``."""
+    return store.add_task({"name": "job", **meta}, {}, run_at=run_at, now=now, after=list(deps))
+
+
+def end(store: Store, task_id: int, kind: str = "succeeded", at: float = NOW + 10, **fields: object) -> Applied:
+    """Claim the queued tasks, then end ``task_id``'s delivery with ``kind`` (the others stay running)."""
+    store.claim("w1", 100, NOW)
+    fields = {"result": {"from": task_id}} if kind == "succeeded" and not fields else fields or {"error": "E"}
+    return store.apply_events([("w1", ev(task_id, store.get_task(task_id)["attempts"], kind, at=at, **fields))])
+
+
+def test_a_dependant_waits_for_every_dependency_then_is_queued_with_their_results(store: Store) -> None:
+    a, b = add(store), add(store)
+    c = after(store, b, a)
+    assert (status(store, c), store.get_task(c)["after"]) == ("waiting", [b, a])
+    assert [t["after"] for t in store.list_tasks(status="waiting", name=None, username=None, limit=5)] == [[b, a]]
+    assert {t["task_id"] for t in store.claim("w1", 10, NOW)} == {a, b}, "a waiting task is not claimed"
+    end(store, a)
+    assert status(store, c) == "waiting", "one dependency is still running"
+    end(store, b, at=NOW + 20)
+    task = store.get_task(c)
+    assert (task["status"], task["run_at"]) == ("queued", iso(NOW + 20)), "due from its release"
+    [claimed] = store.claim("w2", 10, NOW + 21)
+    assert claimed["dependencies"] == {str(b): {"from": b}, str(a): {"from": a}}
+    assert list(claimed["dependencies"]) == [str(b), str(a)], "in the order given"
+
+
+def test_dependencies_ended_already_settle_the_dependant_at_submission(store: Store) -> None:
+    done = add(store)
+    end(store, done)
+    assert status(store, after(store, done)) == "queued"
+    assert store.get_task(after(store, done, run_at=NOW + 60))["status"] == "scheduled", "then its run_at decides"
+    failed = add(store)
+    end(store, failed, "failed")
+    late = after(store, done, failed)
+    assert (status(store, late), store.get_task(late)["error"]) == ("cancelled", f"dependency {failed} failed")
+
+
+def test_the_release_is_in_the_transaction_that_records_the_success(store: Store) -> None:
+    dep = add(store)
+    task_id = after(store, dep)
+    store.claim("w1", 1, NOW)
+    with pytest.raises(RuntimeError), store.transaction():
+        store.apply_events([("w1", ev(dep, 1, "succeeded", result=1))])
+        assert status(store, task_id) == "queued", "released inside the transaction"
+        raise RuntimeError("the commit never happens")
+    assert (status(store, dep), status(store, task_id)) == ("running", "waiting"), "both undone together"
+    store.apply_events([("w1", ev(dep, 1, "succeeded", result=1))])
+    assert status(store, task_id) == "queued"
+
+
+def test_a_dependant_released_before_its_run_at_is_scheduled_for_then(store: Store) -> None:
+    dep = add(store)
+    task_id = after(store, dep, run_at=NOW + 60)
+    end(store, dep)
+    task = store.get_task(task_id)
+    assert (task["status"], task["run_at"]) == ("scheduled", iso(NOW + 60))
+    assert store.promote_due(NOW + 60) == 1 and status(store, task_id) == "queued"
+
+
+def test_a_failure_or_a_cancel_cancels_the_dependants_down_the_line(store: Store) -> None:
+    told: list[int] = []
+    store.on_final = told.extend
+    x = add(store)
+    y, other = after(store, x), after(store, x)
+    z = after(store, y)
+    untouched = add(store)
+    applied = end(store, x, "failed")
+    assert applied.finished == [x]
+    for task_id, error in ((y, f"dependency {x} failed"), (other, f"dependency {x} failed"),
+                           (z, f"dependency {y} was cancelled")):  # fmt: skip
+        task = store.get_task(task_id)
+        assert (task["status"], task["error"], task["attempts"], task["started_at"]) == ("cancelled", error, 0, None)
+        assert task["finished_at"] == iso(NOW + 10)
+    assert sorted(told) == [y, other, z], "told once committed: their parked waits are answered"
+    assert status(store, untouched) == "running"
+
+    later = add(store, run_at=NOW + 60)
+    waiting = after(store, later)
+    store.cancel(later, NOW + 5)
+    assert store.get_task(waiting)["error"] == f"dependency {later} was cancelled"
+
+
+def test_a_failure_with_a_retry_left_keeps_the_dependants_waiting(store: Store) -> None:
+    flaky = add(store, options={"retries": 1})
+    task_id = after(store, flaky)
+    assert end(store, flaky, "failed").retrying == [flaky]
+    assert status(store, task_id) == "waiting"
+    store.promote_due(NOW + 3600)
+    end(store, flaky)
+    assert status(store, task_id) == "queued"
+
+
+def test_a_dependency_given_up_as_lost_cancels_its_dependants(store: Store) -> None:
+    store.max_deliveries = 1
+    lost = add(store)
+    task_id = after(store, lost)
+    store.claim("w1", 1, NOW)
+    assert store.give_up_lost(now=NOW + 1, worker="w1") == [lost]
+    assert store.get_task(task_id)["error"] == f"dependency {lost} failed"
+
+
+def test_an_unknown_dependency_is_refused_and_nothing_is_stored(store: Store) -> None:
+    known = add(store)
+    for unknown in (known + 1000, 2**63):
+        with pytest.raises(InvalidDependency, match=f"dependency {unknown} does not exist: a task can only wait"):
+            after(store, known, unknown)
+        with pytest.raises(InvalidDependency, match=f"dependency {unknown} does not exist"):
+            steps = [({"name": "a"}, {}), ({"name": "b"}, {})]
+            store.add_tasks(steps, run_at=NOW, now=NOW, after=[unknown], chain=True)
+    assert [t["id"] for t in store.list_tasks(status=None, name=None, username=None, limit=10)] == [known]
+
+
+def test_a_chain_waits_step_by_step_and_is_stored_in_one_commit(store: Store) -> None:
+    first = add(store)
+    commits: list[float] = []
+    store.pool.observe_commit = commits.append
+    steps = [({"name": f"step{i}"}, {"i": i}) for i in range(3)]
+    ids = store.add_tasks(steps, run_at=NOW, now=NOW, chain=True)
+    assert len(commits) == 1, "one commit for the whole chain"
+    assert [(store.get_task(i)["status"], store.get_task(i)["after"]) for i in ids] == [
+        ("queued", []), ("waiting", [ids[0]]), ("waiting", [ids[1]])
+    ]  # fmt: skip
+    end(store, ids[0])
+    assert [status(store, i) for i in ids] == ["succeeded", "queued", "waiting"]
+    end(store, ids[1], "failed")
+    assert store.get_task(ids[2])["error"] == f"dependency {ids[1]} failed"
+    behind = store.add_tasks(steps[:2], run_at=NOW, now=NOW, chain=True, after=[first])
+    assert [store.get_task(i)["after"] for i in behind] == [[first], [behind[0]]]
+    assert [status(store, i) for i in behind] == ["waiting", "waiting"]
+
+
+def test_retry_of_a_dependant_waits_again_or_is_refused_while_a_dependency_failed(store: Store) -> None:
+    x = add(store)
+    y = after(store, x)
+    end(store, x, "failed")
+    with pytest.raises(InvalidTransition, match=f"task {y} cannot be retried: its dependency {x} is failed"):
+        store.retry(y, NOW + 11)
+    assert store.retry(x, NOW + 12)["status"] == "queued", "its cancelled dependants stay cancelled"
+    assert status(store, y) == "cancelled"
+    task = store.retry(y, NOW + 13)
+    assert (task["status"], task["error"], task["finished_at"]) == ("waiting", None, None)
+    end(store, x, at=NOW + 14)
+    assert status(store, y) == "queued"
+    end(store, y, "failed")
+    assert store.retry(y, NOW + 15)["status"] == "queued", "its dependencies succeeded: it runs again at once"
+    waiting = after(store, add(store, run_at=NOW + 60))
+    store.cancel(waiting, NOW)
+    assert store.get_task(waiting)["error"] is None, "cancelled by hand"
+    assert store.retry_many([waiting], NOW)[0] == [waiting] and status(store, waiting) == "waiting"
+
+
+def test_a_key_held_returns_the_holder_without_the_new_dependencies(store: Store) -> None:
+    dep = add(store)
+    holder = add(store, key="k")
+    assert after(store, dep, key="k") == holder
+    assert store.get_task(holder)["after"] == [] and status(store, holder) == "queued"
+
+
+def test_purge_forgets_dependencies_and_a_purged_one_counts_as_met(store: Store) -> None:
+    dep = add(store)
+    task_id = after(store, dep)
+    end(store, dep)
+    end(store, task_id, "failed")
+    assert store.purge(["succeeded"], finished_before=NOW + 100, limit=10) == 1
+    rows = store.db.execute_sql("SELECT COUNT(*) FROM task_dependency").fetchone()[0]
+    assert rows == 0, "the purged task's rows went with it"
+    assert store.retry(task_id, NOW + 20)["status"] == "queued"
+    [claimed] = store.claim("w2", 10, NOW + 21)
+    assert claimed["dependencies"] == {}, "the purged dependency's result is gone"
+
+
+def test_version_7_database_gets_dependencies(db_url: str) -> None:
+    s = Store.open(db_url)
+    try:
+        old = add(s)
+        with s.transaction():  # back to schema 7, as Martinet left it before dependencies
+            for sql in ("DROP TABLE task_dependency", "ALTER TABLE task DROP COLUMN dependencies",
+                        "ALTER TABLE task DROP COLUMN dependants", "UPDATE meta SET value = '7'"):  # fmt: skip
+                s.db.execute_sql(sql)
+    finally:
+        s.close()
+    s = Store.open(db_url)
+    try:
+        version = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert int(version) == SCHEMA_VERSION == 8
+        assert s.get_task(old)["after"] == [] and status(s, old) == "queued"
+        task_id = after(s, old)
+        end(s, old)
+        assert status(s, task_id) == "queued"
+        assert s.counts() == counted(s)
+    finally:
+        s.close()

@@ -6,7 +6,7 @@
   const POLL_MS = 1500; // every page's refresh
   const LIVE_TASK_MS = 500; // a task page while its task is not final: the progress bar moves
   const PAGE_SIZE = 50;
-  const STATUSES = ["scheduled", "queued", "running", "succeeded", "failed", "cancelled"];
+  const STATUSES = ["waiting", "scheduled", "queued", "running", "succeeded", "failed", "cancelled"];
   const FINAL = new Set(["succeeded", "failed", "cancelled"]);
   const numbers = new Intl.NumberFormat();
   const session = { role: "read", open: false };
@@ -531,7 +531,7 @@
 
     function bulkAction(button, action) {
       const which = describeFilters(filters);
-      const verb = action === "retry" ? "Retry every failed or cancelled task" : "Cancel every scheduled, queued or running task";
+      const verb = action === "retry" ? "Retry every failed or cancelled task" : "Cancel every waiting, scheduled, queued or running task";
       if (!confirm(`${verb} ${which}?`)) return;
       act(button, () => post("/api/v1/tasks/bulk", { action, ...Object.fromEntries(Object.entries(filters).filter(([, v]) => v)) }), (result) => {
         const done = `${action === "retry" ? "Retried" : "Cancelled"} ${fmt(result.done.length)} task${result.done.length === 1 ? "" : "s"}`;
@@ -594,7 +594,7 @@
             h("a", { class: "cell-main", href }, t.name),
             t.paused ? h("div", { class: "cell-sub", dataset: { paused: "" } }, "paused: not dispatched until resumed") : null,
             t.description ? h("div", { class: "cell-sub", title: t.description }, t.description) : null,
-            t.error && t.status === "failed" ? h("div", { class: "cell-err", title: t.error }, t.error) : null,
+            t.error && FINAL.has(t.status) ? h("div", { class: "cell-err", title: t.error }, t.error) : null,
             t.error && !FINAL.has(t.status) ? h("div", { class: "cell-sub", title: t.error }, `retrying after: ${t.error}`) : null),
           h("td", {}, badge(t.status)),
           h("td", {}, t.status === "running" || (t.progress && t.status !== "succeeded")
@@ -668,6 +668,7 @@
   }
 
   function progressNote(task) {
+    if (task.status === "waiting") return `Waiting for task${task.after.length === 1 ? "" : "s"} ${task.after.join(", ")} to succeed.`;
     if (task.status === "queued") return "Waiting for a free worker slot.";
     if (task.status === "scheduled") return `Scheduled to run ${relative(task.run_at)}.`;
     if (task.status === "running") return "Running; the handler has not reported progress.";
@@ -713,6 +714,7 @@
       fact("Timeout", t.timeout ? duration(t.timeout) : "none"),
       fact("Retry delay", t.retry_delay !== null && t.retry_delay !== undefined ? duration(t.retry_delay) : null),
       fact("Key", t.key ? h("span", { class: "mono" }, t.key) : null),
+      fact("After", t.after && t.after.length ? h("span", {}, ...t.after.flatMap((id, i) => [i ? ", " : "", h("a", { href: `/tasks/${id}` }, `#${id}`)])) : null),
       fact("Schedule", t.recurring_id ? h("a", { href: "/recurring" }, `recurring #${t.recurring_id}`) : null),
       fact("Server", t.server ? h("span", { class: "mono" }, t.server) : null));
   }

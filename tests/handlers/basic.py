@@ -3,7 +3,7 @@
 import os
 import time
 
-from martinet_app import task
+from martinet_app import dependency_results, task
 
 
 @task
@@ -61,3 +61,10 @@ def _stamp(task_id, data, progress):
 # One handler under two names: tasks of different names that share a limit key.
 task("stamp")(_stamp)
 task("stamp_too")(_stamp)
+
+
+@task
+def gather(task_id, data, progress):
+    """The results of this task's dependencies, as dependency_results() gives them (ids in order, and results)."""
+    results = dependency_results()
+    return {"order": list(results), "results": {str(dep): result for dep, result in results.items()}}
