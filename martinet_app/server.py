@@ -220,6 +220,9 @@ def run_server(
         store.close()
         return EXIT_CONFIG
 
+    # Before "serving" is logged: a stop asked for from then on (what a supervisor reads) is a clean stop.
+    stopping = gevent.event.Event()
+    handlers = [gevent.signal_handler(sig, stopping.set) for sig in _STOP_SIGNALS]
     log.info(
         "martinet %s serving as %s: clients on %s:%d, workers on %s:%d, status on %s:%d, database %s "
         "(durability %s), tz %s",
@@ -262,7 +265,6 @@ def run_server(
         "none" if defaults["timeout"] is None else f"{defaults['timeout']:g} s",
     )
     log.info("limits (running at once, starts per interval): %s", bounds.describe())
-    stopping = gevent.event.Event()
     loops = {
         name: gevent.spawn(forever, loop_once, name, stopping)
         for name, loop_once in (
@@ -281,7 +283,6 @@ def run_server(
         loops["listener"] = gevent.spawn(forever, listener.loop_once, "listener", stopping)
     broker.wake()
 
-    handlers = [gevent.signal_handler(sig, stopping.set) for sig in _STOP_SIGNALS]
     stopping.wait()
     # The stop is bounded: a second signal, while stopping or as the process exits, changes nothing.
     for handler in handlers:
