@@ -80,7 +80,10 @@ def test_bad_options_are_rejected_with_clear_messages(sqlite_cluster: Cluster) -
             {"retires": 1},
             "unknown task option(s) retires: accepted options are limit_key, priority, retries, retry_delay, timeout",
         ),
-        ([1], "task options must be an object with any of limit_key, priority, retries, retry_delay, timeout, got list"),
+        (
+            [1],
+            "task options must be an object with any of limit_key, priority, retries, retry_delay, timeout, got list",
+        ),
     ]:
         reply = raw_request(sqlite_cluster, {"op": "execute", "task": {"name": "echo"}, "options": options})
         assert (reply["ok"], reply["error"]["type"], reply["error"]["message"]) == (False, "InvalidRequest", message)
