@@ -220,7 +220,8 @@ def test_watch_usage_errors(sqlite_cluster: Cluster) -> None:
         proc = run(sqlite_cluster, "watch", *args)
         assert proc.returncode == 2 and "give task ids, or --name and/or --status, not both" in proc.stderr
     proc = run(sqlite_cluster, "watch", "--status", "succeeded")
-    assert proc.returncode == 2 and "'succeeded' is not one of 'scheduled', 'queued', 'running'" in proc.stderr
+    expected = "'succeeded' is not one of 'waiting', 'scheduled', 'queued', 'running'"
+    assert proc.returncode == 2 and expected in proc.stderr
 
 
 # ---------------------------------------------------------------- stats
@@ -238,7 +239,7 @@ def test_stats_counts_a_known_workload(cluster: Cluster) -> None:
 
     stats = ok_json(cluster, "stats")
     assert stats["counts"] == {
-        "scheduled": 1, "queued": 0, "running": 0, "succeeded": 3, "failed": 2, "cancelled": 1,
+        "waiting": 0, "scheduled": 1, "queued": 0, "running": 0, "succeeded": 3, "failed": 2, "cancelled": 1,
     }  # fmt: skip
     names = {entry["name"]: entry for entry in stats["names"]}
     assert set(names) == {"echo", "explode", "nap"}
@@ -255,12 +256,13 @@ def test_stats_counts_a_known_workload(cluster: Cluster) -> None:
 
     text = ok(cluster, "stats").splitlines()
     assert text[0].split() == ["STATUS", "TASKS"]
-    assert [row.split() for row in text[1:7]] == [
-        ["scheduled", "1"], ["queued", "0"], ["running", "0"], ["succeeded", "3"], ["failed", "2"], ["cancelled", "1"],
+    assert [row.split() for row in text[1:8]] == [
+        ["waiting", "0"], ["scheduled", "1"], ["queued", "0"], ["running", "0"], ["succeeded", "3"], ["failed", "2"],
+        ["cancelled", "1"],
     ]  # fmt: skip
-    assert text[7:10] == ["queue lag: -", "", "finished in the last hour:"]
-    assert text[10].split() == ["NAME", "SUCCEEDED", "FAILED", "CANCELLED", "PER_MIN", "MEAN_RUN"]
-    rows = {row.split()[0]: row.split()[1:] for row in text[11:]}
+    assert text[8:11] == ["queue lag: -", "", "finished in the last hour:"]
+    assert text[11].split() == ["NAME", "SUCCEEDED", "FAILED", "CANCELLED", "PER_MIN", "MEAN_RUN"]
+    rows = {row.split()[0]: row.split()[1:] for row in text[12:]}
     assert rows["echo"][:4] == ["3", "0", "0", "0.05"] and re.fullmatch(r"\d+\.\d{3}s", rows["echo"][4])
     assert rows["explode"][:4] == ["0", "2", "0", "0.03"]
     assert rows["nap"] == ["0", "0", "1", "0.02", "-"], "a cancelled task that never ran has no run time"
