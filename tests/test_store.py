@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from conftest import mysql_connect
 from martinet_app import limits, schema
 from martinet_app.errors import ConfigError, InvalidTransition, StoreUnavailable, TaskNotFound
 from martinet_app.status import FINAL, NEXT, TaskStatus
@@ -68,7 +69,7 @@ def test_open_is_idempotent_and_stamps_schema_version(db_url: str) -> None:
     second = Store.open(db_url)
     try:
         assert second.get_task(task_id)["status"] == "queued"  # the data survived the second open
-        rows = second.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        rows = second.db.execute_sql("SELECT value FROM meta WHERE \"key\" = 'schema_version'").fetchall()
         assert [int(r[0]) for r in rows] == [SCHEMA_VERSION]
         assert PRIORITY_INDEX in {index.name for index in second.db.get_indexes("task")}
     finally:
@@ -78,7 +79,7 @@ def test_open_is_idempotent_and_stamps_schema_version(db_url: str) -> None:
 def test_newer_schema_version_is_refused(db_url: str) -> None:
     s = Store.open(db_url)
     with s.db.atomic():
-        s.db.execute_sql("UPDATE meta SET value = %s WHERE key = 'schema_version'" % (SCHEMA_VERSION + 1))
+        s.db.execute_sql("UPDATE meta SET value = %s WHERE \"key\" = 'schema_version'" % (SCHEMA_VERSION + 1))
     s.close()
     with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
         Store.open(db_url)
@@ -113,6 +114,13 @@ def create_v1_database(db_url: str) -> None:
     if db_url.startswith("sqlite"):
         conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
         conn.executescript(V1_SCHEMA.format(id="INTEGER", double="REAL", bool="INTEGER", true=1))
+    elif db_url.startswith("mysql"):
+        conn = mysql_connect()
+        with conn.cursor() as cur:
+            v1 = V1_SCHEMA.format(id="INTEGER AUTO_INCREMENT", double="DOUBLE", bool="BOOLEAN", true="TRUE")
+            for statement in v1.split(";"):
+                if statement.strip():
+                    cur.execute(statement)
     else:
         import psycopg2
 
@@ -127,7 +135,7 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
     for _ in range(2):  # the second open finds the current version and changes nothing
         s = Store.open(db_url)
         try:
-            rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+            rows = s.db.execute_sql("SELECT value FROM meta WHERE \"key\" = 'schema_version'").fetchall()
             assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [7]
             assert s.counts() == {**dict.fromkeys(s.counts(), 0), "queued": 1, "failed": 1}  # counted in migrating
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
@@ -159,7 +167,10 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         s.close()
 
 
-@pytest.mark.parametrize("url", ["mysql://x", "sqlite://", "postgresql://postgres@127.0.0.1:5432/"])
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://x", "mariadb://root@127.0.0.1:3306/", "sqlite://", "postgresql://postgres@127.0.0.1:5432/", "x://y"],
+)
 def test_unopenable_urls(url: str) -> None:
     with pytest.raises(ConfigError):
         Store.open(url)
@@ -1178,8 +1189,8 @@ def test_a_rate_lets_so_many_start_per_window_and_says_when_it_opens(store: Stor
     assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1)] == ids[3:5], "the two of NOW left the window"
     assert store.window_opens == NOW + 1.5
     assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1.5)] == [ids[5]]
-    remembered = store.db.execute_sql("SELECT at, n FROM rate_start WHERE key = 'job' ORDER BY at").fetchall()
-    assert remembered == [(NOW + 1, 2), (NOW + 1.5, 1)], "starts that left the window are forgotten"
+    remembered = store.db.execute_sql("SELECT at, n FROM rate_start WHERE \"key\" = 'job' ORDER BY at").fetchall()
+    assert list(remembered) == [(NOW + 1, 2), (NOW + 1.5, 1)], "starts that left the window are forgotten"
 
 
 def test_a_limit_and_a_rate_on_one_key_both_hold(store: Store) -> None:
