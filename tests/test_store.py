@@ -997,10 +997,16 @@ def test_workers_of_live_servers_are_listed_with_their_server(store: Store) -> N
     assert _as(store, "B").workers(NOW + 2) == []
 
 
-# --- the pool: a transaction per greenlet; reads beside the writer on PostgreSQL -----------------------------------
+# --- the pool: a transaction per greenlet; reads beside the writer on PostgreSQL and MariaDB -----------------------
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def _sleep(store: Store, seconds: float) -> None:
+    """A statement that takes ``seconds`` in the database server (waiting on its socket, for the driver)."""
+    sleep = "pg_sleep" if store.dialect.name == "postgresql" else "SLEEP"
+    store.db.execute_sql(f"SELECT {sleep}({seconds})")
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_read_runs_beside_an_open_transaction_on_its_own_connection(store: Store) -> None:
     import gevent
     import gevent.event
@@ -1027,7 +1033,7 @@ def test_a_read_runs_beside_an_open_transaction_on_its_own_connection(store: Sto
     assert len(store.list_tasks(status=None, name="uncommitted", username=None, limit=10)) == 1
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_slow_read_does_not_hold_up_a_write_and_the_stop_waits_for_it(store: Store) -> None:
     import gevent
 
@@ -1035,7 +1041,7 @@ def test_a_slow_read_does_not_hold_up_a_write_and_the_stop_waits_for_it(store: S
 
     def slow_read() -> None:
         with store._read():
-            store.db.execute_sql("SELECT pg_sleep(0.5)")
+            _sleep(store, 0.5)
         order.append("read")
 
     def write() -> None:
@@ -1071,7 +1077,7 @@ def test_each_greenlet_has_its_own_transaction(store: Store) -> None:
         assert len(store.list_tasks(status=None, name=f"g{n}", username=None, limit=100)) == n
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store: Store) -> None:
     import gevent
     import gevent.event
@@ -1083,7 +1089,7 @@ def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store
         with store.transaction():
             add(store, "slow")
             inside.set()
-            store.db.execute_sql("SELECT pg_sleep(0.3)")
+            _sleep(store, 0.3)
         order.append("write committed")
 
     def reader() -> None:
@@ -1233,7 +1239,7 @@ def test_a_paused_name_stays_queued_and_is_shown_until_resumed(db_url: str) -> N
         s.close()
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_limit_holds_between_servers_claiming_at_once(store: Store, db_url: str) -> None:
     """Two servers' claims on one database: the second waits for the first's transaction, then counts its claims."""
     import gevent
@@ -1264,6 +1270,9 @@ def test_a_limit_holds_between_servers_claiming_at_once(store: Store, db_url: st
             query = (
                 "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
                 "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                if store.dialect.name == "postgresql"
+                # MariaDB: the statement that takes its lock, running (innodb_trx is a cache, refreshed when unread).
+                else "SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'INSERT INTO meta %%lock:%%'"
             )
             with store._read():
                 return store.db.execute_sql(query).fetchone()[0]
@@ -1315,3 +1324,53 @@ def test_room_under_a_limit_is_announced_to_the_other_servers(store: Store, db_u
         assert heard_with("final") == ["final"], "the other task is under no limit"
     finally:
         listener.close()
+
+
+def test_any_character_round_trips(store: Store) -> None:
+    """Names, descriptions, keys, args and results in any script come back as they went in (utf8mb4 on MariaDB),
+    and keys that differ only in case or accents are different keys."""
+    text = "émoji 🚀🎉 中文字符 日本語 한국어 العربية ∑"
+    meta = {"name": "名前🚀", "username": "ユーザー", "description": text, "key": "鍵🔑"}
+    task_id = store.add_task(meta, {"text": text, "nested": ["😀", {"字": "🀄"}]}, run_at=NOW, now=NOW)
+    assert store.add_task({**meta, "key": "鍵🔑"}, {}, run_at=NOW, now=NOW) == task_id, "the same key"
+    for other in ("鍵🗝", "KEY", "key", "kéy"):
+        other_task = store.add_task({**meta, "key": other, "description": "x"}, {}, run_at=NOW, now=NOW)
+        assert other_task != task_id, f"{other!r} is another key"
+    record = store.get_task(task_id)
+    assert [record[f] for f in ("name", "username", "description", "key")] == [*list(meta.values())]
+    assert record["args"] == {"text": text, "nested": ["😀", {"字": "🀄"}]}
+    [claimed] = [t for t in store.claim("w1", 10, NOW) if t["task_id"] == task_id]
+    store.apply_events([("w1", {"event": "succeeded", "task_id": task_id, "attempt": claimed["attempt"],
+                                "at": NOW + 1, "result": {"答え": text}})])  # fmt: skip
+    assert store.get_task(task_id)["result"] == {"答え": text}
+    assert [t["id"] for t in store.list_tasks(status=None, name=None, username=None, limit=10, search="中文")] == [
+        task_id
+    ]
+    assert [t["id"] for t in store.list_tasks(status=None, name=None, username=None, limit=10, search="MOJI 🚀")] == [
+        task_id
+    ], "a search ignores case"
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
+def test_a_row_held_by_another_server_past_the_lock_timeout_is_store_unavailable(store: Store, db_url: str) -> None:
+    """Another server's transaction holds a task's row: a change to it waits (the lock wait timeout), then fails with
+    StoreUnavailable naming the cause, and the store goes on working."""
+    task_id = add(store)
+    other = Store.open(db_url, server_id="B")  # connections of its own: another server
+    schema.database.initialize(store.db)  # the models stay this store's
+    try:
+        other.db.execute_sql("BEGIN")
+        other.db.execute_sql(f"SELECT id FROM task WHERE id = {task_id} FOR UPDATE")
+        timeout = "SET LOCAL lock_timeout = '300ms'" if store.dialect.name == "postgresql" else None
+        with pytest.raises(StoreUnavailable, match="(?i)lock") as raised, store.transaction():
+            if timeout:
+                store.db.execute_sql(timeout)
+            else:
+                store.db.execute_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            store.cancel(task_id, NOW)
+        assert "try again" in str(raised.value)
+        other.db.execute_sql("ROLLBACK")
+        assert store.cancel(task_id, NOW)["status"] == "cancelled"
+    finally:
+        other.close()
+        schema.database.initialize(store.db)
