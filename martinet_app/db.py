@@ -542,11 +542,15 @@ def connect(
             **({} if full else {"options": "-c synchronous_commit=off"}),
         )
     if parsed.scheme in ("mysql", "mariadb"):
+        if not full:
+            raise ConfigError(
+                "--durability process is not available on MariaDB: a commit's durability is the server's own "
+                "innodb_flush_log_at_trx_commit (2 there is the same trade); serve with --durability full"
+            )
         _install_gevent_sockets()
         if not parsed.path.strip("/") or not parsed.hostname:
             raise ConfigError(f"bad MariaDB URL {redact(url)!r}: expected mysql://user[:password]@host[:port]/dbname")
         pooled = {} if pool_size is None else {"pool_size": pool_size}
-        # Durability is the server's own setting there (innodb_flush_log_at_trx_commit), not the session's.
         return (_MariaDBDatabase if pool_size is None else _PooledMariaDBDatabase)(
             parsed.path.lstrip("/"),
             **pooled,
