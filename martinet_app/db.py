@@ -56,7 +56,13 @@ MYSQL_SQL_MODE = "ANSI_QUOTES,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,E
 #: Table options on MariaDB: utf8mb4 for any character, compared byte for byte as on PostgreSQL and SQLite
 #: (names and keys that differ in case or accents are different names and keys).
 MYSQL_TABLE_OPTIONS = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
-_UNAVAILABLE: tuple[type[Exception], ...] = (pw.OperationalError, pw.InterfaceError)
+#: peewee's errors that may mean the database is unavailable (for the dialect to decide: Dialect.unavailable).
+_UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
+#: MariaDB's error codes of a database that is unavailable rather than refusing a statement (PyMySQL makes every
+#: other server error above 999 an OperationalError too, e.g. a trigger's SIGNAL): the connection refused, lost or
+#: killed, the server shutting down, a lock wait timeout, a deadlock. Client-side codes (2000 and up) are all such.
+_MYSQL_UNAVAILABLE = frozenset({1040, 1044, 1045, 1053, 1077, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160,
+                                1161, 1205, 1213, 1927, 4031})  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +78,18 @@ class Dialect:
     shared: bool = False
     #: The servers of a cluster wake each other with LISTEN/NOTIFY (PostgreSQL); else they poll.
     notify: bool = False
-    #: Driver errors that mean the database is unavailable (StoreUnavailable), not that a statement is wrong.
-    unavailable: tuple[type[Exception], ...] = _UNAVAILABLE
 
     @property
     def mysql(self) -> bool:
         return self.name == "mysql"
+
+    def unavailable(self, exc: Exception) -> bool:
+        """Whether ``exc`` (one of _UNAVAILABLE) means the database is unavailable (StoreUnavailable), not that
+        it refused a statement (which the caller handles as any other failure of it)."""
+        if not self.mysql or isinstance(exc, pw.InterfaceError):
+            return True
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 2000
+        return code >= 2000 or code in _MYSQL_UNAVAILABLE
 
     def insert_ignoring(self, rest: str) -> str:
         """``INSERT rest`` (``INTO table (columns) VALUES ...``) that skips the rows a unique key holds already."""
@@ -339,7 +351,9 @@ class Pool:
         """Inside the calling greenlet's transaction: a failed statement dooms it."""
         try:
             yield
-        except self.dialect.unavailable as exc:
+        except _UNAVAILABLE as exc:
+            if not self.dialect.unavailable(exc):
+                raise
             self._open().doomed = exc
             raise StoreUnavailable(f"the database is unavailable ({first_line(exc)}): try again") from exc
 
@@ -348,7 +362,9 @@ class Pool:
         """On a connection error, drop the connection (the next call opens another) and raise StoreUnavailable."""
         try:
             yield
-        except self.dialect.unavailable as exc:
+        except _UNAVAILABLE as exc:
+            if not self.dialect.unavailable(exc):
+                raise
             self._discard()
             # The first failure is the one to report: e.g. SQLite rolls back on its own when the
             # disk is full, and peewee's ROLLBACK then fails with "no transaction is active".
