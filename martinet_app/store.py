@@ -6,11 +6,13 @@ state change acts on something already on disk. Every status change is a status.
 by status.TRANSITIONS: the UPDATEs take their source states from it (status.sql_sources) and
 the events are decided by status.decide.
 
-In a cluster (several servers on one PostgreSQL), each server holds a lease (its ``server``
+In a cluster (several servers on one PostgreSQL or MariaDB), each server holds a lease (its ``server``
 row, renewed every heartbeat) and owns the deliveries it made (``task.server``) while the lease
 is current. A server re-queues only its own lost deliveries, and those of a server whose lease
 ran out. Changes that another server should act on (tasks queued, tasks final, a running task
-cancelled, a schedule added) are announced with NOTIFY at commit (listener.py hears them).
+cancelled, a schedule added) are announced with NOTIFY at commit (listener.py hears them) on
+PostgreSQL; on MariaDB the other servers find them by polling. What differs per backend, the SQL
+asks db.Dialect (``self.dialect``).
 """
 
 from __future__ import annotations
