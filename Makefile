@@ -35,7 +35,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check martinet_app tests handlers bench
 
 # Martinet against Huey on no-op workloads (docs/BENCHMARKS.md). Huey lives in bench/.venv only. Needs Redis
-# (BENCH_REDIS_URL) and, for the martinet-pg runs, PostgreSQL (BENCH_PG_URL); SYSTEMS picks the systems.
+# (BENCH_REDIS_URL), for the martinet-pg runs PostgreSQL (BENCH_PG_URL) and for the martinet-mysql runs MariaDB
+# (BENCH_MYSQL_URL); SYSTEMS picks the systems.
 BENCH_STAMP := bench/.venv/.installed
 
 $(BENCH_STAMP): bench/requirements.txt

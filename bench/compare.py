@@ -5,14 +5,17 @@ Runs every workload for every system REPS times, alternating the systems within 
 .venv, Huey: bench/.venv). Prints a table of medians, one column per system that ran, and the
 ratio of Martinet (the default: SQLite, durability full, no keys) to each Huey system for each row.
 Martinet's variants run some workloads only: martinet-curve (CURVE keys on every socket)
-CURVE_WORKLOADS, martinet-pg (PostgreSQL) PG_WORKLOADS, martinet-process (SQLite with the opt-in
+CURVE_WORKLOADS, martinet-pg (PostgreSQL) PG_WORKLOADS, martinet-mysql (MariaDB; its CPU figures leave
+MariaDB's out) MYSQL_WORKLOADS, martinet-process (SQLite with the opt-in
 `serve --durability process`, not a target) PROCESS_WORKLOADS.
 Settings (environment): REPS (3), WORKLOADS (drain stream bulk latency timing-spread timing-burst
 producers monitor aio; MARTINET_ONLY run no Huey), SYSTEMS (all of them: a subset leaves the
 others out), and drive.py's N (2000), DRAIN_N (20000), LATENCY_N (300), TIMING_N (500), PHASE_S
-(10), PRODUCERS (8), SCALE_N (1000000), SLOTS (4), CONCURRENCY (16), BENCH_PG_URL; a Redis server
+(10), PRODUCERS (8), SCALE_N (1000000), SLOTS (4), CONCURRENCY (16), BENCH_PG_URL,
+BENCH_MYSQL_URL; a Redis server
 must answer on 127.0.0.1:6379 (BENCH_REDIS_URL names another) when a Huey system runs, and
-PostgreSQL at BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/bench_pg) when martinet-pg does.
+PostgreSQL at BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/bench_pg) when martinet-pg does,
+MariaDB at BENCH_MYSQL_URL (default mysql://root@127.0.0.1:3306/bench_mysql) when martinet-mysql does.
 
 `make bench-scale` is WORKLOADS=scale with REPS=1 unless given: a second table, Martinet with an
 empty store against Martinet with SCALE_N scheduled tasks (drive.py describes the figures).
@@ -38,6 +41,7 @@ SYSTEMS = {
     "martinet": (ROOT / ".venv" / "bin" / "python", "Martinet"),
     "martinet-curve": (ROOT / ".venv" / "bin" / "python", "Martinet, CURVE keys"),
     "martinet-pg": (ROOT / ".venv" / "bin" / "python", "Martinet, PostgreSQL"),
+    "martinet-mysql": (ROOT / ".venv" / "bin" / "python", "Martinet, MariaDB"),
     "martinet-process": (ROOT / ".venv" / "bin" / "python", "Martinet durability=process (opt-in, not a target)"),
     "huey-sqlite": (BENCH / ".venv" / "bin" / "python", "Huey SQLite"),
     "huey-redis": (BENCH / ".venv" / "bin" / "python", "Huey Redis"),
@@ -51,10 +55,17 @@ MARTINET_ONLY = {"bulk", "scale", "monitor", "aio", "purge"}
 CURVE_WORKLOADS = {"drain", "latency"}
 #: Workloads Martinet also runs on PostgreSQL (BENCH_PG_URL, emptied before each run).
 PG_WORKLOADS = {"drain", "stream", "latency", "producers", "aio"}
+#: Workloads Martinet also runs on MariaDB (BENCH_MYSQL_URL, dropped and created again before each run).
+MYSQL_WORKLOADS = {"drain", "stream", "latency"}
 #: Workloads Martinet also runs with `serve --durability process` (SQLite synchronous=NORMAL, the opt-in mode).
 PROCESS_WORKLOADS = {"stream", "latency", "producers", "drain"}
 #: The workloads of each variant of Martinet; the default and Huey run every other (Huey: but MARTINET_ONLY).
-VARIANTS = {"martinet-curve": CURVE_WORKLOADS, "martinet-pg": PG_WORKLOADS, "martinet-process": PROCESS_WORKLOADS}
+VARIANTS = {
+    "martinet-curve": CURVE_WORKLOADS,
+    "martinet-pg": PG_WORKLOADS,
+    "martinet-mysql": MYSQL_WORKLOADS,
+    "martinet-process": PROCESS_WORKLOADS,
+}
 #: The systems the default Martinet's figures are divided by, in the ratio columns.
 HUEYS = ("huey-sqlite", "huey-redis")
 # (label, workload, key, scale, higher is better)

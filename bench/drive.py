@@ -3,6 +3,7 @@
     python bench/drive.py martinet WORKLOAD    (the product's .venv)
     python bench/drive.py martinet-curve WORKLOAD (the same with CURVE keys on every socket)
     python bench/drive.py martinet-pg WORKLOAD (the same on PostgreSQL: BENCH_PG_URL, emptied first)
+    python bench/drive.py martinet-mysql WORKLOAD (the same on MariaDB: BENCH_MYSQL_URL, recreated first)
     python bench/drive.py martinet-process WORKLOAD (SQLite with `serve --durability process`, opt-in)
     python bench/drive.py huey-sqlite WORKLOAD (bench/.venv)
     python bench/drive.py huey-redis WORKLOAD  (bench/.venv)
@@ -12,24 +13,27 @@ monitor, aio, purge or scale (the last four Martinet only; purge and scale on SQ
 starts its own server and worker (or consumer) as subprocesses, on free ports and a fresh temporary
 SQLite file (martinet-pg: the PostgreSQL database of BENCH_PG_URL, default
 postgresql://postgres@127.0.0.1:5432/bench_pg, created if missing, its public schema dropped and
-created again; Huey: a fresh Redis queue name), and stops them before it prints one JSON object on
-stdout. The no-op task returns time.time() taken as its handler starts, so the driver sees when
-each handler started (the same clock: everything runs on one machine).
+created again; martinet-mysql: the MariaDB database of BENCH_MYSQL_URL, default
+mysql://root@127.0.0.1:3306/bench_mysql, dropped and created again; Huey: a fresh Redis queue
+name), and stops them before it prints one JSON object on stdout. The no-op task returns
+time.time() taken as its handler starts, so the driver sees when each handler started (the same
+clock: everything runs on one machine).
 
 Settings (environment): N (2000, stream), DRAIN_N (20000, drain and bulk), LATENCY_N (300),
 TIMING_N (500), SCALE_N (1000000), PURGE_N (1000000), PHASE_S (10), PRODUCERS (8), CONCURRENCY (16: Huey's
 greenlets), SLOTS (4: Martinet's handler processes, its default; its prefetch is left automatic),
-BENCH_TIMEOUT (600 s a run may wait), BENCH_PG_URL.
+BENCH_TIMEOUT (600 s a run may wait), BENCH_PG_URL, BENCH_MYSQL_URL.
 
 - drain, stream, bulk: tasks/s, and CPU seconds per 1,000 tasks (drain, stream) of the server,
   the worker and its handler processes (Huey: the consumer) during the timed phase, from
   /proc/PID/stat; martinet-pg adds the CPU of its server's PostgreSQL backends (client backends
   connected to the benchmark's database; PostgreSQL's shared processes, such as the WAL writer, are
-  left out), as SQLite's work is in the server's own figure. Huey's enqueues run in the driver (and
-  in Redis), which are not counted; Martinet's submits run in its server, counted in stream (drain
-  submits before its timed phase). Drain also reports startup_s: from spawning the worker
-  (consumer) to the start of the first submitted task's handler, a proxy for the start-up that the
-  drain time includes.
+  left out), as SQLite's work is in the server's own figure; martinet-mysql leaves MariaDB's CPU out
+  (one process whose threads serve every connection: none of it can be told to be the server's).
+  Huey's enqueues run in the driver (and in Redis), which are not counted; Martinet's submits run
+  in its server, counted in stream (drain submits before its timed phase). Drain also reports
+  startup_s: from spawning the worker (consumer) to the start of the first submitted task's handler,
+  a proxy for the start-up that the drain time includes.
 - latency: p50/p99 of submit -> result visible to the client (p50_ms, p99_ms) and of submit ->
   handler start (start_p50_ms, start_p99_ms), one awaited task at a time.
 - timing-spread: TIMING_N tasks submitted evenly over TIMING_LEAD (2 s), each due 2 s after its
@@ -93,7 +97,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -115,7 +119,8 @@ PHASE_S = float(os.environ.get("PHASE_S", "10"))  # seconds of each submit phase
 AIO_INFLIGHT = 64  # executes the aio workload's producer keeps in flight
 PRODUCERS = int(os.environ.get("PRODUCERS", "8"))  # processes of the producers workload
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/bench_pg")
-MARTINET_SYSTEMS = ("martinet", "martinet-curve", "martinet-pg", "martinet-process")
+MYSQL_URL = os.environ.get("BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306/bench_mysql")
+MARTINET_SYSTEMS = ("martinet", "martinet-curve", "martinet-pg", "martinet-mysql", "martinet-process")
 POLL_EVERY = 1.0  # seconds between two polls of the dashboard's overview (monitor)
 #: What the dashboard's overview fetches at each poll.
 OVERVIEW = ("/api/v1/stats", "/api/v1/workers")
@@ -269,9 +274,57 @@ def reset_pg(url: str) -> None:
         cur.execute("CREATE SCHEMA public")
 
 
+def pg_backend_pids(conn: Any) -> list[int]:
+    """The PostgreSQL client backends of the benchmark's database, but ``conn``'s own."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        return [pid for (pid,) in cur.fetchall()]
+
+
+def mysql_connect(url: str, database: bool = True) -> Any:
+    """A PyMySQL connection (autocommit) to the MariaDB of ``url``: to its database, or to none."""
+    import pymysql
+
+    parsed = urllib.parse.urlsplit(url)
+    return pymysql.connect(
+        host=parsed.hostname, port=parsed.port or 3306, user=parsed.username, password=parsed.password or "",
+        database=parsed.path.lstrip("/") if database else None, charset="utf8mb4", autocommit=True,
+        connect_timeout=5,
+    )  # fmt: skip
+
+
+def reset_mysql(url: str) -> None:
+    """Drop the MariaDB database of ``url`` and create it again, empty."""
+    name = urllib.parse.urlsplit(url).path.lstrip("/")
+    with contextlib.closing(mysql_connect(url, database=False)) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+
+
+class ServerDatabase(NamedTuple):
+    """How a Martinet variant on a database server gets a fresh database and the driver's own connection to it,
+    and which processes' CPU is the server's work there (None: it cannot be told, and is left out)."""
+
+    url: str
+    reset: Callable[[str], None]
+    connect: Callable[[str], Any]
+    backend_pids: Callable[[Any], list[int]] | None
+
+
+#: The Martinet variants whose store is a database server rather than a SQLite file.
+SERVER_DATABASES = {
+    "martinet-pg": ServerDatabase(PG_URL, reset_pg, pg_connect, pg_backend_pids),
+    # MariaDB is one process whose threads serve every connection: its CPU cannot be split per connection.
+    "martinet-mysql": ServerDatabase(MYSQL_URL, reset_mysql, mysql_connect, None),
+}
+
+
 class MartinetSide:
-    """A Martinet server of one of MARTINET_SYSTEMS on a fresh store in ``tmp`` (martinet-pg: PG_URL, emptied),
-    its client, and its worker once started."""
+    """A Martinet server of one of MARTINET_SYSTEMS on a fresh store in ``tmp`` (martinet-pg, martinet-mysql: their
+    SERVER_DATABASES entry's, emptied), its client, and its worker once started."""
 
     def __init__(self, tmp: str, system: str = "martinet") -> None:
         from martinet_app.client import Martinet
@@ -284,13 +337,14 @@ class MartinetSide:
         client_keys, worker_flags, server_flags = _keys(Path(tmp)) if system == "martinet-curve" else ({}, [], [])
         if system == "martinet-process":
             server_flags = ["--durability", "process"]
-        #: The driver's own connection to PostgreSQL (martinet-pg): counts and the backends' CPU.
-        self.pg = None
+        self.database = SERVER_DATABASES.get(system)
+        #: The driver's own connection to the database server (SERVER_DATABASES): counts and the backends' CPU.
+        self.conn = None
         db = f"sqlite:///{self.path}"
-        if system == "martinet-pg":
-            reset_pg(PG_URL)
-            db, self.pg = PG_URL, pg_connect(PG_URL)
-        #: CPU seconds last seen of each PostgreSQL backend of the server (kept once it is gone).
+        if self.database is not None:
+            self.database.reset(self.database.url)
+            db, self.conn = self.database.url, self.database.connect(self.database.url)
+        #: CPU seconds last seen of each database backend of the server (kept once it is gone).
         self.backends: dict[int, float] = {}
         self.m = Martinet("127.0.0.1", self.ports[0], timeout=60, **client_keys)
         spawned = time.perf_counter()
@@ -355,15 +409,11 @@ class MartinetSide:
     def cpu(self) -> float:
         """CPU seconds used so far by the server, by the worker with its handler processes, and (martinet-pg) by
         the server's PostgreSQL backends: those of the benchmark's database but the driver's own connection,
-        each as last seen (a backend gone since the previous call loses only what it used meanwhile)."""
-        if self.pg is not None:
-            with self.pg.cursor() as cur:
-                cur.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-                )
-                for (pid,) in cur.fetchall():
-                    self.backends[pid] = cpu_s(pid) or self.backends.get(pid, 0.0)
+        each as last seen (a backend gone since the previous call loses only what it used meanwhile).
+        martinet-mysql: MariaDB's CPU is left out (SERVER_DATABASES)."""
+        if self.database is not None and self.database.backend_pids is not None:
+            for pid in self.database.backend_pids(self.conn):
+                self.backends[pid] = cpu_s(pid) or self.backends.get(pid, 0.0)
         workers = cpu_s(self.worker.pid) if self.worker else 0.0
         return cpu_s(self.server.pid) + workers + sum(self.backends.values())
 
@@ -384,10 +434,10 @@ class MartinetSide:
 
     def check(self, expected: int) -> None:
         """Every task in the store succeeded, and there are ``expected``: counted in the store itself (SQLite:
-        the file, read-only; PostgreSQL: the driver's connection), as a client lists at most 10,000 tasks."""
+        the file, read-only; a database server: the driver's connection), as a client lists at most 10,000 tasks."""
         count = "SELECT status, COUNT(*) FROM task GROUP BY status"
-        if self.pg is not None:
-            with self.pg.cursor() as cur:
+        if self.conn is not None:
+            with self.conn.cursor() as cur:
                 cur.execute(count)
                 counts = dict(cur.fetchall())
         else:
@@ -401,8 +451,8 @@ class MartinetSide:
         if self.worker is not None:
             stop(self.worker)
         stop(self.server)
-        if self.pg is not None:
-            self.pg.close()
+        if self.conn is not None:
+            self.conn.close()
 
 
 def _keys(tmp: Path) -> tuple[dict, list[str], list[str]]:

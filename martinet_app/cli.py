@@ -844,7 +844,12 @@ def keygen(name: str, directory: str) -> None:
 @_client_port_option
 @_worker_port_option
 @_status_port_option
-@_setting("--db", "db_url", default=config.DB_URL, help="Database URL.")
+@_setting(
+    "--db",
+    "db_url",
+    default=config.DB_URL,
+    help="Database URL: sqlite:///path.db, postgresql://user@host/db or mysql://user@host/db (MariaDB).",
+)
 @_setting(
     "--durability",
     type=click.Choice(config.DURABILITIES),

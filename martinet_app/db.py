@@ -4,11 +4,15 @@ The server is a single gevent process. A :class:`Pool` holds its connections and
 greenlet a :class:`Transaction` of its own (its depth, whether a statement failed, what runs
 after the commit or a rollback, what to NOTIFY). Transactions that write run one at a time,
 under the pool's writer lock: the broker's credit and the order of what runs after each commit
-stay as simple as with one connection, and SQLite takes one writer anyway. On PostgreSQL, reads
-outside a transaction (a ``status``, a ``list``, a heartbeat's look at running tasks) run at
-the same time on connections of their own, each greenlet on the one it checked out of the pool
-(at most POOL_SIZE), so a slow read never holds up a write. SQLite keeps one connection, and
-reads take the lock as writes do. The listener (listener.py) has a connection outside the pool.
+stay as simple as with one connection, and SQLite takes one writer anyway. On PostgreSQL and
+MariaDB, reads outside a transaction (a ``status``, a ``list``, a heartbeat's look at running
+tasks) run at the same time on connections of their own, each greenlet on the one it checked out
+of the pool (at most POOL_SIZE), so a slow read never holds up a write. SQLite keeps one
+connection, and reads take the lock as writes do. The listener (listener.py) has a connection
+outside the pool.
+
+What differs in the backends' SQL is decided in one place, the :class:`Dialect` of the database
+(:func:`dialect_of`): the store and the schema ask it instead of testing the backend themselves.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -38,8 +43,106 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT = 0.25
 #: The PostgreSQL channel the servers of a cluster wake each other on (listener.py).
 NOTIFY_CHANNEL = "martinet"
-#: Most PostgreSQL connections one server's pool opens (the writer's and the readers').
+#: Most PostgreSQL (or MariaDB) connections one server's pool opens (the writer's and the readers').
 POOL_SIZE = 8
+#: Seconds a MariaDB statement waits for a row another server's transaction holds before it fails
+#: (StoreUnavailable): InnoDB's own default, 50, would hold this server's writer that long.
+MYSQL_LOCK_WAIT_TIMEOUT = 5
+#: The oldest MariaDB the store runs on: 10.6 brought SKIP LOCKED; INSERT and DELETE ... RETURNING are 10.5's.
+MARIADB_MIN_VERSION = (10, 6)
+#: The session's SQL mode on MariaDB: strict, and double quotes name identifiers as in PostgreSQL and SQLite
+#: (the raw SQL quotes ``"key"``, a reserved word there).
+MYSQL_SQL_MODE = "ANSI_QUOTES,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO"
+#: Table options on MariaDB: utf8mb4 for any character, compared byte for byte as on PostgreSQL and SQLite
+#: (names and keys that differ in case or accents are different names and keys).
+MYSQL_TABLE_OPTIONS = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+#: peewee's errors that may mean the database is unavailable (for the dialect to decide: Dialect.unavailable).
+_UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
+#: MariaDB's error codes of a database that is unavailable rather than refusing a statement (PyMySQL makes every
+#: other server error above 999 an OperationalError too, e.g. a trigger's SIGNAL): the connection refused, lost or
+#: killed, the server shutting down, a lock wait timeout, a deadlock. Client-side codes (2000 and up) are all such.
+_MYSQL_UNAVAILABLE = frozenset({1040, 1044, 1045, 1053, 1077, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160,
+                                1161, 1205, 1213, 1927, 4031})  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """What one backend's SQL differs in; the store's and the schema's SQL ask it rather than test the backend."""
+
+    name: str  # "sqlite", "postgresql" or "mysql" (MariaDB)
+    #: SELECT ... FOR UPDATE [SKIP LOCKED]: what a transaction reads is locked against the other servers'.
+    row_locks: bool = False
+    #: UPDATE ... RETURNING (MariaDB has RETURNING for INSERT and DELETE only).
+    update_returning: bool = True
+    #: Several servers may serve the database at once (a cluster): not SQLite, whose file takes one.
+    shared: bool = False
+    #: The servers of a cluster wake each other with LISTEN/NOTIFY (PostgreSQL); else they poll.
+    notify: bool = False
+
+    @property
+    def mysql(self) -> bool:
+        return self.name == "mysql"
+
+    def unavailable(self, exc: Exception) -> bool:
+        """Whether ``exc`` (one of _UNAVAILABLE) means the database is unavailable (StoreUnavailable), not that
+        it refused a statement (which the caller handles as any other failure of it)."""
+        if not self.mysql or isinstance(exc, pw.InterfaceError):
+            return True
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 2000
+        return code >= 2000 or code in _MYSQL_UNAVAILABLE
+
+    def insert_ignoring(self, rest: str) -> str:
+        """``INSERT rest`` (``INTO table (columns) VALUES ...``) that skips the rows a unique key holds already."""
+        return f"INSERT IGNORE {rest}" if self.mysql else f"INSERT {rest} ON CONFLICT DO NOTHING"
+
+    def upsert_adding(self, table: str, key: str, columns: Sequence[str]) -> str:
+        """The clause after ``INSERT INTO table ... VALUES ...`` that adds the ``columns`` of a row whose ``key``
+        (its primary key's columns, comma-separated) is there already to that row's."""
+        if self.mysql:
+            return "ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = {table}.{c} + VALUES({c})" for c in columns)
+        return f"ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in columns)
+
+    def conflict_target(self, *fields: Any) -> dict[str, Any]:
+        """peewee's ``on_conflict`` arguments naming the unique key: MySQL's ON DUPLICATE KEY takes none."""
+        return {} if self.mysql else {"conflict_target": list(fields)}
+
+    def transaction_lock(self, db: pw.Database, lock: int) -> None:
+        """Hold ``lock`` (a 64-bit constant) to the end of the current transaction: another server's transaction
+        taking it waits meanwhile. An advisory lock on PostgreSQL; on MariaDB the row ``lock:N`` of ``meta``
+        (an upsert locks it); nothing on SQLite, whose file takes one writer anyway."""
+        if self.name == "postgresql":
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        elif self.mysql:
+            db.execute_sql(
+                'INSERT INTO meta ("key", value) VALUES (%s, %s) ON DUPLICATE KEY UPDATE value = value',
+                (f"lock:{lock}", ""),
+            )
+
+    @contextlib.contextmanager
+    def session_lock(self, db: pw.Database, lock: int) -> Iterator[None]:
+        """Hold ``lock`` while inside, also across DDL: a transaction-level lock on PostgreSQL (released at the
+        end of the transaction), MariaDB's GET_LOCK (its DDL commits the transaction, and with it row locks)."""
+        if not self.mysql:
+            self.transaction_lock(db, lock)
+            yield
+            return
+        name = f"martinet:{lock}"
+        (held,) = db.execute_sql("SELECT GET_LOCK(%s, %s)", (name, 60)).fetchone()
+        if held != 1:
+            raise StoreUnavailable(f"another server held the lock {name} for 60 s: try again")
+        try:
+            yield
+        finally:
+            db.execute_sql("SELECT RELEASE_LOCK(%s)", (name,))
+
+
+def dialect_of(db: pw.Database) -> Dialect:
+    """The :class:`Dialect` of ``db``."""
+    if isinstance(db, pw.PostgresqlDatabase):
+        return Dialect("postgresql", row_locks=True, shared=True, notify=True)
+    if isinstance(db, pw.MySQLDatabase):
+        return Dialect("mysql", row_locks=True, update_returning=False, shared=True)
+    return Dialect("sqlite")
 
 
 @dataclasses.dataclass
@@ -65,9 +168,9 @@ class Pool:
         self.write_tally: Callable[[Tally], None] | None = None
         #: Given the seconds each commit took, the COMMIT itself: an fsync on SQLite (the store sets it).
         self.observe_commit: Callable[[float], None] = lambda seconds: None
-        self.postgres = isinstance(database, pw.PostgresqlDatabase)
-        #: Reads outside a transaction run beside the writer, on their own connections (PostgreSQL).
-        self.concurrent = isinstance(database, _PooledPostgresqlDatabase)
+        self.dialect = dialect_of(database)
+        #: Reads outside a transaction run beside the writer, on their own connections (PostgreSQL, MariaDB).
+        self.concurrent = isinstance(database, _Pooled)
         self._writer = gevent.lock.RLock()
         self._local = gevent.local.local()
         self._readers = 0
@@ -77,7 +180,7 @@ class Pool:
     def close(self) -> None:
         with self._writer:
             self._release()
-            if isinstance(self.db, _PooledPostgresqlDatabase):
+            if isinstance(self.db, _Pooled):
                 self.db.close_idle()
 
     def _current(self) -> Transaction | None:
@@ -90,7 +193,7 @@ class Pool:
 
         Yields True once held, or False if another greenlet was still inside after ``timeout``
         seconds (then nothing is held). Once held, a connection the driver has closed is dropped,
-        so the next call opens a fresh one: psycopg2 closes it when a greenlet is killed in a query.
+        so the next call opens a fresh one: the drivers close it when a greenlet is killed in a query.
         """
         if not self._writer.acquire(timeout=timeout):
             yield False
@@ -99,7 +202,7 @@ class Pool:
             if not self._no_readers.wait(timeout):
                 yield False
                 return
-            if getattr(self.db._state.conn, "closed", False):  # psycopg2's; sqlite3 has no such attribute
+            if _closed(self.db._state.conn):
                 self._discard()
             yield True
         finally:
@@ -248,7 +351,9 @@ class Pool:
         """Inside the calling greenlet's transaction: a failed statement dooms it."""
         try:
             yield
-        except (pw.OperationalError, pw.InterfaceError) as exc:
+        except _UNAVAILABLE as exc:
+            if not self.dialect.unavailable(exc):
+                raise
             self._open().doomed = exc
             raise StoreUnavailable(f"the database is unavailable ({first_line(exc)}): try again") from exc
 
@@ -257,7 +362,9 @@ class Pool:
         """On a connection error, drop the connection (the next call opens another) and raise StoreUnavailable."""
         try:
             yield
-        except (pw.OperationalError, pw.InterfaceError) as exc:
+        except _UNAVAILABLE as exc:
+            if not self.dialect.unavailable(exc):
+                raise
             self._discard()
             # The first failure is the one to report: e.g. SQLite rolls back on its own when the
             # disk is full, and peewee's ROLLBACK then fails with "no transaction is active".
@@ -274,7 +381,7 @@ class Pool:
             ) from exc
 
     def _release(self) -> None:
-        """Give the calling greenlet's connection back to the pool (PostgreSQL; SQLite keeps its one)."""
+        """Give the calling greenlet's connection back to the pool (PostgreSQL, MariaDB; SQLite keeps its one)."""
         if self.concurrent and not self.db.is_closed():
             self.db.close()
 
@@ -285,7 +392,7 @@ class Pool:
                 conn.close()
         except Exception:  # noqa: BLE001 - it is broken already; we only want it gone
             pass
-        if isinstance(self.db, _PooledPostgresqlDatabase) and conn is not None:
+        if isinstance(self.db, _Pooled) and conn is not None:
             self.db.forget(conn)
         # peewee keeps the failed transaction on its stack; start from a clean state.
         self.db._state.reset()
@@ -295,11 +402,11 @@ class _GreenletState(pw._ConnectionState, gevent.local.local):
     """peewee's connection state, one per greenlet: each greenlet works on the connection it checked out."""
 
 
-class _PooledPostgresqlDatabase(pw.PostgresqlDatabase):
-    """PostgreSQL with each greenlet on a connection of its own, taken from at most ``pool_size``.
+class _Pooled(pw.Database):
+    """A database with each greenlet on a connection of its own, taken from at most ``pool_size``.
 
     peewee's own pool (playhouse.pool) waits with threading primitives, which would stop the
-    whole hub; this one waits on a gevent semaphore.
+    whole hub; this one waits on a gevent semaphore. Mixed into each server backend's class.
     """
 
     def __init__(self, *args: Any, pool_size: int, **kwargs: Any) -> None:
@@ -313,7 +420,7 @@ class _PooledPostgresqlDatabase(pw.PostgresqlDatabase):
         try:
             while self._idle:
                 conn = self._idle.pop()
-                if not conn.closed:
+                if not _closed(conn):
                     return conn
             return super()._connect()
         except BaseException:
@@ -321,15 +428,17 @@ class _PooledPostgresqlDatabase(pw.PostgresqlDatabase):
             raise
 
     def _close(self, conn: Any) -> None:
-        import psycopg2.extensions
-
         try:
-            if conn.closed or conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            if _closed(conn) or self._in_transaction(conn):
                 super()._close(conn)
             else:
                 self._idle.append(conn)
         finally:
             self._slots.release()
+
+    def _in_transaction(self, conn: Any) -> bool:
+        """Whether ``conn`` is inside a transaction (then it is closed rather than given to another greenlet)."""
+        raise NotImplementedError
 
     def forget(self, conn: Any) -> None:
         """``conn`` (closed already) is no longer checked out."""
@@ -339,6 +448,49 @@ class _PooledPostgresqlDatabase(pw.PostgresqlDatabase):
         """Close the connections no greenlet holds."""
         while self._idle:
             self._idle.pop().close()
+
+
+class _PooledPostgresqlDatabase(_Pooled, pw.PostgresqlDatabase):
+    """PostgreSQL, pooled."""
+
+    def _in_transaction(self, conn: Any) -> bool:
+        import psycopg2.extensions
+
+        return conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+class _MariaDBDatabase(pw.MySQLDatabase):
+    """MariaDB (PyMySQL): refuses a server it cannot run on, and stores TEXT as LONGTEXT (TEXT takes 64 KiB)."""
+
+    field_types = {**pw.MySQLDatabase.field_types, "TEXT": "LONGTEXT"}
+    # peewee's ILIKE is a plain LIKE on MySQL: with the tables' binary collation, that would tell case apart.
+    operations = {**pw.MySQLDatabase.operations, "ILIKE": "COLLATE utf8mb4_unicode_ci LIKE"}
+
+    def _connect(self) -> Any:
+        conn = super()._connect()
+        info = conn.get_server_info()  # "10.11.19-MariaDB-...", or "5.5.5-10.11.19-MariaDB-..." (an old client's view)
+        found = re.search(r"(\d+)\.(\d+)\.\d+-MariaDB", info, re.IGNORECASE)
+        if found is None or (int(found[1]), int(found[2])) < MARIADB_MIN_VERSION:
+            conn.close()
+            raise ConfigError(
+                f"the server at {self.connect_params.get('host')} runs {info}: Martinet needs MariaDB 10.6 or newer "
+                "(SKIP LOCKED, INSERT ... RETURNING); MySQL is not supported yet (it has no RETURNING)"
+            )
+        return conn
+
+
+class _PooledMariaDBDatabase(_Pooled, _MariaDBDatabase):
+    """MariaDB, pooled."""
+
+    def _in_transaction(self, conn: Any) -> bool:
+        from pymysql.constants import SERVER_STATUS
+
+        return bool((conn.server_status or 0) & SERVER_STATUS.SERVER_STATUS_IN_TRANS)
+
+
+def _closed(conn: Any) -> bool:
+    """Whether the driver has closed ``conn`` (psycopg2's ``closed``, PyMySQL's ``open``; sqlite3 has neither)."""
+    return conn is not None and (bool(getattr(conn, "closed", False)) or getattr(conn, "open", True) is False)
 
 
 def first_line(exc: BaseException) -> str:
@@ -357,7 +509,8 @@ def redact(url: str) -> str:
 def connect(
     url: str, role: str = "server", pool_size: int | None = POOL_SIZE, durability: str = config.DURABILITY
 ) -> pw.Database:
-    """A peewee database (not yet connected) for ``sqlite:///path`` or ``postgresql://user@host:port/db``.
+    """A peewee database (not yet connected) for ``sqlite:///path``, ``postgresql://user@host:port/db`` or
+    ``mysql://user[:password]@host[:port]/db`` (``mariadb://`` too).
 
     ``role`` names the connections in PostgreSQL's ``pg_stat_activity`` (``martinet-ROLE-PID``);
     ``pool_size``: at most that many, one per greenlet (None: one connection, not pooled);
@@ -404,8 +557,37 @@ def connect(
             # "process": PostgreSQL answers a commit before its WAL reaches the disk.
             **({} if full else {"options": "-c synchronous_commit=off"}),
         )
+    if parsed.scheme in ("mysql", "mariadb"):
+        if not full:
+            raise ConfigError(
+                "--durability process is not available on MariaDB: a commit's durability is the server's own "
+                "innodb_flush_log_at_trx_commit (2 there is the same trade); serve with --durability full"
+            )
+        _install_gevent_sockets()
+        if not parsed.path.strip("/") or not parsed.hostname:
+            raise ConfigError(f"bad MariaDB URL {redact(url)!r}: expected mysql://user[:password]@host[:port]/dbname")
+        pooled = {} if pool_size is None else {"pool_size": pool_size}
+        return (_MariaDBDatabase if pool_size is None else _PooledMariaDBDatabase)(
+            parsed.path.lstrip("/"),
+            **pooled,
+            thread_safe=False,
+            user=parsed.username,
+            password=parsed.password or "",
+            host=parsed.hostname,
+            port=parsed.port or 3306,
+            connect_timeout=5,
+            charset="utf8mb4",
+            sql_mode=MYSQL_SQL_MODE,
+            # READ COMMITTED: each statement sees what is committed when it runs, as on PostgreSQL, and the
+            # claims' locking reads take no gap locks (REPEATABLE READ's would block other servers' inserts).
+            init_command=(
+                "SET SESSION tx_isolation = 'READ-COMMITTED', "
+                f"SESSION innodb_lock_wait_timeout = {MYSQL_LOCK_WAIT_TIMEOUT}"
+            ),
+        )
     raise ConfigError(
-        f"unsupported database URL {redact(url)!r}: expected sqlite:///path.db or postgresql://user@host:port/dbname"
+        f"unsupported database URL {redact(url)!r}: expected sqlite:///path.db, postgresql://user@host:port/dbname "
+        "or mysql://user@host:port/dbname"
     )
 
 
@@ -427,3 +609,12 @@ def _install_gevent_wait_callback() -> None:
                 raise psycopg2.OperationalError(f"bad state from poll: {state}")
 
     psycopg2.extensions.set_wait_callback(wait)
+
+
+def _install_gevent_sockets() -> None:
+    """Make PyMySQL (pure Python) talk over gevent's sockets, which wait through the hub: a query then never
+    blocks the process. The server does not monkey-patch the standard library; only PyMySQL's module is."""
+    import gevent.socket
+    import pymysql.connections
+
+    pymysql.connections.socket = gevent.socket

@@ -173,7 +173,7 @@ class Metrics:
     def collect_from(self, store: Store, broker: Broker) -> None:
         """Read at each scrape: tasks by status from ``store`` (cluster-wide), this server's workers from
         ``broker``; and this server's info."""
-        backend = "postgresql" if store.pool.postgres else "sqlite"
+        backend = store.pool.dialect.name
         self._info.info({"version": __version__, "server_id": store.server_id, "backend": backend})
         self.registry.register(_Scraped(store, broker))
 

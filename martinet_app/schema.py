@@ -13,7 +13,7 @@ import logging
 import peewee as pw
 
 from . import config, protocol
-from .db import redact
+from .db import MYSQL_TABLE_OPTIONS, dialect_of, redact
 from .errors import ConfigError
 from .status import sql_final
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 #: schedules, the ``paused`` and ``rate_start`` tables; 8 dependencies (``task_dependency``,
 #: ``task.dependencies``, ``task.dependants``).
 SCHEMA_VERSION = 8
-#: PostgreSQL advisory lock taken while the schema is created or migrated (any constant, Martinet's own).
+#: Lock taken while the schema is created or migrated (any constant, Martinet's own): db.Dialect.session_lock.
 SCHEMA_LOCK = 0x4D54_4E57_5343_4845
 #: Failures a task's ``errors`` keeps, the latest; ``failures`` counts them all.
 ERRORS_KEPT = 20
@@ -236,12 +236,17 @@ TABLES = (Task, TaskDependency, Recurring, Server, Worker, TaskCount, TaskMinute
 def create_or_migrate(db: pw.Database, url: str) -> None:
     """Create missing tables, bring an older schema up to SCHEMA_VERSION, refuse a newer one (in a transaction).
 
-    On PostgreSQL, under a lock held to the end of the transaction: servers starting together
-    on one database create or migrate the schema one after the other (without it, both try to
-    create the same tables and one fails on PostgreSQL's own catalog).
+    On PostgreSQL and MariaDB, under SCHEMA_LOCK: servers starting together on one database
+    create or migrate the schema one after the other (without it, both try to create the same
+    tables and one fails on the database's own catalog). MariaDB's DDL is not transactional: each
+    statement commits, so a migration cut short is taken up again at the next start (each step
+    adds only what is missing).
     """
-    if isinstance(db, pw.PostgresqlDatabase):
-        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+    with dialect_of(db).session_lock(db, SCHEMA_LOCK):
+        _create_or_migrate(db, url)
+
+
+def _create_or_migrate(db: pw.Database, url: str) -> None:
     found = Meta.get_or_none(Meta.key == "schema_version") if db.table_exists("meta") else None
     version = None if found is None else int(found.value)
     if version is not None and version > SCHEMA_VERSION:
@@ -253,11 +258,43 @@ def create_or_migrate(db: pw.Database, url: str) -> None:
         for target in range(version + 1, SCHEMA_VERSION + 1):
             _MIGRATIONS[target](db)
             log.info("migrated the database at %s to schema version %d", redact(url), target)
-    db.create_tables(TABLES, safe=True)
+    if dialect_of(db).mysql:
+        _create_mysql_tables(db)
+    else:
+        db.create_tables(TABLES, safe=True)
     if found is None:
         Meta.create(key="schema_version", value=str(SCHEMA_VERSION))
     elif version != SCHEMA_VERSION:
         Meta.update(value=str(SCHEMA_VERSION)).where(Meta.key == "schema_version").execute()
+
+
+#: MariaDB has no partial indexes: there, the live key's unique index is on a generated column that holds the
+#: key while the task is live (NULL otherwise, and NULLs do not collide). The others are kept whole: their
+#: NULLs do not collide either, and only finished tasks have a ``finished_at``.
+_MYSQL_LIVE_KEY = ("live_key", f"VARCHAR(255) AS (IF({LIVE_KEY}, idempotency_key, NULL)) STORED")
+
+
+def _create_mysql_tables(db: pw.Database) -> None:
+    """MariaDB's CREATE TABLE (utf8mb4 tables) and indexes: those missing, also on the tables of an older schema
+    (peewee's own ``create_tables`` skips a table that exists, its new indexes with it)."""
+    for model in TABLES:
+        table = model._meta.table_name
+        if not db.table_exists(table):
+            sql, params = model._schema._create_table(safe=True).query()
+            db.execute_sql(f"{sql} {MYSQL_TABLE_OPTIONS}", params)
+        if model is Task:
+            _add_columns(db, table, (_MYSQL_LIVE_KEY,))
+        present = {index.name for index in db.get_indexes(table)}
+        for index in model._meta.fields_to_index():
+            if index._name in present:
+                continue
+            if index._name == "task_live_key":
+                db.execute_sql(f'CREATE UNIQUE INDEX task_live_key ON task ("{_MYSQL_LIVE_KEY[0]}")')
+                continue
+            whole = index.clone()
+            whole._where = None
+            sql, params = model._schema._create_index(whole, safe=False).query()
+            db.execute_sql(sql, params)
 
 
 def _add_columns(db: pw.Database, table: str, columns: tuple[tuple[str, str], ...]) -> None:
@@ -277,7 +314,7 @@ def _add_policy_columns(db: pw.Database) -> None:
         ("retry_delay", f"{double} NOT NULL DEFAULT {config.DEFAULT_RETRY_DELAY!r}"),
         ("timeout", double),
     )
-    _add_columns(db, "task", (*policy, ("errors", "TEXT")))
+    _add_columns(db, "task", (*policy, ("errors", db._field_types["TEXT"])))  # LONGTEXT on MariaDB
     _add_columns(db, "recurring", policy)
 
 
@@ -331,7 +368,8 @@ def _add_limits(db: pw.Database) -> None:
 def _add_dependencies(db: pw.Database) -> None:
     """Schema 7 -> 8: each task's ``dependencies`` and ``dependants`` (``task_dependency`` is created with the
     other tables); no task of an older database has any."""
-    _add_columns(db, "task", (("dependencies", "TEXT"), ("dependants", "BOOLEAN NOT NULL DEFAULT FALSE")))
+    text = db._field_types["TEXT"]  # LONGTEXT on MariaDB
+    _add_columns(db, "task", (("dependencies", text), ("dependants", "BOOLEAN NOT NULL DEFAULT FALSE")))
 
 
 #: Schema migrations: the function that brings a database from version N - 1 to N.

@@ -156,9 +156,10 @@ def run_server(
         store.close()
         return EXIT_BIND
 
-    # Several servers may share a PostgreSQL database: each also looks at the store every CLUSTER_POLL
-    # seconds, in case another server's wake-up (a NOTIFY) was lost.
-    shared = store.pool.postgres
+    # Several servers may share a PostgreSQL or MariaDB database: each also looks at the store every
+    # CLUSTER_POLL seconds, in case another server's wake-up (a NOTIFY) was lost, or, on MariaDB, which
+    # has no NOTIFY, as its only wake-up by the others.
+    shared = store.pool.dialect.shared
     broker = Broker(
         workers,
         store,
@@ -278,7 +279,7 @@ def run_server(
             ("retention", Retention(store, keep_succeeded=keep_succeeded, keep_failed=keep_failed).loop_once),
         )
     }
-    listener = Listener(db_url, cluster.hear, on_gap=cluster.caught_up) if shared else None
+    listener = Listener(db_url, cluster.hear, on_gap=cluster.caught_up) if store.pool.dialect.notify else None
     if listener is not None:
         loops["listener"] = gevent.spawn(forever, listener.loop_once, "listener", stopping)
     broker.wake()

@@ -6,11 +6,13 @@ state change acts on something already on disk. Every status change is a status.
 by status.TRANSITIONS: the UPDATEs take their source states from it (status.sql_sources) and
 the events are decided by status.decide.
 
-In a cluster (several servers on one PostgreSQL), each server holds a lease (its ``server``
+In a cluster (several servers on one PostgreSQL or MariaDB), each server holds a lease (its ``server``
 row, renewed every heartbeat) and owns the deliveries it made (``task.server``) while the lease
 is current. A server re-queues only its own lost deliveries, and those of a server whose lease
 ran out. Changes that another server should act on (tasks queued, tasks final, a running task
-cancelled, a schedule added) are announced with NOTIFY at commit (listener.py hears them).
+cancelled, a schedule added) are announced with NOTIFY at commit (listener.py hears them) on
+PostgreSQL; on MariaDB the other servers find them by polling. What differs per backend, the SQL
+asks db.Dialect (``self.dialect``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, NamedTuple
 import peewee as pw
 
 from . import config, protocol, schema
-from .db import Pool, connect
+from .db import Dialect, Pool, connect
 from .errors import InvalidDependency, InvalidTransition, MartinetError, TaskNotFound
 from .limits import Limits
 from .metrics import Metrics, Observed
@@ -47,7 +49,7 @@ _INSERT_CHUNK = 500
 SUMMARY_ERROR_CHARS = 200
 #: Task ids per NOTIFY message (PostgreSQL takes at most 8,000 bytes each).
 _NOTICE_IDS = 400
-#: PostgreSQL advisory lock a claim holds to the end of its transaction while limits apply (any constant,
+#: Lock (db.Dialect.transaction_lock) a claim holds to the end of its transaction while limits apply (any constant,
 #: Martinet's own): the servers sharing a database count and claim limited tasks one at a time.
 LIMIT_LOCK = 0x4D54_4E57_4C49_4D54
 #: The key a task's limits count under (limits.py): its limit_key, or its name.
@@ -127,7 +129,8 @@ class Store:
         self._read = pool.read
         self._tally = pool.tally
         pool.write_tally = self._write_tally
-        self._sql = _Statements(self.db.param, skip_locked=bool(self.db.for_update))
+        self.dialect = pool.dialect
+        self._sql = _Statements(self.db.param, self.dialect)
         #: Called after a commit with the tasks it cancelled because a dependency failed or was cancelled
         #: (the server answers the ``wait`` requests parked on them), and when it released dependants to run
         #: later (the server wakes its scheduler).
@@ -148,7 +151,8 @@ class Store:
         durability: str = config.DURABILITY,
         limits: Limits | None = None,
     ) -> Store:
-        """Connect to ``sqlite:///path`` or ``postgresql://user@host:port/db``; create or migrate the schema.
+        """Connect to ``sqlite:///path``, ``postgresql://user@host:port/db`` or ``mysql://user@host:port/db``
+        (MariaDB); create or migrate the schema.
 
         ``retry_delay_max`` caps the backoff between retries of a failing task, seconds;
         ``max_deliveries`` is how many lost deliveries a task may have (:meth:`give_up_lost`);
@@ -172,7 +176,7 @@ class Store:
 
     def _notice(self, kind: str, *parts: object) -> None:
         """Tell the other servers of the cluster, at commit, that ``kind`` happened (listener.py)."""
-        if self.peers and self.pool.postgres:
+        if self.peers and self.dialect.notify:
             self.pool.notify(self._notice_text(kind, *parts))
 
     def _notice_text(self, kind: str, *parts: object) -> str:
@@ -270,7 +274,7 @@ class Store:
                 [(protocol.json_text(deps), task_id) for task_id, deps in wanted.items()],
             )
             cursor.executemany(
-                f"INSERT INTO task_dependency (task_id, depends_on) VALUES ({p}, {p}) ON CONFLICT DO NOTHING",
+                self.dialect.insert_ignoring(f"INTO task_dependency (task_id, depends_on) VALUES ({p}, {p})"),
                 [(task_id, dep) for task_id, deps in wanted.items() for dep in deps],
             )
         for chunk in _chunks(sorted({dep for deps in wanted.values() for dep in deps})):
@@ -332,9 +336,10 @@ class Store:
             self.after_commit(functools.partial(self.on_final, cancelled_all))
 
     def _lock_waiting(self, task_ids: Sequence[int]) -> dict[int, float]:
-        """The ``run_at`` of those of ``task_ids`` that are waiting, locked until the transaction ends (PostgreSQL)."""
+        """The ``run_at`` of those of ``task_ids`` that are waiting, locked until the transaction ends (PostgreSQL,
+        MariaDB)."""
         found: dict[int, float] = {}
-        lock = " FOR UPDATE" if self.pool.postgres else ""
+        lock = " FOR UPDATE" if self.dialect.row_locks else ""
         for chunk in _chunks(sorted(task_ids)):
             marks = ", ".join([self.db.param] * len(chunk))
             rows = self.db.execute_sql(
@@ -370,13 +375,10 @@ class Store:
     def _cancel_waiting(self, task_ids: list[int], error: str, now: float) -> list[int]:
         """waiting -> cancelled for ``task_ids``, with ``error`` (the dependency that failed or was cancelled)."""
         cancelled = decide(S.WAITING, M.CANCEL)
-        query = (
-            Task.update(status=cancelled.value, error=error, finished_at=now)
-            .where(Task.id.in_(task_ids) & (Task.status == S.WAITING.value))
-            .returning(Task.id, Task.name)
-        )
+        changes = {"status": cancelled.value, "error": error, "finished_at": now}
         ids = []
-        for task_id, name in query.tuples().execute():
+        where = Task.id.in_(task_ids) & (Task.status == S.WAITING.value)
+        for task_id, name in self._update_returning(where, changes, Task.name):
             ids.append(task_id)
             self._tally().move(S.WAITING, cancelled)
             self._tally().end(name, cancelled)
@@ -493,7 +495,7 @@ class Store:
                 .on_conflict_ignore()
                 .execute()
             )
-            if recurring_id is None:  # another server stored this request meanwhile (PostgreSQL)
+            if not recurring_id:  # another server stored this request meanwhile (None, or MariaDB's 0)
                 return Recurring.get(Recurring.request_key == request_key).id
             self._notice("schedule")
             return recurring_id
@@ -511,8 +513,10 @@ class Store:
     def promote_due(self, now: float) -> int:
         """scheduled -> queued for every task whose run_at has come. Returns how many moved."""
         with self.transaction():
-            due = Task.update(status=target(M.DUE).value).where(_in(M.DUE) & (Task.run_at <= now))
-            planned = [run_at for (run_at,) in due.returning(Task.run_at).tuples().execute()]
+            due = self._update_returning(
+                _in(M.DUE) & (Task.run_at <= now), {"status": target(M.DUE).value}, Task.run_at
+            )
+            planned = [run_at for _, run_at in due]
             self._tally().move(S.SCHEDULED, target(M.DUE), len(planned))
             if planned:
                 self._notice("queued")
@@ -587,7 +591,7 @@ class Store:
             if self.limits:
                 rows = self._claim_limited(worker, limit, now)
             else:
-                rows = self.db.execute_sql(self._sql.claim, (worker, self.server_id, now, limit)).fetchall()
+                rows = self._sql.claimed(self.db, (worker, self.server_id, now), None, limit)
             self._tally().move(S.QUEUED, target(M.CLAIM), len(rows))
             if len(rows) < limit:  # nothing is left queued: the other servers need not look
                 self.pool.withdraw(self._notice_text("queued"))
@@ -623,16 +627,14 @@ class Store:
 
     def _claim_limited(self, worker: str, limit: int, now: float) -> list[tuple]:
         """:meth:`claim`'s rows when limits apply (inside its transaction): the budget of each limited key is
-        counted from the store, under LIMIT_LOCK on PostgreSQL (another server's claim waits for this
-        transaction, then counts what it claimed), and no key gets more than its budget."""
-        if self.pool.postgres:
-            self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (LIMIT_LOCK,))
+        counted from the store, under LIMIT_LOCK (another server's claim waits for this transaction, then
+        counts what it claimed), and no key gets more than its budget."""
+        self.dialect.transaction_lock(self.db, LIMIT_LOCK)
         budgets = self.limits.budgets(self._running_by_key(), self._started_by_key(now))
         chosen = self._pick(limit, budgets)
         rows: list[tuple] = []
         for chunk in _chunks(list(chosen)):
-            marks = ", ".join([self.db.param] * len(chunk))
-            rows += self.db.execute_sql(self._sql.claim_ids.format(marks), (worker, self.server_id, now, *chunk))
+            rows += self._sql.claimed(self.db, (worker, self.server_id, now), chunk)
         started: dict[str, int] = {}
         for task_id, *_ in rows:
             if chosen[task_id] in self.limits.rates:
@@ -659,9 +661,9 @@ class Store:
         if not rates:
             return {}
         p = self.db.param
-        windows = " OR ".join([f"(key = {p} AND at > {p})"] * len(rates))
+        windows = " OR ".join([f'("key" = {p} AND at > {p})'] * len(rates))
         params = [value for key, rate in rates for value in (key, now - rate.per)]
-        query = f"SELECT key, SUM(n) FROM rate_start WHERE {windows} GROUP BY key"
+        query = f'SELECT "key", SUM(n) FROM rate_start WHERE {windows} GROUP BY "key"'
         return {key: int(n) for key, n in self.db.execute_sql(query, params).fetchall()}
 
     def _pick(self, limit: int, budgets: dict[str, int]) -> dict[int, str]:
@@ -691,13 +693,13 @@ class Store:
             return
         p = self.db.param
         self.db.execute_sql(
-            f"INSERT INTO rate_start (key, at, n) VALUES {', '.join([f'({p}, {p}, {p})'] * len(started))} "
-            "ON CONFLICT (key, at) DO UPDATE SET n = rate_start.n + excluded.n",
+            f'INSERT INTO rate_start ("key", at, n) VALUES {", ".join([f"({p}, {p}, {p})"] * len(started))} '
+            + self.dialect.upsert_adding("rate_start", '"key", at', ("n",)),
             [value for key, n in sorted(started.items()) for value in (key, now, n)],
         )
         for key in sorted(started):
             self.db.execute_sql(
-                f"DELETE FROM rate_start WHERE key = {p} AND at <= {p}", (key, now - self.limits.rates[key].per)
+                f'DELETE FROM rate_start WHERE "key" = {p} AND at <= {p}', (key, now - self.limits.rates[key].per)
             )
 
     def _watch_windows(self, budgets: dict[str, int], started: dict[str, int], now: float) -> None:
@@ -708,7 +710,7 @@ class Store:
             if budgets[key] > started.get(key, 0):
                 continue
             window = self.db.execute_sql(
-                f"SELECT at, n FROM rate_start WHERE key = {p} AND at > {p} ORDER BY at", (key, now - rate.per)
+                f'SELECT at, n FROM rate_start WHERE "key" = {p} AND at > {p} ORDER BY at', (key, now - rate.per)
             ).fetchall()
             at = self.limits.opens_at(key, window)
             if at is not None:
@@ -853,7 +855,7 @@ class Store:
                 schema.recount(self.db, self.server_id)
             Server.insert(
                 id=self.server_id, host=host, pid=pid, address=address, started_at=now, lease_until=now + lease
-            ).on_conflict(conflict_target=[Server.id], preserve=[Server.lease_until]).execute()
+            ).on_conflict(**self.dialect.conflict_target(Server.id), preserve=[Server.lease_until]).execute()
 
     def renew(self, *, now: float, lease: float, workers: list[dict]) -> int:
         """A heartbeat: extend this server's lease by ``lease`` seconds from ``now``, record its connected
@@ -876,7 +878,8 @@ class Store:
             for start in range(0, len(rows), _INSERT_CHUNK):
                 # A worker that moved here may still have a row of its old server's.
                 Worker.insert_many(rows[start : start + _INSERT_CHUNK]).on_conflict(
-                    conflict_target=[Worker.id], preserve=[getattr(Worker, column) for column in _WORKER_COLUMNS]
+                    **self.dialect.conflict_target(Worker.id),
+                    preserve=[getattr(Worker, column) for column in _WORKER_COLUMNS],
                 ).execute()
             self.peers = live.where(Server.id != self.server_id).count()
         return self.peers
@@ -1141,12 +1144,9 @@ class Store:
         with self.transaction():
             before = self._locked(task_ids)
             for chunk in _chunks(task_ids):
-                query = (
-                    Task.update(status=target(M.CANCEL).value, finished_at=now)
-                    .where(Task.id.in_(chunk) & _in(M.CANCEL))
-                    .returning(Task.id, Task.worker, Task.attempts)
-                )
-                moved.update((i, {"id": i, "worker": w, "attempts": a}) for i, w, a in query.tuples().execute())
+                changes = {"status": target(M.CANCEL).value, "finished_at": now}
+                query = self._update_returning(Task.id.in_(chunk) & _in(M.CANCEL), changes, Task.worker, Task.attempts)
+                moved.update((i, {"id": i, "worker": w, "attempts": a}) for i, w, a in query)
             cancelled = target(M.CANCEL)
             freed = False  # room under a limit, for any server's workers
             for task_id in moved:
@@ -1259,24 +1259,23 @@ class Store:
         those of ``task_ids`` that may move: their ids."""
         if not task_ids:
             return []
-        query = (
-            Task.update(
-                status=target(move).value,
-                run_at=now,
-                result=None,
-                error=None,
-                traceback=None,
-                progress=0.0,
-                progress_message=None,
-                started_at=None,
-                finished_at=None,
-                worker=None,
-                server=None,
-            )
-            .where(Task.id.in_(list(task_ids)) & _in(move))
-            .returning(Task.id)
-        )
-        return [task_id for (task_id,) in query.tuples().execute()]
+        changes = {
+            "status": target(move).value, "run_at": now, "result": None, "error": None, "traceback": None,
+            "progress": 0.0, "progress_message": None, "started_at": None, "finished_at": None, "worker": None,
+            "server": None,
+        }  # fmt: skip
+        return [task_id for (task_id,) in self._update_returning(Task.id.in_(list(task_ids)) & _in(move), changes)]
+
+    def _update_returning(self, where: Any, changes: dict[str, Any], *columns: Any) -> list[tuple]:
+        """UPDATE the tasks ``where`` holds with ``changes``: each one's id, then its ``columns`` (none of them
+        among the changes). Where UPDATE has no RETURNING (MariaDB), the rows are read first, locked, then
+        updated by id."""
+        if self.dialect.update_returning:
+            return list(Task.update(**changes).where(where).returning(Task.id, *columns).tuples().execute())
+        rows = list(Task.select(Task.id, *columns).where(where).order_by(Task.id).for_update().tuples())
+        for chunk in _chunks([row[0] for row in rows]):
+            Task.update(**changes).where(Task.id.in_(chunk)).execute()
+        return rows
 
     def _refusals(self, task_ids: Sequence[int], moved: set[int], move: Move, done: str) -> dict[int, MartinetError]:
         """Why each of ``task_ids`` not in ``moved`` did not move: its status (InvalidTransition), or TaskNotFound."""
@@ -1300,11 +1299,8 @@ class Store:
         of the database, until :meth:`resume`. Whether it was not paused already."""
         with self.transaction():
             p = self.db.param
-            return bool(
-                self.db.execute_sql(
-                    f"INSERT INTO paused (name, paused_at) VALUES ({p}, {p}) ON CONFLICT (name) DO NOTHING", (name, now)
-                ).rowcount
-            )
+            insert = self.dialect.insert_ignoring(f"INTO paused (name, paused_at) VALUES ({p}, {p})")
+            return bool(self.db.execute_sql(insert, (name, now)).rowcount)
 
     def resume(self, name: str) -> bool:
         """Dispatch tasks named ``name`` again; whether it was paused. The other servers hear of it (``queued``)."""
@@ -1355,9 +1351,10 @@ class Store:
 
     def _locked(self, task_ids: Sequence[int]) -> dict[int, _Locked]:
         """The status, name, limit key and dependencies of each of the tasks that exist, their rows locked to the
-        end of the transaction on PostgreSQL, so that a change made next is counted from the status it changed."""
+        end of the transaction (PostgreSQL, MariaDB), so that a change made next is counted from the status it
+        changed."""
         found: dict[int, _Locked] = {}
-        lock = " FOR UPDATE" if self.pool.postgres else ""
+        lock = " FOR UPDATE" if self.dialect.row_locks else ""
         for chunk in _chunks(task_ids):
             marks = ", ".join([self.db.param] * len(chunk))
             query = f"SELECT id, status, name, {_LIMIT_KEY}, dependencies FROM task WHERE id IN ({marks}){lock}"
@@ -1377,7 +1374,7 @@ class Store:
         if rows:
             self.db.execute_sql(
                 f"INSERT INTO task_count (server, status, n) VALUES {', '.join([f'({p}, {p}, {p})'] * len(rows))} "
-                "ON CONFLICT (server, status) DO UPDATE SET n = task_count.n + excluded.n",
+                + self.dialect.upsert_adding("task_count", "server, status", ("n",)),
                 [value for row in rows for value in row],
             )
         if tally.outcomes:
@@ -1386,8 +1383,8 @@ class Store:
             self.db.execute_sql(
                 "INSERT INTO task_minute (minute, server, name, outcome, n, run_seconds) VALUES "
                 + ", ".join([f"({p}, {p}, {p}, {p}, {p}, {p})"] * len(outcomes))
-                + " ON CONFLICT (minute, server, name, outcome) DO UPDATE SET n = task_minute.n + excluded.n, "
-                "run_seconds = task_minute.run_seconds + excluded.run_seconds",
+                + " "
+                + self.dialect.upsert_adding("task_minute", "minute, server, name, outcome", ("n", "run_seconds")),
                 [value for row in outcomes for value in row],
             )
 
@@ -1480,11 +1477,14 @@ class _Target:
 class _Statements:
     """The SQL of the hot paths, written once per store: building it with peewee per call costs more than running it.
 
-    ``param`` is the driver's placeholder (``?`` for SQLite, ``%s`` for psycopg2).
+    ``param`` is the driver's placeholder (``?`` for SQLite, ``%s`` for psycopg2 and PyMySQL); ``dialect`` the
+    backend's (db.Dialect).
     """
 
-    def __init__(self, param: str, *, skip_locked: bool) -> None:
+    def __init__(self, param: str, dialect: Dialect) -> None:
         self.param = param
+        self.dialect = dialect
+        skip_locked = dialect.row_locks
         lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
         p = param
         claimed, queued = target(M.CLAIM).value, sql_sources(M.CLAIM)
@@ -1496,17 +1496,24 @@ class _Statements:
             f"UPDATE task SET status = '{claimed}', worker = {p}, server = {p}, attempts = attempts + 1, "
             f"started_at = {p} WHERE id IN "
         )
-        returning = " RETURNING id, name, args, attempts, timeout, priority, run_at, dependencies"
-        self.claim = f"{update}(SELECT id FROM task WHERE {claimable} {self._queue_order}){returning}"
+        claimed_columns = "id, name, args, attempts, timeout, priority, run_at, dependencies"
+        returning = f" RETURNING {claimed_columns}"
+        self._claim = f"{update}(SELECT id FROM task WHERE {claimable} {self._queue_order}){returning}"
         # The claim of tasks picked already (Store._pick), ids in the braces: still queued, as picked.
-        self.claim_ids = update + "({}) AND status IN (" + queued + ")" + returning
+        self._claim_ids = update + "({}) AND status IN (" + queued + ")" + returning
+        # Without UPDATE ... RETURNING (MariaDB): the claimed rows are read, locked, then updated by id.
+        self._claim_select = f"SELECT {claimed_columns} FROM task WHERE {claimable} {self._queue_order}"
+        self._claim_ids_select = (
+            f"SELECT {claimed_columns} FROM task WHERE id IN ({{}}) AND status IN ({queued}) FOR UPDATE"
+        )
+        self._claim_update = update + "({})"
         self._event_targets = (
             "SELECT id, name, status, worker, attempts, retries, retry_delay, errors, failures, started_at, run_at, "
             f"{_LIMIT_KEY}, dependants FROM task WHERE id IN ({{}})" + (" FOR UPDATE" if skip_locked else "")
         )
         self._insert_tasks = (
-            f"INSERT INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}} ON CONFLICT DO NOTHING "
-            "RETURNING id, idempotency_key, request_key"
+            dialect.insert_ignoring(f"INTO task ({', '.join(_INSERT_COLUMNS)}) VALUES {{}}")
+            + " RETURNING id, idempotency_key, request_key"
         )
         self._insert_row = "(" + ", ".join([p] * len(_INSERT_COLUMNS)) + ")"
         # Each event's UPDATE holds the fence itself (the delivery, running at that attempt on that worker):
@@ -1554,7 +1561,26 @@ class _Statements:
                  "traceback = v.traceback, finished_at = v.at, started_at = COALESCE(v.started_at, task.started_at)",
                  (*_FAILURE, ("at", "float8"), ("started_at", "float8"), *_DELIVERY)),
             )
-        } if param == "%s" else None  # fmt: skip
+        } if dialect.name == "postgresql" else None  # fmt: skip
+
+    def claimed(self, db: pw.Database, delivery: tuple, ids: Sequence[int] | None, limit: int = 0) -> list[tuple]:
+        """Claim the tasks ``ids`` if still queued, or (None) the next ``limit`` claimable ones, for ``delivery``
+        (worker, server, now): the rows claimed (id, name, args, attempts counting this delivery, timeout, priority,
+        run_at)."""
+        marks = ", ".join([self.param] * len(ids or ()))
+        if self.dialect.update_returning:
+            if ids is None:
+                return db.execute_sql(self._claim, (*delivery, limit)).fetchall()
+            return db.execute_sql(self._claim_ids.format(marks), (*delivery, *ids)).fetchall()
+        if ids is None:
+            rows = db.execute_sql(self._claim_select, (limit,)).fetchall()
+        else:
+            rows = db.execute_sql(self._claim_ids_select.format(marks), list(ids)).fetchall()
+        if not rows:
+            return []
+        marks = ", ".join([self.param] * len(rows))
+        db.execute_sql(self._claim_update.format(marks), (*delivery, *(row[0] for row in rows)))
+        return [(task_id, name, args, attempts + 1, *rest) for task_id, name, args, attempts, *rest in rows]
 
     def write_events(self, cursor: Any, kind: str, rows: list[tuple]) -> None:
         """Apply the ``kind`` writes ``rows`` (parameters of ``events[kind]``, each ending with its delivery)."""

@@ -1,9 +1,10 @@
 """Fixtures that start real ``martinet serve`` / ``martinet work`` processes on free ports.
 
-Every server runs on a temporary SQLite file or on the PostgreSQL database ``test`` on
-127.0.0.1:5432 (tables dropped first; TEST_PG_URL names another, so that two test runs
-at once do not drop each other's tables). PostgreSQL tests skip when no server answers,
-except under CI=true, where they fail: CI never passes by skipping.
+Every server runs on a temporary SQLite file, on the PostgreSQL database ``test`` on
+127.0.0.1:5432, or on the MariaDB database ``test`` on 127.0.0.1:3306 (tables dropped first;
+TEST_PG_URL and TEST_MYSQL_URL name others, so that two test runs at once do not drop each
+other's tables). PostgreSQL and MariaDB tests skip when no server answers, except under CI=true,
+where they fail: CI never passes by skipping.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ TEST_HANDLER_NAMES = [
     "poison", "spawn_sleep", "spin", "stamp", "stamp_too", "steps", "whoami",
 ]  # fmt: skip
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
 #: Heartbeat used by test servers and workers: short, so restarts are noticed quickly.
 HEARTBEAT = 0.2
 #: Longest any test waits for a condition before failing.
@@ -372,18 +374,58 @@ def reset_postgres() -> None:
     conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+def mysql_connect() -> Any:
+    """A PyMySQL connection to MYSQL_URL, in the SQL mode Martinet's own connections have (autocommit)."""
+    from urllib.parse import urlparse
+
+    import pymysql
+
+    from martinet_app.db import MYSQL_SQL_MODE
+
+    url = urlparse(MYSQL_URL)
+    return pymysql.connect(
+        host=url.hostname, port=url.port or 3306, user=url.username, password=url.password or "",
+        database=url.path.lstrip("/"), charset="utf8mb4", sql_mode=MYSQL_SQL_MODE, autocommit=True, connect_timeout=3,
+    )  # fmt: skip
+
+
+def _mysql_available() -> str | None:
+    """None if MariaDB answers, else why not."""
+    try:
+        mysql_connect().close()
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means "not here"
+        return f"MariaDB at {MYSQL_URL} not reachable: {exc}".strip()
+
+
+def reset_mysql() -> None:
+    conn = mysql_connect()
+    with conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {', '.join(table._meta.table_name for table in TABLES)}")
+    conn.close()
+
+
+#: Each server backend of db_url: its URL, what says whether it answers, what drops Martinet's tables.
+_SERVER_BACKENDS = {
+    "postgres": ("PostgreSQL", lambda: PG_URL, _postgres_available, reset_postgres),
+    "mysql": ("MariaDB", lambda: MYSQL_URL, _mysql_available, reset_mysql),
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database: a temporary SQLite file, or PostgreSQL's ``test`` with Martinet's tables dropped."""
+    """A fresh database: a temporary SQLite file, or PostgreSQL's or MariaDB's ``test`` with Martinet's tables
+    dropped."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'martinet.db'}"
-    missing = _postgres_available()
+    name, url, available, reset = _SERVER_BACKENDS[request.param]
+    missing = available()
     if missing:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing} (CI=true: PostgreSQL tests must run, not skip)")
+            pytest.fail(f"{missing} (CI=true: {name} tests must run, not skip)")
         pytest.skip(missing)
-    reset_postgres()
-    return PG_URL
+    reset()
+    return url()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import zmq
 
-from conftest import PG_URL, Cluster, RawClient, wait_until
+from conftest import PG_URL, Cluster, RawClient, mysql_connect, wait_until
 from martinet_app import config, protocol
 from martinet_app.errors import InvalidRequest, MartinetError, TaskNotFound
 
@@ -44,6 +44,14 @@ def refuse(db_url: str, when: str, sqlite_sql: str, pg_sql: str) -> None:
         conn = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=10)
         conn.execute(sqlite_sql)
         conn.commit()
+        conn.close()
+        return
+    if db_url.startswith("mysql"):
+        conn = mysql_connect()
+        with conn.cursor() as cur:
+            cur.execute(f"""CREATE TRIGGER refuse_{when} BEFORE {when.upper()} ON task FOR EACH ROW BEGIN
+                            IF {pg_sql} THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused by the test'; END IF;
+                            END""")  # fmt: skip
         conn.close()
         return
     import psycopg2

@@ -132,7 +132,7 @@ def test_metrics_agree_with_the_store_after_a_known_workload(cluster: Cluster) -
     assert value(samples, "martinet_slots_busy") == value(samples, "martinet_workers_busy") == 0
     assert value(samples, "martinet_store_commit_seconds_count") >= len(records)
 
-    backend = "sqlite" if cluster.server.db_url.startswith("sqlite") else "postgresql"
+    backend = {"sqlite": "sqlite", "postgresql": "postgresql", "mysql": "mysql"}[cluster.server.db_url.split(":")[0]]
     [info] = labelled(samples, "martinet_server_info")
     assert info == {"version": __version__, "server_id": workers[0]["server"], "backend": backend}
     assert m.ping()["version"] == __version__

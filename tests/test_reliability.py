@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import HEARTBEAT, PG_URL, TEST_HANDLERS, Cluster, Process, Server, wait_until
+from conftest import HEARTBEAT, PG_URL, TEST_HANDLERS, Cluster, Process, Server, mysql_connect, wait_until
 from martinet_app import Martinet, protocol
 from martinet_app.errors import RequestTooLarge, ServerUnavailable, StoreUnavailable
 
@@ -266,6 +266,31 @@ def test_postgresql_connection_loss_under_load(cluster: Cluster):
                 (f"martinet-server-{cluster.server.pid}",),
             )
             assert cur.rowcount >= 1, "the server's connection was terminated"
+        conn.close()
+        ids += submit(m, 100, seconds=0.01)
+    wait_until(lambda: all_succeeded(m, ids), timeout=60, what="every task to succeed")
+    log = cluster.server.log()
+    assert "ERROR martinet_app.db: database error" in log, "the lost connection was logged"
+    assert "Traceback" not in log and cluster.server.running()
+
+
+@pytest.mark.parametrize("db_url", ["mysql"], indirect=True)
+def test_mariadb_connection_killed_under_load(cluster: Cluster):
+    """MariaDB's KILL CONNECTION of every connection the server has, twice while 400 tasks flow: every task
+    succeeds, and the server logs the failures without a traceback."""
+    cluster.start_worker("--concurrency", "4")
+    m = cluster.client
+    ids = submit(m, 200, seconds=0.01)
+    for _ in range(2):
+        wait_until(lambda: len(m.list(status="succeeded", limit=10_000)) >= 20, what="tasks to flow")
+        conn = mysql_connect()
+        with conn.cursor() as cur:
+            # The server is the only client of the test database (the worker has no connection).
+            cur.execute("SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id != CONNECTION_ID()")
+            killed = [connection for (connection,) in cur.fetchall()]
+            assert killed, "the server has connections to kill"
+            for connection in killed:
+                cur.execute(f"KILL CONNECTION {connection}")
         conn.close()
         ids += submit(m, 100, seconds=0.01)
     wait_until(lambda: all_succeeded(m, ids), timeout=60, what="every task to succeed")

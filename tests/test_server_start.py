@@ -1,4 +1,4 @@
-"""Servers starting at once on one database (#12, first part): PostgreSQL creates the schema once;
+"""Servers starting at once on one database (#12, first part): PostgreSQL and MariaDB create the schema once;
 SQLite takes one server."""
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, wait_until
+from conftest import Server, reset_mysql, reset_postgres, wait_until
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_servers_started_together_on_a_fresh_postgresql_all_serve(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
+def test_servers_started_together_on_a_fresh_database_all_serve(db_url: str, tmp_path: Path) -> None:
     for round_ in range(3):  # a fresh database each round: the race is in creating the tables
         if round_:
-            from conftest import reset_postgres
-
-            reset_postgres()
+            (reset_mysql if db_url.startswith("mysql") else reset_postgres)()
         servers = [Server(db_url, tmp_path / f"server-{round_}-{n}.log") for n in range(3)]
         try:
             for server in servers:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from conftest import mysql_connect
 from martinet_app import limits, schema
 from martinet_app.errors import ConfigError, InvalidDependency, InvalidTransition, StoreUnavailable, TaskNotFound
 from martinet_app.status import FINAL, NEXT, TaskStatus
@@ -68,7 +69,7 @@ def test_open_is_idempotent_and_stamps_schema_version(db_url: str) -> None:
     second = Store.open(db_url)
     try:
         assert second.get_task(task_id)["status"] == "queued"  # the data survived the second open
-        rows = second.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        rows = second.db.execute_sql("SELECT value FROM meta WHERE \"key\" = 'schema_version'").fetchall()
         assert [int(r[0]) for r in rows] == [SCHEMA_VERSION]
         assert PRIORITY_INDEX in {index.name for index in second.db.get_indexes("task")}
     finally:
@@ -78,7 +79,7 @@ def test_open_is_idempotent_and_stamps_schema_version(db_url: str) -> None:
 def test_newer_schema_version_is_refused(db_url: str) -> None:
     s = Store.open(db_url)
     with s.db.atomic():
-        s.db.execute_sql("UPDATE meta SET value = %s WHERE key = 'schema_version'" % (SCHEMA_VERSION + 1))
+        s.db.execute_sql("UPDATE meta SET value = %s WHERE \"key\" = 'schema_version'" % (SCHEMA_VERSION + 1))
     s.close()
     with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
         Store.open(db_url)
@@ -113,6 +114,13 @@ def create_v1_database(db_url: str) -> None:
     if db_url.startswith("sqlite"):
         conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
         conn.executescript(V1_SCHEMA.format(id="INTEGER", double="REAL", bool="INTEGER", true=1))
+    elif db_url.startswith("mysql"):
+        conn = mysql_connect()
+        with conn.cursor() as cur:
+            v1 = V1_SCHEMA.format(id="INTEGER AUTO_INCREMENT", double="DOUBLE", bool="BOOLEAN", true="TRUE")
+            for statement in v1.split(";"):
+                if statement.strip():
+                    cur.execute(statement)
     else:
         import psycopg2
 
@@ -127,7 +135,7 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
     for _ in range(2):  # the second open finds the current version and changes nothing
         s = Store.open(db_url)
         try:
-            rows = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+            rows = s.db.execute_sql("SELECT value FROM meta WHERE \"key\" = 'schema_version'").fetchall()
             assert [int(r[0]) for r in rows] == [SCHEMA_VERSION] == [8]
             assert s.counts() == {**dict.fromkeys(s.counts(), 0), "queued": 1, "failed": 1}  # counted in migrating
             assert PRIORITY_INDEX in {index.name for index in s.db.get_indexes("task")}
@@ -159,7 +167,10 @@ def test_version_1_database_is_migrated(db_url: str) -> None:
         s.close()
 
 
-@pytest.mark.parametrize("url", ["mysql://x", "sqlite://", "postgresql://postgres@127.0.0.1:5432/"])
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://x", "mariadb://root@127.0.0.1:3306/", "sqlite://", "postgresql://postgres@127.0.0.1:5432/", "x://y"],
+)
 def test_unopenable_urls(url: str) -> None:
     with pytest.raises(ConfigError):
         Store.open(url)
@@ -1006,10 +1017,16 @@ def test_workers_of_live_servers_are_listed_with_their_server(store: Store) -> N
     assert _as(store, "B").workers(NOW + 2) == []
 
 
-# --- the pool: a transaction per greenlet; reads beside the writer on PostgreSQL -----------------------------------
+# --- the pool: a transaction per greenlet; reads beside the writer on PostgreSQL and MariaDB -----------------------
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def _sleep(store: Store, seconds: float) -> None:
+    """A statement that takes ``seconds`` in the database server (waiting on its socket, for the driver)."""
+    sleep = "pg_sleep" if store.dialect.name == "postgresql" else "SLEEP"
+    store.db.execute_sql(f"SELECT {sleep}({seconds})")
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_read_runs_beside_an_open_transaction_on_its_own_connection(store: Store) -> None:
     import gevent
     import gevent.event
@@ -1036,7 +1053,7 @@ def test_a_read_runs_beside_an_open_transaction_on_its_own_connection(store: Sto
     assert len(store.list_tasks(status=None, name="uncommitted", username=None, limit=10)) == 1
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_slow_read_does_not_hold_up_a_write_and_the_stop_waits_for_it(store: Store) -> None:
     import gevent
 
@@ -1044,7 +1061,7 @@ def test_a_slow_read_does_not_hold_up_a_write_and_the_stop_waits_for_it(store: S
 
     def slow_read() -> None:
         with store._read():
-            store.db.execute_sql("SELECT pg_sleep(0.5)")
+            _sleep(store, 0.5)
         order.append("read")
 
     def write() -> None:
@@ -1080,7 +1097,7 @@ def test_each_greenlet_has_its_own_transaction(store: Store) -> None:
         assert len(store.list_tasks(status=None, name=f"g{n}", username=None, limit=100)) == n
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store: Store) -> None:
     import gevent
     import gevent.event
@@ -1092,7 +1109,7 @@ def test_a_read_only_transaction_runs_beside_the_writer_and_refuses_writes(store
         with store.transaction():
             add(store, "slow")
             inside.set()
-            store.db.execute_sql("SELECT pg_sleep(0.3)")
+            _sleep(store, 0.3)
         order.append("write committed")
 
     def reader() -> None:
@@ -1198,8 +1215,8 @@ def test_a_rate_lets_so_many_start_per_window_and_says_when_it_opens(store: Stor
     assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1)] == ids[3:5], "the two of NOW left the window"
     assert store.window_opens == NOW + 1.5
     assert [t["task_id"] for t in store.claim("w1", 8, NOW + 1.5)] == [ids[5]]
-    remembered = store.db.execute_sql("SELECT at, n FROM rate_start WHERE key = 'job' ORDER BY at").fetchall()
-    assert remembered == [(NOW + 1, 2), (NOW + 1.5, 1)], "starts that left the window are forgotten"
+    remembered = store.db.execute_sql("SELECT at, n FROM rate_start WHERE \"key\" = 'job' ORDER BY at").fetchall()
+    assert list(remembered) == [(NOW + 1, 2), (NOW + 1.5, 1)], "starts that left the window are forgotten"
 
 
 def test_a_limit_and_a_rate_on_one_key_both_hold(store: Store) -> None:
@@ -1242,7 +1259,7 @@ def test_a_paused_name_stays_queued_and_is_shown_until_resumed(db_url: str) -> N
         s.close()
 
 
-@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
 def test_a_limit_holds_between_servers_claiming_at_once(store: Store, db_url: str) -> None:
     """Two servers' claims on one database: the second waits for the first's transaction, then counts its claims."""
     import gevent
@@ -1273,6 +1290,9 @@ def test_a_limit_holds_between_servers_claiming_at_once(store: Store, db_url: st
             query = (
                 "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
                 "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                if store.dialect.name == "postgresql"
+                # MariaDB: the statement that takes its lock, running (innodb_trx is a cache, refreshed when unread).
+                else "SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'INSERT INTO meta %%lock:%%'"
             )
             with store._read():
                 return store.db.execute_sql(query).fetchone()[0]
@@ -1508,13 +1528,14 @@ def test_version_7_database_gets_dependencies(db_url: str) -> None:
         old = add(s)
         with s.transaction():  # back to schema 7, as Martinet left it before dependencies
             for sql in ("DROP TABLE task_dependency", "ALTER TABLE task DROP COLUMN dependencies",
-                        "ALTER TABLE task DROP COLUMN dependants", "UPDATE meta SET value = '7'"):  # fmt: skip
+                        "ALTER TABLE task DROP COLUMN dependants",
+                        "UPDATE meta SET value = '7' WHERE \"key\" = 'schema_version'"):  # fmt: skip
                 s.db.execute_sql(sql)
     finally:
         s.close()
     s = Store.open(db_url)
     try:
-        version = s.db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        version = s.db.execute_sql("SELECT value FROM meta WHERE \"key\" = 'schema_version'").fetchone()[0]
         assert int(version) == SCHEMA_VERSION == 8
         assert s.get_task(old)["after"] == [] and status(s, old) == "queued"
         task_id = after(s, old)
@@ -1523,3 +1544,53 @@ def test_version_7_database_gets_dependencies(db_url: str) -> None:
         assert s.counts() == counted(s)
     finally:
         s.close()
+
+
+def test_any_character_round_trips(store: Store) -> None:
+    """Names, descriptions, keys, args and results in any script come back as they went in (utf8mb4 on MariaDB),
+    and keys that differ only in case or accents are different keys."""
+    text = "émoji 🚀🎉 中文字符 日本語 한국어 العربية ∑"
+    meta = {"name": "名前🚀", "username": "ユーザー", "description": text, "key": "鍵🔑"}
+    task_id = store.add_task(meta, {"text": text, "nested": ["😀", {"字": "🀄"}]}, run_at=NOW, now=NOW)
+    assert store.add_task({**meta, "key": "鍵🔑"}, {}, run_at=NOW, now=NOW) == task_id, "the same key"
+    for other in ("鍵🗝", "KEY", "key", "kéy"):
+        other_task = store.add_task({**meta, "key": other, "description": "x"}, {}, run_at=NOW, now=NOW)
+        assert other_task != task_id, f"{other!r} is another key"
+    record = store.get_task(task_id)
+    assert [record[f] for f in ("name", "username", "description", "key")] == [*list(meta.values())]
+    assert record["args"] == {"text": text, "nested": ["😀", {"字": "🀄"}]}
+    [claimed] = [t for t in store.claim("w1", 10, NOW) if t["task_id"] == task_id]
+    store.apply_events([("w1", {"event": "succeeded", "task_id": task_id, "attempt": claimed["attempt"],
+                                "at": NOW + 1, "result": {"答え": text}})])  # fmt: skip
+    assert store.get_task(task_id)["result"] == {"答え": text}
+    assert [t["id"] for t in store.list_tasks(status=None, name=None, username=None, limit=10, search="中文")] == [
+        task_id
+    ]
+    assert [t["id"] for t in store.list_tasks(status=None, name=None, username=None, limit=10, search="MOJI 🚀")] == [
+        task_id
+    ], "a search ignores case"
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
+def test_a_row_held_by_another_server_past_the_lock_timeout_is_store_unavailable(store: Store, db_url: str) -> None:
+    """Another server's transaction holds a task's row: a change to it waits (the lock wait timeout), then fails with
+    StoreUnavailable naming the cause, and the store goes on working."""
+    task_id = add(store)
+    other = Store.open(db_url, server_id="B")  # connections of its own: another server
+    schema.database.initialize(store.db)  # the models stay this store's
+    try:
+        other.db.execute_sql("BEGIN")
+        other.db.execute_sql(f"SELECT id FROM task WHERE id = {task_id} FOR UPDATE")
+        timeout = "SET LOCAL lock_timeout = '300ms'" if store.dialect.name == "postgresql" else None
+        with pytest.raises(StoreUnavailable, match="(?i)lock") as raised, store.transaction():
+            if timeout:
+                store.db.execute_sql(timeout)
+            else:
+                store.db.execute_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            store.cancel(task_id, NOW)
+        assert "try again" in str(raised.value)
+        other.db.execute_sql("ROLLBACK")
+        assert store.cancel(task_id, NOW)["status"] == "cancelled"
+    finally:
+        other.close()
+        schema.database.initialize(store.db)
