@@ -109,7 +109,7 @@ def test_named_times_use_the_server_time_zone(tmp_path):
 def test_bad_settings_stop_the_server_with_a_clear_message(tmp_path):
     for args, message in [
         (["--tz", "Mars/Olympus"], "Mars/Olympus"),
-        (["--db", "mysql://localhost/x"], "unsupported database URL"),
+        (["--db", "oracle://localhost/x"], "unsupported database URL"),
     ]:
         result = subprocess.run(
             martinet_cmd("serve", "--client-port", str(free_port()), *args),

@@ -43,7 +43,7 @@ def test_server_and_worker_log_json_lines(tmp_path: Path) -> None:
 
 def test_a_server_that_cannot_start_says_why_in_json(tmp_path: Path) -> None:
     proc = subprocess.run(
-        martinet_cmd("serve", "--db", "mysql://nowhere/x", "--log-format", "json"),
+        martinet_cmd("serve", "--db", "oracle://nowhere/x", "--log-format", "json"),
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2
