@@ -34,7 +34,7 @@ import gevent.lock
 import peewee as pw
 
 from . import config
-from .errors import ConfigError, StoreUnavailable
+from .errors import ConfigError, StoreConflict, StoreUnavailable
 from .tally import Tally
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ _UNAVAILABLE = (pw.OperationalError, pw.InterfaceError)
 #: killed, the server shutting down, a lock wait timeout, a deadlock. Client-side codes (2000 and up) are all such.
 _MYSQL_UNAVAILABLE = frozenset({1040, 1044, 1045, 1053, 1077, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160,
                                 1161, 1205, 1213, 1927, 4031})  # fmt: skip
+#: MariaDB's "Deadlock found when trying to get lock", and PostgreSQL's deadlock_detected and serialization_failure.
+_MYSQL_DEADLOCK = 1213
+_PG_CONFLICTS = frozenset({"40P01", "40001"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,13 @@ class Dialect:
             return True
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 2000
         return code >= 2000 or code in _MYSQL_UNAVAILABLE
+
+    def conflict(self, exc: Exception) -> bool:
+        """Whether ``exc`` (one of _UNAVAILABLE) is the database breaking a deadlock (or, on PostgreSQL, a
+        serialization failure) by rolling this transaction back: running it again may well succeed."""
+        if self.mysql:
+            return bool(exc.args) and exc.args[0] == _MYSQL_DEADLOCK
+        return getattr(getattr(exc, "orig", None), "pgcode", None) in _PG_CONFLICTS
 
     def insert_ignoring(self, rest: str) -> str:
         """``INSERT rest`` (``INTO table (columns) VALUES ...``) that skips the rows a unique key holds already."""
@@ -355,6 +365,8 @@ class Pool:
             if not self.dialect.unavailable(exc):
                 raise
             self._open().doomed = exc
+            if self.dialect.conflict(exc):
+                raise StoreConflict(f"the database broke a deadlock ({first_line(exc)}): try again") from exc
             raise StoreUnavailable(f"the database is unavailable ({first_line(exc)}): try again") from exc
 
     @contextlib.contextmanager
@@ -375,6 +387,11 @@ class Pool:
                     cause = link
                 link = link.__context__
             reason = first_line(cause)
+            if self.dialect.conflict(exc):
+                # Not a failure of the database: it chose this transaction to roll back; the caller runs it again.
+                log.warning("deadlock on %s, rolled back: %s", redact(self.url), reason)
+                message = f"the database broke a deadlock ({reason}): nothing was committed; try again"
+                raise StoreConflict(message) from exc
             log.error("database error on %s: %s", redact(self.url), reason)
             raise StoreUnavailable(
                 f"the database is unavailable ({reason}): the request was not completed; try again"

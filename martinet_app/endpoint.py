@@ -14,6 +14,7 @@ import datetime
 import functools
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import zmq.green as zmq
 
 from . import __version__, config, errors, protocol, stats, timespec
 from .broker import Broker
-from .errors import InvalidRequest, MartinetError, ProtocolError
+from .errors import InvalidRequest, MartinetError, ProtocolError, StoreConflict
 from .scheduler import Scheduler
 from .security import Inbox
 from .status import TaskStatus
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 _STATUSES = frozenset(s.value for s in TaskStatus)
 #: Longest a single ``wait`` request is parked, seconds (the client asks again after it).
 WAIT_MAX = 300.0
+#: Times a turn of requests runs again after the database rolled it back to break a deadlock, and the seconds
+#: paused before the first of them (longer before each next).
+CONFLICT_RETRIES = 3
+CONFLICT_PAUSE = 0.02
 #: Requests that may queue tasks: a turn that has any hands the queue to free slots once, at its end.
 _QUEUING_OPS = frozenset({"execute", "execute_many", "chain", "retry", "bulk", "resume"})
 #: What a ``bulk`` request may do to each task it selects.
@@ -169,23 +174,39 @@ class ClientEndpoint:
     def _turn(self, requests: list[_Request]) -> list[tuple[_Request, dict | None, dict | None]]:
         """Run ``requests`` in one transaction: their (request, result, error) replies, once it has committed.
 
+        A turn the database rolled back to break a deadlock (StoreConflict) runs again, up to
+        CONFLICT_RETRIES times, after a short random pause: the other transaction then finishes first.
+
         Raises:
             _Unexpected: a request failed unexpectedly; the transaction was rolled back.
         """
-        replies: list[tuple[_Request, dict | None, dict | None]] = []
         # A turn that only reads (status, list, wait...) runs beside the writer on PostgreSQL.
         read_only = all(request.body is None or request.body["op"] not in protocol.MUTATING_OPS for request in requests)
-        try:
-            with self.store.transaction(read_only=read_only):
-                for request in requests:
-                    reply = self._answer(request)
-                    if reply is not None:
-                        replies.append((request, *reply))
-                freed = not read_only and self.carry()
-                if freed or any(r.body is not None and r.body["op"] in _QUEUING_OPS for r in requests):
-                    self.broker.dispatch()
-        except MartinetError as exc:
-            return [(request, None, exc.to_wire()) for request in requests]
+        attempt = 0
+        while True:
+            try:
+                return self._run(requests, read_only)
+            except StoreConflict as exc:
+                attempt += 1
+                if attempt > CONFLICT_RETRIES:
+                    return [(request, None, exc.to_wire()) for request in requests]
+                log.warning("a turn of %d request(s) lost a deadlock: running it again (%d of %d)",
+                            len(requests), attempt, CONFLICT_RETRIES)  # fmt: skip
+                gevent.sleep(random.uniform(0.5, 1.5) * CONFLICT_PAUSE * attempt)
+            except MartinetError as exc:
+                return [(request, None, exc.to_wire()) for request in requests]
+
+    def _run(self, requests: list[_Request], read_only: bool) -> list[tuple[_Request, dict | None, dict | None]]:
+        """One attempt of :meth:`_turn`."""
+        replies: list[tuple[_Request, dict | None, dict | None]] = []
+        with self.store.transaction(read_only=read_only):
+            for request in requests:
+                reply = self._answer(request)
+                if reply is not None:
+                    replies.append((request, *reply))
+            freed = not read_only and self.carry()
+            if freed or any(r.body is not None and r.body["op"] in _QUEUING_OPS for r in requests):
+                self.broker.dispatch()
         return replies
 
     def call(self, request: dict, size: int = 0) -> dict:

@@ -50,6 +50,12 @@ class StoreUnavailable(MartinetError):
     """Raised when the server's database failed (connection lost, locked, disk full); nothing was committed."""
 
 
+class StoreConflict(StoreUnavailable):
+    """Raised when the database rolled the server's transaction back to break a deadlock with another
+    connection's (or, on PostgreSQL, a serialization failure); nothing was committed. The server runs a
+    client's request again a few times before it answers with this: try again."""
+
+
 class ServerUnavailable(MartinetError, ConnectionError):
     """Raised when the server did not answer within the client's timeout."""
 
@@ -95,6 +101,7 @@ _BY_NAME = {
         TaskNotFound,
         InvalidTransition,
         StoreUnavailable,
+        StoreConflict,
         ServerUnavailable,
         AuthenticationFailed,
         WaitTimeout,

@@ -12,6 +12,7 @@ import random
 import shlex
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -296,6 +297,82 @@ def test_mariadb_connection_killed_under_load(cluster: Cluster):
     wait_until(lambda: all_succeeded(m, ids), timeout=60, what="every task to succeed")
     log = cluster.server.log()
     assert "ERROR martinet_app.db: database error" in log, "the lost connection was logged"
+    assert "Traceback" not in log and cluster.server.running()
+
+
+class _Locker:
+    """A transaction of the test's own on the server's database (PostgreSQL or MariaDB), beside a connection that
+    watches for the server's transaction waiting on a row."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        if backend == "postgres":
+            import psycopg2
+
+            self.conn, self.watcher = psycopg2.connect(PG_URL), psycopg2.connect(PG_URL)
+            self.watcher.autocommit = True
+        else:
+            self.conn, self.watcher = mysql_connect(), mysql_connect()
+            self.conn.autocommit(False)
+        self.cur = self.conn.cursor()
+
+    def lock(self, task_id: int) -> None:
+        self.cur.execute("SELECT id FROM task WHERE id = %s FOR UPDATE", (task_id,))
+        assert [tuple(row) for row in self.cur.fetchall()] == [(task_id,)]
+
+    def someone_waits(self) -> bool:
+        with self.watcher.cursor() as cur:
+            if self.backend == "postgres":
+                cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            else:
+                cur.execute("SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")
+            return cur.fetchone()[0] > 0
+
+    def close(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+        self.watcher.close()
+
+
+@pytest.mark.parametrize("db_url", ["postgres", "mysql"], indirect=True)
+def test_a_request_that_loses_a_deadlock_is_run_again(cluster: Cluster, request: pytest.FixtureRequest):
+    """Another transaction holds the second of two tasks a bulk cancel locks in id order, waits for the server to
+    hold the first, then asks for it: the database rolls the server's turn back to break the deadlock, and the
+    server runs the turn again instead of answering "try again"."""
+    m = cluster.client
+    first, second = (m.schedule("in 1 hour", {"name": "deadlocked"}) for _ in range(2))
+    backend = request.node.callspec.params["db_url"]
+    locker = _Locker(backend)
+    try:
+        if backend == "postgres":
+            # The server's wait begins first; a longer timeout here makes its backend the one to find the deadlock.
+            locker.cur.execute("SET LOCAL deadlock_timeout = '10s'")
+        else:
+            # InnoDB rolls back the transaction that has written less: this one writes rows it rolls back at the end.
+            for n in range(50):
+                locker.cur.execute('INSERT INTO meta ("key", value) VALUES (%s, %s)', (f"deadlock-test:{n}", ""))
+        locker.lock(second)
+        outcome: dict = {}
+
+        def cancel() -> None:
+            with cluster.server.client(timeout=30) as client:
+                try:
+                    outcome["reply"] = client.bulk("cancel", name="deadlocked")
+                except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+                    outcome["error"] = exc
+
+        thread = threading.Thread(target=cancel)
+        thread.start()
+        # InnoDB refreshes innodb_trx only when it was last read 0.1 s ago or more: poll slower than that.
+        wait_until(locker.someone_waits, interval=0.25, what="the server's turn to wait for the second task's row")
+        locker.lock(first)  # the cycle: the server holds the first and waits for the second
+    finally:
+        locker.close()
+    thread.join(timeout=30)
+    assert outcome.get("reply") == {"done": [second, first], "failed": []}, outcome
+    assert [m.status(task_id)["status"] for task_id in (first, second)] == ["cancelled", "cancelled"]
+    log = cluster.server.log()
+    assert "lost a deadlock: running it again (1 of 3)" in log
     assert "Traceback" not in log and cluster.server.running()
 
 
