@@ -485,15 +485,29 @@ class _MariaDBDatabase(pw.MySQLDatabase):
 
     def _connect(self) -> Any:
         conn = super()._connect()
-        info = conn.get_server_info()  # "10.11.19-MariaDB-...", or "5.5.5-10.11.19-MariaDB-..." (an old client's view)
-        found = re.search(r"(\d+)\.(\d+)\.\d+-MariaDB", info, re.IGNORECASE)
-        if found is None or (int(found[1]), int(found[2])) < MARIADB_MIN_VERSION:
+        try:
+            check_mariadb(conn.get_server_info(), self.connect_params.get("host"))
+        except ConfigError:
             conn.close()
-            raise ConfigError(
-                f"the server at {self.connect_params.get('host')} runs {info}: Martinet needs MariaDB 10.6 or newer "
-                "(SKIP LOCKED, INSERT ... RETURNING); MySQL is not supported yet (it has no RETURNING)"
-            )
+            raise
         return conn
+
+
+def check_mariadb(info: str, host: str | None) -> None:
+    """Refuse (ConfigError) a server whose version string ``info`` is not MariaDB 10.6 or newer: that of MySQL
+    (no INSERT ... RETURNING, which the store's inserts need), or of an older MariaDB."""
+    # "10.11.19-MariaDB-...", or "5.5.5-10.11.19-MariaDB-..." (what an old client protocol shows)
+    found = re.search(r"(\d+)\.(\d+)\.\d+-MariaDB", info, re.IGNORECASE)
+    if found is None:
+        raise ConfigError(
+            f"the server at {host} runs MySQL {info}: Martinet supports MariaDB 10.6 or newer only "
+            "(its store needs INSERT ... RETURNING, which MySQL lacks); use MariaDB, PostgreSQL or SQLite"
+        )
+    if (int(found[1]), int(found[2])) < MARIADB_MIN_VERSION:
+        raise ConfigError(
+            f"the server at {host} runs MariaDB {found[1]}.{found[2]}: Martinet needs MariaDB 10.6 or newer "
+            "(SKIP LOCKED); upgrade it, or use PostgreSQL or SQLite"
+        )
 
 
 class _PooledMariaDBDatabase(_Pooled, _MariaDBDatabase):

@@ -5,6 +5,7 @@ No mocks, no sleeps: every call that needs a clock gets an explicit ``now``.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from conftest import mysql_connect
-from martinet_app import limits, schema
+from martinet_app import db, limits, schema
 from martinet_app.errors import ConfigError, InvalidDependency, InvalidTransition, StoreUnavailable, TaskNotFound
 from martinet_app.status import FINAL, NEXT, TaskStatus
 from martinet_app.store import SCHEMA_VERSION, Applied, Store, backoff
@@ -1594,3 +1595,23 @@ def test_a_row_held_by_another_server_past_the_lock_timeout_is_store_unavailable
     finally:
         other.close()
         schema.database.initialize(store.db)
+
+
+@pytest.mark.parametrize(
+    ("info", "refused"),
+    [
+        ("10.11.6-MariaDB-0+deb12u1", None),
+        ("5.5.5-10.6.18-MariaDB-log", None),  # as an old client protocol shows the version
+        ("11.4.2-MariaDB", None),
+        ("8.0.36", "runs MySQL 8.0.36: Martinet supports MariaDB 10.6 or newer only"),
+        ("10.5.23-MariaDB", "runs MariaDB 10.5: Martinet needs MariaDB 10.6 or newer"),
+    ],
+)
+def test_only_mariadb_10_6_or_newer_is_served(info: str, refused: str | None) -> None:
+    """The version string a server greets with decides: MySQL is refused by name (the store needs INSERT ...
+    RETURNING, which MySQL lacks), and so is a MariaDB older than 10.6 (SKIP LOCKED)."""
+    if refused is None:
+        db.check_mariadb(info, "db.example")
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"the server at db.example {refused}")):
+        db.check_mariadb(info, "db.example")
