@@ -47,6 +47,7 @@ CLUSTER_CODE (HEAD), CLUSTER_QUIET (0.3), CLUSTER_QUIET_WAIT (20).
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import datetime
@@ -59,6 +60,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +91,15 @@ def stat_cpu(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / drive.CLOCK_TICKS
 
 
-def postgres_pids() -> list[int]:
+def pids_named(comm: str) -> list[int]:
+    """The live processes whose command name is ``comm``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "postgres":
+                if (entry / "comm").read_text().strip() == comm:
                     pids.append(int(entry.name))
     return pids
-
-
-def postgres_cpu() -> dict[int, float]:
-    """CPU seconds of every live postgres process; the postmaster's figure holds its reaped children."""
-    return {pid: stat_cpu(pid) for pid in postgres_pids()}
 
 
 def postmaster(pids: set[int]) -> int | None:
@@ -119,7 +117,7 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values) - values[3] - values[4], sum(values)
 
 
-# ------------------------------------------------------------------ PostgreSQL
+# ------------------------------------------------------------------ the shared database
 
 
 def connect(base: str, dbname: str) -> Any:
@@ -130,34 +128,163 @@ def connect(base: str, dbname: str) -> Any:
     return conn
 
 
-def reset_database(base: str) -> None:
-    """Create DATABASE if missing, and empty it: its public schema dropped and created again."""
-    with contextlib.closing(connect(base, "postgres")) as admin, admin.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-        if cur.fetchone() is None:
-            cur.execute(f"CREATE DATABASE {DATABASE}")
-    with contextlib.closing(connect(base, DATABASE)) as conn, conn.cursor() as cur:
-        cur.execute("SET lock_timeout = '10s'")
-        cur.execute("DROP SCHEMA IF EXISTS public CASCADE")
-        cur.execute("CREATE SCHEMA public")
+class Database(abc.ABC):
+    """The database the servers share (``base``: its server's URL without a database name): DATABASE emptied,
+    and the CPU of its server's processes. The figures a backend cannot give are empty here."""
+
+    name = ""
+    comm = ""  # the command name of the database server's processes
+    cpu_label = ""  # the table's label of their CPU
+    projected_label = ""  # what of it the projection scales (Database.projected)
+
+    def __init__(self, base: str) -> None:
+        self.url = f"{base}/{DATABASE}"
+        self.base = base
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Make DATABASE exist and be empty."""
+
+    @abc.abstractmethod
+    def connect(self) -> Any:
+        """An autocommit connection to DATABASE."""
+
+    @abc.abstractmethod
+    def projected(self, run: dict) -> float:
+        """The database's CPU per 1,000 tasks of ``run`` that the projection scales (projected_label)."""
+
+    def cpu(self) -> dict[int, float]:
+        """CPU seconds of every live process of the database server."""
+        return {pid: stat_cpu(pid) for pid in pids_named(self.comm)}
+
+    def own_pid(self, watch: Watch) -> int | None:
+        """The process serving ``watch``'s connection alone, left out of the CPU figures (None: there is none)."""
+        return None
+
+    def counters(self, watch: Watch) -> dict[str, float]:
+        """The database's counters (counter_figures)."""
+        return {}
+
+    def backends(self, watch: Watch) -> dict[int, str]:
+        """pid -> what it serves, of the processes serving one connection each."""
+        return {}
+
+    def split(self, used: Callable[[Callable[[int], bool]], float], pids: set[int], backends: dict[int, str]) -> dict:
+        """The database's CPU split by what its processes serve; ``used(keep)`` is the CPU per 1,000 tasks of
+        the processes ``keep`` picks."""
+        return {}
+
+
+class Postgres(Database):
+    """PostgreSQL: DATABASE's public schema emptied, its processes' CPU split, its statistics (transactions, WAL)."""
+
+    name = "PostgreSQL"
+    comm = "postgres"
+    cpu_label = "PostgreSQL (all postgres processes)"
+    projected_label = "Martinet's connections and auxiliary processes"
+
+    def reset(self) -> None:
+        """Create DATABASE if missing, and empty it: its public schema dropped and created again."""
+        with contextlib.closing(connect(self.base, "postgres")) as admin, admin.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if cur.fetchone() is None:
+                cur.execute(f"CREATE DATABASE {DATABASE}")
+        with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '10s'")
+            cur.execute("DROP SCHEMA IF EXISTS public CASCADE")
+            cur.execute("CREATE SCHEMA public")
+
+    def connect(self) -> Any:
+        return connect(self.base, DATABASE)
+
+    def own_pid(self, watch: Watch) -> int | None:
+        return watch.query("SELECT pg_backend_pid()")[0][0]
+
+    def counters(self, watch: Watch) -> dict[str, float]:
+        """PostgreSQL's counters, after STATS_FLUSH s for every backend to report: this database's transactions,
+        and the cluster's WAL records, bytes and syncs (pg_stat_wal: every database's, someone else's too)."""
+        time.sleep(STATS_FLUSH)
+        own = watch.queries
+        (xacts, records, size, syncs), *_ = watch.query(
+            "SELECT d.xact_commit + d.xact_rollback, w.wal_records, w.wal_bytes, w.wal_sync"
+            " FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = %s",
+            (DATABASE,),
+        )
+        return {"xacts": xacts, "wal_records": records, "wal_bytes": float(size), "wal_syncs": syncs, "own": own}
+
+    def backends(self, watch: Watch) -> dict[int, str]:
+        """pid -> what it serves: 'bench' (this database, but not this connection), 'other' (another
+        database's client backend); auxiliary processes (checkpointer, walwriter...) are left out."""
+        rows = watch.query("SELECT pid, datname, backend_type FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        return {
+            pid: "bench" if datname == DATABASE else "other"
+            for pid, datname, backend_type in rows
+            if datname is not None and backend_type == "client backend"
+        }
+
+    def split(self, used: Callable[[Callable[[int], bool]], float], pids: set[int], backends: dict[int, str]) -> dict:
+        """Martinet's connections (this database's backends), other databases' live backends, the auxiliary
+        processes (checkpointer, walwriter, autovacuum launcher...), and the postmaster, whose figure holds every
+        backend or autovacuum worker that ended and was reaped meanwhile, of any database."""
+        root = postmaster(pids)
+        return {
+            "postgres_split_per_1000": {
+                "bench_backends": used(lambda p: backends.get(p) == "bench"),
+                "other_databases": used(lambda p: backends.get(p) == "other"),
+                "auxiliary": used(lambda p: p not in backends and p != root),
+                "postmaster_and_reaped": used(lambda p: p == root),
+            }
+        }
+
+    def projected(self, run: dict) -> float:
+        split = run["postgres_split_per_1000"]
+        return split["bench_backends"] + split["auxiliary"]
+
+
+class MariaDB(Database):
+    """MariaDB: DATABASE dropped and created again, and the ``mariadbd`` process's CPU. That one process's threads
+    serve every connection (this script's and other databases' too), so its CPU cannot be split, and MariaDB
+    keeps no per-database transaction count; its redo log figures are left out."""
+
+    name = "MariaDB"
+    comm = "mariadbd"
+    cpu_label = "MariaDB (the mariadbd process: every connection)"
+    projected_label = "the whole mariadbd process"
+
+    def reset(self) -> None:
+        drive.reset_mysql(self.url)
+
+    def connect(self) -> Any:
+        return drive.mysql_connect(self.url)
+
+    def projected(self, run: dict) -> float:
+        return run["cpu_s_per_1000"]["database"]
+
+
+#: --backend -> the database the servers share, from the parsed arguments.
+BACKENDS: dict[str, Callable[[argparse.Namespace], Database]] = {
+    "postgresql": lambda args: Postgres(args.pg),
+    "mysql": lambda args: MariaDB(args.mysql),
+}
 
 
 class Watch:
     """This script's own connection to the benchmark's database: completion checks and the figures after a run."""
 
-    def __init__(self, base: str) -> None:
-        self.conn = connect(base, DATABASE)
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.conn = database.connect()
         self.queries = 0  # each one a transaction (autocommit), counted in pg_stat_database
-        self.pid = self.query("SELECT pg_backend_pid()")[0][0]
+        self.pid = database.own_pid(self)
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         self.queries += 1
         with self.conn.cursor() as cur:
             cur.execute(sql, params)
-            return cur.fetchall()
+            return list(cur.fetchall())
 
     def unfinished(self) -> bool:
-        return self.query("SELECT EXISTS (SELECT 1 FROM task WHERE status IN %s)", (UNFINISHED,))[0][0]
+        return bool(self.query("SELECT EXISTS (SELECT 1 FROM task WHERE status IN %s)", (UNFINISHED,))[0][0])
 
     def wait_finished(self, timeout: float) -> bool:
         """Wait until no task is unfinished; False if some still are after ``timeout`` seconds."""
@@ -169,16 +296,8 @@ class Watch:
         return True
 
     def counters(self) -> dict[str, float]:
-        """PostgreSQL's counters, after STATS_FLUSH s for every backend to report: this database's transactions,
-        and the cluster's WAL records, bytes and syncs (pg_stat_wal: every database's, someone else's too)."""
-        time.sleep(STATS_FLUSH)
-        own = self.queries
-        (xacts, records, size, syncs), *_ = self.query(
-            "SELECT d.xact_commit + d.xact_rollback, w.wal_records, w.wal_bytes, w.wal_sync"
-            " FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = %s",
-            (DATABASE,),
-        )
-        return {"xacts": xacts, "wal_records": records, "wal_bytes": float(size), "wal_syncs": syncs, "own": own}
+        """The database's counters (Database.counters)."""
+        return self.database.counters(self)
 
     def counts(self) -> dict[str, int]:
         return dict(self.query("SELECT status, COUNT(*) FROM task GROUP BY status"))
@@ -188,14 +307,8 @@ class Watch:
         return self.query("SELECT id, status, worker, attempts, result FROM task ORDER BY id")
 
     def backends(self) -> dict[int, str]:
-        """pid -> what it serves: 'bench' (this database, but not this connection), 'other' (another
-        database's client backend); auxiliary processes (checkpointer, walwriter...) are left out."""
-        rows = self.query("SELECT pid, datname, backend_type FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
-        return {
-            pid: "bench" if datname == DATABASE else "other"
-            for pid, datname, backend_type in rows
-            if datname is not None and backend_type == "client backend"
-        }
+        """The database's processes serving one connection each (Database.backends)."""
+        return self.database.backends(self)
 
     def close(self) -> None:
         self.conn.close()
@@ -329,10 +442,10 @@ def _answers(m: Any) -> bool:
 # ------------------------------------------------------------------ one run
 
 
-def snapshot(cluster: Cluster) -> dict:
+def snapshot(cluster: Cluster, database: Database) -> dict:
     return {
         "martinet": cluster.cpu(),
-        "postgres": postgres_cpu(),
+        "database": database.cpu(),
         "machine": machine_ticks(),
         "own": sum(os.times()[:2]),
         "at": time.perf_counter(),
@@ -340,32 +453,23 @@ def snapshot(cluster: Cluster) -> dict:
 
 
 def cpu_figures(before: dict, after: dict, watch: Watch, backends: dict[int, str], done: int) -> dict:
-    """CPU seconds per 1,000 finished tasks between two snapshots, per process and for PostgreSQL."""
+    """CPU seconds per 1,000 finished tasks between two snapshots, per process and for the database server."""
     scale = 1000 / max(done, 1)
     per = {name: (after["martinet"][name] - before["martinet"].get(name, 0.0)) * scale for name in after["martinet"]}
-    pids = (set(before["postgres"]) | set(after["postgres"])) - {watch.pid}
+    pids = (set(before["database"]) | set(after["database"])) - {watch.pid}
 
-    def pg(keep: Any) -> float:
+    def used(keep: Callable[[int], bool]) -> float:
         chosen = [p for p in pids if keep(p)]
-        return sum(after["postgres"].get(p, 0.0) - before["postgres"].get(p, 0.0) for p in chosen) * scale
+        return sum(after["database"].get(p, 0.0) - before["database"].get(p, 0.0) for p in chosen) * scale
 
-    root = postmaster(set(before["postgres"]) | set(after["postgres"]))
     seconds = after["at"] - before["at"]
     busy = (after["machine"][0] - before["machine"][0]) / drive.CLOCK_TICKS
-    cpu = per | {"martinet": sum(per.values()), "postgres": pg(lambda p: True)}
+    cpu = per | {"martinet": sum(per.values()), "database": used(lambda p: True)}
     cpu["harness"] = (after["own"] - before["own"]) * scale
-    counted = cpu["martinet"] + cpu["postgres"] + cpu["harness"]
+    counted = cpu["martinet"] + cpu["database"] + cpu["harness"]
     return {
         "cpu_s_per_1000": cpu,
-        # PostgreSQL's figure split: Martinet's connections (this database's backends), other databases' live
-        # backends, the auxiliary processes (checkpointer, walwriter, autovacuum launcher...), and the postmaster
-        # with every backend or autovacuum worker that ended and was reaped meanwhile, of any database.
-        "postgres_split_per_1000": {
-            "bench_backends": pg(lambda p: backends.get(p) == "bench"),
-            "other_databases": pg(lambda p: backends.get(p) == "other"),
-            "auxiliary": pg(lambda p: p not in backends and p != root),
-            "postmaster_and_reaped": pg(lambda p: p == root),
-        },
+        **watch.database.split(used, set(before["database"]) | set(after["database"]), backends),
         "machine_busy_cores": busy / seconds,
         # Busy cores not explained by the processes counted here: someone else's load on the machine.
         "outside_busy_cores": busy / seconds - counted * done / 1000 / seconds,
@@ -373,7 +477,10 @@ def cpu_figures(before: dict, after: dict, watch: Watch, backends: dict[int, str
 
 
 def counter_figures(before: dict, after: dict, done: int) -> dict:
-    """Per finished task: this database's transactions (less this script's own queries), the cluster's WAL."""
+    """Per finished task: this database's transactions (less this script's own queries), the cluster's WAL
+    (PostgreSQL's counters; none on MariaDB)."""
+    if not before:
+        return {}
     delta = {key: after[key] - before[key] for key in before}
     per = 1 / max(done, 1)
     return {
@@ -417,11 +524,11 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
         owners.update(dict.fromkeys(ids, k))
     counters = watch.counters()
     backends = watch.backends()
-    before = snapshot(cluster)
+    before = snapshot(cluster, watch.database)
     spawned = time.time()
     cluster.start_workers()
     complete = watch.wait_finished(timeout)
-    after = snapshot(cluster)
+    after = snapshot(cluster, watch.database)
     elapsed = after["at"] - before["at"]
     at_deadline = {} if complete else watch.counts()
     backends |= watch.backends()
@@ -457,7 +564,7 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float, cross: bo
     owners: dict[int, int] = {}
     submitted: dict[int, float] = {}
     clients = cluster.clients[-1:] if cross else cluster.clients
-    before = snapshot(cluster)
+    before = snapshot(cluster, watch.database)
     for i in range(count):
         k = i % len(clients)
         at = time.time()
@@ -465,7 +572,7 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float, cross: bo
         submitted[task_id], owners[task_id] = at, len(cluster.clients) - 1 if cross else k
     submit_s = time.perf_counter() - before["at"]
     complete = watch.wait_finished(timeout)
-    after = snapshot(cluster)
+    after = snapshot(cluster, watch.database)
     elapsed = after["at"] - before["at"]
     at_deadline = {} if complete else watch.counts()
     backends |= watch.backends()
@@ -513,15 +620,15 @@ def quiet(limit: float, patience: float) -> float:
             return busy
 
 
-def one_run(servers: int, workload: str, args: argparse.Namespace) -> dict:
-    reset_database(args.pg)
+def one_run(servers: int, workload: str, args: argparse.Namespace, database: Database) -> dict:
+    database.reset()
     idle = {"busy_cores_before": quiet(args.quiet, args.quiet_wait)}
     with tempfile.TemporaryDirectory(prefix="martinet-cluster-") as tmp:
-        cluster = Cluster(servers, f"{args.pg}/{DATABASE}", args.slots, Path(tmp))
+        cluster = Cluster(servers, database.url, args.slots, Path(tmp))
         watch = None
         try:
             cluster.wait_ready()
-            watch = Watch(args.pg)
+            watch = Watch(database)
             if workload == "drain":
                 return idle | drain(cluster, watch, args.drain_n, args.timeout)
             return idle | stream(cluster, watch, args.stream_n, args.timeout, cross=workload == "cross")
@@ -575,7 +682,7 @@ ROWS = [
     ("CPU s / 1000 tasks: worker 1 + its handler processes", "cpu_s_per_1000.worker1", ALL),
     ("CPU s / 1000 tasks: worker 2 + its handler processes", "cpu_s_per_1000.worker2", ALL),
     ("CPU s / 1000 tasks: all Martinet processes", "cpu_s_per_1000.martinet", ALL),
-    ("CPU s / 1000 tasks: PostgreSQL (all postgres processes)", "cpu_s_per_1000.postgres", ALL),
+    ("CPU s / 1000 tasks: {database}", "cpu_s_per_1000.database", ALL),
     ("CPU s / 1000 tasks: PostgreSQL, Martinet's connections", "postgres_split_per_1000.bench_backends",
      ALL),
     ("CPU s / 1000 tasks: PostgreSQL, ended backends and autovacuum (any database)",
@@ -590,8 +697,9 @@ ROWS = [
 ]  # fmt: skip
 
 
-def table(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
-    """Medians over each configuration's complete runs; the "each run" rows show every run."""
+def table(runs: list[dict], configs: list[tuple[str, int]], database: Database) -> list[str]:
+    """Medians over each configuration's complete runs; the "each run" rows show every run. Rows whose figure
+    ``database`` cannot give (every cell "-") are left out."""
     header = ["", *(f"{w}, {s} server{'s' if s > 1 else ''}" for w, s in configs)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -609,7 +717,7 @@ def table(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
             values = [pick(r, path) for r in of(config, complete=True) if config[0] in workloads]
             cells.append(fmt(median([v for v in values if v is not None])))
         if any(cell != "-" for cell in cells):
-            row(label, cells)
+            row(label.format(database=database.cpu_label), cells)
     shares = []
     for config in configs:
         parts = [r["ran_by_worker"] for r in of(config, complete=True)]
@@ -622,23 +730,22 @@ def table(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
     return lines
 
 
-def projection(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
-    """Where PostgreSQL's CPU per task would fill cores, from the measured medians: a projection, assuming its
-    CPU per task stays as measured (no lock, fsync or contention effects of more load)."""
+def projection(runs: list[dict], configs: list[tuple[str, int]], database: Database) -> list[str]:
+    """Where the database's CPU per task (Database.projected) would fill cores, from the measured medians: a
+    projection, assuming its CPU per task stays as measured (no lock, fsync or contention effects of more load)."""
     lines = []
     for config in configs:
         done = [r for r in runs if (r["workload"], r["servers"]) == config and r["complete"]]
-        split = [r["postgres_split_per_1000"] for r in done]
-        pg = median([p["bench_backends"] + p["auxiliary"] for p in split])
+        db = median([database.projected(r) for r in done])
         ours = median([r["cpu_s_per_1000"]["martinet"] for r in done])
         server = median([max(v for k, v in r["cpu_s_per_1000"].items() if k.startswith("server")) for r in done])
-        if not pg or not server or not ours:
+        if not db or not server or not ours:
             continue
         lines.append(
-            f"{config[0]}, {config[1]} server(s): PostgreSQL (Martinet's connections and auxiliary processes) "
-            f"{pg:.3f} CPU s per 1000 tasks -> fills 1 core at {1000 / pg:,.0f} tasks/s, 4 at {4000 / pg:,.0f}, "
-            f"8 at {8000 / pg:,.0f}, 16 at {16000 / pg:,.0f}; Martinet {ours:.3f} s per 1000 in all "
-            f"({ours / pg:.1f} cores of Martinet per core of PostgreSQL); the busiest server {server:.3f} s per "
+            f"{config[0]}, {config[1]} server(s): {database.name} ({database.projected_label}) "
+            f"{db:.3f} CPU s per 1000 tasks -> fills 1 core at {1000 / db:,.0f} tasks/s, 4 at {4000 / db:,.0f}, "
+            f"8 at {8000 / db:,.0f}, 16 at {16000 / db:,.0f}; Martinet {ours:.3f} s per 1000 in all "
+            f"({ours / db:.1f} cores of Martinet per core of {database.name}); the busiest server {server:.3f} s per "
             f"1000 of the run's tasks -> its one core is full at {1000 / server:,.0f} tasks/s"
         )
     return lines
@@ -680,7 +787,7 @@ def main() -> None:
     parser.add_argument("--stream-n", type=int, default=int(env("STREAM_N", "3000")))
     parser.add_argument("--servers", type=int, nargs="+", default=[int(s) for s in env("SERVERS", "1 2").split()])
     parser.add_argument("--workloads", nargs="+", default=env("CLUSTER_WORKLOADS", "drain stream cross").split(),
-                        choices=["drain", "stream"])  # fmt: skip
+                        choices=["drain", "stream", "cross"])  # fmt: skip
     parser.add_argument("--timeout", type=float, default=float(env("CLUSTER_TIMEOUT", "120")),
                         help="seconds a run's tasks may take to finish before it is reported incomplete")  # fmt: skip
     parser.add_argument("--slots", type=int, default=drive.SLOTS)
@@ -688,7 +795,10 @@ def main() -> None:
                         help="before each run, wait for the machine's busy cores to fall to this...")  # fmt: skip
     parser.add_argument("--quiet-wait", type=float, default=float(env("CLUSTER_QUIET_WAIT", "20")),
                         help="...for at most this many seconds")  # fmt: skip
+    parser.add_argument("--backend", default=env("CLUSTER_BACKEND", "postgresql"), choices=sorted(BACKENDS),
+                        help="the database the servers share: PostgreSQL (--pg) or MariaDB (--mysql)")  # fmt: skip
     parser.add_argument("--pg", default=env("CLUSTER_PG", "postgresql://postgres@127.0.0.1:5432"))
+    parser.add_argument("--mysql", default=env("CLUSTER_MYSQL", "mysql://root@127.0.0.1:3306"))
     parser.add_argument("--code", default=env("CLUSTER_CODE", "HEAD"),
                         help="a git revision whose martinet_app to run (a copy, so others' uncommitted edits "
                         "stay out; default HEAD, e.g. an older commit to compare with), or 'tree': the "
@@ -708,6 +818,7 @@ def main() -> None:
 
 
 def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
+    database = BACKENDS[args.backend](args)
     stamp = datetime.datetime.now(datetime.UTC)
     meta = {
         "command": " ".join(sys.argv),
@@ -718,6 +829,7 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
         "martinet_app_uncommitted": dirty.splitlines(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "cpus": os.cpu_count(),
+        "database": database.name,
     }
     print(f"{meta['date']} at {meta['commit']}" + (" (martinet_app has uncommitted changes)" if dirty else ""),
           file=sys.stderr)  # fmt: skip
@@ -728,7 +840,8 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
         for workload in args.workloads:
             order = args.servers[rep % len(args.servers) :] + args.servers[: rep % len(args.servers)]
             for servers in [s for s in order if (workload, s) in configs]:
-                result = {"workload": workload, "servers": servers, "rep": rep + 1} | one_run(servers, workload, args)
+                result = {"workload": workload, "servers": servers, "rep": rep + 1}
+                result |= one_run(servers, workload, args, database)
                 runs.append(result)
                 note = "" if result["complete"] else f" INCOMPLETE {result.get('error', '')}"
                 note += "" if result["complete"] else f" at the deadline {result.get('status_counts_at_deadline')}"
@@ -744,11 +857,12 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
     if dirty:
         code = f"the working tree at {meta['commit']}, with uncommitted changes to martinet_app"
     print(f"\n{meta['date']}, {code}; medians of {args.reps}; {took:.0f} s.")
-    print(f"drain {args.drain_n} tasks, stream {args.stream_n}; {args.slots} slots per worker; database {DATABASE}.\n")
-    print("\n".join(table(runs, configs)))
+    print(f"drain {args.drain_n} tasks, stream {args.stream_n}; {args.slots} slots per worker; "
+          f"{database.name}, database {DATABASE}.\n")  # fmt: skip
+    print("\n".join(table(runs, configs, database)))
     print("\n(* incomplete run: its tasks/s counts the tasks that finished before the timeout)\n")
     print("Projection from the measured CPU per task (not measured throughput):")
-    print("\n".join(projection(runs, configs)))
+    print("\n".join(projection(runs, configs, database)))
     for run in runs:
         if run.get("logs"):
             print(f"\n{run['workload']} {run['servers']} server(s) rep {run['rep']} logged:", json.dumps(run["logs"]))
