@@ -51,9 +51,11 @@ import abc
 import argparse
 import contextlib
 import datetime
+import functools
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -73,6 +75,8 @@ MARTINET_PYTHON = str(ROOT / ".venv" / "bin" / "python")
 DATABASE = "bench_cluster"
 WATCH = 0.02  # seconds between completion checks on PostgreSQL
 UNFINISHED = ("scheduled", "queued", "running")
+#: The longest pause before each submit of the sparse workload (uniform from 0): martinet_app.config.CLUSTER_POLL.
+SPARSE_PAUSE = 2.0
 STATS_FLUSH = 1.5  # seconds for backends to report their statistics (PostgreSQL 15: at most once a second)
 RESULTS = BENCH / "results"
 #: Where the servers, workers and handler processes run (and import martinet_app from, unless --code tree).
@@ -549,9 +553,24 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     }
 
 
-def stream(cluster: Cluster, watch: Watch, count: int, timeout: float, cross: bool = False) -> dict:
+def settle(watch: Watch, seconds: float, timeout: float) -> None:
+    """Wait until every task has finished, then ``seconds`` more: the worker is idle when the next task comes."""
+    if not watch.wait_finished(timeout):
+        raise RuntimeError(f"the tasks did not finish within {timeout:g} s: {watch.counts()}")
+    time.sleep(seconds)
+
+
+def stream(
+    cluster: Cluster,
+    watch: Watch,
+    count: int,
+    timeout: float,
+    cross: bool = False,
+    pause: Callable[[], float] | None = None,
+) -> dict:
     """One producer, one execute at a time, round-robin over the servers; ``cross``: one worker, on server 1,
-    and every submit to the last server."""
+    and every submit to the last server; ``pause``: before each submit, wait for every task to finish and
+    ``pause()`` seconds more (settle)."""
     cluster.start_workers(1 if cross else None)
     worker_server = cluster.workers_connected()
     for m in cluster.clients:  # warm-up: one task through each server, outside the timing
@@ -566,6 +585,8 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float, cross: bo
     clients = cluster.clients[-1:] if cross else cluster.clients
     before = snapshot(cluster, watch.database)
     for i in range(count):
+        if pause is not None:
+            settle(watch, pause(), timeout)
         k = i % len(clients)
         at = time.time()
         task_id = clients[k].execute(drive.NOOP)
@@ -631,6 +652,9 @@ def one_run(servers: int, workload: str, args: argparse.Namespace, database: Dat
             watch = Watch(database)
             if workload == "drain":
                 return idle | drain(cluster, watch, args.drain_n, args.timeout)
+            if workload == "sparse":
+                pause = functools.partial(random.Random(0).uniform, 0, SPARSE_PAUSE)  # the same pauses every run
+                return idle | stream(cluster, watch, args.sparse_n, args.timeout, cross=True, pause=pause)
             return idle | stream(cluster, watch, args.stream_n, args.timeout, cross=workload == "cross")
         except Exception as exc:  # a run that breaks is reported, and the benchmark goes on
             seen = {"logs": cluster.log_tail(10)}
@@ -668,15 +692,15 @@ def pick(run: dict, path: str) -> Any:
 
 
 #: The workloads a row of the table applies to.
-ALL, STREAMS = ("drain", "stream", "cross"), ("stream", "cross")
+ALL, STREAMS, STARTS = ("drain", "stream", "cross", "sparse"), ("stream", "cross"), ("stream", "cross", "sparse")
 ROWS = [
     # (label, path in a run's figures, workloads it applies to)
     ("tasks/s (median)", "tasks_per_s", ALL),
     ("submits/s", "submit_per_s", STREAMS),
     ("worker start-up (spawn to first handler start), s", "startup_s", ("drain",)),
-    ("submit -> handler start p50, ms", "start_p50_ms", STREAMS),
-    ("submit -> handler start p99, ms", "start_p99_ms", STREAMS),
-    ("submit -> handler start max, ms", "start_max_ms", STREAMS),
+    ("submit -> handler start p50, ms", "start_p50_ms", STARTS),
+    ("submit -> handler start p99, ms", "start_p99_ms", STARTS),
+    ("submit -> handler start max, ms", "start_max_ms", STARTS),
     ("CPU s / 1000 tasks: server 1", "cpu_s_per_1000.server1", ALL),
     ("CPU s / 1000 tasks: server 2", "cpu_s_per_1000.server2", ALL),
     ("CPU s / 1000 tasks: worker 1 + its handler processes", "cpu_s_per_1000.worker1", ALL),
@@ -687,7 +711,7 @@ ROWS = [
      ALL),
     ("CPU s / 1000 tasks: PostgreSQL, ended backends and autovacuum (any database)",
      "postgres_split_per_1000.postmaster_and_reaped", ALL),
-    ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", STREAMS),
+    ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", STARTS),
     ("PostgreSQL transactions per task (this database)", "postgres_per_task.transactions", ALL),
     ("WAL syncs per task (whole PostgreSQL cluster)", "postgres_per_task.wal_syncs", ALL),
     ("WAL bytes per task (whole PostgreSQL cluster)", "postgres_per_task.wal_bytes", ALL),
@@ -785,9 +809,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=int(env("REPS", "3")))
     parser.add_argument("--drain-n", type=int, default=int(env("DRAIN_N", "20000")))
     parser.add_argument("--stream-n", type=int, default=int(env("STREAM_N", "3000")))
+    parser.add_argument("--sparse-n", type=int, default=int(env("SPARSE_N", "30")))
     parser.add_argument("--servers", type=int, nargs="+", default=[int(s) for s in env("SERVERS", "1 2").split()])
     parser.add_argument("--workloads", nargs="+", default=env("CLUSTER_WORKLOADS", "drain stream cross").split(),
-                        choices=["drain", "stream", "cross"])  # fmt: skip
+                        choices=["drain", "stream", "cross", "sparse"])  # fmt: skip
     parser.add_argument("--timeout", type=float, default=float(env("CLUSTER_TIMEOUT", "120")),
                         help="seconds a run's tasks may take to finish before it is reported incomplete")  # fmt: skip
     parser.add_argument("--slots", type=int, default=drive.SLOTS)
@@ -833,7 +858,7 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
     }
     print(f"{meta['date']} at {meta['commit']}" + (" (martinet_app has uncommitted changes)" if dirty else ""),
           file=sys.stderr)  # fmt: skip
-    configs = [(w, s) for w in args.workloads for s in args.servers if w != "cross" or s > 1]
+    configs = [(w, s) for w in args.workloads for s in args.servers if w not in ("cross", "sparse") or s > 1]
     runs: list[dict] = []
     started = time.monotonic()
     for rep in range(args.reps):
