@@ -1,11 +1,13 @@
-"""Martinet servers sharing one PostgreSQL: drain and stream with 1 and 2 servers (`make bench-cluster`).
+"""Martinet servers sharing one PostgreSQL or MariaDB: drain and stream with 1 and 2 servers (`make bench-cluster`).
 
-    .venv/bin/python bench/cluster.py [--reps 3] [--drain-n 20000] [--stream-n 3000] [--servers 1 2]
+    .venv/bin/python bench/cluster.py [--backend postgresql|mysql] [--reps 3] [--drain-n 20000] [--stream-n 3000]
+        [--servers 1 2] [--workloads drain stream cross sparse]
 
-Each run starts from an empty database (``bench_cluster`` on PostgreSQL at 127.0.0.1:5432, user
-postgres, created if missing; its ``public`` schema is dropped and created again), then K servers
-(``martinet serve --db postgresql://... --bind 127.0.0.K``, the same free ports on every address)
-and, per server, one worker (``martinet work --url 127.0.0.K --handlers bench/handlers``, 4 slots,
+Each run starts from an empty database ``bench_cluster``: on PostgreSQL (the default) at 127.0.0.1:5432,
+user postgres, created if missing, its ``public`` schema dropped and created again; on MariaDB
+(``--backend mysql``) at 127.0.0.1:3306, user root, dropped and created again. Then K servers
+(``martinet serve --db postgresql://...`` or ``mysql://...``, ``--bind 127.0.0.K``, the same free ports on
+every address) and, per server, one worker (``martinet work --url 127.0.0.K --handlers bench/handlers``, 4 slots,
 automatic prefetch), running bench/handlers/noop.py (as bench/drive.py does), which returns the time its handler
 started.
 
@@ -17,17 +19,27 @@ started.
   from the first submit until no task is left unfinished. Also submit -> handler start, p50/p99,
   from each task's submit time and its result (read afterwards, outside the timed phase).
 - cross (2 servers or more): stream with one worker only, on server 1, and the producer submitting
-  to the last server: every task is woken across servers (NOTIFY) before it starts.
+  to the last server: every task is woken across servers before it starts (PostgreSQL: a NOTIFY;
+  MariaDB has none: server 1 finds it when it next looks at the queue, as a status event of its
+  worker, its lease's heartbeat or its CLUSTER_POLL makes it do).
+- sparse (2 servers or more, not in the default workloads): cross, but SPARSE_N (30) tasks, each
+  submitted once every task has finished and a pause drawn from 0-2 s (seeded: the same every run)
+  has passed: the worker is idle when each task comes, so submit -> handler start is the
+  cross-server wake-up alone, at a random point of server 1's cycle. Its tasks/s and CPU per task
+  count the pauses.
 
-Completion is watched on PostgreSQL itself (an EXISTS query every 20 ms on this script's own
-connection, whose backend is left out of PostgreSQL's CPU figures), so the watching costs no
-Martinet CPU. CPU seconds per 1,000 tasks over the timed phase, from /proc/PID/stat (user +
-system, with reaped children): each server; each worker with its handler processes; PostgreSQL as
-every process whose command name is ``postgres`` (the postmaster's reaped children included, so
-backends that end during the phase count); this script (the producer); and the machine's busy
-cores from /proc/stat. From PostgreSQL's statistics (read 1.5 s after each phase, once every backend
-has reported): this database's transactions per task (this script's own queries left out), and the
-WAL records, bytes and syncs per task of the whole PostgreSQL cluster (other databases' too).
+Completion is watched on the database itself (an EXISTS query every 20 ms on this script's own
+connection; on PostgreSQL its backend is left out of the database's CPU figures, on MariaDB it is a
+thread of mariadbd and counted), so the watching costs no Martinet CPU. CPU seconds per 1,000 tasks
+over the timed phase, from /proc/PID/stat (user + system, with reaped children): each server; each
+worker with its handler processes; the database: on PostgreSQL every process whose command name is
+``postgres`` (the postmaster's reaped children included, so backends that end during the phase
+count), split by what each serves; on MariaDB the ``mariadbd`` process, one process whose threads
+serve every connection (other databases' too), not split; this script (the producer); and the
+machine's busy cores from /proc/stat. From PostgreSQL's statistics (read 1.5 s after each phase, once
+every backend has reported): this database's transactions per task (this script's own queries left
+out), and the WAL records, bytes and syncs per task of the whole PostgreSQL cluster (other databases'
+too). MariaDB keeps no such per-database figures: the table leaves those rows out.
 
 A run whose tasks do not all finish within ``--timeout`` seconds is reported as incomplete (with
 what it saw: tasks by status, server and worker log lines) and the benchmark goes on. Other
@@ -40,8 +52,9 @@ extracted with ``git archive`` into a temporary folder put first on PYTHONPATH (
 tree as it is), so the figures belong to a commit even while someone edits the working tree.
 
 Prints a table of medians and writes every run as JSON to bench/results/cluster-<UTC time>.json.
-Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SERVERS ("1 2"), CLUSTER_WORKLOADS
-("drain stream cross"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4),
+Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SPARSE_N (30), SERVERS ("1 2"),
+CLUSTER_WORKLOADS ("drain stream cross"), CLUSTER_TIMEOUT (120), CLUSTER_BACKEND (postgresql, or mysql),
+CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), CLUSTER_MYSQL (mysql://root@127.0.0.1:3306), SLOTS (4),
 CLUSTER_CODE (HEAD), CLUSTER_QUIET (0.3), CLUSTER_QUIET_WAIT (20).
 """
 
@@ -747,7 +760,8 @@ def table(runs: list[dict], configs: list[tuple[str, int]], database: Database) 
         parts = [r["ran_by_worker"] for r in of(config, complete=True)]
         shares.append(" / ".join(fmt(median([p[k] for p in parts])) for k in range(config[1])) if parts else "-")
     row("tasks run by worker 1 / 2", shares)
-    for label, key in (("run by the other server's worker, each run", "ran_elsewhere"),
+    for label, key in (("submit -> handler start over 100 ms, tasks, each run", "start_over_100ms"),
+                       ("run by the other server's worker, each run", "ran_elsewhere"),
                        ("redelivered (attempts > 1), each run", "redelivered")):  # fmt: skip
         row(label, [" ".join(str(r.get(key, "-")) for r in of(c)) for c in configs])
     row("incomplete runs", [str(sum(not r["complete"] for r in of(c))) for c in configs])
