@@ -763,7 +763,7 @@ def table(runs: list[dict], configs: list[tuple[str, int]], database: Database) 
     for label, key in (("submit -> handler start over 100 ms, tasks, each run", "start_over_100ms"),
                        ("run by the other server's worker, each run", "ran_elsewhere"),
                        ("redelivered (attempts > 1), each run", "redelivered")):  # fmt: skip
-        row(label, [" ".join(str(r.get(key, "-")) for r in of(c)) for c in configs])
+        row(label, [" ".join(str(r[key]) for r in of(c) if key in r) or "-" for c in configs])
     row("incomplete runs", [str(sum(not r["complete"] for r in of(c))) for c in configs])
     return lines
 
