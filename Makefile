@@ -58,8 +58,9 @@ bench-floors: $(STAMP)
 	$(BIN)/python bench/floors.py
 
 # Drain and stream with 1 and 2 servers on one PostgreSQL (database bench_cluster at 127.0.0.1:5432, emptied
-# before each run), one worker per server: tasks/s and CPU per 1,000 tasks of each process and of PostgreSQL
-# (bench/cluster.py; REPS, DRAIN_N, STREAM_N, SERVERS, CLUSTER_TIMEOUT, CLUSTER_CODE=tree for uncommitted code).
+# before each run; CLUSTER_BACKEND=mysql: on MariaDB at 127.0.0.1:3306, dropped and created again), one worker
+# per server: tasks/s and CPU per 1,000 tasks of each process and of the database (bench/cluster.py; REPS,
+# DRAIN_N, STREAM_N, SERVERS, CLUSTER_WORKLOADS, CLUSTER_TIMEOUT, CLUSTER_CODE=tree for uncommitted code).
 bench-cluster: $(STAMP)
 	$(BIN)/python bench/cluster.py
 

@@ -1,11 +1,13 @@
-"""Martinet servers sharing one PostgreSQL: drain and stream with 1 and 2 servers (`make bench-cluster`).
+"""Martinet servers sharing one PostgreSQL or MariaDB: drain and stream with 1 and 2 servers (`make bench-cluster`).
 
-    .venv/bin/python bench/cluster.py [--reps 3] [--drain-n 20000] [--stream-n 3000] [--servers 1 2]
+    .venv/bin/python bench/cluster.py [--backend postgresql|mysql] [--reps 3] [--drain-n 20000] [--stream-n 3000]
+        [--servers 1 2] [--workloads drain stream cross sparse]
 
-Each run starts from an empty database (``bench_cluster`` on PostgreSQL at 127.0.0.1:5432, user
-postgres, created if missing; its ``public`` schema is dropped and created again), then K servers
-(``martinet serve --db postgresql://... --bind 127.0.0.K``, the same free ports on every address)
-and, per server, one worker (``martinet work --url 127.0.0.K --handlers bench/handlers``, 4 slots,
+Each run starts from an empty database ``bench_cluster``: on PostgreSQL (the default) at 127.0.0.1:5432,
+user postgres, created if missing, its ``public`` schema dropped and created again; on MariaDB
+(``--backend mysql``) at 127.0.0.1:3306, user root, dropped and created again. Then K servers
+(``martinet serve --db postgresql://...`` or ``mysql://...``, ``--bind 127.0.0.K``, the same free ports on
+every address) and, per server, one worker (``martinet work --url 127.0.0.K --handlers bench/handlers``, 4 slots,
 automatic prefetch), running bench/handlers/noop.py (as bench/drive.py does), which returns the time its handler
 started.
 
@@ -17,17 +19,27 @@ started.
   from the first submit until no task is left unfinished. Also submit -> handler start, p50/p99,
   from each task's submit time and its result (read afterwards, outside the timed phase).
 - cross (2 servers or more): stream with one worker only, on server 1, and the producer submitting
-  to the last server: every task is woken across servers (NOTIFY) before it starts.
+  to the last server: every task is woken across servers before it starts (PostgreSQL: a NOTIFY;
+  MariaDB has none: server 1 finds it when it next looks at the queue, as a status event of its
+  worker, its lease's heartbeat or its CLUSTER_POLL makes it do).
+- sparse (2 servers or more, not in the default workloads): cross, but SPARSE_N (30) tasks, each
+  submitted once every task has finished and a pause drawn from 0-2 s (seeded: the same every run)
+  has passed: the worker is idle when each task comes, so submit -> handler start is the
+  cross-server wake-up alone, at a random point of server 1's cycle. Its tasks/s and CPU per task
+  count the pauses.
 
-Completion is watched on PostgreSQL itself (an EXISTS query every 20 ms on this script's own
-connection, whose backend is left out of PostgreSQL's CPU figures), so the watching costs no
-Martinet CPU. CPU seconds per 1,000 tasks over the timed phase, from /proc/PID/stat (user +
-system, with reaped children): each server; each worker with its handler processes; PostgreSQL as
-every process whose command name is ``postgres`` (the postmaster's reaped children included, so
-backends that end during the phase count); this script (the producer); and the machine's busy
-cores from /proc/stat. From PostgreSQL's statistics (read 1.5 s after each phase, once every backend
-has reported): this database's transactions per task (this script's own queries left out), and the
-WAL records, bytes and syncs per task of the whole PostgreSQL cluster (other databases' too).
+Completion is watched on the database itself (an EXISTS query every 20 ms on this script's own
+connection; on PostgreSQL its backend is left out of the database's CPU figures, on MariaDB it is a
+thread of mariadbd and counted), so the watching costs no Martinet CPU. CPU seconds per 1,000 tasks
+over the timed phase, from /proc/PID/stat (user + system, with reaped children): each server; each
+worker with its handler processes; the database: on PostgreSQL every process whose command name is
+``postgres`` (the postmaster's reaped children included, so backends that end during the phase
+count), split by what each serves; on MariaDB the ``mariadbd`` process, one process whose threads
+serve every connection (other databases' too), not split; this script (the producer); and the
+machine's busy cores from /proc/stat. From PostgreSQL's statistics (read 1.5 s after each phase, once
+every backend has reported): this database's transactions per task (this script's own queries left
+out), and the WAL records, bytes and syncs per task of the whole PostgreSQL cluster (other databases'
+too). MariaDB keeps no such per-database figures: the table leaves those rows out.
 
 A run whose tasks do not all finish within ``--timeout`` seconds is reported as incomplete (with
 what it saw: tasks by status, server and worker log lines) and the benchmark goes on. Other
@@ -40,25 +52,30 @@ extracted with ``git archive`` into a temporary folder put first on PYTHONPATH (
 tree as it is), so the figures belong to a commit even while someone edits the working tree.
 
 Prints a table of medians and writes every run as JSON to bench/results/cluster-<UTC time>.json.
-Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SERVERS ("1 2"), CLUSTER_WORKLOADS
-("drain stream cross"), CLUSTER_TIMEOUT (120), CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), SLOTS (4),
+Settings also come from the environment: REPS, DRAIN_N, STREAM_N, SPARSE_N (30), SERVERS ("1 2"),
+CLUSTER_WORKLOADS ("drain stream cross"), CLUSTER_TIMEOUT (120), CLUSTER_BACKEND (postgresql, or mysql),
+CLUSTER_PG (postgresql://postgres@127.0.0.1:5432), CLUSTER_MYSQL (mysql://root@127.0.0.1:3306), SLOTS (4),
 CLUSTER_CODE (HEAD), CLUSTER_QUIET (0.3), CLUSTER_QUIET_WAIT (20).
 """
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import datetime
+import functools
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +88,8 @@ MARTINET_PYTHON = str(ROOT / ".venv" / "bin" / "python")
 DATABASE = "bench_cluster"
 WATCH = 0.02  # seconds between completion checks on PostgreSQL
 UNFINISHED = ("scheduled", "queued", "running")
+#: The longest pause before each submit of the sparse workload (uniform from 0): martinet_app.config.CLUSTER_POLL.
+SPARSE_PAUSE = 2.0
 STATS_FLUSH = 1.5  # seconds for backends to report their statistics (PostgreSQL 15: at most once a second)
 RESULTS = BENCH / "results"
 #: Where the servers, workers and handler processes run (and import martinet_app from, unless --code tree).
@@ -89,19 +108,15 @@ def stat_cpu(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / drive.CLOCK_TICKS
 
 
-def postgres_pids() -> list[int]:
+def pids_named(comm: str) -> list[int]:
+    """The live processes whose command name is ``comm``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "postgres":
+                if (entry / "comm").read_text().strip() == comm:
                     pids.append(int(entry.name))
     return pids
-
-
-def postgres_cpu() -> dict[int, float]:
-    """CPU seconds of every live postgres process; the postmaster's figure holds its reaped children."""
-    return {pid: stat_cpu(pid) for pid in postgres_pids()}
 
 
 def postmaster(pids: set[int]) -> int | None:
@@ -119,7 +134,7 @@ def machine_ticks() -> tuple[int, int]:
     return sum(values) - values[3] - values[4], sum(values)
 
 
-# ------------------------------------------------------------------ PostgreSQL
+# ------------------------------------------------------------------ the shared database
 
 
 def connect(base: str, dbname: str) -> Any:
@@ -130,34 +145,163 @@ def connect(base: str, dbname: str) -> Any:
     return conn
 
 
-def reset_database(base: str) -> None:
-    """Create DATABASE if missing, and empty it: its public schema dropped and created again."""
-    with contextlib.closing(connect(base, "postgres")) as admin, admin.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-        if cur.fetchone() is None:
-            cur.execute(f"CREATE DATABASE {DATABASE}")
-    with contextlib.closing(connect(base, DATABASE)) as conn, conn.cursor() as cur:
-        cur.execute("SET lock_timeout = '10s'")
-        cur.execute("DROP SCHEMA IF EXISTS public CASCADE")
-        cur.execute("CREATE SCHEMA public")
+class Database(abc.ABC):
+    """The database the servers share (``base``: its server's URL without a database name): DATABASE emptied,
+    and the CPU of its server's processes. The figures a backend cannot give are empty here."""
+
+    name = ""
+    comm = ""  # the command name of the database server's processes
+    cpu_label = ""  # the table's label of their CPU
+    projected_label = ""  # what of it the projection scales (Database.projected)
+
+    def __init__(self, base: str) -> None:
+        self.url = f"{base}/{DATABASE}"
+        self.base = base
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Make DATABASE exist and be empty."""
+
+    @abc.abstractmethod
+    def connect(self) -> Any:
+        """An autocommit connection to DATABASE."""
+
+    @abc.abstractmethod
+    def projected(self, run: dict) -> float:
+        """The database's CPU per 1,000 tasks of ``run`` that the projection scales (projected_label)."""
+
+    def cpu(self) -> dict[int, float]:
+        """CPU seconds of every live process of the database server."""
+        return {pid: stat_cpu(pid) for pid in pids_named(self.comm)}
+
+    def own_pid(self, watch: Watch) -> int | None:
+        """The process serving ``watch``'s connection alone, left out of the CPU figures (None: there is none)."""
+        return None
+
+    def counters(self, watch: Watch) -> dict[str, float]:
+        """The database's counters (counter_figures)."""
+        return {}
+
+    def backends(self, watch: Watch) -> dict[int, str]:
+        """pid -> what it serves, of the processes serving one connection each."""
+        return {}
+
+    def split(self, used: Callable[[Callable[[int], bool]], float], pids: set[int], backends: dict[int, str]) -> dict:
+        """The database's CPU split by what its processes serve; ``used(keep)`` is the CPU per 1,000 tasks of
+        the processes ``keep`` picks."""
+        return {}
+
+
+class Postgres(Database):
+    """PostgreSQL: DATABASE's public schema emptied, its processes' CPU split, its statistics (transactions, WAL)."""
+
+    name = "PostgreSQL"
+    comm = "postgres"
+    cpu_label = "PostgreSQL (all postgres processes)"
+    projected_label = "Martinet's connections and auxiliary processes"
+
+    def reset(self) -> None:
+        """Create DATABASE if missing, and empty it: its public schema dropped and created again."""
+        with contextlib.closing(connect(self.base, "postgres")) as admin, admin.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            if cur.fetchone() is None:
+                cur.execute(f"CREATE DATABASE {DATABASE}")
+        with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '10s'")
+            cur.execute("DROP SCHEMA IF EXISTS public CASCADE")
+            cur.execute("CREATE SCHEMA public")
+
+    def connect(self) -> Any:
+        return connect(self.base, DATABASE)
+
+    def own_pid(self, watch: Watch) -> int | None:
+        return watch.query("SELECT pg_backend_pid()")[0][0]
+
+    def counters(self, watch: Watch) -> dict[str, float]:
+        """PostgreSQL's counters, after STATS_FLUSH s for every backend to report: this database's transactions,
+        and the cluster's WAL records, bytes and syncs (pg_stat_wal: every database's, someone else's too)."""
+        time.sleep(STATS_FLUSH)
+        own = watch.queries
+        (xacts, records, size, syncs), *_ = watch.query(
+            "SELECT d.xact_commit + d.xact_rollback, w.wal_records, w.wal_bytes, w.wal_sync"
+            " FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = %s",
+            (DATABASE,),
+        )
+        return {"xacts": xacts, "wal_records": records, "wal_bytes": float(size), "wal_syncs": syncs, "own": own}
+
+    def backends(self, watch: Watch) -> dict[int, str]:
+        """pid -> what it serves: 'bench' (this database, but not this connection), 'other' (another
+        database's client backend); auxiliary processes (checkpointer, walwriter...) are left out."""
+        rows = watch.query("SELECT pid, datname, backend_type FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
+        return {
+            pid: "bench" if datname == DATABASE else "other"
+            for pid, datname, backend_type in rows
+            if datname is not None and backend_type == "client backend"
+        }
+
+    def split(self, used: Callable[[Callable[[int], bool]], float], pids: set[int], backends: dict[int, str]) -> dict:
+        """Martinet's connections (this database's backends), other databases' live backends, the auxiliary
+        processes (checkpointer, walwriter, autovacuum launcher...), and the postmaster, whose figure holds every
+        backend or autovacuum worker that ended and was reaped meanwhile, of any database."""
+        root = postmaster(pids)
+        return {
+            "postgres_split_per_1000": {
+                "bench_backends": used(lambda p: backends.get(p) == "bench"),
+                "other_databases": used(lambda p: backends.get(p) == "other"),
+                "auxiliary": used(lambda p: p not in backends and p != root),
+                "postmaster_and_reaped": used(lambda p: p == root),
+            }
+        }
+
+    def projected(self, run: dict) -> float:
+        split = run["postgres_split_per_1000"]
+        return split["bench_backends"] + split["auxiliary"]
+
+
+class MariaDB(Database):
+    """MariaDB: DATABASE dropped and created again, and the ``mariadbd`` process's CPU. That one process's threads
+    serve every connection (this script's and other databases' too), so its CPU cannot be split, and MariaDB
+    keeps no per-database transaction count; its redo log figures are left out."""
+
+    name = "MariaDB"
+    comm = "mariadbd"
+    cpu_label = "MariaDB (the mariadbd process: every connection)"
+    projected_label = "the whole mariadbd process"
+
+    def reset(self) -> None:
+        drive.reset_mysql(self.url)
+
+    def connect(self) -> Any:
+        return drive.mysql_connect(self.url)
+
+    def projected(self, run: dict) -> float:
+        return run["cpu_s_per_1000"]["database"]
+
+
+#: --backend -> the database the servers share, from the parsed arguments.
+BACKENDS: dict[str, Callable[[argparse.Namespace], Database]] = {
+    "postgresql": lambda args: Postgres(args.pg),
+    "mysql": lambda args: MariaDB(args.mysql),
+}
 
 
 class Watch:
     """This script's own connection to the benchmark's database: completion checks and the figures after a run."""
 
-    def __init__(self, base: str) -> None:
-        self.conn = connect(base, DATABASE)
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.conn = database.connect()
         self.queries = 0  # each one a transaction (autocommit), counted in pg_stat_database
-        self.pid = self.query("SELECT pg_backend_pid()")[0][0]
+        self.pid = database.own_pid(self)
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         self.queries += 1
         with self.conn.cursor() as cur:
             cur.execute(sql, params)
-            return cur.fetchall()
+            return list(cur.fetchall())
 
     def unfinished(self) -> bool:
-        return self.query("SELECT EXISTS (SELECT 1 FROM task WHERE status IN %s)", (UNFINISHED,))[0][0]
+        return bool(self.query("SELECT EXISTS (SELECT 1 FROM task WHERE status IN %s)", (UNFINISHED,))[0][0])
 
     def wait_finished(self, timeout: float) -> bool:
         """Wait until no task is unfinished; False if some still are after ``timeout`` seconds."""
@@ -169,16 +313,8 @@ class Watch:
         return True
 
     def counters(self) -> dict[str, float]:
-        """PostgreSQL's counters, after STATS_FLUSH s for every backend to report: this database's transactions,
-        and the cluster's WAL records, bytes and syncs (pg_stat_wal: every database's, someone else's too)."""
-        time.sleep(STATS_FLUSH)
-        own = self.queries
-        (xacts, records, size, syncs), *_ = self.query(
-            "SELECT d.xact_commit + d.xact_rollback, w.wal_records, w.wal_bytes, w.wal_sync"
-            " FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = %s",
-            (DATABASE,),
-        )
-        return {"xacts": xacts, "wal_records": records, "wal_bytes": float(size), "wal_syncs": syncs, "own": own}
+        """The database's counters (Database.counters)."""
+        return self.database.counters(self)
 
     def counts(self) -> dict[str, int]:
         return dict(self.query("SELECT status, COUNT(*) FROM task GROUP BY status"))
@@ -188,14 +324,8 @@ class Watch:
         return self.query("SELECT id, status, worker, attempts, result FROM task ORDER BY id")
 
     def backends(self) -> dict[int, str]:
-        """pid -> what it serves: 'bench' (this database, but not this connection), 'other' (another
-        database's client backend); auxiliary processes (checkpointer, walwriter...) are left out."""
-        rows = self.query("SELECT pid, datname, backend_type FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
-        return {
-            pid: "bench" if datname == DATABASE else "other"
-            for pid, datname, backend_type in rows
-            if datname is not None and backend_type == "client backend"
-        }
+        """The database's processes serving one connection each (Database.backends)."""
+        return self.database.backends(self)
 
     def close(self) -> None:
         self.conn.close()
@@ -329,10 +459,10 @@ def _answers(m: Any) -> bool:
 # ------------------------------------------------------------------ one run
 
 
-def snapshot(cluster: Cluster) -> dict:
+def snapshot(cluster: Cluster, database: Database) -> dict:
     return {
         "martinet": cluster.cpu(),
-        "postgres": postgres_cpu(),
+        "database": database.cpu(),
         "machine": machine_ticks(),
         "own": sum(os.times()[:2]),
         "at": time.perf_counter(),
@@ -340,32 +470,23 @@ def snapshot(cluster: Cluster) -> dict:
 
 
 def cpu_figures(before: dict, after: dict, watch: Watch, backends: dict[int, str], done: int) -> dict:
-    """CPU seconds per 1,000 finished tasks between two snapshots, per process and for PostgreSQL."""
+    """CPU seconds per 1,000 finished tasks between two snapshots, per process and for the database server."""
     scale = 1000 / max(done, 1)
     per = {name: (after["martinet"][name] - before["martinet"].get(name, 0.0)) * scale for name in after["martinet"]}
-    pids = (set(before["postgres"]) | set(after["postgres"])) - {watch.pid}
+    pids = (set(before["database"]) | set(after["database"])) - {watch.pid}
 
-    def pg(keep: Any) -> float:
+    def used(keep: Callable[[int], bool]) -> float:
         chosen = [p for p in pids if keep(p)]
-        return sum(after["postgres"].get(p, 0.0) - before["postgres"].get(p, 0.0) for p in chosen) * scale
+        return sum(after["database"].get(p, 0.0) - before["database"].get(p, 0.0) for p in chosen) * scale
 
-    root = postmaster(set(before["postgres"]) | set(after["postgres"]))
     seconds = after["at"] - before["at"]
     busy = (after["machine"][0] - before["machine"][0]) / drive.CLOCK_TICKS
-    cpu = per | {"martinet": sum(per.values()), "postgres": pg(lambda p: True)}
+    cpu = per | {"martinet": sum(per.values()), "database": used(lambda p: True)}
     cpu["harness"] = (after["own"] - before["own"]) * scale
-    counted = cpu["martinet"] + cpu["postgres"] + cpu["harness"]
+    counted = cpu["martinet"] + cpu["database"] + cpu["harness"]
     return {
         "cpu_s_per_1000": cpu,
-        # PostgreSQL's figure split: Martinet's connections (this database's backends), other databases' live
-        # backends, the auxiliary processes (checkpointer, walwriter, autovacuum launcher...), and the postmaster
-        # with every backend or autovacuum worker that ended and was reaped meanwhile, of any database.
-        "postgres_split_per_1000": {
-            "bench_backends": pg(lambda p: backends.get(p) == "bench"),
-            "other_databases": pg(lambda p: backends.get(p) == "other"),
-            "auxiliary": pg(lambda p: p not in backends and p != root),
-            "postmaster_and_reaped": pg(lambda p: p == root),
-        },
+        **watch.database.split(used, set(before["database"]) | set(after["database"]), backends),
         "machine_busy_cores": busy / seconds,
         # Busy cores not explained by the processes counted here: someone else's load on the machine.
         "outside_busy_cores": busy / seconds - counted * done / 1000 / seconds,
@@ -373,7 +494,10 @@ def cpu_figures(before: dict, after: dict, watch: Watch, backends: dict[int, str
 
 
 def counter_figures(before: dict, after: dict, done: int) -> dict:
-    """Per finished task: this database's transactions (less this script's own queries), the cluster's WAL."""
+    """Per finished task: this database's transactions (less this script's own queries), the cluster's WAL
+    (PostgreSQL's counters; none on MariaDB)."""
+    if not before:
+        return {}
     delta = {key: after[key] - before[key] for key in before}
     per = 1 / max(done, 1)
     return {
@@ -417,11 +541,11 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
         owners.update(dict.fromkeys(ids, k))
     counters = watch.counters()
     backends = watch.backends()
-    before = snapshot(cluster)
+    before = snapshot(cluster, watch.database)
     spawned = time.time()
     cluster.start_workers()
     complete = watch.wait_finished(timeout)
-    after = snapshot(cluster)
+    after = snapshot(cluster, watch.database)
     elapsed = after["at"] - before["at"]
     at_deadline = {} if complete else watch.counts()
     backends |= watch.backends()
@@ -442,9 +566,24 @@ def drain(cluster: Cluster, watch: Watch, count: int, timeout: float) -> dict:
     }
 
 
-def stream(cluster: Cluster, watch: Watch, count: int, timeout: float, cross: bool = False) -> dict:
+def settle(watch: Watch, seconds: float, timeout: float) -> None:
+    """Wait until every task has finished, then ``seconds`` more: the worker is idle when the next task comes."""
+    if not watch.wait_finished(timeout):
+        raise RuntimeError(f"the tasks did not finish within {timeout:g} s: {watch.counts()}")
+    time.sleep(seconds)
+
+
+def stream(
+    cluster: Cluster,
+    watch: Watch,
+    count: int,
+    timeout: float,
+    cross: bool = False,
+    pause: Callable[[], float] | None = None,
+) -> dict:
     """One producer, one execute at a time, round-robin over the servers; ``cross``: one worker, on server 1,
-    and every submit to the last server."""
+    and every submit to the last server; ``pause``: before each submit, wait for every task to finish and
+    ``pause()`` seconds more (settle)."""
     cluster.start_workers(1 if cross else None)
     worker_server = cluster.workers_connected()
     for m in cluster.clients:  # warm-up: one task through each server, outside the timing
@@ -457,15 +596,17 @@ def stream(cluster: Cluster, watch: Watch, count: int, timeout: float, cross: bo
     owners: dict[int, int] = {}
     submitted: dict[int, float] = {}
     clients = cluster.clients[-1:] if cross else cluster.clients
-    before = snapshot(cluster)
+    before = snapshot(cluster, watch.database)
     for i in range(count):
+        if pause is not None:
+            settle(watch, pause(), timeout)
         k = i % len(clients)
         at = time.time()
         task_id = clients[k].execute(drive.NOOP)
         submitted[task_id], owners[task_id] = at, len(cluster.clients) - 1 if cross else k
     submit_s = time.perf_counter() - before["at"]
     complete = watch.wait_finished(timeout)
-    after = snapshot(cluster)
+    after = snapshot(cluster, watch.database)
     elapsed = after["at"] - before["at"]
     at_deadline = {} if complete else watch.counts()
     backends |= watch.backends()
@@ -513,17 +654,20 @@ def quiet(limit: float, patience: float) -> float:
             return busy
 
 
-def one_run(servers: int, workload: str, args: argparse.Namespace) -> dict:
-    reset_database(args.pg)
+def one_run(servers: int, workload: str, args: argparse.Namespace, database: Database) -> dict:
+    database.reset()
     idle = {"busy_cores_before": quiet(args.quiet, args.quiet_wait)}
     with tempfile.TemporaryDirectory(prefix="martinet-cluster-") as tmp:
-        cluster = Cluster(servers, f"{args.pg}/{DATABASE}", args.slots, Path(tmp))
+        cluster = Cluster(servers, database.url, args.slots, Path(tmp))
         watch = None
         try:
             cluster.wait_ready()
-            watch = Watch(args.pg)
+            watch = Watch(database)
             if workload == "drain":
                 return idle | drain(cluster, watch, args.drain_n, args.timeout)
+            if workload == "sparse":
+                pause = functools.partial(random.Random(0).uniform, 0, SPARSE_PAUSE)  # the same pauses every run
+                return idle | stream(cluster, watch, args.sparse_n, args.timeout, cross=True, pause=pause)
             return idle | stream(cluster, watch, args.stream_n, args.timeout, cross=workload == "cross")
         except Exception as exc:  # a run that breaks is reported, and the benchmark goes on
             seen = {"logs": cluster.log_tail(10)}
@@ -561,26 +705,26 @@ def pick(run: dict, path: str) -> Any:
 
 
 #: The workloads a row of the table applies to.
-ALL, STREAMS = ("drain", "stream", "cross"), ("stream", "cross")
+ALL, STREAMS, STARTS = ("drain", "stream", "cross", "sparse"), ("stream", "cross"), ("stream", "cross", "sparse")
 ROWS = [
     # (label, path in a run's figures, workloads it applies to)
     ("tasks/s (median)", "tasks_per_s", ALL),
     ("submits/s", "submit_per_s", STREAMS),
     ("worker start-up (spawn to first handler start), s", "startup_s", ("drain",)),
-    ("submit -> handler start p50, ms", "start_p50_ms", STREAMS),
-    ("submit -> handler start p99, ms", "start_p99_ms", STREAMS),
-    ("submit -> handler start max, ms", "start_max_ms", STREAMS),
+    ("submit -> handler start p50, ms", "start_p50_ms", STARTS),
+    ("submit -> handler start p99, ms", "start_p99_ms", STARTS),
+    ("submit -> handler start max, ms", "start_max_ms", STARTS),
     ("CPU s / 1000 tasks: server 1", "cpu_s_per_1000.server1", ALL),
     ("CPU s / 1000 tasks: server 2", "cpu_s_per_1000.server2", ALL),
     ("CPU s / 1000 tasks: worker 1 + its handler processes", "cpu_s_per_1000.worker1", ALL),
     ("CPU s / 1000 tasks: worker 2 + its handler processes", "cpu_s_per_1000.worker2", ALL),
     ("CPU s / 1000 tasks: all Martinet processes", "cpu_s_per_1000.martinet", ALL),
-    ("CPU s / 1000 tasks: PostgreSQL (all postgres processes)", "cpu_s_per_1000.postgres", ALL),
+    ("CPU s / 1000 tasks: {database}", "cpu_s_per_1000.database", ALL),
     ("CPU s / 1000 tasks: PostgreSQL, Martinet's connections", "postgres_split_per_1000.bench_backends",
      ALL),
     ("CPU s / 1000 tasks: PostgreSQL, ended backends and autovacuum (any database)",
      "postgres_split_per_1000.postmaster_and_reaped", ALL),
-    ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", STREAMS),
+    ("CPU s / 1000 tasks: producer (this script)", "cpu_s_per_1000.harness", STARTS),
     ("PostgreSQL transactions per task (this database)", "postgres_per_task.transactions", ALL),
     ("WAL syncs per task (whole PostgreSQL cluster)", "postgres_per_task.wal_syncs", ALL),
     ("WAL bytes per task (whole PostgreSQL cluster)", "postgres_per_task.wal_bytes", ALL),
@@ -590,8 +734,9 @@ ROWS = [
 ]  # fmt: skip
 
 
-def table(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
-    """Medians over each configuration's complete runs; the "each run" rows show every run."""
+def table(runs: list[dict], configs: list[tuple[str, int]], database: Database) -> list[str]:
+    """Medians over each configuration's complete runs; the "each run" rows show every run. Rows whose figure
+    ``database`` cannot give (every cell "-") are left out."""
     header = ["", *(f"{w}, {s} server{'s' if s > 1 else ''}" for w, s in configs)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -609,36 +754,36 @@ def table(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
             values = [pick(r, path) for r in of(config, complete=True) if config[0] in workloads]
             cells.append(fmt(median([v for v in values if v is not None])))
         if any(cell != "-" for cell in cells):
-            row(label, cells)
+            row(label.format(database=database.cpu_label), cells)
     shares = []
     for config in configs:
         parts = [r["ran_by_worker"] for r in of(config, complete=True)]
         shares.append(" / ".join(fmt(median([p[k] for p in parts])) for k in range(config[1])) if parts else "-")
     row("tasks run by worker 1 / 2", shares)
-    for label, key in (("run by the other server's worker, each run", "ran_elsewhere"),
+    for label, key in (("submit -> handler start over 100 ms, tasks, each run", "start_over_100ms"),
+                       ("run by the other server's worker, each run", "ran_elsewhere"),
                        ("redelivered (attempts > 1), each run", "redelivered")):  # fmt: skip
-        row(label, [" ".join(str(r.get(key, "-")) for r in of(c)) for c in configs])
+        row(label, [" ".join(str(r[key]) for r in of(c) if key in r) or "-" for c in configs])
     row("incomplete runs", [str(sum(not r["complete"] for r in of(c))) for c in configs])
     return lines
 
 
-def projection(runs: list[dict], configs: list[tuple[str, int]]) -> list[str]:
-    """Where PostgreSQL's CPU per task would fill cores, from the measured medians: a projection, assuming its
-    CPU per task stays as measured (no lock, fsync or contention effects of more load)."""
+def projection(runs: list[dict], configs: list[tuple[str, int]], database: Database) -> list[str]:
+    """Where the database's CPU per task (Database.projected) would fill cores, from the measured medians: a
+    projection, assuming its CPU per task stays as measured (no lock, fsync or contention effects of more load)."""
     lines = []
     for config in configs:
         done = [r for r in runs if (r["workload"], r["servers"]) == config and r["complete"]]
-        split = [r["postgres_split_per_1000"] for r in done]
-        pg = median([p["bench_backends"] + p["auxiliary"] for p in split])
+        db = median([database.projected(r) for r in done])
         ours = median([r["cpu_s_per_1000"]["martinet"] for r in done])
         server = median([max(v for k, v in r["cpu_s_per_1000"].items() if k.startswith("server")) for r in done])
-        if not pg or not server or not ours:
+        if not db or not server or not ours:
             continue
         lines.append(
-            f"{config[0]}, {config[1]} server(s): PostgreSQL (Martinet's connections and auxiliary processes) "
-            f"{pg:.3f} CPU s per 1000 tasks -> fills 1 core at {1000 / pg:,.0f} tasks/s, 4 at {4000 / pg:,.0f}, "
-            f"8 at {8000 / pg:,.0f}, 16 at {16000 / pg:,.0f}; Martinet {ours:.3f} s per 1000 in all "
-            f"({ours / pg:.1f} cores of Martinet per core of PostgreSQL); the busiest server {server:.3f} s per "
+            f"{config[0]}, {config[1]} server(s): {database.name} ({database.projected_label}) "
+            f"{db:.3f} CPU s per 1000 tasks -> fills 1 core at {1000 / db:,.0f} tasks/s, 4 at {4000 / db:,.0f}, "
+            f"8 at {8000 / db:,.0f}, 16 at {16000 / db:,.0f}; Martinet {ours:.3f} s per 1000 in all "
+            f"({ours / db:.1f} cores of Martinet per core of {database.name}); the busiest server {server:.3f} s per "
             f"1000 of the run's tasks -> its one core is full at {1000 / server:,.0f} tasks/s"
         )
     return lines
@@ -678,9 +823,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=int(env("REPS", "3")))
     parser.add_argument("--drain-n", type=int, default=int(env("DRAIN_N", "20000")))
     parser.add_argument("--stream-n", type=int, default=int(env("STREAM_N", "3000")))
+    parser.add_argument("--sparse-n", type=int, default=int(env("SPARSE_N", "30")))
     parser.add_argument("--servers", type=int, nargs="+", default=[int(s) for s in env("SERVERS", "1 2").split()])
     parser.add_argument("--workloads", nargs="+", default=env("CLUSTER_WORKLOADS", "drain stream cross").split(),
-                        choices=["drain", "stream"])  # fmt: skip
+                        choices=["drain", "stream", "cross", "sparse"])  # fmt: skip
     parser.add_argument("--timeout", type=float, default=float(env("CLUSTER_TIMEOUT", "120")),
                         help="seconds a run's tasks may take to finish before it is reported incomplete")  # fmt: skip
     parser.add_argument("--slots", type=int, default=drive.SLOTS)
@@ -688,7 +834,10 @@ def main() -> None:
                         help="before each run, wait for the machine's busy cores to fall to this...")  # fmt: skip
     parser.add_argument("--quiet-wait", type=float, default=float(env("CLUSTER_QUIET_WAIT", "20")),
                         help="...for at most this many seconds")  # fmt: skip
+    parser.add_argument("--backend", default=env("CLUSTER_BACKEND", "postgresql"), choices=sorted(BACKENDS),
+                        help="the database the servers share: PostgreSQL (--pg) or MariaDB (--mysql)")  # fmt: skip
     parser.add_argument("--pg", default=env("CLUSTER_PG", "postgresql://postgres@127.0.0.1:5432"))
+    parser.add_argument("--mysql", default=env("CLUSTER_MYSQL", "mysql://root@127.0.0.1:3306"))
     parser.add_argument("--code", default=env("CLUSTER_CODE", "HEAD"),
                         help="a git revision whose martinet_app to run (a copy, so others' uncommitted edits "
                         "stay out; default HEAD, e.g. an older commit to compare with), or 'tree': the "
@@ -708,6 +857,7 @@ def main() -> None:
 
 
 def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
+    database = BACKENDS[args.backend](args)
     stamp = datetime.datetime.now(datetime.UTC)
     meta = {
         "command": " ".join(sys.argv),
@@ -718,17 +868,19 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
         "martinet_app_uncommitted": dirty.splitlines(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "cpus": os.cpu_count(),
+        "database": database.name,
     }
     print(f"{meta['date']} at {meta['commit']}" + (" (martinet_app has uncommitted changes)" if dirty else ""),
           file=sys.stderr)  # fmt: skip
-    configs = [(w, s) for w in args.workloads for s in args.servers if w != "cross" or s > 1]
+    configs = [(w, s) for w in args.workloads for s in args.servers if w not in ("cross", "sparse") or s > 1]
     runs: list[dict] = []
     started = time.monotonic()
     for rep in range(args.reps):
         for workload in args.workloads:
             order = args.servers[rep % len(args.servers) :] + args.servers[: rep % len(args.servers)]
             for servers in [s for s in order if (workload, s) in configs]:
-                result = {"workload": workload, "servers": servers, "rep": rep + 1} | one_run(servers, workload, args)
+                result = {"workload": workload, "servers": servers, "rep": rep + 1}
+                result |= one_run(servers, workload, args, database)
                 runs.append(result)
                 note = "" if result["complete"] else f" INCOMPLETE {result.get('error', '')}"
                 note += "" if result["complete"] else f" at the deadline {result.get('status_counts_at_deadline')}"
@@ -744,11 +896,12 @@ def benchmark(args: argparse.Namespace, commit: str, dirty: str) -> None:
     if dirty:
         code = f"the working tree at {meta['commit']}, with uncommitted changes to martinet_app"
     print(f"\n{meta['date']}, {code}; medians of {args.reps}; {took:.0f} s.")
-    print(f"drain {args.drain_n} tasks, stream {args.stream_n}; {args.slots} slots per worker; database {DATABASE}.\n")
-    print("\n".join(table(runs, configs)))
+    print(f"drain {args.drain_n} tasks, stream {args.stream_n}; {args.slots} slots per worker; "
+          f"{database.name}, database {DATABASE}.\n")  # fmt: skip
+    print("\n".join(table(runs, configs, database)))
     print("\n(* incomplete run: its tasks/s counts the tasks that finished before the timeout)\n")
     print("Projection from the measured CPU per task (not measured throughput):")
-    print("\n".join(projection(runs, configs)))
+    print("\n".join(projection(runs, configs, database)))
     for run in runs:
         if run.get("logs"):
             print(f"\n{run['workload']} {run['servers']} server(s) rep {run['rep']} logged:", json.dumps(run["logs"]))
