@@ -28,9 +28,17 @@ server='' worker='' signals=0
 say() { printf 'make run: %s\n' "$*" >&2; }
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
+# Sleeps 0.1 s in the wait builtin, which a trapped signal interrupts at once. Not a foreground
+# sleep: bash skips its INT trap when the foreground child it waits for exits normally (it takes
+# the signal as the child's to handle), and a sleep the signal reached before its exec does.
+nap() {
+    sleep 0.1 &
+    wait $!
+}
+
 # Polls until process $1 has exited; its exit status goes in $code.
 reap() {
-    while alive "$1"; do sleep 0.1; done
+    while alive "$1"; do nap; done
     wait "$1"
     code=$?
 }
@@ -64,7 +72,7 @@ until [ "$signals" -gt 0 ] || answers; do
         say "the server exited with status $code before it answered; no worker started"
         exit $((code ? code : 1))
     fi
-    sleep 0.1
+    nap
 done
 
 if [ "$signals" -eq 0 ]; then
@@ -75,7 +83,7 @@ if [ "$signals" -eq 0 ]; then
     http=${MARTINET_HTTP_PORT:-8010}
     [ "$http" = 0 ] || say "dashboard on http://$host:$http/ ; Ctrl-C stops the worker, then the server"
 fi
-while alive "$worker" && alive "$server"; do sleep 0.1; done
+while alive "$worker" && alive "$server"; do nap; done
 
 status=0
 if [ -z "$worker" ]; then # stopped by a signal before the worker started
