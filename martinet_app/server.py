@@ -157,8 +157,8 @@ def run_server(
         return EXIT_BIND
 
     # Several servers may share a PostgreSQL or MariaDB database: each also looks at the store every
-    # CLUSTER_POLL seconds, in case another server's wake-up (a NOTIFY) was lost, or, on MariaDB, which
-    # has no NOTIFY, as its only wake-up by the others.
+    # CLUSTER_POLL seconds, in case another server's wake-up (a NOTIFY) was lost. MariaDB has no NOTIFY:
+    # there the cluster's lease heartbeat (cluster.py, every second once there are peers) wakes it first.
     shared = store.pool.dialect.shared
     broker = Broker(
         workers,
