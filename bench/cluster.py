@@ -137,14 +137,6 @@ def machine_ticks() -> tuple[int, int]:
 # ------------------------------------------------------------------ the shared database
 
 
-def connect(base: str, dbname: str) -> Any:
-    import psycopg2
-
-    conn = psycopg2.connect(f"{base}/{dbname}", connect_timeout=5, application_name="martinet-bench-cluster")
-    conn.autocommit = True
-    return conn
-
-
 class Database(abc.ABC):
     """The database the servers share (``base``: its server's URL without a database name): DATABASE emptied,
     and the CPU of its server's processes. The figures a backend cannot give are empty here."""
@@ -201,18 +193,10 @@ class Postgres(Database):
     projected_label = "Martinet's connections and auxiliary processes"
 
     def reset(self) -> None:
-        """Create DATABASE if missing, and empty it: its public schema dropped and created again."""
-        with contextlib.closing(connect(self.base, "postgres")) as admin, admin.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-            if cur.fetchone() is None:
-                cur.execute(f"CREATE DATABASE {DATABASE}")
-        with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
-            cur.execute("SET lock_timeout = '10s'")
-            cur.execute("DROP SCHEMA IF EXISTS public CASCADE")
-            cur.execute("CREATE SCHEMA public")
+        drive.reset_pg(self.url)
 
     def connect(self) -> Any:
-        return connect(self.base, DATABASE)
+        return drive.pg_connect(self.url)
 
     def own_pid(self, watch: Watch) -> int | None:
         return watch.query("SELECT pg_backend_pid()")[0][0]

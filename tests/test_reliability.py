@@ -317,10 +317,17 @@ class _Locker:
 
     def someone_waits(self) -> bool:
         with self.watcher.cursor() as cur:
+            # Only this database's connections: another one's wait elsewhere on the server is not the server's.
             if self.backend == "postgres":
-                cur.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                cur.execute(
+                    "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                    " WHERE NOT granted AND datname = current_database()"
+                )
             else:
-                cur.execute("SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'")
+                cur.execute(
+                    "SELECT count(*) FROM information_schema.innodb_trx JOIN information_schema.processlist"
+                    " ON trx_mysql_thread_id = id WHERE trx_state = 'LOCK WAIT' AND db = DATABASE()"
+                )
             return cur.fetchone()[0] > 0
 
     def close(self) -> None:
