@@ -7,6 +7,7 @@ the handlers' own clocks, not from the server's records.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -129,10 +130,15 @@ def test_a_rate_of_5_per_second_spreads_50_starts_over_9_seconds(start: Callable
     ids = cluster.client.execute_many([({"name": "stamp"}, {}) for _ in range(50)])
     starts = sorted(start for start, _ in spans(cluster, ids))
     assert starts[-1] - submitted >= 9.0, "ten windows of five: the last starts 9 s after the first ones"
-    # The server counts deliveries; a handler starts a few ms after its delivery, so the windows checked here
-    # are 50 ms short of a second, lest the delivery time of one start and not the next make six out of five.
-    crowded = max(sum(1 for other in starts if first <= other < first + 0.95) for first in starts)
-    assert crowded == 5, f"at most 5 starts in any second, and the rate is reached: {starts}"
+    # The server counts a delivery at its claim's time; the handler starts once the claim is committed and sent,
+    # which on a busy machine may take a few hundred ms more for one claim than for the next. So the starts are
+    # checked as bursts, one per claim: those of one claim start together, more than 0.4 s after the previous.
+    bursts = [[starts[0]]]
+    for before, after in itertools.pairwise(starts):
+        if after - before > 0.4:
+            bursts.append([])
+        bursts[-1].append(after)
+    assert max(map(len, bursts)) == 5 and len(bursts) >= 10, f"at most 5 at a time, and the rate is reached: {starts}"
 
 
 def test_pause_and_resume_hold_across_a_restart_and_show_in_list_and_recurring(cluster: Cluster) -> None:
