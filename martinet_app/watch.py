@@ -7,8 +7,9 @@ matches the queued and running tasks: those scheduled for later are not waited f
 
 Polling goes through the Python client: one ``status`` per unfinished task followed by id; for a
 filter, ``list`` of each status it matches (pages of 1,000 summaries) and one ``status`` for each
-followed task that left them. Polls start POLL_INTERVAL apart, or further apart when a poll takes
-long, so that a watch's requests keep the server busy at most 1/POLL_SHARE of the time.
+followed task that left them. Polls start POLL_INTERVAL apart, or further apart when polls take long,
+so that a watch's requests keep the server busy at most 1/POLL_SHARE of the time: how long they take
+is the lower median of the last PACE_POLLS, lest one slow poll freeze the display for ten times as long.
 
 rich is imported only for the bars, when stdout is a terminal: a plain watch starts as fast as any verb.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,8 +33,10 @@ if TYPE_CHECKING:
 
 #: Seconds between the starts of two polls, at least.
 POLL_INTERVAL = 0.3
-#: A poll that took t seconds is followed by a pause of at least (POLL_SHARE - 1) * t.
+#: Polls that take t seconds (the lower median of the latest) start at least POLL_SHARE * t apart.
 POLL_SHARE = 10
+#: How many of the latest polls' durations set the pace.
+PACE_POLLS = 3
 #: What a filter without a status matches: the tasks that are due.
 DUE_STATUSES = ("queued", "running")
 #: The statuses a filter may name: final tasks would leave nothing to wait for.
@@ -75,7 +79,7 @@ class Watch:
         WaitTimeout if some tasks are not final after ``timeout`` seconds (None: no limit).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        took = self._timed_poll()
+        took = deque([self._timed_poll()], maxlen=PACE_POLLS)
         if not self.records:
             return []
         with display:
@@ -90,14 +94,20 @@ class Watch:
                         f"({', '.join(map(str, left[:10]))}{', ...' if len(left) > 10 else ''}); "
                         "watch longer or check that a worker is running"
                     )
-                time.sleep(max(POLL_INTERVAL, POLL_SHARE * took) - took)
-                took = self._timed_poll()
+                time.sleep(pause(took))
+                took.append(self._timed_poll())
 
     def _timed_poll(self) -> float:
         """:meth:`poll`; the seconds it took."""
         started = time.monotonic()
         self.poll()
         return time.monotonic() - started
+
+
+def pause(took: Sequence[float]) -> float:
+    """Seconds to wait before the next poll, given the latest polls' durations (the last one just ended)."""
+    typical = sorted(took)[(len(took) - 1) // 2]
+    return max(0.0, max(POLL_INTERVAL, POLL_SHARE * typical) - took[-1])
 
 
 # ---------------------------------------------------------------- what is shown of a task

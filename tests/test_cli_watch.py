@@ -14,6 +14,7 @@ import pytest
 from test_e2e_cli import ok, ok_json, one_line_error, run
 
 from conftest import ROOT, TIMEOUT, Cluster, martinet_cmd, wait_until
+from martinet_app.watch import pause
 
 #: A line of a watch whose stdout is not a terminal.
 LINE = re.compile(r"task (\d+) \((\w+)\) (\w+) (\S+) elapsed (\S+) eta (\S+)(?:: (.*))?")
@@ -140,6 +141,22 @@ def test_watch_on_a_terminal_draws_bars(sqlite_cluster: Cluster) -> None:
     assert any(re.search(rf"{task_id} steps .*running .*eta \d:\d\d:\d\d step [1-3]", f) for f in frames), text
     assert re.search(rf"{task_id} steps .*━+ +100% succeeded 0:00:0[23] eta - step 4", frames[-1]), frames[-1]
     assert "task " not in text, "bars, not the plain lines"
+
+
+@pytest.mark.parametrize(
+    "took, expected",
+    [
+        ([0.01], 0.29),  # quick polls start POLL_INTERVAL apart
+        ([0.01, 0.01, 0.3], 0.0),  # one slow poll: the next follows at once, not 2.7 s later
+        ([0.01, 0.3], 0.0),
+        ([0.1, 0.1, 0.1], 0.9),  # slow polls: the server is busy with them a tenth of the time
+        ([0.3, 0.01], 0.29),  # the first poll's connection made it slow
+        ([0.2, 0.2, 0.01], 1.99),
+        ([0.5], 4.5),
+    ],
+)
+def test_a_watch_paces_its_polls_by_how_long_the_latest_took(took: list[float], expected: float) -> None:
+    assert pause(took) == pytest.approx(expected)
 
 
 def test_watch_of_a_failing_task_exits_as_wait_does(sqlite_cluster: Cluster) -> None:
