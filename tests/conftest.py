@@ -9,8 +9,10 @@ where they fail: CI never passes by skipping.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -46,7 +48,34 @@ HEARTBEAT = 0.2
 TIMEOUT = 20.0
 
 
+def _unclaimed_ports() -> range:
+    """The ports below the kernel's ephemeral range, from 10000 (none if it cannot be read): bind(0) and every
+    connect() take theirs from that range, so a port chosen below it stays free until a server binds it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10000, low) if low >= 11000 else range(0)
+
+
+_UNCLAIMED = _unclaimed_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 holds now, below the ephemeral range where one is (else the kernel's
+    choice, which a connection may take as its own end before the server binds it: Server.start_ready retries),
+    and none handed out before while half the range is left."""
+    while _UNCLAIMED:
+        if len(_handed_out) >= len(_UNCLAIMED) // 2:
+            _handed_out.clear()
+        port = random.choice(_UNCLAIMED)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -210,8 +239,8 @@ class Server(Process):
 
     def start_ready(self, tries: int = 3) -> Server:
         """Start and wait until it answers, on new free ports if one was taken before the server could bind
-        it (free_port's port is free when asked, but any connection may take it as its own end meanwhile):
-        the server then exits with 3, and the next try has other ports."""
+        it (free_port's port is free when asked, but another test run may choose it too): the server then
+        exits with 3, and the next try has other ports."""
         for _ in range(tries - 1):
             self.start().wait_ready(exited_ok=True)
             if self.running() or self.proc.returncode != 3 or "cannot bind" not in self.log():

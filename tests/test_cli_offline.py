@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import martinet_app
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VERBS = (
@@ -51,13 +51,6 @@ def run(
         text=True,
         timeout=60,
     )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on (bound to port 0, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int) -> None:
