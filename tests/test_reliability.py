@@ -170,7 +170,7 @@ def test_fuzz_every_port_while_real_tasks_run(sqlite_cluster: Cluster):
     context = zmq.Context.instance()
     real: list[int] = []
     rss = []
-    for _round in range(2):
+    for _round in range(3):
         real += [m.execute({"name": "echo"}, {"n": i}) for i in range(100)]
         for kind, port in ((zmq.DEALER, server.client_port), (zmq.DEALER, server.worker_port),
                            (zmq.PUSH, server.status_port)):  # fmt: skip
@@ -186,7 +186,9 @@ def test_fuzz_every_port_while_real_tasks_run(sqlite_cluster: Cluster):
         assert m.ping()["protocol"] == protocol.VERSION
         rss.append(rss_kb(server.pid))
     print(f"\nserver RSS after fuzz rounds: {rss} kB")
-    assert rss[1] - rss[0] < 20_000, f"memory grows with garbage: {rss} kB"
+    # The first round leaves the allocator holding what its oversized messages took (glibc keeps freed 16 MB
+    # buffers in the heap once one has been freed): growth is measured over the rounds after it.
+    assert rss[2] - rss[1] < 20_000, f"memory grows with garbage: {rss} kB"
     log = server.log()
     assert all(f"{name} socket: rejected" in log for name in ("client", "worker", "status"))
     assert "Traceback" not in log
