@@ -66,7 +66,7 @@ def free_port() -> int:
     """A TCP port nothing on 127.0.0.1 holds now, below the ephemeral range where one is (else the kernel's
     choice, which a connection may take as its own end before the server binds it: Server.start_ready retries),
     and none handed out before while half the range is left."""
-    while _UNCLAIMED:
+    for _ in range(100 if _UNCLAIMED else 0):
         if len(_handed_out) >= len(_UNCLAIMED) // 2:
             _handed_out.clear()
         port = random.choice(_UNCLAIMED)
