@@ -1086,12 +1086,12 @@ class Store:
     def get_task(self, task_id: int) -> dict:
         """The task's record, or TaskNotFound."""
         _check_id(task_id, _no_task)
+        paused = pw.fn.EXISTS(Paused.select(pw.SQL("1")).where(Paused.name == Task.name)).alias("name_paused")
         with self._read():
-            row = Task.get_or_none(Task.id == task_id)
-            paused = row is not None and Paused.select().where(Paused.name == row.name).exists()
+            row = Task.select(Task, paused).where(Task.id == task_id).first()
         if row is None:
             raise _no_task(task_id)
-        return task_dict(row, paused)
+        return task_dict(row, bool(row.name_paused))
 
     def list_tasks(
         self,
