@@ -112,6 +112,9 @@ class ClientEndpoint:
         #: Writes the status events waiting in the sink in the current transaction; True if that freed slots
         #: (sink.StatusSink.carry, set by the server): a turn that commits anyway carries them.
         self.carry: Callable[[], bool] = lambda: False
+        #: Has a final status event that a ``wait`` just parked on written at once, if the sink holds one
+        #: (sink.StatusSink.hurry, set by the server).
+        self.hurry: Callable[[], None] = lambda: None
         self._ops: dict[str, Callable[[dict, list[bytes]], dict | None]] = {
             "ping": self._ping,
             "execute": self._execute,
@@ -390,6 +393,7 @@ class ClientEndpoint:
         if task["status"] in protocol.FINAL_STATUSES:
             self._unpark(task_id, waiter)
             return {"task": task}
+        self.hurry()  # its final event may have come before this wait, and be held in the sink
         return None
 
     def _park(self, task_id: int, waiter: _Waiter, timeout: float) -> None:

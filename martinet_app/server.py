@@ -199,7 +199,7 @@ def run_server(
         inbox=Inbox(status, auth, WORKER_DOMAIN, measured.rejected("status")),
         waited=endpoint.waits_on,
     )
-    endpoint.carry = sink.carry
+    endpoint.carry, endpoint.hurry = sink.carry, sink.hurry
     broker.on_finished = store.on_final = endpoint.notify_finished
     store.on_scheduled = scheduler.wake
     measured.collect_from(store, broker)

@@ -7,7 +7,8 @@ waits on tasks made final.
 
 Events that nobody waits on are held up to HOLD seconds first: a client request's turn, which
 commits anyway, carries them in its own transaction (:meth:`StatusSink.carry`), so a producer
-submitting while its earlier tasks finish pays one fsync per task instead of two.
+submitting while its earlier tasks finish pays one fsync per task instead of two. A final event
+that a client waits on is written at once, also when the ``wait`` comes after it (:meth:`StatusSink.hurry`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import gevent
 import gevent.event
 import zmq.green as zmq
 
@@ -72,6 +74,8 @@ class StatusSink:
         # How many of the first pending events a write in progress holds: the sink's own, or a client turn's.
         self._carried = 0
         self._settled = gevent.event.Event()
+        # The write that :meth:`hurry` started, while it runs.
+        self._hurried: gevent.Greenlet | None = None
 
     def loop_once(self) -> None:
         """Block for one message, drain the rest that is readable; write them all in one transaction once they
@@ -111,6 +115,20 @@ class StatusSink:
         self.store.on_rollback(self._dropped)
         return released
 
+    def hurry(self) -> None:
+        """A client has just begun to wait on a task: if a final event it waits for is held here, have it written
+        now rather than when the hold ends. In a greenlet of its own, as the caller is inside its own turn."""
+        if self._hurried is None and self._pending and not self._carried and self._due():
+            self._hurried = gevent.spawn(self._write_hurried)
+
+    def _write_hurried(self) -> None:
+        try:
+            self._write()
+        except MartinetError as exc:  # the events stay pending: the sink's loop writes them once it can
+            log.warning("could not write the status events a client waits on: %s", exc.message)
+        finally:
+            self._hurried = None
+
     def flush(self) -> None:
         """Write everything in hand, received or waiting in the socket (when the server stops: no dispatch)."""
         self._drain(None)
@@ -143,6 +161,7 @@ class StatusSink:
         batch = self._pending[:]
         self._release(batch)
         self._carried = len(batch)
+        self._settled.clear()  # the loop waits on it while a write runs in another greenlet (hurry's)
         try:
             applied = self._apply(batch, dispatch)
         except BaseException:
