@@ -172,7 +172,7 @@ class Broker:
         """
         now = time.monotonic()
         held = {ref for worker in self.workers.values() for ref in worker.inflight}
-        running = {(r["task_id"], r["attempt"]) for r in self.store.running()}
+        running = self.store.running()
         self._orphans = {ref: self._orphans.get(ref, now) for ref in running - held}
         grace = self.liveness * max([self.heartbeat, *(w.heartbeat for w in self.workers.values())])
         due = [ref for ref, since in self._orphans.items() if now - since >= grace]

