@@ -170,12 +170,12 @@ class Metrics:
             for reason in reasons:
                 self._rejected.labels(port, reason)
 
-    def collect_from(self, store: Store, broker: Broker) -> None:
+    def collect_from(self, store: Store, broker: Broker, held: Callable[[], int]) -> None:
         """Read at each scrape: tasks by status from ``store`` (cluster-wide), this server's workers from
-        ``broker``; and this server's info."""
+        ``broker``, the status events its sink holds unwritten (``held``); and this server's info."""
         backend = store.pool.dialect.name
         self._info.info({"version": __version__, "server_id": store.server_id, "backend": backend})
-        self.registry.register(_Scraped(store, broker))
+        self.registry.register(_Scraped(store, broker, held))
 
     def rejected(self, port: str) -> Callable[[str], None]:
         """What counts a message ``port`` rejects, called with the reason (one of REJECTED[port])."""
@@ -208,11 +208,12 @@ class Metrics:
 
 
 class _Scraped:
-    """The metrics read when scraped: tasks by status, and this server's workers and slots."""
+    """The metrics read when scraped: tasks by status, this server's workers and slots, and its sink's backlog."""
 
-    def __init__(self, store: Store, broker: Broker) -> None:
+    def __init__(self, store: Store, broker: Broker, held: Callable[[], int]) -> None:
         self.store = store
         self.broker = broker
+        self.held = held
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self.store.counts()
@@ -231,6 +232,8 @@ class _Scraped:
              sum(1 for slots in busy if slots)),
             ("martinet_slots", "Slots of the workers connected to this server", sum(w["slots"] for w in workers)),
             ("martinet_slots_busy", "Slots of the workers connected to this server running a task", sum(busy)),
+            ("martinet_status_events_held", "Status events this server received and has not yet stored "
+             "(they wait in its memory while the database is away)", self.held()),
         ):  # fmt: skip
             yield GaugeMetricFamily(name, text, value=value)
 

@@ -202,7 +202,7 @@ def run_server(
     endpoint.carry, endpoint.hurry = sink.carry, sink.hurry
     broker.on_finished = store.on_final = endpoint.notify_finished
     store.on_scheduled = scheduler.wake
-    measured.collect_from(store, broker)
+    measured.collect_from(store, broker, lambda: sink.held)
     cluster = Cluster(
         store, broker, endpoint, scheduler, heartbeat=heartbeat, liveness=config.HEARTBEAT_LIVENESS, address=bind
     )

@@ -77,6 +77,11 @@ class StatusSink:
         # The write that :meth:`hurry` started, while it runs.
         self._hurried: gevent.Greenlet | None = None
 
+    @property
+    def held(self) -> int:
+        """Status events received and not yet committed to the store (they wait here while the database is away)."""
+        return len(self._pending)
+
     def loop_once(self) -> None:
         """Block for one message, drain the rest that is readable; write them all in one transaction once they
         are due (:meth:`_due`), else wait for more until they are (a client turn may carry them meanwhile)."""

@@ -4,6 +4,7 @@ and with the workload that ran (real server and worker processes, on SQLite and 
 from __future__ import annotations
 
 import datetime
+import sqlite3
 import urllib.error
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import Cluster, RawClient, Samples, Server, scrape, value, wait_until
+from conftest import TIMEOUT, Cluster, RawClient, Samples, Server, scrape, value, wait_until
 from martinet_app import __version__, protocol
 from martinet_app.status import TaskStatus
 
@@ -136,6 +137,26 @@ def test_metrics_agree_with_the_store_after_a_known_workload(cluster: Cluster) -
     [info] = labelled(samples, "martinet_server_info")
     assert info == {"version": __version__, "server_id": workers[0]["server"], "backend": backend}
     assert m.ping()["version"] == __version__
+
+
+def test_a_result_the_store_cannot_take_waits_in_the_servers_memory(sqlite_cluster: Cluster) -> None:
+    """While another process holds SQLite's write lock, a task's result is held by the server, counted in
+    martinet_status_events_held, and written once the lock is released: the task succeeds."""
+    m, url = sqlite_cluster.client, sqlite_cluster.server.http_url
+    sqlite_cluster.start_worker()
+    assert value(scrape(url), "martinet_status_events_held") == 0
+    task_id = m.execute({"name": "nap"}, {"seconds": 1.0})
+    wait_until(lambda: m.status(task_id)["started_at"], what="the nap to start")
+    lock = sqlite3.connect(sqlite_cluster.server.db_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        held = scrape_until(url, lambda s: value(s, "martinet_status_events_held") >= 1, "the result to be held")
+        assert value(held, "martinet_tasks", status="running") == 1, "not written while the lock is held"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    scrape_until(url, lambda s: value(s, "martinet_status_events_held") == 0, "the held result to be written")
+    assert m.wait(task_id, timeout=TIMEOUT)["status"] == "succeeded"
 
 
 def test_metrics_need_the_token_when_the_server_has_one(tmp_path: Path) -> None:

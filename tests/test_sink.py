@@ -62,9 +62,9 @@ class Rig:
         """The worker reports the task succeeded; return once the sink has it in hand."""
         event = {"task_id": self.task_id, "attempt": 1, "event": protocol.SUCCEEDED, "at": time.time(), "result": 7}
         self.push.send_multipart(protocol.status_batch(WORKER, [event]))
-        held = gevent.Timeout(TIMEOUT, AssertionError("the sink never received the event"))
-        with held:
-            while not self.sink._pending:
+        bounded = gevent.Timeout(TIMEOUT, AssertionError("the sink never received the event"))
+        with bounded:
+            while not self.sink.held:
                 gevent.sleep(0.01)
 
     def status(self) -> str:
