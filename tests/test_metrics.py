@@ -145,11 +145,13 @@ def test_a_result_the_store_cannot_take_waits_in_the_servers_memory(sqlite_clust
     m, url = sqlite_cluster.client, sqlite_cluster.server.http_url
     sqlite_cluster.start_worker()
     assert value(scrape(url), "martinet_status_events_held") == 0
-    task_id = m.execute({"name": "nap"}, {"seconds": 1.0})
-    wait_until(lambda: m.status(task_id)["started_at"], what="the nap to start")
+    task_id = m.execute({"name": "nap"}, {"seconds": 3.0})
+    wait_until(lambda: m.status(task_id)["status"] == "running", what="the nap to be delivered")
     lock = sqlite3.connect(sqlite_cluster.server.db_url.removeprefix("sqlite:///"), isolation_level=None)
     try:
         lock.execute("BEGIN EXCLUSIVE")
+        # From here on the server can write nothing: the nap's result, when it comes, must wait.
+        assert lock.execute("SELECT status FROM task WHERE id = ?", (task_id,)).fetchone() == ("running",)
         held = scrape_until(url, lambda s: value(s, "martinet_status_events_held") >= 1, "the result to be held")
         assert value(held, "martinet_tasks", status="running") == 1, "not written while the lock is held"
     finally:
