@@ -828,8 +828,8 @@ class Store:
     def running(self) -> set[tuple[int, int]]:
         """The deliveries (task id, attempt) of every running task this server delivered.
 
-        Read every heartbeat (broker.Broker.sweep_orphans), so on the raw cursor: through the ORM, 300 running
-        tasks took 1.4 ms of the hub's time a call, against 0.17 ms so.
+        Read every heartbeat (broker.Broker.sweep_orphans), so on the raw cursor: with 300 tasks running it takes
+        0.17 ms of the hub's time a call, where peewee's model objects took 1.4 ms.
         """
         sql = f"SELECT id, attempts FROM task WHERE status = '{S.RUNNING.value}' AND server = {self.db.param}"
         with self._read():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gevent
@@ -25,6 +25,17 @@ from martinet_app.store import Store
 
 HOLD = 60.0
 WORKER = "w-1"
+
+
+def within(predicate: Callable[[], object], seconds: float) -> bool:
+    """Whether ``predicate`` holds within ``seconds``, polled with gevent's sleep so that the sink's greenlet runs
+    meanwhile (conftest.wait_until sleeps the whole thread)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        gevent.sleep(0.01)
+    return False
 
 
 class Rig:
@@ -62,10 +73,7 @@ class Rig:
         """The worker reports the task succeeded; return once the sink has it in hand."""
         event = {"task_id": self.task_id, "attempt": 1, "event": protocol.SUCCEEDED, "at": time.time(), "result": 7}
         self.push.send_multipart(protocol.status_batch(WORKER, [event]))
-        bounded = gevent.Timeout(TIMEOUT, AssertionError("the sink never received the event"))
-        with bounded:
-            while not self.sink.held:
-                gevent.sleep(0.01)
+        assert within(lambda: self.sink.held, TIMEOUT), "the sink never received the event"
 
     def status(self) -> str:
         return self.store.get_task(self.task_id)["status"]
@@ -89,12 +97,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 def written_within(rig: Rig, seconds: float) -> bool:
     """Whether the task's final event is committed (and the finish announced) within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if rig.finished and rig.status() == "succeeded":
-            return True
-        gevent.sleep(0.01)
-    return False
+    return within(lambda: rig.finished and rig.status() == "succeeded", seconds)
 
 
 def test_an_event_nobody_waits_on_is_held(rig: Rig) -> None:
